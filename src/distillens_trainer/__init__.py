@@ -1,0 +1,21 @@
+"""DistillLens for Hugging Face: symmetric knowledge distillation through the logit lens."""
+
+from .config import DistillLensConfig
+from .divergences import token_divergence
+from .layer_map import resolve_layer_map
+from .lens import LogitLens
+from .objective import ObjectiveSpec, distillens_loss
+from .trainer import DistillLensTrainer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DistillLensConfig",
+    "DistillLensTrainer",
+    "LogitLens",
+    "ObjectiveSpec",
+    "__version__",
+    "distillens_loss",
+    "resolve_layer_map",
+    "token_divergence",
+]

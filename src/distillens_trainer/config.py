@@ -1,0 +1,151 @@
+"""``DistillLensConfig``: ``transformers.TrainingArguments`` plus the DistillLens objective's settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .divergences import DIVERGENCE_NAMES, check_divergence_name
+from .objective import ObjectiveSpec
+
+TEACHER_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+
+
+@dataclass
+class DistillLensConfig(TrainingArguments):
+    """Training arguments for :class:`~distillens_trainer.DistillLensTrainer`.
+
+    Defaults are the paper's: no CE, reverse KL on the final logits, Jensen-Shannon (β=½) through the
+    logit lens on 5 evenly spaced layer pairs, with the model's own final norm applied.
+    """
+
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher model: a local folder or a hub id. Not needed when a teacher model object "
+            "is passed to the trainer, nor for plain SFT (kd_weight = lens_weight = 0)."
+        },
+    )
+    teacher_dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype of the frozen teacher: 'auto' follows mixed precision (bf16/fp16 when that flag is "
+            "set, else the checkpoint's dtype), or one of bfloat16, float16, float32.",
+            "choices": list(TEACHER_DTYPES),
+        },
+    )
+    ce_weight: float = field(
+        default=0.0, metadata={"help": "Weight of the cross-entropy on response tokens."}
+    )
+    kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence between final logits."})
+    kd_divergence: str = field(
+        default="rkl",
+        metadata={
+            "help": "Divergence between final logits: fkl = KL(t||s), rkl = KL(s||t), skl = fkl + rkl "
+            "(Jeffreys), jsd (generalised Jensen-Shannon with jsd_beta), tvd (total variation).",
+            "choices": list(DIVERGENCE_NAMES),
+        },
+    )
+    lens_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the logit-lens term (mean over the mapped layer pairs)."}
+    )
+    lens_divergence: str = field(
+        default="jsd",
+        metadata={
+            "help": "Divergence between logit-lens distributions (same names as kd_divergence).",
+            "choices": list(DIVERGENCE_NAMES),
+        },
+    )
+    jsd_beta: float = field(
+        default=0.5,
+        metadata={
+            "help": "β of the generalised JSD: β·KL(t||m) + (1-β)·KL(s||m), m = β·t + (1-β)·s; 0.5 is the "
+            "usual symmetric JSD."
+        },
+    )
+    temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Softmax temperature applied to both student and teacher logits in every divergence "
+            "(no T² rescaling)."
+        },
+    )
+    lens_student_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Student hidden_states indices for the lens (1..num_layers; 0 is the embedding output). "
+            "Default: lens_num_layers evenly spaced layers, as in the paper."
+        },
+    )
+    lens_teacher_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher hidden_states indices, one per student layer. Default: the same relative depth, "
+            "floor(s·L_T/L_S)."
+        },
+    )
+    lens_num_layers: int = field(
+        default=5, metadata={"help": "Number of automatically mapped layer pairs (K in the paper)."}
+    )
+    lens_final_norm: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the model's final norm before its LM head in the lens (the reference code did "
+            "not: set False to reproduce it)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("ce_weight", "kd_weight", "lens_weight"):
+            value = getattr(self, name)
+            if value < 0:
+                raise ValueError(f"{name}={value} is negative; loss weights must be >= 0.")
+        if self.ce_weight == self.kd_weight == self.lens_weight == 0:
+            raise ValueError(
+                "ce_weight, kd_weight and lens_weight are all 0: set at least one to a positive value."
+            )
+        check_divergence_name(self.kd_divergence, "kd_divergence")
+        check_divergence_name(self.lens_divergence, "lens_divergence")
+        if not 0.0 <= self.jsd_beta <= 1.0:
+            raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0.")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(
+                f"teacher_dtype={self.teacher_dtype!r} must be one of {', '.join(TEACHER_DTYPES)}."
+            )
+        if self.lens_num_layers < 1 and self.lens_weight > 0 and self.lens_student_layers is None:
+            raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
+        self._check_layer_lists()
+
+    def _check_layer_lists(self) -> None:
+        student, teacher = self.lens_student_layers, self.lens_teacher_layers
+        if teacher is not None and student is None:
+            raise ValueError(
+                "lens_teacher_layers was given without lens_student_layers: give both, or neither."
+            )
+        if student is not None and teacher is not None and len(student) != len(teacher):
+            raise ValueError(
+                f"lens_student_layers has {len(student)} entries but lens_teacher_layers has {len(teacher)}: "
+                "give one teacher layer per student layer."
+            )
+        for name, layers in (("lens_student_layers", student), ("lens_teacher_layers", teacher)):
+            if layers is not None and any(index < 1 for index in layers):
+                raise ValueError(
+                    f"{name}={layers} holds an index < 1; hidden_states index 0 is the embedding output."
+                )
+
+    @property
+    def objective(self) -> ObjectiveSpec:
+        """The loss settings as an immutable :class:`ObjectiveSpec`."""
+        return ObjectiveSpec(
+            ce_weight=self.ce_weight,
+            kd_weight=self.kd_weight,
+            kd_divergence=self.kd_divergence,
+            lens_weight=self.lens_weight,
+            lens_divergence=self.lens_divergence,
+            jsd_beta=self.jsd_beta,
+            temperature=self.temperature,
+        )

@@ -1,0 +1,87 @@
+"""Which student layer imitates which teacher layer through the logit lens.
+
+Indices follow the Hugging Face ``hidden_states`` convention: 0 is the embedding output, ``i`` the
+residual stream after block ``i``, and ``num_layers`` the last block's output (already normed by HF).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+LayerPair = tuple[int, int]
+
+
+def paper_student_layers(student_num_layers: int, num_pairs: int) -> list[int]:
+    """The paper's evenly spaced student layers: s_k = round(k·L_S/(K+1)), halves rounding up, k = 1..K."""
+    return [
+        (2 * k * student_num_layers + num_pairs + 1) // (2 * (num_pairs + 1)) for k in range(1, num_pairs + 1)
+    ]
+
+
+def proportional_teacher_layer(student_layer: int, student_num_layers: int, teacher_num_layers: int) -> int:
+    """The teacher layer at the same relative depth: floor(s·L_T/L_S)."""
+    return student_layer * teacher_num_layers // student_num_layers
+
+
+def _check_indices(layers: Sequence[int], num_layers: int, field: str, model: str) -> None:
+    for index in layers:
+        if isinstance(index, bool) or not isinstance(index, int) or not 1 <= index <= num_layers:
+            raise ValueError(
+                f"{field} holds {index!r}, but the {model} has {num_layers} layers: use indices in 1..{num_layers} "
+                "(hidden_states convention: 0 is the embedding output and is not a lens layer)."
+            )
+
+
+def resolve_layer_map(
+    student_num_layers: int,
+    teacher_num_layers: int,
+    student_layers: Sequence[int] | None = None,
+    teacher_layers: Sequence[int] | None = None,
+    num_layers: int = 5,
+) -> list[LayerPair]:
+    """(student, teacher) ``hidden_states`` index pairs for the lens loss.
+
+    With explicit ``student_layers`` and ``teacher_layers`` these are validated and zipped. With
+    neither, ``num_layers`` (K) pairs follow the paper: e.g. 12→48 layers gives
+    (2,8), (4,16), (6,24), (8,32), (10,40); 22→32 gives (4,5), (7,10), (11,16), (15,21), (18,26).
+    With only ``student_layers``, the teacher layers are the proportional ones.
+    """
+    for value, name in (
+        (student_num_layers, "student_num_layers"),
+        (teacher_num_layers, "teacher_num_layers"),
+    ):
+        if value < 1:
+            raise ValueError(f"{name}={value} must be at least 1.")
+    if teacher_layers is not None and student_layers is None:
+        raise ValueError("lens_teacher_layers was given without lens_student_layers: give both, or neither.")
+    if student_layers is None:
+        if num_layers < 1:
+            raise ValueError(f"lens_num_layers={num_layers} must be at least 1 when the lens loss is on.")
+        if student_num_layers < num_layers + 1:
+            raise ValueError(
+                f"the student has {student_num_layers} layers, too shallow for lens_num_layers={num_layers} "
+                f"intermediate layers (it needs at least {num_layers + 1}): lower lens_num_layers or pass "
+                "lens_student_layers/lens_teacher_layers."
+            )
+        student_layers = paper_student_layers(student_num_layers, num_layers)
+    student_layers = list(student_layers)
+    if not student_layers:
+        raise ValueError("lens_student_layers is empty: give at least one layer, or set lens_weight=0.")
+    _check_indices(student_layers, student_num_layers, "lens_student_layers", "student")
+    if teacher_layers is None:
+        teacher_layers = [
+            proportional_teacher_layer(s, student_num_layers, teacher_num_layers) for s in student_layers
+        ]
+        if min(teacher_layers) < 1:
+            raise ValueError(
+                f"the teacher ({teacher_num_layers} layers) is too shallow for student layers {student_layers}: "
+                "pass lens_teacher_layers explicitly."
+            )
+    teacher_layers = list(teacher_layers)
+    if len(teacher_layers) != len(student_layers):
+        raise ValueError(
+            f"lens_student_layers has {len(student_layers)} entries but lens_teacher_layers has "
+            f"{len(teacher_layers)}: give one teacher layer per student layer."
+        )
+    _check_indices(teacher_layers, teacher_num_layers, "lens_teacher_layers", "teacher")
+    return list(zip(student_layers, teacher_layers))

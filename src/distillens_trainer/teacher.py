@@ -1,0 +1,123 @@
+"""The frozen teacher: loading, freezing, dtype, and vocabulary compatibility with the student."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .lens import unwrap_model
+
+logger = logging.getLogger(__name__)
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def resolve_teacher_dtype(
+    teacher_dtype: str, *, bf16: bool = False, fp16: bool = False
+) -> torch.dtype | None:
+    """The teacher's dtype; None keeps the checkpoint's (or the given model's) own dtype."""
+    if teacher_dtype != "auto":
+        return _DTYPES[teacher_dtype]
+    if bf16:
+        return torch.bfloat16
+    if fp16:
+        return torch.float16
+    return None
+
+
+def load_teacher(
+    name_or_path: str, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any
+) -> PreTrainedModel:
+    """Load a causal LM teacher from a local folder or a hub id, in ``dtype`` (None: the checkpoint's)."""
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype if dtype is not None else "auto", **from_pretrained_kwargs
+        )
+    except OSError as error:
+        raise ValueError(
+            f"teacher_model_name_or_path={name_or_path!r} could not be loaded ({error.__class__.__name__}): give a "
+            "local model folder or a hub id reachable from this machine."
+        ) from error
+
+
+def load_teacher_tokenizer(name_or_path: str) -> Any | None:
+    """The tokenizer saved with the teacher, or None when there is none."""
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def freeze(teacher: nn.Module) -> nn.Module:
+    """Eval mode and no gradients, in place."""
+    teacher.eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """Rows of the LM head, i.e. the logits' last dimension (padded vocabularies included)."""
+    head = unwrap_model(model).get_output_embeddings()
+    weight = getattr(head, "weight", None)
+    shape = getattr(weight, "ds_shape", None) or getattr(
+        weight, "shape", None
+    )  # ds_shape: ZeRO-3 partitioned
+    if shape is not None and len(shape) == 2 and shape[0] > 0:
+        return int(shape[0])
+    return int(unwrap_model(model).config.get_text_config().vocab_size)
+
+
+def _first_vocab_difference(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> str:
+    for token, index in sorted(student_vocab.items(), key=lambda item: item[1]):
+        if teacher_vocab.get(token) != index:
+            return f"token {token!r} is id {index} for the student and {teacher_vocab.get(token)} for the teacher"
+    for token, index in teacher_vocab.items():
+        if token not in student_vocab:
+            return f"token {token!r} (id {index}) exists only in the teacher's vocabulary"
+    return "the vocabularies differ"
+
+
+def shared_vocab_size(
+    student: nn.Module,
+    teacher: nn.Module,
+    student_tokenizer: Any | None = None,
+    teacher_tokenizer: Any | None = None,
+) -> int:
+    """Logit columns that student and teacher share: the real vocabulary, without either model's padding.
+
+    Qwen-style checkpoints pad the LM head differently (151936 vs 152064 rows) around one tokenizer;
+    only the tokenizer's ``len()`` columns are real. Different tokenizers are an error.
+    """
+    student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
+    if student_tokenizer is not None and teacher_tokenizer is not None:
+        student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+        if student_vocab != teacher_vocab:
+            raise ValueError(
+                "student and teacher use different tokenizers ("
+                + _first_vocab_difference(student_vocab, teacher_vocab)
+                + "): DistillLens compares next-token distributions id by id, so pick a teacher from the student's "
+                "model family (same tokenizer)."
+            )
+    real_vocab = len(student_tokenizer) if student_tokenizer is not None else None
+    shared = min(student_rows, teacher_rows)
+    if real_vocab is not None:
+        if real_vocab > shared:
+            smaller = "student" if student_rows == shared else "teacher"
+            raise ValueError(
+                f"the tokenizer has {real_vocab} tokens but the {smaller} has only {shared} logits: the two models "
+                "do not share this tokenizer; pick a teacher from the student's model family."
+            )
+        shared = real_vocab
+    if student_rows != teacher_rows:
+        logger.info(
+            "student (%d logits) and teacher (%d logits) pad their vocabularies differently; comparing the "
+            "shared %d columns.",
+            student_rows,
+            teacher_rows,
+            shared,
+        )
+    return shared

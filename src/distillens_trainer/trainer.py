@@ -1,0 +1,261 @@
+"""``DistillLensTrainer``: a drop-in ``transformers.Trainer`` that distils a frozen teacher into the model."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import defaultdict
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .config import DistillLensConfig
+from .layer_map import LayerPair, resolve_layer_map
+from .lens import LogitLens, unwrap_model
+from .objective import ObjectiveOutput, distillens_loss
+from .teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
+
+logger = logging.getLogger(__name__)
+
+
+def _accepts_position_ids(model: nn.Module) -> bool:
+    forward = unwrap_model(model).forward
+    return "position_ids" in inspect.signature(forward).parameters
+
+
+def _with_position_ids(inputs: dict[str, Any], accepts_position_ids: bool) -> dict[str, Any]:
+    """Position ids counted over real tokens, so left padding does not shift a sample's positions."""
+    if not accepts_position_ids or "position_ids" in inputs or inputs.get("attention_mask") is None:
+        return inputs
+    attention_mask = inputs["attention_mask"]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
+    return {**inputs, "position_ids": position_ids}
+
+
+def _tokenizer_of(processing_class: Any) -> Any | None:
+    """The tokenizer inside a processing class (a tokenizer itself, or a processor holding one)."""
+    if processing_class is None:
+        return None
+    if hasattr(processing_class, "get_vocab"):
+        return processing_class
+    return getattr(processing_class, "tokenizer", None)
+
+
+class DistillLensTrainer(Trainer):
+    """``transformers.Trainer`` whose loss is the DistillLens objective against a frozen teacher.
+
+    Use it in place of ``Trainer`` with a :class:`DistillLensConfig` and a teacher::
+
+        trainer = DistillLensTrainer(model=student, teacher_model=teacher, args=DistillLensConfig(...),
+                                     train_dataset=..., processing_class=tokenizer)
+
+    Args:
+        model: the student (any HF causal LM, optionally PEFT-wrapped).
+        args: a :class:`DistillLensConfig`.
+        teacher_model: a causal LM, or a local folder / hub id; defaults to
+            ``args.teacher_model_name_or_path``. Not needed when ``kd_weight == lens_weight == 0`` (SFT).
+        teacher_processing_class: the teacher's tokenizer, to check that both models share one; loaded from
+            the teacher's folder when the teacher is given as a path.
+        Every other ``Trainer`` argument (positional after ``args`` or by keyword) is passed through.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: DistillLensConfig | None = None,
+        *trainer_args: Any,
+        teacher_model: PreTrainedModel | nn.Module | str | None = None,
+        teacher_processing_class: Any | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if args is None:
+            args = DistillLensConfig(output_dir="tmp_trainer")
+        if not isinstance(args, DistillLensConfig):
+            raise ValueError(
+                f"args is a {type(args).__name__}; DistillLensTrainer needs a DistillLensConfig (TrainingArguments "
+                "plus the distillation fields): build one with DistillLensConfig(**your_arguments)."
+            )
+        self.objective = args.objective
+        teacher_model, teacher_processing_class = self._resolve_teacher(
+            args, teacher_model, teacher_processing_class
+        )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+
+        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        self.student_lens: LogitLens | None = None
+        self.teacher_lens: LogitLens | None = None
+        self.layer_map: list[LayerPair] = []
+        self.vocab_size: int | None = None
+        if self.teacher_model is not None:
+            self.vocab_size = shared_vocab_size(
+                self.model,
+                self.teacher_model,
+                _tokenizer_of(self.processing_class),
+                _tokenizer_of(teacher_processing_class),
+            )
+            if self.objective.uses_lens:
+                self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
+                self.teacher_lens = LogitLens(self.teacher_model, final_norm=args.lens_final_norm)
+                self.layer_map = resolve_layer_map(
+                    self.student_lens.num_layers,
+                    self.teacher_lens.num_layers,
+                    args.lens_student_layers,
+                    args.lens_teacher_layers,
+                    args.lens_num_layers,
+                )
+                logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
+        self._student_takes_position_ids = _accepts_position_ids(self.model)
+        self._teacher_takes_position_ids = self.teacher_model is not None and _accepts_position_ids(
+            self.teacher_model
+        )
+
+        # compute_loss normalises by the accumulation window's response-token count (num_items_in_batch), counted
+        # over shifted labels, so the Trainer must neither rescale by the accumulation steps nor count position 0.
+        self.model_accepts_loss_kwargs = True
+        if hasattr(self, "_loss_shifts_labels"):
+            self._loss_shifts_labels = True
+
+        self._train_term_totals: dict[str, torch.Tensor] = defaultdict(
+            lambda: torch.zeros((), device=self.args.device)
+        )
+        self._train_steps_seen: set[int] = set()
+        self._eval_term_sums: dict[str, torch.Tensor] = defaultdict(
+            lambda: torch.zeros((), device=self.args.device)
+        )
+        self._eval_tokens = torch.zeros((), device=self.args.device)
+
+    # ----------------------------------------------------------------------------------------- teacher
+    def _resolve_teacher(
+        self, args: DistillLensConfig, teacher_model: Any, teacher_processing_class: Any
+    ) -> tuple[nn.Module | None, Any]:
+        if not self.objective.needs_teacher:
+            if teacher_model is not None or args.teacher_model_name_or_path:
+                logger.warning("kd_weight and lens_weight are 0 (plain SFT): the teacher is not used.")
+            return None, teacher_processing_class
+        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if teacher_model is None:
+            raise ValueError(
+                f"kd_weight={args.kd_weight} and lens_weight={args.lens_weight} need a teacher: pass teacher_model=... "
+                "or set teacher_model_name_or_path (or set both weights to 0 for plain SFT)."
+            )
+        if isinstance(teacher_model, str):
+            path = teacher_model
+            teacher_model = load_teacher(
+                path, resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16)
+            )
+            if teacher_processing_class is None:
+                teacher_processing_class = load_teacher_tokenizer(path)
+        if not isinstance(teacher_model, nn.Module):
+            raise ValueError(
+                f"teacher_model is a {type(teacher_model).__name__}: pass a model, a folder or a hub id."
+            )
+        return teacher_model, teacher_processing_class
+
+    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
+        """Frozen, in eval mode, on the student's device, in ``teacher_dtype``."""
+        dtype = resolve_teacher_dtype(self.args.teacher_dtype, bf16=self.args.bf16, fp16=self.args.fp16)
+        teacher = freeze(teacher)
+        return (
+            teacher.to(device=self.args.device, dtype=dtype)
+            if dtype is not None
+            else teacher.to(self.args.device)
+        )
+
+    @torch.no_grad()
+    def _teacher_forward(self, model_inputs: dict[str, Any]) -> Any:
+        self.teacher_model.eval()  # stays in eval mode whatever was called on the student
+        inputs = _with_position_ids(model_inputs, self._teacher_takes_position_ids)
+        return self.teacher_model(**inputs, output_hidden_states=self.objective.uses_lens, use_cache=False)
+
+    # ----------------------------------------------------------------------------------------- loss
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ):
+        labels = inputs["labels"]
+        model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
+        uses_lens = self.teacher_model is not None and self.objective.uses_lens
+        student_outputs = model(
+            **_with_position_ids(model_inputs, self._student_takes_position_ids),
+            output_hidden_states=uses_lens,
+            use_cache=False,
+        )
+        teacher_outputs = self._teacher_forward(model_inputs) if self.teacher_model is not None else None
+        result = distillens_loss(
+            student_outputs.logits,
+            teacher_outputs.logits if teacher_outputs is not None else None,
+            labels,
+            self.objective,
+            vocab_size=self.vocab_size,
+            student_hidden_states=student_outputs.hidden_states if uses_lens else None,
+            teacher_hidden_states=teacher_outputs.hidden_states if uses_lens else None,
+            student_lens=self.student_lens,
+            teacher_lens=self.teacher_lens,
+            layer_map=self.layer_map,
+            num_items_in_batch=num_items_in_batch,
+        )
+        loss = result.loss
+        # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
+        # data-parallel gradient averaging so every device's tokens weigh the same.
+        scale = 1
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            scale = self.accelerator.num_processes
+            loss = loss * scale
+        self._record_terms(result, training=model.training, scale=scale)
+        if return_outputs:
+            return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
+        return loss
+
+    # ----------------------------------------------------------------------------------------- logging
+    def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:
+        if training:
+            self._train_steps_seen.add(self.state.global_step)
+            for name, value in result.term_sums.items():
+                self._train_term_totals[name] += value * (scale / result.denominator)
+        else:
+            for name, value in result.term_sums.items():
+                self._eval_term_sums[name] += value
+            self._eval_tokens += result.num_tokens
+
+    def _pop_train_terms(self) -> dict[str, float]:
+        """Per-term means over the optimizer steps since the last log, averaged across processes."""
+        if not self._train_term_totals:
+            return {}
+        names = sorted(self._train_term_totals)
+        totals = torch.stack([self._train_term_totals[name] for name in names])
+        totals = self.accelerator.reduce(totals, reduction="mean")
+        num_steps = max(len(self._train_steps_seen), 1)
+        self._train_term_totals.clear()
+        self._train_steps_seen.clear()
+        return {name: round(value / num_steps, 6) for name, value in zip(names, totals.tolist())}
+
+    def _pop_eval_terms(self, prefix: str) -> dict[str, float]:
+        """Per-term means over every response token of the evaluation set, across processes."""
+        if not self._eval_term_sums:
+            return {}
+        names = sorted(self._eval_term_sums)
+        sums = torch.stack([self._eval_term_sums[name] for name in names] + [self._eval_tokens])
+        sums = self.accelerator.reduce(sums, reduction="sum")
+        num_tokens = max(sums[-1].item(), 1.0)
+        self._eval_term_sums.clear()
+        self._eval_tokens.zero_()
+        return {f"{prefix}_{name}": value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
+            logs.update(self._pop_train_terms())
+        super().log(logs, start_time)
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        self._eval_term_sums.clear()
+        self._eval_tokens.zero_()
+        output = super().evaluation_loop(*args, **kwargs)
+        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
+        output.metrics.update(self._pop_eval_terms(prefix))
+        return output
