@@ -155,14 +155,10 @@ class DistillLensTrainer(Trainer):
         return teacher_model, teacher_processing_class
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Frozen, in eval mode, on the student's device, in ``teacher_dtype``."""
-        dtype = resolve_teacher_dtype(self.args.teacher_dtype, bf16=self.args.bf16, fp16=self.args.fp16)
-        teacher = freeze(teacher)
-        return (
-            teacher.to(device=self.args.device, dtype=dtype)
-            if dtype is not None
-            else teacher.to(self.args.device)
-        )
+        """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
+        from .distributed import prepare_teacher
+
+        return prepare_teacher(freeze(teacher), self.args, self.accelerator)
 
     @torch.no_grad()
     def _teacher_forward(self, model_inputs: dict[str, Any]) -> Any:
@@ -233,7 +229,7 @@ class DistillLensTrainer(Trainer):
         num_steps = max(len(self._train_steps_seen), 1)
         self._train_term_totals.clear()
         self._train_steps_seen.clear()
-        return {name: round(value / num_steps, 6) for name, value in zip(names, totals.tolist())}
+        return {name: value / num_steps for name, value in zip(names, totals.tolist())}
 
     def _pop_eval_terms(self, prefix: str) -> dict[str, float]:
         """Per-term means over every response token of the evaluation set, across processes."""

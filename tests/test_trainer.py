@@ -1,0 +1,307 @@
+"""DistillLensTrainer on tiny random Llama models: the loss, its normalisation, the teacher, logging."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
+from datasets import Dataset
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models
+from transformers import PreTrainedTokenizerFast
+
+from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
+from distillens_trainer.divergences import token_divergence
+
+
+def _config(tmp_path, **overrides) -> DistillLensConfig:
+    settings = {
+        "output_dir": str(tmp_path / "out"),
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 64,
+        "learning_rate": 1e-3,
+        "max_steps": 4,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "use_cpu": True,
+        "lens_num_layers": 2,
+        "seed": 0,
+        "disable_tqdm": True,
+    }
+    return DistillLensConfig(**(settings | overrides))
+
+
+def _trainer(
+    tmp_path,
+    student=None,
+    teacher="default",
+    rows=32,
+    processing_class=None,
+    teacher_processing_class=None,
+    **overrides,
+) -> DistillLensTrainer:
+    student = student if student is not None else tiny_llama(num_layers=3, hidden=32, seed=1)
+    teacher = tiny_llama(num_layers=6, hidden=48, seed=2) if teacher == "default" else teacher
+    dataset = Dataset.from_list(token_rows(rows))
+    return DistillLensTrainer(
+        model=student,
+        teacher_model=teacher,
+        args=_config(tmp_path, **overrides),
+        train_dataset=dataset,
+        eval_dataset=dataset.select(range(min(8, rows))),
+        data_collator=pad_batch,
+        processing_class=processing_class,
+        teacher_processing_class=teacher_processing_class,
+    )
+
+
+def _word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    vocab = {word: index for index, word in enumerate(words)}
+    tokenizer = Tokenizer(models.WordLevel(vocab=vocab, unk_token=words[0]))
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token=words[0], pad_token=words[2])
+
+
+def _summed_loss(trainer: DistillLensTrainer, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """compute_loss with num_items_in_batch=1, i.e. the weighted token sum (no normalisation)."""
+    trainer.model.train()
+    return trainer.compute_loss(trainer.model, batch, num_items_in_batch=1)
+
+
+# --------------------------------------------------------------------------------------- the loss itself
+def test_loss_is_the_weighted_sum_of_token_means(tmp_path):
+    trainer = _trainer(tmp_path, ce_weight=0.3, kd_weight=0.7, kd_divergence="fkl", lens_weight=2.0)
+    student, teacher = trainer.model.eval(), trainer.teacher_model
+    batch = pad_batch(token_rows(3, seed=5))
+    loss = trainer.compute_loss(student, batch)
+
+    # Independent reference: explicit per-sample loops over response positions.
+    with torch.no_grad():
+        s_out = student(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+        t_out = teacher(batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True)
+    s_lens, t_lens = LogitLens(student), LogitLens(teacher)
+    ce, kd, lens = [], [], []
+    for b in range(3):
+        for pos in range(batch["labels"].shape[1] - 1):
+            target = int(batch["labels"][b, pos + 1])
+            if target == -100:
+                continue
+            ce.append(F.cross_entropy(s_out.logits[b, pos][None], torch.tensor([target])))
+            kd.append(token_divergence("fkl", s_out.logits[b, pos], t_out.logits[b, pos]))
+            pair_values = [
+                token_divergence(
+                    "jsd",
+                    s_lens(s_out.hidden_states[i][b, pos], i),
+                    t_lens(t_out.hidden_states[j][b, pos], j),
+                )
+                for i, j in trainer.layer_map
+            ]
+            lens.append(torch.stack(pair_values).mean())
+    expected = 0.3 * torch.stack(ce).mean() + 0.7 * torch.stack(kd).mean() + 2.0 * torch.stack(lens).mean()
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_samples_contribution_ignores_neighbours_and_padding(tmp_path, padding_side):
+    trainer = _trainer(tmp_path, ce_weight=0.5)
+    rows = token_rows(3, seed=7)
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def loss_and_grads(batch):
+        trainer.model.zero_grad()
+        loss = _summed_loss(trainer, batch)
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in params]
+
+    singles = [loss_and_grads(pad_batch([row])) for row in rows]
+    batched = loss_and_grads(pad_batch(rows, padding_side=padding_side, pad_to=20))
+    torch.testing.assert_close(batched[0], sum(loss for loss, _ in singles), atol=1e-4, rtol=1e-5)
+    for index, grad in enumerate(batched[1]):
+        torch.testing.assert_close(grad, sum(g[index] for _, g in singles), atol=1e-5, rtol=1e-4)
+
+
+def test_gradient_accumulation_matches_a_large_batch(tmp_path):
+    def params_after_one_step(batch_size, accumulation):
+        trainer = _trainer(
+            tmp_path,
+            rows=4,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            max_steps=1,
+            optim="sgd",
+            learning_rate=1.0,
+            lr_scheduler_type="constant",
+            max_grad_norm=0.0,
+            ce_weight=0.5,
+        )
+        trainer.train()
+        return {name: p.detach().clone() for name, p in trainer.model.named_parameters()}, trainer
+
+    large, large_trainer = params_after_one_step(4, 1)
+    small, small_trainer = params_after_one_step(1, 4)
+    for name in large:
+        torch.testing.assert_close(small[name], large[name], atol=1e-5, rtol=1e-4, msg=name)
+    log_large, log_small = large_trainer.state.log_history[0], small_trainer.state.log_history[0]
+    for key in ("loss", "ce_loss", "kd_loss", "lens_loss"):
+        assert log_small[key] == pytest.approx(log_large[key], rel=1e-4), key
+
+
+def test_a_batch_without_response_tokens_gives_zero_loss(tmp_path):
+    trainer = _trainer(tmp_path)
+    batch = pad_batch(token_rows(2, seed=3))
+    batch["labels"][:] = -100
+    loss = trainer.compute_loss(trainer.model, batch)
+    loss.backward()
+    assert loss.item() == 0.0
+    assert all(torch.isfinite(p.grad).all() for p in trainer.model.parameters() if p.grad is not None)
+
+
+# --------------------------------------------------------------------------------------- the teacher
+def test_teacher_stays_frozen_and_in_eval_mode_through_training(tmp_path):
+    teacher = tiny_llama(num_layers=6, hidden=48, seed=2)
+    before = {name: p.detach().clone() for name, p in teacher.named_parameters()}
+    trainer = _trainer(tmp_path, teacher=teacher)
+    teacher.train()  # even if someone flips it, the trainer puts it back
+    trainer.train()
+    assert not any(module.training for module in trainer.teacher_model.modules())
+    assert not any(p.requires_grad for p in trainer.teacher_model.parameters())
+    for name, p in trainer.teacher_model.named_parameters():
+        torch.testing.assert_close(p, before[name])
+
+
+def test_teacher_dtype_and_device_follow_the_config(tmp_path):
+    trainer = _trainer(tmp_path, teacher_dtype="bfloat16")
+    parameter = next(trainer.teacher_model.parameters())
+    assert parameter.dtype == torch.bfloat16
+    assert parameter.device == trainer.args.device
+
+
+def test_missing_teacher_is_an_error_at_construction(tmp_path):
+    with pytest.raises(ValueError, match="need a teacher"):
+        _trainer(tmp_path, teacher=None)
+
+
+def test_plain_sft_needs_no_teacher_and_logs_only_ce(tmp_path):
+    trainer = _trainer(tmp_path, teacher=None, ce_weight=1.0, kd_weight=0.0, lens_weight=0.0)
+    assert trainer.teacher_model is None
+    trainer.train()
+    first = trainer.state.log_history[0]
+    assert first["ce_loss"] == pytest.approx(first["loss"], rel=1e-5)
+    assert "kd_loss" not in first and "lens_loss" not in first
+
+
+def test_teacher_loads_from_a_local_folder_with_its_tokenizer(tmp_path):
+    words = [f"w{i}" for i in range(TINY_VOCAB)]
+    tokenizer = _word_tokenizer(words)
+    teacher = tiny_llama(num_layers=6, hidden=48, seed=2)
+    teacher.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    trainer = DistillLensTrainer(
+        model=tiny_llama(num_layers=3, seed=1),
+        args=_config(tmp_path, teacher_model_name_or_path=str(tmp_path / "teacher")),
+        train_dataset=Dataset.from_list(token_rows(8)),
+        data_collator=pad_batch,
+        processing_class=tokenizer,
+    )
+    torch.testing.assert_close(trainer.teacher_model.lm_head.weight, teacher.lm_head.weight)
+
+
+def test_checkpoints_and_saved_model_hold_no_teacher_weights(tmp_path):
+    trainer = _trainer(tmp_path, save_strategy="steps", save_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    student_keys = set(trainer.model.state_dict())
+    for folder in (tmp_path / "out" / "checkpoint-2", tmp_path / "out" / "checkpoint-4", tmp_path / "final"):
+        saved = load_file(str(folder / "model.safetensors"))
+        assert set(saved) <= student_keys
+        assert json.loads((folder / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+# --------------------------------------------------------------------------------------- vocabularies
+def test_padded_teacher_vocabulary_is_compared_on_the_shared_columns(tmp_path):
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
+    teacher = tiny_llama(num_layers=6, hidden=48, seed=2)
+    padded = tiny_llama(num_layers=6, hidden=48, vocab=TINY_VOCAB + 16, seed=2)
+    padded.load_state_dict(
+        {
+            name: torch.cat([value, torch.randn(16, value.shape[1]) * 10])
+            if value.shape[0] == TINY_VOCAB
+            else value
+            for name, value in teacher.state_dict().items()
+        }
+    )
+    batch = pad_batch(token_rows(3, seed=4))
+    losses = []
+    for candidate in (teacher, padded):
+        trainer = _trainer(tmp_path, teacher=candidate, processing_class=tokenizer)
+        assert trainer.vocab_size == TINY_VOCAB
+        losses.append(trainer.compute_loss(trainer.model.eval(), batch))
+    torch.testing.assert_close(losses[0], losses[1])
+
+
+def test_different_tokenizers_are_an_error(tmp_path):
+    student_tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
+    teacher_tokenizer = _word_tokenizer([f"v{i}" for i in range(TINY_VOCAB)])
+    with pytest.raises(ValueError, match="different tokenizers"):
+        _trainer(tmp_path, processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer)
+
+
+def test_teacher_with_fewer_logits_than_the_tokenizer_is_an_error(tmp_path):
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
+    small_teacher = tiny_llama(num_layers=6, hidden=48, vocab=TINY_VOCAB - 8, seed=2)
+    with pytest.raises(ValueError, match="teacher has only 56 logits"):
+        _trainer(tmp_path, teacher=small_teacher, processing_class=tokenizer)
+
+
+def test_plain_training_arguments_are_rejected_with_the_fix(tmp_path):
+    from transformers import TrainingArguments
+
+    with pytest.raises(ValueError, match="DistillLensConfig"):
+        DistillLensTrainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path)))
+
+
+# --------------------------------------------------------------------------------------- logging and training
+def test_logs_hold_every_term_averaged_over_the_logging_window(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=6, logging_steps=3, gradient_accumulation_steps=2, ce_weight=0.5)
+    trainer.train()
+    train_logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert len(train_logs) == 2
+    pair_keys = {f"lens/s{s}_t{t}" for s, t in trainer.layer_map}
+    for entry in train_logs:
+        assert pair_keys <= entry.keys()
+        # `loss` is the Trainer's own window average; the terms must average over the same window.
+        recombined = 0.5 * entry["ce_loss"] + entry["kd_loss"] + entry["lens_loss"]
+        assert recombined == pytest.approx(entry["loss"], rel=1e-4)
+        assert entry["lens_loss"] == pytest.approx(
+            sum(entry[k] for k in pair_keys) / len(pair_keys), rel=1e-4
+        )
+
+
+def test_evaluation_reports_every_term_with_the_eval_prefix(tmp_path):
+    trainer = _trainer(tmp_path, ce_weight=0.5)
+    metrics = trainer.evaluate()
+    expected = {"eval_ce_loss", "eval_kd_loss", "eval_lens_loss"} | {
+        f"eval_lens/s{s}_t{t}" for s, t in trainer.layer_map
+    }
+    assert expected <= metrics.keys()
+    # One evaluation batch: eval_loss is exactly the weighted sum of the token-mean terms.
+    recombined = 0.5 * metrics["eval_ce_loss"] + metrics["eval_kd_loss"] + metrics["eval_lens_loss"]
+    assert recombined == pytest.approx(metrics["eval_loss"], rel=1e-5)
+
+
+def test_bf16_autocast_training_stays_finite(tmp_path):
+    trainer = _trainer(tmp_path, bf16=True, max_steps=3)
+    trainer.train()
+    for entry in trainer.state.log_history:
+        if "loss" in entry:
+            assert all(torch.isfinite(torch.tensor(entry[k])) for k in ("loss", "kd_loss", "lens_loss"))
+
+
+def test_training_lowers_the_total_loss(tmp_path):
+    trainer = _trainer(tmp_path, max_steps=40, logging_steps=5, learning_rate=3e-3, rows=64)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert losses[-1] < 0.7 * losses[0]
