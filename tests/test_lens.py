@@ -122,11 +122,11 @@ def test_lens_rejects_an_unreadable_architecture():
         def get_output_embeddings(self):
             return self.head
 
-    with pytest.raises(ValueError, match="final norm.*lens_final_norm=False"):
+    with pytest.raises(ValueError, match=r"final norm.*lens_final_norm=False"):
         LogitLens(Odd())
 
 
 def test_lens_rejects_out_of_range_layer():
     model = _model_with_distinct_norm("llama")
-    with pytest.raises(ValueError, match="outside 0..3"):
+    with pytest.raises(ValueError, match=r"outside 0\.\.3"):
         LogitLens(model)(torch.zeros(1, 32), 4)
