@@ -305,3 +305,50 @@ def test_training_lowers_the_total_loss(tmp_path):
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses[-1] < 0.7 * losses[0]
+
+
+# --------------------------------------------------------------------------------------- feature baseline
+def test_feature_baseline_trains_its_projection_and_saves_it(tmp_path):
+    trainer = _trainer(
+        tmp_path,
+        kd_weight=0.0,
+        lens_weight=0.0,
+        feature_weight=1.0,
+        max_steps=6,
+        save_strategy="steps",
+        save_steps=6,
+    )
+    before = {name: p.detach().clone() for name, p in trainer.feature_projector.named_parameters()}
+    batch = pad_batch(token_rows(2, seed=9))
+    trainer.model.eval()
+    loss = trainer.compute_loss(trainer.model, batch)
+    with torch.no_grad():
+        s_out = trainer.model(**{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True)
+        t_out = trainer.teacher_model(
+            **{k: v for k, v in batch.items() if k != "labels"}, output_hidden_states=True
+        )
+    mask = batch["labels"][:, 1:] != -100
+    expected = torch.stack(
+        [
+            (
+                (
+                    trainer.feature_projector(t_out.hidden_states[t][:, :-1][mask], s, t)
+                    - s_out.hidden_states[s][:, :-1][mask]
+                )
+                ** 2
+            )
+            .mean(-1)
+            .mean()
+            for s, t in trainer.layer_map
+        ]
+    ).mean()
+    torch.testing.assert_close(loss.detach(), expected, atol=1e-5, rtol=1e-5)
+
+    trainer.train()
+    assert "feature_loss" in trainer.state.log_history[0]
+    assert any(not torch.equal(p, before[name]) for name, p in trainer.feature_projector.named_parameters())
+    saved = torch.load(
+        tmp_path / "out" / "checkpoint-6" / "distillens_feature_projector.pt", weights_only=True
+    )
+    for name, value in trainer.feature_projector.state_dict().items():
+        torch.testing.assert_close(saved[name], value)

@@ -71,6 +71,13 @@ class DistillLensConfig(TrainingArguments):
             "(no T² rescaling)."
         },
     )
+    feature_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the paper's feature baseline: MSE between a learned linear projection of the teacher's "
+            "hidden states and the student's, on the same layer pairs as the lens (0 = off; single process only)."
+        },
+    )
     lens_student_layers: list[int] | None = field(
         default=None,
         metadata={
@@ -98,13 +105,13 @@ class DistillLensConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("ce_weight", "kd_weight", "lens_weight"):
+        for name in ("ce_weight", "kd_weight", "lens_weight", "feature_weight"):
             value = getattr(self, name)
             if value < 0:
                 raise ValueError(f"{name}={value} is negative; loss weights must be >= 0.")
-        if self.ce_weight == self.kd_weight == self.lens_weight == 0:
+        if self.ce_weight == self.kd_weight == self.lens_weight == self.feature_weight == 0:
             raise ValueError(
-                "ce_weight, kd_weight and lens_weight are all 0: set at least one to a positive value."
+                "ce_weight, kd_weight, lens_weight and feature_weight are all 0: set at least one to a positive value."
             )
         check_divergence_name(self.kd_divergence, "kd_divergence")
         check_divergence_name(self.lens_divergence, "lens_divergence")
@@ -116,7 +123,8 @@ class DistillLensConfig(TrainingArguments):
             raise ValueError(
                 f"teacher_dtype={self.teacher_dtype!r} must be one of {', '.join(TEACHER_DTYPES)}."
             )
-        if self.lens_num_layers < 1 and self.lens_weight > 0 and self.lens_student_layers is None:
+        uses_layers = self.lens_weight > 0 or self.feature_weight > 0
+        if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
         self._check_layer_lists()
 
@@ -148,4 +156,5 @@ class DistillLensConfig(TrainingArguments):
             lens_divergence=self.lens_divergence,
             jsd_beta=self.jsd_beta,
             temperature=self.temperature,
+            feature_weight=self.feature_weight,
         )

@@ -1,6 +1,7 @@
 """The DistillLens objective as a pure function of model outputs.
 
 loss = ce_weight·CE + kd_weight·D_out(student, teacher) + lens_weight·mean_pairs D_lens(lens_s(h_s), lens_t(h_t))
+       [+ feature_weight·mean_pairs MSE(W·h_t, h_s), the paper's feature baseline, off by default]
 
 Every term is a sum over response tokens (labels ≠ -100 after the causal shift) divided by one
 denominator: the number of response tokens in the whole gradient-accumulation window when the Trainer
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .divergences import token_divergence
 from .layer_map import LayerPair
@@ -35,14 +37,19 @@ class ObjectiveSpec:
     lens_divergence: str = "jsd"
     jsd_beta: float = 0.5
     temperature: float = 1.0
+    feature_weight: float = 0.0
 
     @property
     def needs_teacher(self) -> bool:
-        return self.kd_weight > 0 or self.lens_weight > 0
+        return self.kd_weight > 0 or self.lens_weight > 0 or self.feature_weight > 0
 
     @property
     def uses_lens(self) -> bool:
         return self.lens_weight > 0
+
+    @property
+    def uses_hidden_states(self) -> bool:
+        return self.lens_weight > 0 or self.feature_weight > 0
 
 
 @dataclass
@@ -109,6 +116,31 @@ def lens_pair_sum(
     return _divergence_sum(spec.lens_divergence, student_logits, teacher_logits, spec)
 
 
+class FeatureProjector(nn.Module):
+    """One learned linear map per layer pair, teacher hidden size -> student hidden size (feature baseline)."""
+
+    def __init__(
+        self, layer_map: Sequence[LayerPair], teacher_hidden_size: int, student_hidden_size: int
+    ) -> None:
+        super().__init__()
+        self.maps = nn.ModuleDict(
+            {f"s{s}_t{t}": nn.Linear(teacher_hidden_size, student_hidden_size) for s, t in layer_map}
+        )
+
+    def forward(self, teacher_hidden: torch.Tensor, student_layer: int, teacher_layer: int) -> torch.Tensor:
+        """``[N, d_t] -> [N, d_s]``."""
+        projection = self.maps[f"s{student_layer}_t{teacher_layer}"]
+        return projection(teacher_hidden.to(projection.weight.dtype))
+
+
+def feature_pair_sum(
+    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projected: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Σ over tokens of the per-token mean squared error ``mean_d (W·h_t − h_s)²``; ``[N, d_s]`` inputs."""
+    target = projected if projected is not None else teacher_hidden
+    return (target.float() - student_hidden.float()).pow(2).mean(dim=-1).sum()
+
+
 def distillens_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -122,6 +154,7 @@ def distillens_loss(
     teacher_lens: LogitLens | None = None,
     layer_map: Sequence[LayerPair] = (),
     num_items_in_batch: int | torch.Tensor | None = None,
+    feature_projector: FeatureProjector | None = None,
 ) -> ObjectiveOutput:
     """The weighted DistillLens loss of one micro-batch.
 
@@ -133,6 +166,7 @@ def distillens_loss(
         student_hidden_states / teacher_hidden_states: HF ``hidden_states`` tuples, each ``[B, T, d]``.
         layer_map: (student, teacher) ``hidden_states`` indices for the lens term.
         num_items_in_batch: response tokens in the whole accumulation window (and across devices).
+        feature_projector: the learned maps of the feature baseline (needed when ``feature_weight > 0``).
     """
     mask = response_mask(labels)
     num_tokens = int(mask.sum())
@@ -177,6 +211,19 @@ def distillens_loss(
         lens_sum = torch.stack(pair_sums).mean()
         terms["lens_loss"] = lens_sum
         total = total + spec.lens_weight * lens_sum
+
+    if spec.feature_weight > 0 and layer_map:
+        if student_hidden_states is None or teacher_hidden_states is None or feature_projector is None:
+            raise ValueError("the feature term needs both models' hidden_states and a FeatureProjector.")
+        feature_sums = []
+        for student_layer, teacher_layer in layer_map:
+            teacher_hidden = select_response(teacher_hidden_states[teacher_layer], mask).detach()
+            projected = feature_projector(teacher_hidden, student_layer, teacher_layer)
+            student_hidden = select_response(student_hidden_states[student_layer], mask)
+            feature_sums.append(feature_pair_sum(student_hidden, teacher_hidden, projected))
+        feature_sum = torch.stack(feature_sums).mean()
+        terms["feature_loss"] = feature_sum
+        total = total + spec.feature_weight * feature_sum
 
     term_sums = {name: value.detach() for name, value in terms.items()} | sums
     return ObjectiveOutput(

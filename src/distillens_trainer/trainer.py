@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 from collections import defaultdict
 from typing import Any
 
@@ -15,10 +16,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from .config import DistillLensConfig
 from .layer_map import LayerPair, resolve_layer_map
 from .lens import LogitLens, unwrap_model
-from .objective import ObjectiveOutput, distillens_loss
+from .objective import FeatureProjector, ObjectiveOutput, distillens_loss
 from .teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
 
 logger = logging.getLogger(__name__)
+
+FEATURE_PROJECTOR_NAME = "distillens_feature_projector.pt"
 
 
 def _accepts_position_ids(model: nn.Module) -> bool:
@@ -89,6 +92,7 @@ class DistillLensTrainer(Trainer):
         self.teacher_lens: LogitLens | None = None
         self.layer_map: list[LayerPair] = []
         self.vocab_size: int | None = None
+        self.feature_projector: FeatureProjector | None = None
         if self.teacher_model is not None:
             self.vocab_size = shared_vocab_size(
                 self.model,
@@ -96,7 +100,7 @@ class DistillLensTrainer(Trainer):
                 _tokenizer_of(self.processing_class),
                 _tokenizer_of(teacher_processing_class),
             )
-            if self.objective.uses_lens:
+            if self.objective.uses_hidden_states:
                 self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
                 self.teacher_lens = LogitLens(self.teacher_model, final_norm=args.lens_final_norm)
                 self.layer_map = resolve_layer_map(
@@ -107,6 +111,8 @@ class DistillLensTrainer(Trainer):
                     args.lens_num_layers,
                 )
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
+            if self.objective.feature_weight > 0:
+                self.feature_projector = self._build_feature_projector()
         self._student_takes_position_ids = _accepts_position_ids(self.model)
         self._teacher_takes_position_ids = self.teacher_model is not None and _accepts_position_ids(
             self.teacher_model
@@ -160,11 +166,49 @@ class DistillLensTrainer(Trainer):
 
         return prepare_teacher(freeze(teacher), self.args, self.accelerator)
 
+    def _build_feature_projector(self) -> FeatureProjector:
+        if self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise ValueError(
+                "feature_weight > 0 (the MSE feature baseline) runs in a single process only: its projections are "
+                "not synchronised across devices; set feature_weight=0 for distributed runs."
+            )
+
+        def hidden_size(model: nn.Module) -> int:
+            return unwrap_model(model).config.get_text_config().hidden_size
+
+        projector = FeatureProjector(self.layer_map, hidden_size(self.teacher_model), hidden_size(self.model))
+        return projector.to(self.args.device)
+
+    def create_optimizer(self, *args: Any, **kwargs: Any):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        if self.feature_projector is not None and not getattr(self, "_feature_params_added", False):
+            optimizer.add_param_group(
+                {"params": list(self.feature_projector.parameters()), "weight_decay": 0.0}
+            )
+            self._feature_params_added = True
+        return optimizer
+
+    def _save(self, output_dir: str | None = None, state_dict: Any = None) -> None:
+        super()._save(output_dir, state_dict)
+        if self.feature_projector is not None:
+            path = os.path.join(output_dir or self.args.output_dir, FEATURE_PROJECTOR_NAME)
+            torch.save(self.feature_projector.state_dict(), path)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        path = os.path.join(resume_from_checkpoint, FEATURE_PROJECTOR_NAME)
+        if self.feature_projector is not None and os.path.isfile(path):
+            self.feature_projector.load_state_dict(
+                torch.load(path, map_location=self.args.device, weights_only=True)
+            )
+
     @torch.no_grad()
     def _teacher_forward(self, model_inputs: dict[str, Any]) -> Any:
         self.teacher_model.eval()  # stays in eval mode whatever was called on the student
         inputs = _with_position_ids(model_inputs, self._teacher_takes_position_ids)
-        return self.teacher_model(**inputs, output_hidden_states=self.objective.uses_lens, use_cache=False)
+        return self.teacher_model(
+            **inputs, output_hidden_states=self.objective.uses_hidden_states, use_cache=False
+        )
 
     # ----------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -176,10 +220,10 @@ class DistillLensTrainer(Trainer):
     ):
         labels = inputs["labels"]
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        uses_lens = self.teacher_model is not None and self.objective.uses_lens
+        uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
         student_outputs = model(
             **_with_position_ids(model_inputs, self._student_takes_position_ids),
-            output_hidden_states=uses_lens,
+            output_hidden_states=uses_hidden,
             use_cache=False,
         )
         teacher_outputs = self._teacher_forward(model_inputs) if self.teacher_model is not None else None
@@ -189,12 +233,13 @@ class DistillLensTrainer(Trainer):
             labels,
             self.objective,
             vocab_size=self.vocab_size,
-            student_hidden_states=student_outputs.hidden_states if uses_lens else None,
-            teacher_hidden_states=teacher_outputs.hidden_states if uses_lens else None,
+            student_hidden_states=student_outputs.hidden_states if uses_hidden else None,
+            teacher_hidden_states=teacher_outputs.hidden_states if uses_hidden else None,
             student_lens=self.student_lens,
             teacher_lens=self.teacher_lens,
             layer_map=self.layer_map,
             num_items_in_batch=num_items_in_batch,
+            feature_projector=self.feature_projector,
         )
         loss = result.loss
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
