@@ -107,7 +107,7 @@ class DistillLensConfig(TrainingArguments):
         super().__post_init__()
         for name in ("ce_weight", "kd_weight", "lens_weight", "feature_weight"):
             value = getattr(self, name)
-            if value < 0:
+            if not value >= 0:
                 raise ValueError(f"{name}={value} is negative; loss weights must be >= 0.")
         if self.ce_weight == self.kd_weight == self.lens_weight == self.feature_weight == 0:
             raise ValueError(
@@ -117,7 +117,7 @@ class DistillLensConfig(TrainingArguments):
         check_divergence_name(self.lens_divergence, "lens_divergence")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
-        if self.temperature <= 0:
+        if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0.")
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(

@@ -53,8 +53,8 @@ def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
 
 
 def valid_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``[...]`` bool: the rows of ``[..., V]`` logits that have at least one finite entry."""
-    return torch.isfinite(logits).any(dim=-1)
+    """``[...]`` bool: the rows of ``[..., V]`` logits that are not entirely ``-inf`` (NaN rows stay visible)."""
+    return (logits != float("-inf")).any(dim=-1)
 
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
@@ -158,8 +158,10 @@ def token_divergence(
             f"student logits {tuple(student_logits.shape)} and teacher logits {tuple(teacher_logits.shape)} "
             "must have the same shape; slice both to the shared vocabulary first."
         )
-    if temperature <= 0:
+    if not temperature > 0:
         raise ValueError(f"temperature={temperature} must be > 0.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1].")
     kwargs = {"beta": beta} if name == "jsd" else {}
     per_position = _DIVERGENCES[name](student_logits, teacher_logits, temperature, **kwargs)
     both_valid = valid_rows(student_logits) & valid_rows(teacher_logits)

@@ -1,0 +1,162 @@
+"""The training workflow behind ``distillens train``: load models and data, distil, save."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from .config import DistillLensConfig
+from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
+from .trainer import DistillLensTrainer
+
+logger = logging.getLogger(__name__)
+
+RESOLVED_CONFIG_NAME = "distillens_config.json"
+_DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class ModelArguments:
+    """The student (and how to load it); the teacher is part of :class:`DistillLensConfig`."""
+
+    model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
+    )
+    model_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype the student is loaded in (auto = the checkpoint's).", "choices": list(_DTYPES)},
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the whole student."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture)."}
+    )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Allow training into a non-empty output_dir (its files may be replaced)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.model_dtype not in _DTYPES:
+            raise ValueError(f"model_dtype={self.model_dtype!r} must be one of {', '.join(_DTYPES)}.")
+        if self.use_peft and self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r} must be >= 1.")
+
+
+def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None) -> None:
+    """Refuse a non-empty output directory unless told to (or resuming into it)."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output_dir={output_dir!r} is a file: give a directory path.")
+    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume_from_checkpoint:
+        raise ValueError(
+            f"output_dir={output_dir!r} is not empty: pass --overwrite_output_dir true to train into it, "
+            "--resume_from_checkpoint to continue a run, or choose another directory."
+        )
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2, default=str)
+    os.replace(handle.name, path)
+
+
+def resolved_config(model_args: ModelArguments, data_args: DataArguments, training_args: DistillLensConfig) -> dict:
+    return {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+
+
+def load_student(model_args: ModelArguments) -> PreTrainedModel:
+    """The student causal LM, optionally wrapped with a LoRA adapter."""
+    kwargs: dict[str, Any] = {"dtype": _DTYPES[model_args.model_dtype], "trust_remote_code": model_args.trust_remote_code}
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
+    except OSError as error:
+        raise ValueError(
+            f"model_name_or_path={model_args.model_name_or_path!r} could not be loaded: give a local model folder "
+            "or a hub id reachable from this machine."
+        ) from error
+    if model_args.use_peft:
+        try:
+            import peft
+        except ImportError as error:
+            raise ValueError("use_peft needs the peft package: pip install 'distillens-trainer[peft]'.") from error
+        lora = peft.LoraConfig(
+            r=model_args.lora_r,
+            lora_alpha=model_args.lora_alpha,
+            lora_dropout=model_args.lora_dropout,
+            target_modules=model_args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ValueError(
+            f"no tokenizer could be loaded from {name_or_path!r}: pass --tokenizer_name_or_path."
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def run_training(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DistillLensConfig,
+    callbacks: list | None = None,
+) -> DistillLensTrainer:
+    """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``."""
+    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    tokenizer = load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+    )
+    with training_args.main_process_first(desc="tokenising the datasets"):
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer)
+    if train_dataset is None:
+        raise ValueError("no training data: pass --train_file or --dataset_name.")
+    student = load_student(model_args)
+    trainer = DistillLensTrainer(
+        model=student,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        processing_class=tokenizer,
+        data_collator=DataCollatorForCompletionOnly(tokenizer),
+        callbacks=callbacks,
+    )
+    if trainer.is_world_process_zero():
+        write_json_atomic(
+            Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved_config(model_args, data_args, training_args)
+        )
+    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model()
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    if eval_dataset is not None:
+        metrics = trainer.evaluate()
+        trainer.log_metrics("eval", metrics)
+        trainer.save_metrics("eval", metrics)
+    return trainer

@@ -1,0 +1,210 @@
+"""The ``distillens`` command line: config files, overrides, errors, recipes, and the train -> eval workflow."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import DATA_DIR, GPT2_TOKENIZER_DIR
+
+from distillens_trainer.cli import main, parse_command
+from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.data import DataArguments
+from distillens_trainer.layer_map import resolve_layer_map
+from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME, ModelArguments
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
+TRAIN_TYPES = (ModelArguments, DataArguments, DistillLensConfig)
+
+
+def _run(capsys, *argv: str) -> tuple[int, str]:
+    code = main(list(argv))
+    return code, capsys.readouterr().err.strip()
+
+
+# --------------------------------------------------------------------------------------- parsing
+def test_config_file_values_are_overridden_by_flags(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        "model_name_or_path: s\noutput_dir: out\nlearning_rate: 1.0e-3\nlens_student_layers: [2, 4]\n"
+        "lens_teacher_layers: [8, 16]\nlens_final_norm: false\nuse_cpu: true\n"
+    )
+    model_args, _, config = parse_command(
+        TRAIN_TYPES, [str(recipe), "--learning_rate", "1e-4"], "distillens train"
+    )
+    assert model_args.model_name_or_path == "s"
+    assert config.learning_rate == 1e-4
+    assert config.lens_student_layers == [2, 4] and config.lens_teacher_layers == [8, 16]
+    assert config.lens_final_norm is False
+
+
+def test_json_config_files_work_too(tmp_path):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(
+        json.dumps({"model_name_or_path": "s", "output_dir": "o", "kd_divergence": "skl", "use_cpu": True})
+    )
+    _, _, config = parse_command(TRAIN_TYPES, [str(recipe)], "distillens train")
+    assert config.kd_divergence == "skl"
+
+
+def test_help_lists_every_distillens_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for name in (
+        "teacher_model_name_or_path",
+        "teacher_dtype",
+        "ce_weight",
+        "kd_weight",
+        "kd_divergence",
+        "lens_weight",
+        "lens_divergence",
+        "jsd_beta",
+        "temperature",
+        "lens_student_layers",
+        "lens_teacher_layers",
+        "lens_num_layers",
+        "lens_final_norm",
+        "feature_weight",
+        "max_prompt_length",
+        "use_peft",
+    ):
+        assert f"--{name}" in text, name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["train", "missing.yaml"], "does not exist"),
+        (["train", "notes.txt"], "not a config file"),
+        (
+            ["train", "--model_name_or_path", "s", "--output_dir", "o", "--bogus", "1"],
+            "unknown arguments: --bogus",
+        ),
+        (
+            ["train", "--model_name_or_path", "s", "--output_dir", "o", "--kd_divergence", "foo"],
+            "invalid choice",
+        ),
+        (["frobnicate"], "unknown command"),
+    ],
+)
+def test_usage_errors_are_one_line_with_exit_code_2(capsys, argv, message):
+    code, err = _run(capsys, *argv)
+    assert code == 2
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_an_unreadable_config_file_is_one_line(tmp_path, capsys):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("learning_rate: [1e-4\n")
+    code, err = _run(capsys, "train", str(broken))
+    assert code == 2 and "could not be read" in err and len(err.splitlines()) == 1
+
+
+def test_invalid_values_are_one_line_naming_the_field(capsys, tmp_path):
+    code, err = _run(
+        capsys, "train", "--model_name_or_path", "s", "--output_dir", str(tmp_path), "--temperature", "0",
+        "--use_cpu", "true",
+    )  # fmt: skip
+    assert code == 1 and "temperature" in err and len(err.splitlines()) == 1
+
+
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    (output_dir / "keep.txt").write_text("precious")
+    code, err = _run(
+        capsys, "train", "--model_name_or_path", "s", "--train_file", "x.jsonl", "--output_dir", str(output_dir),
+        "--use_cpu", "true",
+    )  # fmt: skip
+    assert code == 1 and "--overwrite_output_dir" in err
+    assert [p.name for p in output_dir.iterdir()] == ["keep.txt"]
+    assert (output_dir / "keep.txt").read_text() == "precious"
+
+
+# --------------------------------------------------------------------------------------- recipes
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])
+def test_each_recipe_parses_and_validates(recipe):
+    model_args, data_args, config = parse_command(
+        TRAIN_TYPES, [str(recipe), "--use_cpu", "true"], "distillens train"
+    )
+    assert model_args.model_name_or_path and config.output_dir.startswith("runs/")
+    assert data_args.max_length == 512 and data_args.max_prompt_length == 256
+    if config.lens_weight > 0:  # explicit maps equal the paper's automatic mapping for these depths
+        depths = {"gpt2-base": (12, 48), "gpt2-medium": (24, 48), "tinyllama": (22, 32)}
+        student, teacher = next(value for key, value in depths.items() if recipe.stem.startswith(key))
+        assert resolve_layer_map(
+            student, teacher, config.lens_student_layers, config.lens_teacher_layers
+        ) == (resolve_layer_map(student, teacher))
+
+
+def test_recipes_cover_the_papers_runs_and_baselines():
+    names = {recipe.stem for recipe in RECIPES}
+    assert {
+        "gpt2-xl-teacher-sft",
+        "gpt2-base-distillens",
+        "gpt2-medium-distillens",
+        "tinyllama-distillens",
+    } <= names
+    assert {"gpt2-base-kd", "gpt2-base-sft", "tinyllama-kd"} <= names
+
+
+# --------------------------------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def tiny_gpt2_dirs(tmp_path_factory):
+    if not GPT2_TOKENIZER_DIR.is_dir() or not (DATA_DIR / "dolly" / "dev_1000.jsonl").is_file():
+        pytest.skip("the shared GPT-2 tokenizer or Dolly data is not available beside the checkout")
+    root = tmp_path_factory.mktemp("models")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))
+    for name, layers in (("teacher_init", 4), ("student_init", 2)):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+        transformers.GPT2LMHeadModel(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root
+
+
+@pytest.mark.slow
+def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp_path, capsys):
+    common = [
+        "--train_file", str(DATA_DIR / "dolly" / "dev_1000.jsonl"), "--max_train_samples", "16",
+        "--max_length", "64", "--max_prompt_length", "48", "--per_device_train_batch_size", "4",
+        "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
+    ]  # fmt: skip
+    teacher_dir, student_dir, eval_dir = tmp_path / "teacher", tmp_path / "student", tmp_path / "eval"
+    code, err = _run(
+        capsys, "train", "--model_name_or_path", str(tiny_gpt2_dirs / "teacher_init"), "--output_dir", str(teacher_dir),
+        "--ce_weight", "1", "--kd_weight", "0", "--lens_weight", "0", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    code, err = _run(
+        capsys, "train", "--model_name_or_path", str(tiny_gpt2_dirs / "student_init"),
+        "--teacher_model_name_or_path", str(teacher_dir), "--output_dir", str(student_dir),
+        "--lens_num_layers", "1", *common,
+    )  # fmt: skip
+    assert code == 0, err
+    resolved = json.loads((student_dir / RESOLVED_CONFIG_NAME).read_text())
+    assert resolved["training"]["teacher_model_name_or_path"] == str(teacher_dir)
+    log_history = json.loads((student_dir / "trainer_state.json").read_text())["log_history"]
+    assert any("lens_loss" in entry for entry in log_history)
+    student = transformers.AutoModelForCausalLM.from_pretrained(student_dir)
+    assert student.config.n_layer == 2
+
+    eval_files = [str(DATA_DIR / "dolly" / "test_500.jsonl"), str(DATA_DIR / "sinst" / "test_11_1694.jsonl")]
+    code, err = _run(
+        capsys, "eval", "--model_name_or_path", str(student_dir), "--eval_files", *eval_files,
+        "--output_dir", str(eval_dir), "--max_eval_samples", "3", "--seeds", "10", "20", "--max_new_tokens", "8",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((eval_dir / "report.json").read_text())
+    assert [result["name"] for result in report["results"]] == ["test_500", "test_11_1694"]
+    for result in report["results"]:
+        assert result["num_examples"] == 3
+        assert set(result["rougeL"]) >= {"mean", "std"} and 0 <= result["rougeL"]["mean"] <= 100
+        assert "exact_match" in result
+        lines = (eval_dir / f"{result['name']}.generations.jsonl").read_text().splitlines()
+        assert len(lines) == 3 * 2

@@ -1,0 +1,299 @@
+"""Tests for ``distillens_trainer.config.DistillLensConfig``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from transformers import HfArgumentParser, TrainingArguments
+
+from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.objective import ObjectiveSpec
+
+DISTILLENS_FIELDS = sorted(
+    {f.name for f in dataclasses.fields(DistillLensConfig)}
+    - {f.name for f in dataclasses.fields(TrainingArguments)}
+)
+
+
+def make_config(tmp_path, **kwargs) -> DistillLensConfig:
+    return DistillLensConfig(output_dir=str(tmp_path), **kwargs)
+
+
+def test_is_a_training_arguments_subclass(tmp_path):
+    config = make_config(tmp_path)
+    assert isinstance(config, TrainingArguments)
+    assert config.output_dir == str(tmp_path)
+
+
+def test_distillens_fields_include_the_objective_and_lens_settings():
+    required = {
+        "teacher_model_name_or_path",
+        "teacher_dtype",
+        "ce_weight",
+        "kd_weight",
+        "kd_divergence",
+        "lens_weight",
+        "lens_divergence",
+        "jsd_beta",
+        "temperature",
+        "lens_student_layers",
+        "lens_teacher_layers",
+        "lens_num_layers",
+        "lens_final_norm",
+    }
+    missing = required - set(DISTILLENS_FIELDS)
+    assert not missing, missing
+
+
+def test_defaults_are_the_papers(tmp_path):
+    config = make_config(tmp_path)
+    assert config.ce_weight == 0.0
+    assert config.kd_weight == 1.0
+    assert config.kd_divergence == "rkl"
+    assert config.lens_weight == 1.0
+    assert config.lens_divergence == "jsd"
+    assert config.jsd_beta == 0.5
+    assert config.temperature == 1.0
+    assert config.lens_num_layers == 5
+    assert config.lens_student_layers is None
+    assert config.lens_teacher_layers is None
+    assert config.lens_final_norm is True
+    assert config.teacher_dtype == "auto"
+    assert config.teacher_model_name_or_path is None
+
+
+def test_objective_mirrors_the_defaults(tmp_path):
+    objective = make_config(tmp_path).objective
+    assert isinstance(objective, ObjectiveSpec)
+    assert objective == ObjectiveSpec(
+        ce_weight=0.0,
+        kd_weight=1.0,
+        kd_divergence="rkl",
+        lens_weight=1.0,
+        lens_divergence="jsd",
+        jsd_beta=0.5,
+        temperature=1.0,
+    )
+    assert objective == ObjectiveSpec()
+
+
+def test_objective_copies_every_spec_field_from_the_config(tmp_path):
+    config = make_config(tmp_path, ce_weight=0.3, kd_divergence="tvd", jsd_beta=0.7, temperature=1.5)
+    objective = config.objective
+    for spec_field in dataclasses.fields(ObjectiveSpec):
+        assert getattr(objective, spec_field.name) == getattr(config, spec_field.name), spec_field.name
+
+
+def test_objective_mirrors_custom_values(tmp_path):
+    config = make_config(
+        tmp_path,
+        ce_weight=0.5,
+        kd_weight=2.0,
+        kd_divergence="fkl",
+        lens_weight=0.0,
+        lens_divergence="tvd",
+        jsd_beta=0.2,
+        temperature=2.0,
+    )
+    assert config.objective == ObjectiveSpec(
+        ce_weight=0.5,
+        kd_weight=2.0,
+        kd_divergence="fkl",
+        lens_weight=0.0,
+        lens_divergence="tvd",
+        jsd_beta=0.2,
+        temperature=2.0,
+    )
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.objective.kd_weight = 3.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(jsd_beta=0.0),
+        dict(jsd_beta=1.0),
+        dict(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0),  # plain SFT
+        dict(lens_weight=0.0, lens_num_layers=0),  # no lens: K is irrelevant
+        dict(lens_student_layers=[2, 4], lens_num_layers=0),  # explicit layers: K is irrelevant
+        dict(lens_student_layers=[2, 4], lens_teacher_layers=[8, 16]),
+        dict(teacher_dtype="bfloat16"),
+        dict(teacher_dtype="float32"),
+        dict(temperature=1e-3),
+    ],
+    ids=lambda kwargs: ",".join(f"{k}={v}" for k, v in kwargs.items()),
+)
+def test_valid_edge_values_are_accepted(tmp_path, kwargs):
+    config = make_config(tmp_path, **kwargs)
+    for key, value in kwargs.items():
+        assert getattr(config, key) == value
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        (dict(kd_divergence="kl"), "kd_divergence"),
+        (dict(lens_divergence="js"), "lens_divergence"),
+        (dict(ce_weight=-0.1), "ce_weight"),
+        (dict(kd_weight=-1.0), "kd_weight"),
+        (dict(lens_weight=-1e-6), "lens_weight"),
+        (dict(ce_weight=0.0, kd_weight=0.0, lens_weight=0.0), "kd_weight"),
+        (dict(temperature=0.0), "temperature"),
+        (dict(temperature=-1.0), "temperature"),
+        (dict(jsd_beta=-0.1), "jsd_beta"),
+        (dict(jsd_beta=1.1), "jsd_beta"),
+        (dict(lens_student_layers=[2, 4], lens_teacher_layers=[8]), "lens_teacher_layers"),
+        (dict(lens_teacher_layers=[8, 16]), "lens_student_layers"),
+        (dict(lens_student_layers=[0, 4]), "lens_student_layers"),
+        (dict(lens_student_layers=[2, 4], lens_teacher_layers=[8, 0]), "lens_teacher_layers"),
+        (dict(teacher_dtype="int8"), "teacher_dtype"),
+        (dict(teacher_dtype="fp16"), "teacher_dtype"),
+        (dict(lens_num_layers=0), "lens_num_layers"),
+    ],
+    ids=[
+        "unknown-kd-divergence",
+        "unknown-lens-divergence",
+        "negative-ce-weight",
+        "negative-kd-weight",
+        "negative-lens-weight",
+        "all-weights-zero",
+        "temperature-zero",
+        "temperature-negative",
+        "jsd-beta-below-0",
+        "jsd-beta-above-1",
+        "layer-list-lengths-differ",
+        "teacher-layers-without-student-layers",
+        "student-index-0",
+        "teacher-index-0",
+        "bad-teacher-dtype",
+        "teacher-dtype-alias",
+        "lens-num-layers-zero-with-lens",
+    ],
+)
+def test_invalid_values_raise_value_error_naming_the_field(tmp_path, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        make_config(tmp_path, **kwargs)
+
+
+def test_all_weights_zero_names_every_weight(tmp_path):
+    with pytest.raises(ValueError) as info:
+        make_config(tmp_path, ce_weight=0.0, kd_weight=0.0, lens_weight=0.0)
+    for name in ("ce_weight", "kd_weight", "lens_weight"):
+        assert name in str(info.value)
+
+
+def test_unknown_divergence_message_lists_the_valid_names(tmp_path):
+    with pytest.raises(ValueError, match="kd_divergence") as info:
+        make_config(tmp_path, kd_divergence="kl")
+    for name in ("fkl", "rkl", "skl", "jsd", "tvd"):
+        assert name in str(info.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# Command line.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_hf_argument_parser_parses_distillens_flags(tmp_path):
+    parser = HfArgumentParser(DistillLensConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--kd_divergence",
+            "skl",
+            "--lens_student_layers",
+            "2",
+            "4",
+            "--lens_teacher_layers",
+            "8",
+            "16",
+            "--lens_final_norm",
+            "false",
+        ]
+    )
+    assert isinstance(config, DistillLensConfig)
+    assert config.output_dir == str(tmp_path)
+    assert config.kd_divergence == "skl"
+    assert config.lens_student_layers == [2, 4]
+    assert config.lens_teacher_layers == [8, 16]
+    assert all(type(i) is int for i in config.lens_student_layers + config.lens_teacher_layers)
+    assert config.lens_final_norm is False
+    # Untouched fields keep the paper's defaults.
+    assert config.lens_divergence == "jsd"
+    assert config.objective.kd_divergence == "skl"
+
+
+def test_hf_argument_parser_parses_numbers_and_dtype(tmp_path):
+    parser = HfArgumentParser(DistillLensConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--ce_weight",
+            "0.25",
+            "--jsd_beta",
+            "0.1",
+            "--temperature",
+            "2",
+            "--lens_num_layers",
+            "3",
+            "--teacher_dtype",
+            "bfloat16",
+            "--teacher_model_name_or_path",
+            "some/teacher",
+        ]
+    )
+    assert config.ce_weight == 0.25
+    assert config.jsd_beta == 0.1
+    assert config.temperature == 2.0
+    assert config.lens_num_layers == 3
+    assert config.teacher_dtype == "bfloat16"
+    assert config.teacher_model_name_or_path == "some/teacher"
+
+
+def test_hf_argument_parser_rejects_unknown_divergence_choice(tmp_path, capsys):
+    parser = HfArgumentParser(DistillLensConfig)
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--kd_divergence", "kl"])
+    assert "kd_divergence" in capsys.readouterr().err
+
+
+def test_hf_argument_parser_surfaces_post_init_validation(tmp_path):
+    parser = HfArgumentParser(DistillLensConfig)
+    with pytest.raises(ValueError, match="jsd_beta"):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--jsd_beta", "1.5"])
+
+
+def test_help_text_mentions_every_distillens_field():
+    help_text = HfArgumentParser(DistillLensConfig).format_help()
+    missing = [name for name in DISTILLENS_FIELDS if f"--{name}" not in help_text]
+    assert not missing, missing
+
+
+def test_every_distillens_field_has_help_metadata():
+    fields = {f.name: f for f in dataclasses.fields(DistillLensConfig)}
+    undocumented = [name for name in DISTILLENS_FIELDS if not fields[name].metadata.get("help")]
+    assert not undocumented, undocumented
+
+
+def test_config_serialises_to_json(tmp_path):
+    config = make_config(tmp_path, lens_student_layers=[2, 4], lens_teacher_layers=[8, 16])
+    data = json.loads(config.to_json_string())
+    assert data["lens_student_layers"] == [2, 4]
+    assert data["lens_teacher_layers"] == [8, 16]
+    assert data["kd_divergence"] == "rkl"
+    assert data["lens_final_norm"] is True
+
+
+@pytest.mark.parametrize("field", ["ce_weight", "kd_weight", "lens_weight", "temperature"])
+def test_nan_weight_or_temperature_raises_value_error(tmp_path, field):
+    with pytest.raises(ValueError, match=field):
+        make_config(tmp_path, **{field: float("nan")})
+
+
+def test_nan_jsd_beta_raises_value_error(tmp_path):
+    with pytest.raises(ValueError, match="jsd_beta"):
+        make_config(tmp_path, jsd_beta=float("nan"))

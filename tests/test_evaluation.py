@@ -1,0 +1,449 @@
+"""Tests for the MiniLLM-protocol generation evaluation (metrics, generation, reports, Trainer callback)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
+
+from distillens_trainer.data import IGNORE_INDEX
+from distillens_trainer.evaluation import (
+    EvalArguments,
+    RougeEvalCallback,
+    evaluate_files,
+    exact_match,
+    generate_responses,
+    load_eval_examples,
+    main,
+    normalize_answer,
+    rouge_l,
+    run_evaluation,
+    truncate_left,
+    unique_file_names,
+)
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+TOKENIZER_DIR = SHARED / "tokenizers" / "gpt2"
+DOLLY_TEST = SHARED / "data" / "dolly" / "test_500.jsonl"
+SINST_TEST = SHARED / "data" / "sinst" / "test_11_1694.jsonl"
+
+PROMPTS = [
+    "Below is an instruction. Name three primary colours.",
+    "Hi",
+    "Write a short poem about the sea and the wind that carries the boats home at night.",
+    "What is 2 + 2?",
+    "Summarise the plot of a novel in which a detective solves a case.",
+    "Translate 'good morning' into French.",
+]
+
+
+def _require(path: Path) -> Path:
+    """Skip the test when a shared resource is missing."""
+    if not path.exists():
+        pytest.skip(f"shared resource not available: {path}")
+    return path
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _single_torch_thread():
+    """The tiny models gain nothing from intra-op threads, which thrash on a busy machine; restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(_require(TOKENIZER_DIR))
+
+
+def _tiny_gpt2(tokenizer) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+    return GPT2LMHeadModel(config)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    return _tiny_gpt2(tokenizer)
+
+
+def _greedy(model, tokenizer, prompts, **overrides):
+    settings = {
+        "batch_size": 4,
+        "max_new_tokens": 8,
+        "max_prompt_length": 64,
+        "do_sample": False,
+        "seed": 0,
+        "show_progress": False,
+    }
+    settings.update(overrides)
+    return generate_responses(model, tokenizer, prompts, **settings)
+
+
+def _eval_args(tmp_path: Path, files: list[Path], **overrides) -> EvalArguments:
+    settings = {
+        "model_name_or_path": "tiny-gpt2",
+        "output_dir": str(tmp_path / "eval"),
+        "eval_files": [str(f) for f in files],
+        "seeds": [10, 20],
+        "max_new_tokens": 8,
+        "batch_size": 4,
+    }
+    settings.update(overrides)
+    return EvalArguments(**settings)
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+    return path
+
+
+# ------------------------------------------------------------------------------------------ metrics
+
+
+def test_rouge_l_of_reference_against_itself_is_100():
+    reference = "Virgin Australia commenced services on 31 August 2000."
+    assert rouge_l(reference, [reference]) == pytest.approx(100.0)
+
+
+def test_rouge_l_of_disjoint_texts_is_0():
+    assert rouge_l("alpha beta gamma", ["delta epsilon"]) == 0.0
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference", "expected"),
+    [
+        # LCS = 3 ("the cat sat"); P = 3/3, R = 3/6, F = 2PR/(P+R) = 2/3.
+        ("the cat sat", "the cat sat on the mat", 200 / 3),
+        # LCS = 5 ("the cat on the mat"); P = R = 5/6.
+        ("the cat sat on the mat", "the cat is on the mat", 500 / 6),
+        # LCS = 2 ("red blue"); P = 2/4, R = 2/2, F = 2/3.
+        ("red green blue yellow", "red blue", 200 / 3),
+    ],
+)
+def test_rouge_l_partial_overlap_matches_hand_computed_lcs(prediction, reference, expected):
+    assert rouge_l(prediction, [reference]) == pytest.approx(expected)
+
+
+def test_rouge_l_stems_words_like_minillm():
+    assert rouge_l("cats running", ["cat runs"]) == pytest.approx(100.0)
+
+
+def test_rouge_l_takes_the_best_reference():
+    references = ["delta epsilon", "the cat sat on the mat", "the cat"]
+    assert rouge_l("the cat sat", references) == pytest.approx(80.0)  # vs "the cat": P=2/3, R=1
+
+
+def test_metrics_reject_an_empty_reference_list():
+    with pytest.raises(ValueError, match="references"):
+        rouge_l("text", [])
+    with pytest.raises(ValueError, match="references"):
+        exact_match("text", "a bare string")
+
+
+@pytest.mark.parametrize(
+    ("prediction", "reference"),
+    [
+        ("  Paris. ", "paris"),
+        ("The   Eiffel\nTower!", "the eiffel tower"),
+        ("Yes", "yes."),
+        ("U.S.A.", "USA"),
+    ],
+)
+def test_exact_match_ignores_case_whitespace_and_punctuation(prediction, reference):
+    assert exact_match(prediction, [reference]) == 100.0
+
+
+def test_exact_match_is_0_for_different_answers_and_max_over_references():
+    assert exact_match("Paris", ["London"]) == 0.0
+    assert exact_match("Paris", ["London", "paris!"]) == 100.0
+    assert normalize_answer("  A, B;  c ") == "a b c"
+
+
+# ------------------------------------------------------------------------------------------ arguments
+
+
+def test_eval_arguments_parse_from_the_command_line_with_paper_defaults():
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(
+        ["--model_name_or_path", "m", "--output_dir", "o", "--eval_files", "a.jsonl", "b.jsonl"]
+    )
+    assert args.eval_files == ["a.jsonl", "b.jsonl"]
+    assert args.seeds == [10, 20, 30, 40, 50]
+    assert (args.do_sample, args.temperature, args.top_p, args.top_k) == (True, 1.0, 1.0, 0)
+    assert (args.no_repeat_ngram_size, args.max_new_tokens, args.max_prompt_length) == (6, 256, 256)
+    assert args.effective_seeds == [10, 20, 30, 40, 50]
+
+
+def test_greedy_evaluation_runs_a_single_seed():
+    args = EvalArguments(model_name_or_path="m", output_dir="o", eval_files=["a.jsonl"], do_sample=False)
+    assert args.effective_seeds == [10]
+
+
+@pytest.mark.parametrize(
+    ("field_name", "value"),
+    [
+        ("eval_files", []),
+        ("seeds", []),
+        ("seeds", [1, 1]),
+        ("max_eval_samples", 0),
+        ("temperature", 0.0),
+        ("top_p", 1.5),
+        ("top_k", -1),
+        ("no_repeat_ngram_size", -1),
+        ("max_new_tokens", 0),
+        ("max_prompt_length", 0),
+        ("batch_size", 0),
+        ("prompt_template", "vicuna"),
+        ("dtype", "int8"),
+    ],
+)
+def test_eval_arguments_reject_invalid_values_naming_the_field(field_name, value):
+    settings = {"model_name_or_path": "m", "output_dir": "o", "eval_files": ["a.jsonl"], field_name: value}
+    with pytest.raises(ValueError, match=f"^{field_name}:"):
+        EvalArguments(**settings)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+def test_load_eval_examples_rejects_missing_file_and_fields(tmp_path):
+    with pytest.raises(ValueError, match="eval_files: no such file"):
+        load_eval_examples(tmp_path / "missing.jsonl")
+    no_output = _write_jsonl(tmp_path / "no_output.jsonl", [{"instruction": "Say hi", "input": ""}])
+    with pytest.raises(ValueError, match=re.escape("no_output.jsonl:1: missing field `output`")):
+        load_eval_examples(no_output)
+    no_instruction = _write_jsonl(tmp_path / "no_instruction.jsonl", [{"output": "hi"}])
+    with pytest.raises(ValueError, match="missing string field `instruction`"):
+        load_eval_examples(no_instruction)
+
+
+def test_load_eval_examples_keeps_the_first_max_samples_rows(tmp_path):
+    rows = [{"instruction": f"q{i}", "output": f"a{i}"} for i in range(5)]
+    path = _write_jsonl(tmp_path / "rows.jsonl", rows)
+    assert [row["instruction"] for row in load_eval_examples(path, 3)] == ["q0", "q1", "q2"]
+
+
+def test_colliding_file_stems_get_their_folder_as_prefix():
+    names = unique_file_names(["data/dolly/valid.jsonl", "data/sinst/valid.jsonl", "x/vicuna.jsonl"])
+    assert names == ["dolly_valid", "sinst_valid", "vicuna"]
+
+
+def test_truncate_left_keeps_the_prompt_end_and_a_leading_bos():
+    assert truncate_left([1, 2, 3, 4, 5], 3) == [3, 4, 5]
+    assert truncate_left([0, 2, 3, 4, 5], 3, bos_token_id=0) == [0, 4, 5]
+    assert truncate_left([1, 2], 3, bos_token_id=0) == [1, 2]
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def test_generation_returns_one_response_per_prompt_in_the_original_order(tiny_model, tokenizer):
+    responses = _greedy(tiny_model, tokenizer, PROMPTS)
+    reversed_responses = _greedy(tiny_model, tokenizer, PROMPTS[::-1])
+    assert len(responses) == len(PROMPTS)
+    assert all(isinstance(text, str) for text in responses)
+    assert reversed_responses == responses[::-1]
+
+
+def test_greedy_generation_is_deterministic_and_batch_size_invariant(tiny_model, tokenizer):
+    batched = _greedy(tiny_model, tokenizer, PROMPTS, batch_size=4)
+    assert _greedy(tiny_model, tokenizer, PROMPTS, batch_size=4) == batched
+    assert _greedy(tiny_model, tokenizer, PROMPTS, batch_size=1) == batched
+
+
+def test_generation_leaves_tokenizer_and_training_mode_unchanged(tokenizer):
+    model = _tiny_gpt2(tokenizer)
+    assert model.config.pad_token_id is None and tokenizer.pad_token is None
+    tokenizer.padding_side = "right"
+    model.train()
+    _greedy(model, tokenizer, PROMPTS[:3])
+    assert tokenizer.padding_side == "right"
+    assert tokenizer.pad_token is None
+    assert model.training
+
+
+def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(tiny_model, tokenizer):
+    first = _greedy(tiny_model, tokenizer, PROMPTS, do_sample=True, top_k=0, seed=10)
+    again = _greedy(tiny_model, tokenizer, PROMPTS, do_sample=True, top_k=0, seed=10)
+    other = _greedy(tiny_model, tokenizer, PROMPTS, do_sample=True, top_k=0, seed=20)
+    assert first == again
+    assert first != other
+
+
+def test_long_prompts_are_left_truncated_to_max_prompt_length(tiny_model, tokenizer):
+    ending = " and then answer the question in one sentence please"
+    prompts = ["A completely different opening" + ending, "Some other start of a prompt here" + ending]
+    tail_length = len(tokenizer(ending).input_ids)
+    first, second = _greedy(tiny_model, tokenizer, prompts, max_prompt_length=tail_length)
+    assert first == second
+
+
+# ------------------------------------------------------------------------------------------ files
+
+
+def _real_eval_files(tmp_path: Path) -> list[Path]:
+    """4 real Dolly rows and 4 real S-NI rows copied into tmp_path."""
+    files = []
+    for source in (_require(DOLLY_TEST), _require(SINST_TEST)):
+        lines = source.read_text(encoding="utf-8").splitlines()[:4]
+        target = tmp_path / source.name
+        target.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        files.append(target)
+    return files
+
+
+def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, tokenizer):
+    files = _real_eval_files(tmp_path)
+    args = _eval_args(tmp_path, files)
+    report = evaluate_files(tiny_model, tokenizer, args)
+
+    output_dir = Path(args.output_dir)
+    assert json.loads((output_dir / "report.json").read_text()) == report
+    assert report["model"] == "tiny-gpt2"
+    assert report["protocol"]["seeds"] == [10, 20]
+    assert report["protocol"]["top_k"] == 0
+    assert [entry["name"] for entry in report["results"]] == ["test_500", "test_11_1694"]
+    for entry, path in zip(report["results"], files):
+        assert entry["file"] == str(path)
+        assert entry["num_examples"] == 4
+        for metric in ("rougeL", "exact_match"):
+            block = entry[metric]
+            assert set(block) == {"mean", "std", "per_seed"}
+            assert len(block["per_seed"]) == 2
+            assert 0.0 <= block["mean"] <= 100.0 and block["std"] >= 0.0
+        lines = (output_dir / f"{entry['name']}.generations.jsonl").read_text().splitlines()
+        records = [json.loads(line) for line in lines]
+        assert len(records) == 4 * 2
+        assert {r["seed"] for r in records} == {10, 20}
+        expected_keys = {"instruction", "input", "prompt", "references", "seed", "generation"}
+        assert expected_keys | {"rougeL", "exact_match"} == set(records[0])
+        assert records[0]["prompt"].endswith("### Response:\n")
+    sinst_refs = [json.loads(line)["outputs"] for line in files[1].read_text().splitlines()]
+    sinst_records = [json.loads(line) for line in (output_dir / "test_11_1694.generations.jsonl").open()]
+    assert [r["references"] for r in sinst_records[:4]] == sinst_refs
+    assert not list(output_dir.glob("*.tmp"))
+
+
+def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer):
+    files = _real_eval_files(tmp_path)[:1]
+    report = evaluate_files(tiny_model, tokenizer, _eval_args(tmp_path, files, do_sample=False))
+    rouge = report["results"][0]["rougeL"]
+    assert len(rouge["per_seed"]) == 1 and rouge["std"] == 0.0
+
+
+def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, tiny_model, tokenizer):
+    files = _real_eval_files(tmp_path)[:1]
+    args = _eval_args(tmp_path, files, do_sample=False, max_eval_samples=2)
+    report_path = Path(args.output_dir) / "report.json"
+    report_path.parent.mkdir(parents=True)
+    report_path.write_text("{}")
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        evaluate_files(tiny_model, tokenizer, args)
+    with pytest.raises(ValueError, match="overwrite_output_dir"):
+        run_evaluation(args)  # refuses before trying to load the (nonexistent) model
+    assert report_path.read_text() == "{}"
+    args.overwrite_output_dir = True
+    evaluate_files(tiny_model, tokenizer, args)
+    assert json.loads(report_path.read_text())["results"][0]["num_examples"] == 2
+
+
+def test_command_line_evaluation_loads_a_saved_model_and_tokenizer(tmp_path, tiny_model, tokenizer):
+    files = _real_eval_files(tmp_path)[:1]
+    model_dir = tmp_path / "model"
+    tiny_model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    argv = ["--model_name_or_path", str(model_dir), "--output_dir", str(tmp_path / "cli")]
+    argv += [
+        "--eval_files",
+        str(files[0]),
+        "--no_do_sample",
+        "--max_eval_samples",
+        "2",
+        "--max_new_tokens",
+        "8",
+    ]
+    report = main(argv)
+    assert report["model"] == str(model_dir)
+    assert report["results"][0]["num_examples"] == 2
+    assert (tmp_path / "cli" / "report.json").is_file()
+
+
+# ------------------------------------------------------------------------------------------ callback
+
+
+class _TokenizedRows(torch.utils.data.Dataset):
+    """Fixed-length causal-LM rows built from real Dolly examples."""
+
+    def __init__(self, tokenizer, examples, length=32):
+        self.rows = []
+        for example in examples:
+            ids = tokenizer(example["instruction"] + "\n" + example["output"]).input_ids[:length]
+            pad = length - len(ids)
+            self.rows.append(
+                {
+                    "input_ids": torch.tensor(ids + [tokenizer.eos_token_id] * pad),
+                    "attention_mask": torch.tensor([1] * len(ids) + [0] * pad),
+                    "labels": torch.tensor(ids + [IGNORE_INDEX] * pad),
+                }
+            )
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, index):
+        return self.rows[index]
+
+
+def test_rouge_callback_drives_best_checkpoint_selection_in_trainer(tmp_path, tokenizer):
+    from transformers import Trainer, TrainingArguments
+
+    examples = load_eval_examples(_require(DOLLY_TEST), 12)
+    callback = RougeEvalCallback(tokenizer, examples[8:], num_samples=3, max_new_tokens=8, batch_size=4)
+    training_args = TrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        logging_steps=1,
+        metric_for_best_model="eval_rougeL",
+        load_best_model_at_end=True,
+        report_to="none",
+        use_cpu=True,
+        learning_rate=1e-3,
+    )
+    trainer = Trainer(
+        model=_tiny_gpt2(tokenizer),
+        args=training_args,
+        train_dataset=_TokenizedRows(tokenizer, examples[:8]),
+        eval_dataset=_TokenizedRows(tokenizer, examples[8:]),
+        callbacks=[callback],
+    )
+    trainer.train()
+
+    eval_logs = [entry for entry in trainer.state.log_history if "eval_loss" in entry]
+    assert len(eval_logs) == 2
+    assert all("eval_rougeL" in entry and "eval_exact_match" in entry for entry in eval_logs)
+    assert trainer.state.best_metric == max(entry["eval_rougeL"] for entry in eval_logs)
+    assert trainer.state.best_model_checkpoint is not None
+
+    metrics = trainer.evaluate()
+    assert 0.0 <= metrics["eval_rougeL"] <= 100.0
+    assert "eval_exact_match" in metrics
+
+
+def test_rouge_callback_reads_a_jsonl_path_and_limits_samples(tokenizer):
+    callback = RougeEvalCallback(tokenizer, _require(SINST_TEST), num_samples=5)
+    assert len(callback.prompts) == 5
+    assert callback.references[0] == json.loads(SINST_TEST.open().readline())["outputs"]
