@@ -76,7 +76,9 @@ def parse_command(dataclass_types: Sequence[type], argv: Sequence[str], prog: st
     file_argv: list[str] = []
     if argv and not argv[0].startswith("-"):
         if not argv[0].endswith(CONFIG_SUFFIXES):
-            raise CommandLineError(f"{argv[0]!r} is not a config file: give a .yaml, .yml or .json file, or only --flags.")
+            raise CommandLineError(
+                f"{argv[0]!r} is not a config file: give a .yaml, .yml or .json file, or only --flags."
+            )
         file_argv = config_to_argv(read_config_file(argv.pop(0)))
     parser = _Parser(list(dataclass_types), prog=prog)
     parsed = parser.parse_args_into_dataclasses(args=file_argv + argv, return_remaining_strings=True)
@@ -127,7 +129,9 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "train": Command(_train, "distil (or SFT) a student: distillens train [CONFIG] --model_name_or_path S ..."),
+    "train": Command(
+        _train, "distil (or SFT) a student: distillens train [CONFIG] --model_name_or_path S ..."
+    ),
     "eval": Command(_eval, "generate and score ROUGE-L / exact match on instruction JSONL files"),
     "demo": Command(_demo, "offline end-to-end demo on the built-in task suite"),
 }
@@ -147,7 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if argv else USAGE_ERROR
     name, rest = argv[0], argv[1:]
     if name not in COMMANDS:
-        print(f"distillens: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+        print(
+            f"distillens: error: unknown command {name!r}; choose one of {', '.join(COMMANDS)}.",
+            file=sys.stderr,
+        )
         return USAGE_ERROR
     try:
         return COMMANDS[name].run(rest)
@@ -158,7 +165,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"distillens {name}: error: {_one_line(error)}", file=sys.stderr)
         return RUN_ERROR
     except KeyboardInterrupt:
-        print(f"distillens {name}: interrupted; completed checkpoints are kept in the output directory.", file=sys.stderr)
+        print(
+            f"distillens {name}: interrupted; completed checkpoints are kept in the output directory.",
+            file=sys.stderr,
+        )
         return 130
 
 

@@ -33,13 +33,20 @@ class ModelArguments:
     )
     model_dtype: str = field(
         default="auto",
-        metadata={"help": "dtype the student is loaded in (auto = the checkpoint's).", "choices": list(_DTYPES)},
+        metadata={
+            "help": "dtype the student is loaded in (auto = the checkpoint's).",
+            "choices": list(_DTYPES),
+        },
     )
     attn_implementation: str | None = field(
         default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2."}
     )
-    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modelling code from the hub."})
-    use_peft: bool = field(default=False, metadata={"help": "Train a LoRA adapter instead of the whole student."})
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub."}
+    )
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter instead of the whole student."}
+    )
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
@@ -47,7 +54,8 @@ class ModelArguments:
         default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture)."}
     )
     overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Allow training into a non-empty output_dir (its files may be replaced)."}
+        default=False,
+        metadata={"help": "Allow training into a non-empty output_dir (its files may be replaced)."},
     )
 
     def __post_init__(self) -> None:
@@ -72,18 +80,25 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
 def write_json_atomic(path: Path, payload: Any) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
+    with tempfile.NamedTemporaryFile(
+        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
+    ) as handle:
         json.dump(payload, handle, indent=2, default=str)
     os.replace(handle.name, path)
 
 
-def resolved_config(model_args: ModelArguments, data_args: DataArguments, training_args: DistillLensConfig) -> dict:
+def resolved_config(
+    model_args: ModelArguments, data_args: DataArguments, training_args: DistillLensConfig
+) -> dict:
     return {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
 
 
 def load_student(model_args: ModelArguments) -> PreTrainedModel:
     """The student causal LM, optionally wrapped with a LoRA adapter."""
-    kwargs: dict[str, Any] = {"dtype": _DTYPES[model_args.model_dtype], "trust_remote_code": model_args.trust_remote_code}
+    kwargs: dict[str, Any] = {
+        "dtype": _DTYPES[model_args.model_dtype],
+        "trust_remote_code": model_args.trust_remote_code,
+    }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
     try:
@@ -97,7 +112,9 @@ def load_student(model_args: ModelArguments) -> PreTrainedModel:
         try:
             import peft
         except ImportError as error:
-            raise ValueError("use_peft needs the peft package: pip install 'distillens-trainer[peft]'.") from error
+            raise ValueError(
+                "use_peft needs the peft package: pip install 'distillens-trainer[peft]'."
+            ) from error
         lora = peft.LoraConfig(
             r=model_args.lora_r,
             lora_alpha=model_args.lora_alpha,
@@ -128,7 +145,9 @@ def run_training(
     callbacks: list | None = None,
 ) -> DistillLensTrainer:
     """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``."""
-    check_output_dir(training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint)
+    check_output_dir(
+        training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint
+    )
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
     )
@@ -148,7 +167,8 @@ def run_training(
     )
     if trainer.is_world_process_zero():
         write_json_atomic(
-            Path(training_args.output_dir) / RESOLVED_CONFIG_NAME, resolved_config(model_args, data_args, training_args)
+            Path(training_args.output_dir) / RESOLVED_CONFIG_NAME,
+            resolved_config(model_args, data_args, training_args),
         )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
