@@ -257,6 +257,9 @@ def _load_file(path: Path) -> datasets.Dataset:
             f"Unsupported data file extension {path.suffix!r} for {str(path)!r}; use one of {supported} "
             "or a datasets.save_to_disk folder."
         )
+    size = path.stat().st_size
+    if size == 0 or (size < 4096 and not path.read_bytes().strip()):
+        raise ValueError(f"Data file {str(path)!r} is empty: give a file with at least one example.")
     options: dict[str, Any] = {"keep_default_na": False} if builder == "csv" else {}
     return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
 

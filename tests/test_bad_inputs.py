@@ -1,0 +1,143 @@
+"""Every bad input in docs/errors.md: one clear line, a non-zero exit, and nothing on disk lost.
+
+The command line is driven in-process (``distillens_trainer.cli.main``) on tiny local models.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from conftest import tiny_llama
+
+from distillens_trainer.cli import main
+from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+
+SENTINEL = "checkpoint-7/model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    examples = generate_examples(40, seed=0)
+    tokenizer = train_suite_tokenizer([format_example(e) for e in examples], vocab_size=300)
+    other_tokenizer = train_suite_tokenizer([format_example(e) for e in generate_examples(40, seed=1)], 290)
+    vocab = len(tokenizer)
+    models = {
+        "student": (tiny_llama(num_layers=2, vocab=vocab, seed=1), tokenizer),
+        "teacher": (tiny_llama(num_layers=4, vocab=vocab, seed=2), tokenizer),
+        "teacher_padded": (tiny_llama(num_layers=4, vocab=vocab + 16, seed=2), tokenizer),
+        "teacher_other_tokenizer": (
+            tiny_llama(num_layers=4, vocab=len(other_tokenizer), seed=2),
+            other_tokenizer,
+        ),
+    }
+    for name, (model, model_tokenizer) in models.items():
+        model.save_pretrained(root / name)
+        model_tokenizer.save_pretrained(root / name)
+    rows = [{"instruction": e["instruction"], "input": e["input"], "output": e["output"]} for e in examples]
+    (root / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (root / "empty.jsonl").write_text("")
+    (root / "no_output.jsonl").write_text(json.dumps({"instruction": "hi", "answer": "x"}) + "\n")
+    (root / "broken.yaml").write_text("learning_rate: [1e-4\n")
+    previous_run = root / "previous_run"
+    (previous_run / "checkpoint-7").mkdir(parents=True)
+    (previous_run / SENTINEL).write_bytes(b"weights")
+    return root
+
+
+def _argv(
+    root: Path, output_dir: Path, *extra: str, teacher: str | None = "teacher", data: str = "train.jsonl"
+):
+    argv = [
+        "train", "--model_name_or_path", str(root / "student"), "--train_file", str(root / data),
+        "--output_dir", str(output_dir), "--max_steps", "1", "--per_device_train_batch_size", "2",
+        "--max_length", "256", "--max_prompt_length", "200", "--lens_num_layers", "1", "--report_to", "none",
+        "--use_cpu", "true", "--save_strategy", "no",
+    ]  # fmt: skip
+    if teacher:
+        argv += ["--teacher_model_name_or_path", str(root / teacher)]
+    return argv + list(extra)
+
+
+# (id, extra arguments, keyword overrides of _argv, exit code, words the one-line error must contain)
+CASES = [
+    (
+        "layer_index_0",
+        ["--lens_student_layers", "0", "--lens_teacher_layers", "1"],
+        {},
+        1,
+        "lens_student_layers",
+    ),
+    ("layer_index_too_deep", ["--lens_student_layers", "3", "--lens_teacher_layers", "1"], {}, 1, "1..2"),
+    (
+        "mismatched_layer_lists",
+        ["--lens_student_layers", "1", "--lens_teacher_layers", "1", "2"],
+        {},
+        1,
+        "one teacher layer per",
+    ),
+    ("student_too_shallow", ["--lens_num_layers", "5"], {}, 1, "too shallow"),
+    ("different_tokenizers", [], {"teacher": "teacher_other_tokenizer"}, 1, "different tokenizers"),
+    ("missing_teacher", [], {"teacher": None}, 1, "need a teacher"),
+    ("teacher_not_found", [], {"teacher": "no_such_teacher"}, 1, "teacher_model_name_or_path"),
+    ("unknown_divergence", ["--lens_divergence", "kl"], {}, 2, "invalid choice"),
+    ("negative_weight", ["--kd_weight", "-1"], {}, 1, "kd_weight"),
+    ("temperature_zero", ["--temperature", "0"], {}, 1, "temperature"),
+    ("jsd_beta_out_of_range", ["--jsd_beta", "1.5"], {}, 1, "jsd_beta"),
+    ("all_weights_zero", ["--kd_weight", "0", "--lens_weight", "0"], {}, 1, "all 0"),
+    ("empty_dataset", [], {"data": "empty.jsonl"}, 1, "empty"),
+    ("missing_train_file", [], {"data": "nowhere.jsonl"}, 1, "nowhere.jsonl"),
+    ("missing_columns", [], {"data": "no_output.jsonl"}, 1, "column"),
+    ("every_prompt_too_long", ["--max_length", "12", "--max_prompt_length", "8"], {}, 1, "max_prompt_length"),
+    ("prompt_limit_not_below_max_length", ["--max_prompt_length", "256"], {}, 1, "max_prompt_length"),
+    ("unknown_flag", ["--lens_layers", "3"], {}, 2, "unknown arguments"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "overrides", "code", "words"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_input_is_one_line_and_nonzero_and_writes_nothing(
+    workspace, tmp_path, capsys, extra, overrides, code, words
+):
+    output_dir = tmp_path / "run"
+    assert main(_argv(workspace, output_dir, *extra, **overrides)) == code
+    stderr = capsys.readouterr().err.strip().splitlines()  # progress bars may precede the error
+    errors = [line for line in stderr if line.startswith("distillens train: error:")]
+    assert len(errors) == 1 and stderr[-1] == errors[0], stderr
+    assert words in errors[0], errors[0]
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
+def test_an_unreadable_config_file_is_refused(workspace, capsys):
+    assert main(["train", str(workspace / "broken.yaml")]) == 2
+    assert "could not be read" in capsys.readouterr().err
+
+
+def test_a_non_empty_output_dir_is_refused_and_kept(workspace, capsys):
+    assert main(_argv(workspace, workspace / "previous_run")) == 1
+    assert "--overwrite_output_dir" in capsys.readouterr().err
+    assert (workspace / "previous_run" / SENTINEL).read_bytes() == b"weights"
+
+
+def test_a_failing_run_into_an_existing_output_dir_keeps_its_checkpoint(workspace, capsys):
+    argv = _argv(
+        workspace, workspace / "previous_run", "--overwrite_output_dir", "true", "--lens_num_layers", "9"
+    )
+    assert main(argv) == 1
+    assert "too shallow" in capsys.readouterr().err
+    assert (workspace / "previous_run" / SENTINEL).read_bytes() == b"weights"
+    assert sorted(p.name for p in (workspace / "previous_run").iterdir()) == ["checkpoint-7"]
+
+
+def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
+    assert main(_argv(workspace, tmp_path / "run", teacher="teacher_padded")) == 0, capsys.readouterr().err
+    student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run")
+    assert student.get_output_embeddings().weight.shape[0] == len(
+        transformers.AutoTokenizer.from_pretrained(workspace / "student")
+    )
+    assert torch.isfinite(student.get_output_embeddings().weight).all()
