@@ -352,3 +352,17 @@ def test_feature_baseline_trains_its_projection_and_saves_it(tmp_path):
     )
     for name, value in trainer.feature_projector.state_dict().items():
         torch.testing.assert_close(saved[name], value)
+
+
+def test_a_lora_student_trains_only_its_adapters(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama(num_layers=3, hidden=32, seed=1)
+    student = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    frozen_before = {n: p.detach().clone() for n, p in student.named_parameters() if not p.requires_grad}
+    trainer = _trainer(tmp_path, student=student, max_steps=3, learning_rate=1e-2)
+    trainer.train()
+    assert "lens_loss" in trainer.state.log_history[0]
+    for name, parameter in student.named_parameters():
+        if name in frozen_before:
+            torch.testing.assert_close(parameter, frozen_before[name])
+    assert any("lora" in n and p.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)

@@ -288,6 +288,11 @@ class DistillLensTrainer(Trainer):
         self._eval_tokens.zero_()
         return {f"{prefix}_{name}": value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
 
+    def train(self, *args: Any, **kwargs: Any):
+        self._train_term_totals.clear()  # terms of an earlier, unlogged tail must not leak into this run
+        self._train_steps_seen.clear()
+        return super().train(*args, **kwargs)
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
             logs.update(self._pop_train_terms())
