@@ -1,0 +1,253 @@
+"""Placing the frozen teacher for multi-process training: replicated, or sharded with DeepSpeed ZeRO-3.
+
+* DeepSpeed ZeRO-3: the teacher becomes a DeepSpeed engine of its own, with its parameters partitioned
+  across the data-parallel ranks like the student's, and no optimizer. Its forward (and the logit lens,
+  which calls the final norm and the LM head as modules) gathers each module's weights on the fly, so
+  every rank must run the teacher in lockstep, which it does: every rank computes the loss.
+* DeepSpeed ZeRO-1/2, DDP, a single process: every rank holds a full, frozen copy in eval mode, on its
+  device, in the resolved teacher dtype (ZeRO-1/2 shard only optimizer states and gradients, which a
+  frozen teacher does not have).
+* FSDP: refused; shard a large teacher with DeepSpeed ZeRO-3 instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import torch
+from torch import nn
+
+from .teacher import freeze, resolve_teacher_dtype
+
+logger = logging.getLogger(__name__)
+
+_HIDDEN_SIZE_KEYS: tuple[str, ...] = (
+    "reduce_bucket_size",
+    "stage3_prefetch_bucket_size",
+    "stage3_param_persistence_threshold",
+)
+
+
+# --------------------------------------------------------------------------------------------- detection
+def _deepspeed_plugin(accelerator: Any) -> Any | None:
+    state = getattr(accelerator, "state", None)
+    return getattr(state, "deepspeed_plugin", None) if state is not None else None
+
+
+def is_fsdp_enabled(trainer_args: Any, accelerator: Any) -> bool:
+    """True when the run shards the student with FSDP (Trainer arguments or an accelerate FSDP config)."""
+    if getattr(accelerator, "is_fsdp2", False):
+        return True
+    state = getattr(accelerator, "state", None)
+    if state is not None and getattr(state, "fsdp_plugin", None) is not None:
+        return True
+    distributed_type = getattr(accelerator, "distributed_type", None)
+    if distributed_type is not None and str(getattr(distributed_type, "value", distributed_type)) == "FSDP":
+        return True
+    fsdp = getattr(trainer_args, "fsdp", None)
+    return bool(fsdp) and fsdp not in ("", [], "False", "false")
+
+
+def deepspeed_config_of(accelerator: Any) -> dict[str, Any] | None:
+    """The run's DeepSpeed config (dict), from the accelerator's plugin or HF's global one; None without DeepSpeed."""
+    plugin = _deepspeed_plugin(accelerator)
+    if plugin is not None:
+        return plugin.deepspeed_config
+    if accelerator is not None:  # an accelerator without a DeepSpeed plugin: DeepSpeed is off for this run
+        return None
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    return deepspeed_config()
+
+
+def is_zero3_enabled(accelerator: Any) -> bool:
+    """True when the run partitions parameters with DeepSpeed ZeRO stage 3."""
+    plugin = _deepspeed_plugin(accelerator)
+    if plugin is not None:
+        return int(plugin.zero_stage) == 3
+    if accelerator is not None:
+        return False
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return bool(is_deepspeed_zero3_enabled())
+
+
+def is_partitioned(module: nn.Module) -> bool:
+    """True when some parameter of ``module`` is a ZeRO-3 partitioned parameter."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
+
+
+# --------------------------------------------------------------------------------------------- ZeRO-3 config
+def _hidden_size(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    hidden_sizes = getattr(config, "hidden_sizes", None)
+    if hidden_sizes:
+        return int(max(hidden_sizes))
+    hidden_size = getattr(config, "hidden_size", None)
+    return int(hidden_size) if isinstance(hidden_size, int) else None
+
+
+def _is_auto(value: Any) -> bool:
+    return isinstance(value, str) and value == "auto"
+
+
+def _drop_auto(config: dict[str, Any]) -> dict[str, Any]:
+    """Remove every key still set to "auto" (DeepSpeed then uses its default)."""
+    out = {}
+    for key, value in config.items():
+        if _is_auto(value):
+            continue
+        out[key] = _drop_auto(value) if isinstance(value, dict) else value
+    return out
+
+
+def teacher_zero3_config(
+    ds_config: dict[str, Any],
+    teacher: nn.Module,
+    dtype: torch.dtype | None,
+    *,
+    micro_batch_size: int = 1,
+    gradient_accumulation_steps: int = 1,
+    world_size: int = 1,
+) -> dict[str, Any]:
+    """An inference-only ZeRO-3 config for the teacher, derived from the training run's config.
+
+    A deep copy: the student's config is never modified. The optimizer and scheduler are removed, the
+    stage stays 3, ``"auto"`` bucket sizes are filled from the teacher's hidden size as the HF Trainer
+    does for the student (``reduce_bucket_size`` h², ``stage3_prefetch_bucket_size`` 0.9·h²,
+    ``stage3_param_persistence_threshold`` 10·h; explicit values are kept), and bf16/fp16 are enabled
+    to match ``dtype`` so DeepSpeed keeps the teacher in its dtype. Values still ``"auto"`` are dropped.
+    """
+    config = copy.deepcopy(ds_config)
+    for key in ("optimizer", "scheduler"):
+        config.pop(key, None)
+    zero = config.setdefault("zero_optimization", {})
+    zero["stage"] = 3
+    hidden_size = _hidden_size(teacher)
+    if hidden_size is not None:
+        defaults = {
+            "reduce_bucket_size": hidden_size * hidden_size,
+            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+            "stage3_param_persistence_threshold": 10 * hidden_size,
+        }
+        for key in _HIDDEN_SIZE_KEYS:
+            if _is_auto(zero.get(key)):
+                zero[key] = defaults[key]
+    # Batch sizes are only checked by DeepSpeed (there is no optimizer step); make them consistent.
+    if _is_auto(config.get("train_micro_batch_size_per_gpu")):
+        config["train_micro_batch_size_per_gpu"] = micro_batch_size
+    if _is_auto(config.get("gradient_accumulation_steps")):
+        config["gradient_accumulation_steps"] = gradient_accumulation_steps
+    if _is_auto(config.get("train_batch_size")):
+        config["train_batch_size"] = (
+            int(config["train_micro_batch_size_per_gpu"])
+            * int(config["gradient_accumulation_steps"])
+            * world_size
+        )
+    if dtype is not None:
+        for key, enabled in (("bf16", dtype == torch.bfloat16), ("fp16", dtype == torch.float16)):
+            section = config.get(key)
+            config[key] = {**(section if isinstance(section, dict) else {}), "enabled": enabled}
+    return _drop_auto(config)
+
+
+def _param_dtype(module: nn.Module) -> torch.dtype | None:
+    for param in module.parameters():
+        if param.is_floating_point():
+            return param.dtype
+    return None
+
+
+def wrap_teacher_zero3(
+    teacher: nn.Module, ds_config: dict[str, Any], dtype: torch.dtype | None, trainer_args: Any
+) -> nn.Module:
+    """The frozen teacher as a ZeRO-3 DeepSpeed engine (partitioned parameters, no optimizer), in eval mode."""
+    import deepspeed
+
+    teacher = freeze(teacher)
+    # Loaded under zero.Init (from_pretrained while ZeRO-3 is on): already sharded, in zero.Init's dtype.
+    if is_partitioned(teacher):
+        current = _param_dtype(teacher)
+        if dtype is not None and current is not None and current != dtype:
+            logger.warning(
+                "The teacher was created already partitioned by ZeRO-3 in %s; teacher_dtype asks for %s, which "
+                "cannot be applied to partitioned weights. Its weights stay in %s.",
+                current,
+                dtype,
+                current,
+            )
+        dtype = current
+    elif dtype is not None:
+        teacher = teacher.to(dtype=dtype)
+    else:
+        dtype = _param_dtype(teacher)
+    config = teacher_zero3_config(
+        ds_config,
+        teacher,
+        dtype,
+        micro_batch_size=getattr(trainer_args, "per_device_train_batch_size", 1),
+        gradient_accumulation_steps=getattr(trainer_args, "gradient_accumulation_steps", 1),
+        world_size=getattr(trainer_args, "world_size", 1),
+    )
+    engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    engine.eval()
+    return engine
+
+
+# --------------------------------------------------------------------------------------------- entry point
+def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = None) -> nn.Module:
+    """The frozen teacher, placed for this run.
+
+    Args:
+        teacher: the teacher causal LM (possibly already partitioned by ``deepspeed.zero.Init``).
+        trainer_args: the ``DistillLensConfig`` (``teacher_dtype``, ``bf16``, ``fp16``, ``device``, ``fsdp``).
+        accelerator: the Trainer's ``Accelerator`` (None: read HF's global DeepSpeed config).
+    Returns:
+        Under ZeRO-3, a DeepSpeed engine wrapping the teacher (``.module`` is the model), partitioned across
+        ranks, with no optimizer, in eval mode. Otherwise the teacher itself, frozen, in eval mode, on
+        ``trainer_args.device`` and in the resolved teacher dtype.
+    """
+    if is_fsdp_enabled(trainer_args, accelerator):
+        raise ValueError(
+            "DistillLensTrainer does not support FSDP: the teacher would be a full copy on every rank; use "
+            "DeepSpeed ZeRO-3 (e.g. --deepspeed examples/deepspeed/zero3.json) to shard the teacher and the student."
+        )
+    dtype = resolve_teacher_dtype(
+        getattr(trainer_args, "teacher_dtype", "auto"),
+        bf16=bool(getattr(trainer_args, "bf16", False)),
+        fp16=bool(getattr(trainer_args, "fp16", False)),
+    )
+    if is_zero3_enabled(accelerator):
+        ds_config = deepspeed_config_of(accelerator)
+        if ds_config is None:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 is enabled but its config could not be found on the accelerator."
+            )
+        return wrap_teacher_zero3(teacher, ds_config, dtype, trainer_args)
+    if is_partitioned(teacher):
+        raise ValueError(
+            "the teacher's weights are partitioned by DeepSpeed ZeRO-3 (created under zero.Init) but this run does "
+            "not use ZeRO-3: load the teacher outside ZeRO-3, or train with a ZeRO-3 DeepSpeed config."
+        )
+    teacher = freeze(teacher)
+    device = getattr(trainer_args, "device", None)
+    if dtype is not None:
+        return teacher.to(device=device, dtype=dtype)
+    return teacher.to(device) if device is not None else teacher
+
+
+__all__ = [
+    "deepspeed_config_of",
+    "is_fsdp_enabled",
+    "is_partitioned",
+    "is_zero3_enabled",
+    "prepare_teacher",
+    "teacher_zero3_config",
+    "wrap_teacher_zero3",
+]
