@@ -157,6 +157,12 @@ def teacher_zero3_config(
     return _drop_auto(config)
 
 
+def _is_main_process() -> bool:
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized()) or (
+        torch.distributed.get_rank() == 0
+    )
+
+
 def _param_dtype(module: nn.Module) -> torch.dtype | None:
     for param in module.parameters():
         if param.is_floating_point():
@@ -174,13 +180,15 @@ def wrap_teacher_zero3(
     # Loaded under zero.Init (from_pretrained while ZeRO-3 is on): already sharded, in zero.Init's dtype.
     if is_partitioned(teacher):
         current = _param_dtype(teacher)
-        if dtype is not None and current is not None and current != dtype:
+        if dtype is not None and current is not None and current != dtype and _is_main_process():
             logger.warning(
-                "The teacher was created already partitioned by ZeRO-3 in %s; teacher_dtype asks for %s, which "
-                "cannot be applied to partitioned weights. Its weights stay in %s.",
-                current,
+                "teacher_dtype %s is not applied under ZeRO-3: the teacher was loaded already partitioned "
+                "(zero.Init) in %s, the DeepSpeed config's precision, and runs in %s. Pass a teacher model "
+                "loaded in %s before the training arguments to keep that dtype.",
                 dtype,
                 current,
+                current,
+                dtype,
             )
         dtype = current
     elif dtype is not None:

@@ -1,0 +1,366 @@
+"""Tiny deterministic DistillLens run, launched by tests/test_distributed.py (torchrun) or imported.
+
+    python tests/distributed/train_tiny.py make-models MODELS_DIR
+    torchrun --nproc_per_node 2 tests/distributed/train_tiny.py train --models MODELS_DIR --out OUT \
+        --deepspeed examples/deepspeed/zero3.json --per-device-batch 2 --steps 4 --evaluate --rouge
+
+``train`` trains the student for ``--steps`` optimizer steps with the logit lens on, then writes
+``OUT/result.json`` (rank 0): the per-step training losses from ``log_history``, evaluation metrics,
+and under ZeRO-3 numerical checks that the logit lens gathers the partitioned norm and head weights.
+It also saves the student to ``OUT/student`` and the student's logits on a fixed probe batch to
+``OUT/probe_logits.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+HIDDEN_SIZE = 32
+TEACHER_LAYERS = 4
+STUDENT_LAYERS = 3
+NUM_WORDS = 60  # vocabulary: 4 special tokens + w0..w59
+SEQ_LEN = 16
+NUM_TRAIN = 32
+NUM_EVAL = 6
+LENS_STUDENT_LAYERS = [1, 2, 3]  # teacher layers follow proportionally: 1, 2, 4
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+# --------------------------------------------------------------------------------------------- CPU shims
+def enable_deepspeed_on_cpu() -> None:
+    """Let accelerate + DeepSpeed run several CPU processes (gloo); a no-op on a machine with CUDA.
+
+    On a CPU-only machine accelerate's ``PartialState`` finds no device backend for a DeepSpeed run,
+    initialises DeepSpeed's process group but then reports ``num_processes == 1`` on every rank (so HF
+    computes ``train_batch_size`` for one process and every rank believes it is the main one). Choosing
+    gloo, as accelerate does for multi-CPU runs, gives the real world size. DeepSpeed's optional
+    shared-memory all-reduce kernel is also skipped: it is JIT-compiled (minutes) on first use and gloo
+    does the same reduction.
+    """
+    if torch.cuda.is_available():
+        return
+    from accelerate.state import PartialState
+    from accelerate.utils import DistributedType
+
+    original = PartialState._prepare_backend
+    if getattr(original, "_distillens_cpu_shim", False):
+        return
+
+    def _prepare_backend(self, cpu=False, sagemaker_dp=False, backend=None):
+        chosen, distributed_type = original(self, cpu, sagemaker_dp, backend)
+        if chosen is None and int(os.environ.get("LOCAL_RANK", -1)) != -1:
+            return "gloo", DistributedType.MULTI_CPU
+        return chosen, distributed_type
+
+    _prepare_backend._distillens_cpu_shim = True
+    PartialState._prepare_backend = _prepare_backend
+    try:  # by module name: the package attribute deepspeed.comm.torch can be torch itself
+        deepspeed_torch_comm = importlib.import_module("deepspeed.comm.torch")
+    except ImportError:
+        return
+    if hasattr(deepspeed_torch_comm, "build_shm_op"):
+        deepspeed_torch_comm.build_shm_op = lambda: None
+
+
+# --------------------------------------------------------------------------------------------- models, data
+def build_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    vocab.update({f"w{i}": len(SPECIAL_TOKENS) + i for i in range(NUM_WORDS)})
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def _llama(num_layers: int, tie_word_embeddings: bool, seed: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(SPECIAL_TOKENS) + NUM_WORDS,
+        hidden_size=HIDDEN_SIZE,
+        intermediate_size=64,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,  # peaked distributions, so the KD and lens terms are far from zero
+        tie_word_embeddings=tie_word_embeddings,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # non-trivial norm weights, so a lens that skipped the norm would be caught
+        for module in model.modules():
+            if type(module).__name__.endswith("RMSNorm"):
+                module.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def make_models(models_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
+    """Save a 4-layer teacher (untied head) and a 3-layer student (tied head), with a tokenizer, once."""
+    models_dir = Path(models_dir)
+    tokenizer = build_tokenizer()
+    paths = []
+    for name, layers, tied, seed in (
+        ("teacher", TEACHER_LAYERS, False, 1),
+        ("student", STUDENT_LAYERS, True, 2),
+    ):
+        path = models_dir / name
+        if not (path / "config.json").exists():
+            _llama(layers, tied, seed).save_pretrained(path)
+            tokenizer.save_pretrained(path)
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    """Fixed-length sequences: BOS, a prompt (labels -100), a response, then right padding (labels -100)."""
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.rows: list[dict[str, torch.Tensor]] = []
+        for _ in range(num_samples):
+            length = int(torch.randint(SEQ_LEN // 2, SEQ_LEN + 1, (1,), generator=generator))
+            prompt = int(torch.randint(2, length // 2 + 1, (1,), generator=generator))
+            ids = torch.randint(
+                len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + NUM_WORDS, (length,), generator=generator
+            )
+            ids[0] = 1
+            input_ids = torch.zeros(SEQ_LEN, dtype=torch.long)
+            input_ids[:length] = ids
+            attention_mask = torch.zeros(SEQ_LEN, dtype=torch.long)
+            attention_mask[:length] = 1
+            labels = input_ids.clone()
+            labels[:prompt] = -100
+            labels[length:] = -100
+            self.rows.append({"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels})
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.rows[index]
+
+
+def probe_batch() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(123)
+    return torch.randint(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + NUM_WORDS, (2, 10), generator=generator)
+
+
+def rouge_examples() -> list[dict[str, str]]:
+    return [{"instruction": f"w{i} w{i + 1} w{i + 2}", "output": f"w{i + 3} w{i + 4}"} for i in range(3)]
+
+
+def training_config(out: str | os.PathLike[str], **overrides: Any):
+    """The DistillLensConfig shared by every run (overrides on top)."""
+    from distillens_trainer import DistillLensConfig
+
+    settings: dict[str, Any] = {
+        "output_dir": str(out),
+        "max_steps": 4,
+        "per_device_train_batch_size": 4,
+        "per_device_eval_batch_size": 3,
+        "learning_rate": 3e-3,
+        "warmup_steps": 0,
+        "lr_scheduler_type": "linear",
+        "weight_decay": 0.0,
+        "logging_steps": 1,
+        "save_strategy": "no",
+        "report_to": [],
+        "seed": 0,
+        "data_seed": 0,
+        "disable_tqdm": True,
+        "dataloader_num_workers": 0,
+        "ce_weight": 0.1,
+        "kd_weight": 1.0,
+        "lens_weight": 1.0,
+        "lens_student_layers": LENS_STUDENT_LAYERS,
+    }
+    settings.update(overrides)
+    return DistillLensConfig(**settings)
+
+
+# --------------------------------------------------------------------------------------------- ZeRO-3 checks
+def _reference_lens(
+    hidden: torch.Tensor, norm_weight: torch.Tensor | None, eps: float, head_weight: torch.Tensor
+):
+    if norm_weight is not None:  # LlamaRMSNorm
+        variance = hidden.pow(2).mean(-1, keepdim=True)
+        hidden = norm_weight * (hidden * torch.rsqrt(variance + eps))
+    return hidden @ head_weight.T
+
+
+def lens_gather_check(lens) -> dict[str, Any]:
+    """The lens on partitioned weights vs the same maths on gathered copies (run on every rank)."""
+    import deepspeed
+
+    norm, head = lens.norm, lens.head
+    partitioned = {
+        "norm_local_numel": int(norm.weight.numel()),
+        "head_local_numel": int(head.weight.numel()),
+        "head_ds_shape": list(getattr(head.weight, "ds_shape", head.weight.shape)),
+    }
+    with deepspeed.zero.GatheredParameters([norm.weight, head.weight]):
+        norm_weight = norm.weight.detach().clone()
+        head_weight = head.weight.detach().clone()
+    generator = torch.Generator().manual_seed(7)
+    hidden = torch.randn(5, HIDDEN_SIZE, generator=generator, dtype=head_weight.dtype)
+    diffs = {}
+    with torch.no_grad():
+        for layer in (1, lens.num_layers):
+            got = lens(hidden, layer)
+            want = _reference_lens(
+                hidden, norm_weight if layer < lens.num_layers else None, norm.variance_epsilon, head_weight
+            )
+            diffs[str(layer)] = float((got - want).abs().max())
+    return {**partitioned, "max_abs_diff": diffs}
+
+
+# --------------------------------------------------------------------------------------------- training
+def train(
+    models_dir: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    deepspeed: str | dict | None = None,
+    per_device_batch: int = 4,
+    steps: int = 4,
+    evaluate: bool = False,
+    rouge: bool = False,
+    zero3_persistence_threshold: int | None = None,
+    save_steps: int | None = None,
+    teacher_object: bool = False,
+    **config_overrides: Any,
+) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillens_trainer import DistillLensTrainer
+    from distillens_trainer.distributed import is_zero3_enabled
+    from distillens_trainer.teacher import model_vocab_size
+
+    out = Path(out)
+    models_dir = Path(models_dir)
+    if deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        enable_deepspeed_on_cpu()  # DeepSpeed from --deepspeed, or from an accelerate launch config
+    if isinstance(deepspeed, str):
+        deepspeed = json.loads(Path(deepspeed).read_text())
+    if deepspeed is not None and zero3_persistence_threshold is not None:
+        # The example config's "auto" keeps tensors under 10·hidden elements whole on every rank; 0
+        # partitions every tensor, so the final norm read by the lens is partitioned too.
+        deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] = zero3_persistence_threshold
+    teacher: Any = str(models_dir / "teacher")
+    if teacher_object:  # a model object with full weights, loaded before DeepSpeed is configured
+        teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)
+    saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
+    args = training_config(
+        out / "run",
+        max_steps=steps,
+        per_device_train_batch_size=per_device_batch,
+        deepspeed=deepspeed,
+        **saving,
+        **config_overrides,
+    )
+    # Loaded after the arguments, so under ZeRO-3 from_pretrained partitions them at load (zero.Init).
+    student = AutoModelForCausalLM.from_pretrained(models_dir / "student", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "student")
+    callbacks = []
+    if rouge:
+        from distillens_trainer.evaluation import RougeEvalCallback
+
+        callbacks.append(
+            RougeEvalCallback(
+                tokenizer, rouge_examples(), prompt_template="plain", max_new_tokens=4, batch_size=2
+            )
+        )
+    trainer = DistillLensTrainer(
+        model=student,
+        args=args,
+        teacher_model=teacher,
+        train_dataset=TokenDataset(NUM_TRAIN, seed=0),
+        eval_dataset=TokenDataset(NUM_EVAL, seed=1),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    result: dict[str, Any] = {
+        "world_size": int(args.world_size),
+        "teacher_type": type(trainer.teacher_model).__name__,
+        "teacher_vocab_size": model_vocab_size(trainer.teacher_model),
+        "vocab_size": trainer.vocab_size,
+        "layer_map": [list(pair) for pair in trainer.layer_map],
+    }
+    zero3 = is_zero3_enabled(trainer.accelerator)
+    result["zero3"] = zero3
+    if zero3:
+        result["teacher_lens_check"] = lens_gather_check(trainer.teacher_lens)
+    trainer.train()
+    result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    result["log_history"] = trainer.state.log_history
+    if zero3:
+        result["student_lens_check"] = lens_gather_check(trainer.student_lens)
+        result["teacher_lens_check_after"] = lens_gather_check(trainer.teacher_lens)
+    if evaluate:
+        result["eval_metrics"] = trainer.evaluate()
+    model = trainer.model_wrapped
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=probe_batch()).logits.float()
+    trainer.save_model(str(out / "student"))
+    if trainer.is_world_process_zero():
+        torch.save(logits, out / "probe_logits.pt")
+        (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    make = commands.add_parser("make-models")
+    make.add_argument("models_dir")
+    run = commands.add_parser("train")
+    run.add_argument("--models", required=True)
+    run.add_argument("--out", required=True)
+    run.add_argument("--deepspeed")
+    run.add_argument("--per-device-batch", type=int, default=4)
+    run.add_argument("--steps", type=int, default=4)
+    run.add_argument("--evaluate", action="store_true")
+    run.add_argument("--rouge", action="store_true")
+    run.add_argument("--zero3-persistence-threshold", type=int)
+    run.add_argument("--save-steps", type=int)
+    run.add_argument("--teacher-dtype", default="auto")
+    run.add_argument("--teacher-object", action="store_true", help="pass the teacher as a loaded model")
+    options = parser.parse_args(argv)
+    if options.command == "make-models":
+        make_models(options.models_dir)
+        return
+    train(
+        options.models,
+        options.out,
+        deepspeed=options.deepspeed,
+        per_device_batch=options.per_device_batch,
+        steps=options.steps,
+        evaluate=options.evaluate,
+        rouge=options.rouge,
+        zero3_persistence_threshold=options.zero3_persistence_threshold,
+        save_steps=options.save_steps,
+        teacher_object=options.teacher_object,
+        teacher_dtype=options.teacher_dtype,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

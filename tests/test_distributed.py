@@ -1,0 +1,398 @@
+"""Teacher placement (distributed.py) and multi-process DeepSpeed ZeRO-2/3 runs on the CPU.
+
+The ``distributed`` tests launch ``tests/distributed/train_tiny.py`` on 2 CPU processes (gloo) with
+torchrun (``examples/deepspeed/zero2.json``, ``zero3.json``) and with accelerate
+(``examples/accelerate/deepspeed_zero3.yaml``), and compare them with a single-process run without
+DeepSpeed on the same global batch (2 x 2 vs 1 x 4). The data order is the same: accelerate's seeded
+sampler gives every process the same permutation and hands out whole per-device batches in turn, so
+global step k sees the same 4 samples in every run.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from distillens_trainer.distributed import (
+    is_fsdp_enabled,
+    is_zero3_enabled,
+    prepare_teacher,
+    teacher_zero3_config,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = ROOT / "tests" / "distributed" / "train_tiny.py"
+HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
+LAUNCH_TIMEOUT_S = 300  # each launch takes ~20-25 s on 2 CPU cores
+
+
+def _load_helper():
+    spec = importlib.util.spec_from_file_location("distillens_train_tiny", HELPER)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tiny = _load_helper()
+
+
+# --------------------------------------------------------------------------------------------- unit tests
+def _accelerator(*, zero_stage: int | None = None, config: dict | None = None, fsdp: bool = False):
+    plugin = (
+        None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage, deepspeed_config=config or {})
+    )
+    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=object() if fsdp else None)
+    return SimpleNamespace(state=state, is_fsdp2=fsdp, distributed_type="FSDP" if fsdp else "NO")
+
+
+def _args(**overrides):
+    settings = {
+        "teacher_dtype": "auto",
+        "bf16": False,
+        "fp16": False,
+        "device": torch.device("cpu"),
+        "fsdp": None,
+    }
+    settings.update(overrides)
+    return SimpleNamespace(**settings)
+
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(hidden_size=8)
+        self.linear = nn.Linear(8, 8)
+        self.dropout = nn.Dropout(0.5)
+
+
+ZERO3_CONFIG = {
+    "bf16": {"enabled": "auto"},
+    "fp16": {"enabled": "auto"},
+    "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+    "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}},
+    "zero_optimization": {
+        "stage": 3,
+        "offload_param": {"device": "cpu"},
+        "reduce_bucket_size": "auto",
+        "stage3_prefetch_bucket_size": "auto",
+        "stage3_param_persistence_threshold": 0,
+    },
+    "gradient_accumulation_steps": "auto",
+    "gradient_clipping": "auto",
+    "train_batch_size": "auto",
+    "train_micro_batch_size_per_gpu": "auto",
+}
+
+
+def test_teacher_zero3_config_is_inference_only_and_leaves_the_student_config_alone():
+    original = json.loads(json.dumps(ZERO3_CONFIG))
+    config = teacher_zero3_config(
+        ZERO3_CONFIG, _Tiny(), torch.bfloat16, micro_batch_size=2, gradient_accumulation_steps=3, world_size=4
+    )
+    assert original == ZERO3_CONFIG  # a deep copy: the student's engine config is untouched
+    assert "optimizer" not in config and "scheduler" not in config
+    zero = config["zero_optimization"]
+    assert zero["stage"] == 3
+    assert zero["reduce_bucket_size"] == 64  # hidden²
+    assert zero["stage3_prefetch_bucket_size"] == int(0.9 * 64)
+    assert zero["stage3_param_persistence_threshold"] == 0  # an explicit value is kept
+    assert zero["offload_param"] == {"device": "cpu"}
+    assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
+    assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (2, 3)
+    assert config["train_batch_size"] == 2 * 3 * 4
+    assert "gradient_clipping" not in config  # still "auto": dropped, DeepSpeed's default applies
+    assert "auto" not in json.dumps(config)
+
+
+def test_teacher_zero3_config_fills_auto_persistence_threshold_and_keeps_fp32():
+    config = teacher_zero3_config(
+        {**ZERO3_CONFIG, "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": "auto"}},
+        _Tiny(),
+        torch.float32,
+    )
+    assert config["zero_optimization"]["stage3_param_persistence_threshold"] == 80  # 10·hidden
+    assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
+
+
+@pytest.mark.parametrize(
+    ("args", "accelerator"),
+    [
+        (_args(), _accelerator(fsdp=True)),
+        (_args(fsdp=True), _accelerator()),
+    ],
+    ids=["accelerate-fsdp-plugin", "fsdp-argument"],
+)
+def test_prepare_teacher_refuses_fsdp(args, accelerator):
+    assert is_fsdp_enabled(args, accelerator)
+    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3") as error:
+        prepare_teacher(_Tiny(), args, accelerator)
+    assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("zero_stage", [None, 1, 2])
+def test_prepare_teacher_replicates_without_zero3(zero_stage):
+    teacher = _Tiny().train()
+    accelerator = _accelerator(zero_stage=zero_stage, config={"zero_optimization": {"stage": zero_stage}})
+    assert not is_zero3_enabled(accelerator)
+    prepared = prepare_teacher(teacher, _args(teacher_dtype="bfloat16"), accelerator)
+    assert prepared is teacher  # unwrapped: every rank holds the full frozen copy
+    assert not prepared.training and not prepared.dropout.training
+    assert all(not p.requires_grad and p.dtype == torch.bfloat16 for p in prepared.parameters())
+    assert all(p.device.type == "cpu" for p in prepared.parameters())
+
+
+def test_prepare_teacher_auto_dtype_follows_mixed_precision_and_keeps_fp32_otherwise():
+    assert (
+        next(prepare_teacher(_Tiny(), _args(bf16=True), _accelerator()).parameters()).dtype == torch.bfloat16
+    )
+    assert next(prepare_teacher(_Tiny(), _args(), _accelerator()).parameters()).dtype == torch.float32
+
+
+def test_prepare_teacher_rejects_a_partitioned_teacher_outside_zero3():
+    teacher = _Tiny()
+    teacher.linear.weight.ds_id = 0  # what deepspeed.zero.Init leaves on a partitioned parameter
+    with pytest.raises(ValueError, match="partitioned by DeepSpeed ZeRO-3"):
+        prepare_teacher(teacher, _args(), _accelerator(zero_stage=2))
+
+
+# --------------------------------------------------------------------------------------------- multi-process
+distributed = pytest.mark.distributed
+needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
+
+# Per-step metrics compared with the single-process run. Measured on 2 CPU cores (fp32): at most
+# 5e-7 absolute on losses around 2 and 1e-6 relative on grad norms, i.e. a few fp32 ulps, from the
+# different reduction orders (2 x 2 vs 1 x 4 GEMMs, gloo all-reduce of the gradients, ZeRO's flat
+# buffers), carried through 4 AdamW steps. rtol 1e-4 leaves room for other CPUs' kernels while staying
+# far below what a real fault moves: the lens or KD term missing or wrongly scaled on a rank shifts
+# these values by 1e-2 or more (the lens term alone is ~0.25 of a ~2 loss), and grad_norm exposes a
+# gradient scaled by the number of processes, which AdamW's updates would hide.
+STEP_KEYS = ("loss", "grad_norm", "kd_loss", "lens_loss", "ce_loss")
+STEP_RTOL = 1e-4
+# Token-weighted evaluation terms, same reasoning (no optimizer step involved: measured <= 2e-7 relative).
+EVAL_KEYS = ("eval_ce_loss", "eval_kd_loss", "eval_lens_loss")
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env.pop("ACCELERATE_USE_DEEPSPEED", None)
+    return env
+
+
+def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [*launcher, str(HELPER), "train", "--models", str(models), "--out", str(out), *extra]
+    log = out / "launch.log"
+    with log.open("w") as handle:
+        # A session of its own, so a hang (e.g. ranks out of lockstep under ZeRO-3) can be ended with
+        # every worker process, not only the launcher.
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        try:
+            returncode = process.wait(timeout=LAUNCH_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            returncode = None
+    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
+    assert returncode == 0, f"{' '.join(command)} failed (exit {returncode}):\n{tail}"
+    return json.loads((out / "result.json").read_text())
+
+
+def _torchrun(out: Path, models: Path, *extra: str) -> dict:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    return _launch(launcher, out, models, *extra)
+
+
+def _steps(result: dict) -> list[dict]:
+    return [entry for entry in result["log_history"] if "loss" in entry and "train_runtime" not in entry]
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny_models")
+    tiny.make_models(directory)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def single(models, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("single")
+    tiny.train(models, out, per_device_batch=4, steps=4, evaluate=True)
+    return json.loads((out / "result.json").read_text()), out
+
+
+@pytest.fixture(scope="module")
+def zero2(models, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("zero2")
+    deepspeed = str(ROOT / "examples" / "deepspeed" / "zero2.json")
+    return _torchrun(out, models, "--deepspeed", deepspeed, "--per-device-batch", "2", "--evaluate"), out
+
+
+@pytest.fixture(scope="module")
+def zero3(models, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("zero3")
+    deepspeed = str(ROOT / "examples" / "deepspeed" / "zero3.json")
+    extra = [
+        "--deepspeed",
+        deepspeed,
+        "--per-device-batch",
+        "2",
+        "--evaluate",
+        "--rouge",
+        "--save-steps",
+        "4",
+    ]
+    # Partition every tensor (the final norm too), so the lens really has to gather.
+    extra += ["--zero3-persistence-threshold", "0"]
+    return _torchrun(out, models, *extra), out
+
+
+@pytest.fixture(scope="module")
+def accelerate_zero3(models, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("accelerate_zero3")
+    launcher = [sys.executable, "-m", "accelerate.commands.launch"]
+    launcher += ["--config_file", str(ROOT / "examples" / "accelerate" / "deepspeed_zero3.yaml")]
+    launcher += [
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        str(_free_port()),
+    ]
+    # The teacher as a model object with full weights: deepspeed.initialize partitions it (the other runs
+    # pass a path, loaded already partitioned under zero.Init).
+    return _launch(launcher, out, models, "--per-device-batch", "2", "--teacher-object"), out
+
+
+RUNS = ["zero2", "zero3", "accelerate_zero3"]
+
+
+@distributed
+@needs_deepspeed
+@pytest.mark.parametrize("run", RUNS)
+def test_per_step_metrics_match_single_process(run, single, request):
+    result, _ = request.getfixturevalue(run)
+    reference, _ = single
+    assert result["world_size"] == 2
+    got, want = _steps(result), _steps(reference)
+    assert len(got) == len(want) == 4
+    for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
+        for key in STEP_KEYS:
+            assert got_step[key] == pytest.approx(want_step[key], rel=STEP_RTOL), f"step {step} {key}"
+
+
+@distributed
+@needs_deepspeed
+@pytest.mark.parametrize("run", ["zero3", "accelerate_zero3"])
+def test_zero3_teacher_is_a_partitioned_engine_and_the_lens_gathers(run, request):
+    result, _ = request.getfixturevalue(run)
+    assert result["zero3"] is True
+    assert result["teacher_type"] == "DeepSpeedEngine"
+    assert result["teacher_vocab_size"] == result["vocab_size"] == 64  # from ds_shape, not the empty shard
+    checks = [result["teacher_lens_check"], result["student_lens_check"], result["teacher_lens_check_after"]]
+    for check in checks:
+        assert (
+            check["head_local_numel"] == 0
+        )  # the head is partitioned: the lens cannot work unless it gathers
+        assert check["head_ds_shape"] == [64, tiny.HIDDEN_SIZE]
+        # Same maths, same fp32 weights: exact in practice (measured 0.0).
+        assert max(check["max_abs_diff"].values()) <= 1e-6
+    if run == "zero3":  # persistence threshold 0: the final norm is partitioned as well
+        assert all(check["norm_local_numel"] == 0 for check in checks)
+
+
+@distributed
+@needs_deepspeed
+def test_zero2_teacher_is_replicated(zero2):
+    result, _ = zero2
+    assert result["zero3"] is False
+    assert result["teacher_type"] == "LlamaForCausalLM"
+
+
+@distributed
+@needs_deepspeed
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_saved_student_loads_and_matches(run, single, request):
+    from transformers import AutoModelForCausalLM
+
+    _, out = request.getfixturevalue(run)
+    _, single_out = single
+    student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=torch.float32).eval()
+    assert student.config.num_hidden_layers == tiny.STUDENT_LAYERS
+    with torch.no_grad():
+        logits = student(input_ids=tiny.probe_batch()).logits
+    # The in-process model's logits on the same batch (gathered fp32 weights: measured 0.0 difference).
+    torch.testing.assert_close(logits, torch.load(out / "probe_logits.pt"), rtol=0, atol=1e-6)
+    # The single-process run's student: the same 4 steps up to fp32 reduction order (measured 3e-6 on
+    # logits of magnitude ~10).
+    torch.testing.assert_close(logits, torch.load(single_out / "probe_logits.pt"), rtol=1e-4, atol=1e-4)
+
+
+def _assert_student_only(safetensors_path: Path, student_keys: set[str]) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(safetensors_path), "pt") as handle:
+        keys = set(handle.keys())
+    assert keys <= student_keys, f"{safetensors_path}: not the student's: {sorted(keys - student_keys)[:5]}"
+    assert not any(f"layers.{tiny.STUDENT_LAYERS}." in key for key in keys)  # the teacher's extra layer
+
+
+@distributed
+@needs_deepspeed
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_outputs_hold_no_teacher_weights(run, models, request):
+    from transformers import AutoModelForCausalLM
+
+    _, out = request.getfixturevalue(run)
+    student_keys = set(AutoModelForCausalLM.from_pretrained(models / "student").state_dict())
+    weight_files = sorted(out.rglob("*.safetensors"))
+    assert weight_files
+    for path in weight_files:
+        _assert_student_only(path, student_keys)
+    # DeepSpeed's own checkpoint (ZeRO-3 run, saved at step 4): the engine's parameters are the student's.
+    for states in out.rglob("*model_states.pt"):
+        checkpoint = torch.load(states, map_location="cpu", weights_only=False)
+        shapes = checkpoint["param_shapes"]
+        names = {name for group in (shapes if isinstance(shapes, list) else [shapes]) for name in group}
+        assert names and names <= student_keys, f"{states}: {sorted(names - student_keys)[:5]}"
+    assert run != "zero3" or any(out.rglob("*model_states.pt"))
+
+
+@distributed
+@needs_deepspeed
+@pytest.mark.parametrize("run", ["zero2", "zero3"])
+def test_evaluate_under_deepspeed(run, single, request):
+    result, _ = request.getfixturevalue(run)
+    reference, _ = single
+    metrics, want = result["eval_metrics"], reference["eval_metrics"]
+    for key in EVAL_KEYS:
+        assert metrics[key] == pytest.approx(want[key], rel=STEP_RTOL), key
+    # eval_loss itself is a mean of per-batch means, so it depends on how the 6 samples are split into
+    # batches across processes; the token-weighted terms above do not.
+    assert metrics["eval_loss"] == pytest.approx(want["eval_loss"], rel=5e-3)
+    if run == "zero3":  # RougeEvalCallback: generation under ZeRO-3 (synced_gpus) on both ranks
+        assert 0.0 <= metrics["eval_rougeL"] <= 100.0
+        assert "eval_exact_match" in metrics
