@@ -32,62 +32,88 @@ LOG_PROB_FLOOR = -1.0e4
 DIVERGENCE_NAMES: tuple[str, ...] = ("fkl", "rkl", "skl", "jsd", "tvd")
 
 
-def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """fp32 log-softmax over the last dim, floored at ``LOG_PROB_FLOOR``.
+def log_probs_and_live_rows(
+    logits: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 log-softmax over the last dim, floored at ``LOG_PROB_FLOOR``, and which rows are live.
 
-    A row whose logits are all ``-inf`` would give NaN (and NaN gradients); it is replaced by a
-    uniform row first, and callers zero its divergence with :func:`valid_rows`.
+    A row whose logits are all ``-inf`` ("dead") would give NaN values and NaN gradients; it is found
+    with one max-reduction (no ``[..., V]`` temporaries), replaced by a uniform row, and reported so
+    that callers can zero its divergence.
 
     Args:
         logits: ``[..., V]`` in any dtype.
     Returns:
-        ``[..., V]`` fp32 log-probabilities.
+        ``[..., V]`` fp32 log-probabilities and ``[...]`` bool, False for dead rows.
     """
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
-    dead_row = ~valid_rows(logits)
-    if dead_row.any():
-        logits = torch.where(dead_row.unsqueeze(-1), torch.zeros_like(logits), logits)
-    return torch.log_softmax(logits, dim=-1).clamp_min(LOG_PROB_FLOOR)
+    with torch.no_grad():
+        dead = torch.isneginf(logits.amax(dim=-1))  # [...]
+    if dead.any():  # rare: make dead rows uniform, so no NaN reaches autograd
+        logits = logits.masked_fill(dead.unsqueeze(-1), 0.0)
+    return torch.log_softmax(logits, dim=-1).clamp_min(LOG_PROB_FLOOR), ~dead
 
 
-def valid_rows(logits: torch.Tensor) -> torch.Tensor:
-    """``[...]`` bool: the rows of ``[..., V]`` logits that are not entirely ``-inf`` (NaN rows stay visible)."""
-    return (logits != float("-inf")).any(dim=-1)
+def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``[..., V]`` fp32 log-probabilities floored at ``LOG_PROB_FLOOR`` (dead rows made uniform)."""
+    return log_probs_and_live_rows(logits, temperature)[0]
 
 
 def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
-    """KL(p‖q) = Σ p·(log p − log q) over the last dim, ``[..., V] -> [...]``.
+    """KL(p‖q) = Σ p·(log p − log q) over the last dim, ``[..., V] -> [...]``, for floored log-probs.
 
-    Entries with p = 0 contribute exactly 0 (and a zero gradient), whatever ``log_q`` holds.
+    Both inputs are floored at ``LOG_PROB_FLOOR``, so ``log p − log q`` is finite everywhere, and entries
+    with p = 0 (``exp`` of the floor underflows to exactly 0) contribute exactly 0 with a zero gradient.
     """
-    p = log_p.exp()
-    log_ratio = torch.where(p > 0, log_p - log_q, torch.zeros_like(log_p))
-    return (p * log_ratio).sum(dim=-1)
+    return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
+
+
+def _forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return kl_from_log_probs(log_t, log_s)
+
+
+def _reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return kl_from_log_probs(log_s, log_t)
+
+
+def _symmetric_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    # KL(t‖s) + KL(s‖t) = Σ (t − s)(log t − log s): one pass instead of two.
+    return ((log_t.exp() - log_s.exp()) * (log_t - log_s)).sum(dim=-1)
+
+
+def _jensen_shannon(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+    if beta <= 0.0 or beta >= 1.0:
+        return (0.0 * log_s).sum(dim=-1)  # m is one of the two sides: zero, still on the autograd graph
+    # log m = logsumexp(log β + log t, log(1−β) + log s), computed without leaving log space.
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    return beta * kl_from_log_probs(log_t, log_m) + (1.0 - beta) * kl_from_log_probs(log_s, log_m)
+
+
+def _total_variation(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+    return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
 
 
 def forward_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(teacher‖student) per position: ``[..., V], [..., V] -> [...]``."""
-    return kl_from_log_probs(log_probs(teacher_logits, temperature), log_probs(student_logits, temperature))
+    return token_divergence("fkl", student_logits, teacher_logits, temperature=temperature)
 
 
 def reverse_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """KL(student‖teacher) per position: ``[..., V], [..., V] -> [...]``."""
-    return kl_from_log_probs(log_probs(student_logits, temperature), log_probs(teacher_logits, temperature))
+    return token_divergence("rkl", student_logits, teacher_logits, temperature=temperature)
 
 
 def symmetric_kl(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """Jeffreys divergence KL(t‖s) + KL(s‖t) per position: ``[..., V], [..., V] -> [...]``."""
-    log_s = log_probs(student_logits, temperature)
-    log_t = log_probs(teacher_logits, temperature)
-    return kl_from_log_probs(log_t, log_s) + kl_from_log_probs(log_s, log_t)
+    return token_divergence("skl", student_logits, teacher_logits, temperature=temperature)
 
 
 def jensen_shannon(
@@ -97,30 +123,23 @@ def jensen_shannon(
 
     β = 0 and β = 1 make m equal one side and the divergence 0.
     """
-    log_s = log_probs(student_logits, temperature)
-    log_t = log_probs(teacher_logits, temperature)
-    if beta <= 0.0 or beta >= 1.0:
-        return (0.0 * log_s).sum(dim=-1)  # m is one of the two sides: zero, still on the autograd graph
-    # log m = logsumexp(log β + log t, log(1−β) + log s), computed without leaving log space.
-    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
-    return beta * kl_from_log_probs(log_t, log_m) + (1.0 - beta) * kl_from_log_probs(log_s, log_m)
+    return token_divergence("jsd", student_logits, teacher_logits, temperature=temperature, beta=beta)
 
 
 def total_variation(
     student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
     """½·Σ|t − s| per position: ``[..., V], [..., V] -> [...]``."""
-    s = log_probs(student_logits, temperature).exp()
-    t = log_probs(teacher_logits, temperature).exp()
-    return 0.5 * (t - s).abs().sum(dim=-1)
+    return token_divergence("tvd", student_logits, teacher_logits, temperature=temperature)
 
 
+# name -> divergence of floored log-probabilities (student first), ``[..., V], [..., V] -> [...]``.
 _DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "fkl": forward_kl,
-    "rkl": reverse_kl,
-    "skl": symmetric_kl,
-    "jsd": jensen_shannon,
-    "tvd": total_variation,
+    "fkl": _forward_kl,
+    "rkl": _reverse_kl,
+    "skl": _symmetric_kl,
+    "jsd": _jensen_shannon,
+    "tvd": _total_variation,
 }
 
 
@@ -162,7 +181,11 @@ def token_divergence(
         raise ValueError(f"temperature={temperature} must be > 0.")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta={beta} must lie in [0, 1].")
+    log_s, student_live = log_probs_and_live_rows(student_logits, temperature)
+    log_t, teacher_live = log_probs_and_live_rows(teacher_logits, temperature)
     kwargs = {"beta": beta} if name == "jsd" else {}
-    per_position = _DIVERGENCES[name](student_logits, teacher_logits, temperature, **kwargs)
-    both_valid = valid_rows(student_logits) & valid_rows(teacher_logits)
-    return torch.where(both_valid, per_position, torch.zeros_like(per_position))
+    per_position = _DIVERGENCES[name](log_s, log_t, **kwargs)
+    live = student_live & teacher_live
+    if bool(live.all()):
+        return per_position
+    return torch.where(live, per_position, torch.zeros_like(per_position))
