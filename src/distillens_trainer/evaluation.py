@@ -26,7 +26,6 @@ import logging
 import os
 import statistics
 import string
-import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -39,7 +38,8 @@ from rouge_score import rouge_scorer
 from tqdm.auto import tqdm
 from transformers import GenerationConfig, TrainerCallback
 
-from distillens_trainer.data import PROMPT_TEMPLATES, build_prompt, tokenizer_adds_bos
+from .data import PROMPT_TEMPLATES, build_prompt, tokenizer_adds_bos
+from .files import write_text_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -473,20 +473,6 @@ def generate_responses(
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    """Write `text` to `path` through a temporary file in the same directory and os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; reports are meant to be shared
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-
-
 def check_output_dir(args: EvalArguments) -> None:
     """Refuse to replace an existing report unless `overwrite_output_dir` is set."""
     if (Path(args.output_dir) / REPORT_FILENAME).exists() and not args.overwrite_output_dir:
@@ -584,10 +570,10 @@ def evaluate_files(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str,
     for path, name in zip(args.eval_files, names):
         entry, records = evaluate_file(model, tokenizer, args, path, name)
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        _atomic_write_text(output_dir / f"{name}{GENERATIONS_SUFFIX}", lines)
+        write_text_atomic(output_dir / f"{name}{GENERATIONS_SUFFIX}", lines)
         results.append(entry)
     report = {"model": args.model_name_or_path, "protocol": protocol_of(args), "results": results}
-    _atomic_write_text(output_dir / REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    write_text_atomic(output_dir / REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 

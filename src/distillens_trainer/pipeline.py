@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
+from .files import refuse_non_empty_dir, write_json_atomic
 from .trainer import DistillLensTrainer
 
 logger = logging.getLogger(__name__)
@@ -67,24 +65,11 @@ class ModelArguments:
 
 def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None) -> None:
     """Refuse a non-empty output directory unless told to (or resuming into it)."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir={output_dir!r} is a file: give a directory path.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite and not resume_from_checkpoint:
-        raise ValueError(
-            f"output_dir={output_dir!r} is not empty: pass --overwrite_output_dir true to train into it, "
-            "--resume_from_checkpoint to continue a run, or choose another directory."
-        )
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write JSON through a temporary file and a rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        "w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8"
-    ) as handle:
-        json.dump(payload, handle, indent=2, default=str)
-    os.replace(handle.name, path)
+    refuse_non_empty_dir(
+        output_dir,
+        allowed=overwrite or bool(resume_from_checkpoint),
+        how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
+    )
 
 
 def resolved_config(
