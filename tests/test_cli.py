@@ -208,3 +208,26 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp
         assert "exact_match" in result
         lines = (eval_dir / f"{result['name']}.generations.jsonl").read_text().splitlines()
         assert len(lines) == 3 * 2
+
+
+def test_use_peft_loads_a_lora_student(tmp_path):
+    pytest.importorskip("peft")
+    from conftest import tiny_llama
+
+    from distillens_trainer.pipeline import load_student
+
+    tiny_llama(num_layers=2).save_pretrained(tmp_path / "student")
+    args = ModelArguments(model_name_or_path=str(tmp_path / "student"), use_peft=True, lora_r=2)
+    student = load_student(args)
+    trainable = [name for name, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name for name in trainable)
+
+
+def test_rouge_l_of_a_real_reference_against_itself_is_100():
+    path = DATA_DIR / "dolly" / "test_500.jsonl"
+    if not path.is_file():
+        pytest.skip("the shared Dolly data is not available beside the checkout")
+    from distillens_trainer.evaluation import rouge_l
+
+    references = [json.loads(line)["output"] for line in path.read_text().splitlines()[:20]]
+    assert all(rouge_l(reference, [reference]) == 100.0 for reference in references if reference.strip())

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
+from distillens_trainer import trainer as trainer_module
 from distillens_trainer.divergences import token_divergence
 
 
@@ -366,3 +367,27 @@ def test_a_lora_student_trains_only_its_adapters(tmp_path):
         if name in frozen_before:
             torch.testing.assert_close(parameter, frozen_before[name])
     assert any("lora" in n and p.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)
+
+
+def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path):
+    trainer = _trainer(tmp_path, bf16=True, ce_weight=0.5, max_steps=1)
+    head_output_dtypes, captured = [], []
+    trainer.model.lm_head.register_forward_hook(
+        lambda module, args, output: head_output_dtypes.append(output.dtype)
+    )
+    original = trainer_module.distillens_loss
+
+    def spy(*args, **kwargs):
+        captured.append(original(*args, **kwargs))
+        return captured[-1]
+
+    trainer_module.distillens_loss = spy
+    try:
+        trainer.train()
+    finally:
+        trainer_module.distillens_loss = original
+    assert (
+        torch.bfloat16 in head_output_dtypes
+    )  # the student's head (and the lens) ran under bf16 autocast ...
+    assert captured[0].loss.dtype == torch.float32  # ... and every divergence was computed in fp32
+    assert all(value.dtype == torch.float32 for value in captured[0].term_sums.values())
