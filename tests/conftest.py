@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import random
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,8 @@ import transformers
 SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
 GPT2_TOKENIZER_DIR = SHARED_DIR / "tokenizers" / "gpt2"
 DATA_DIR = SHARED_DIR / "data"
+
+TINY_TRAINING_SCRIPT = Path(__file__).resolve().parent / "distributed" / "train_tiny.py"
 
 TINY_VOCAB = 64
 PAD_ID, EOS_ID = 2, 1
@@ -73,3 +77,14 @@ def gpt2_tokenizer():
     if not GPT2_TOKENIZER_DIR.is_dir():
         pytest.skip("the shared GPT-2 tokenizer is not available beside the checkout")
     return transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))
+
+
+def load_tiny_training_script():
+    """``tests/distributed/train_tiny.py`` (the script torchrun launches) imported as a module."""
+    name = "distillens_train_tiny"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, TINY_TRAINING_SCRIPT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]

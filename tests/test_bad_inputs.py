@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from conftest import tiny_llama
 
 from distillens_trainer.cli import main
 from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+
+from conftest import tiny_llama
 
 SENTINEL = "checkpoint-7/model.safetensors"
 

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
-from conftest import DATA_DIR, GPT2_TOKENIZER_DIR
 
 from distillens_trainer.cli import main, parse_command
 from distillens_trainer.config import DistillLensConfig
 from distillens_trainer.data import DataArguments
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME, ModelArguments
+
+from conftest import DATA_DIR, GPT2_TOKENIZER_DIR
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
 TRAIN_TYPES = (ModelArguments, DataArguments, DistillLensConfig)
@@ -55,24 +57,13 @@ def test_help_lists_every_distillens_field(capsys):
         main(["train", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for name in (
-        "teacher_model_name_or_path",
-        "teacher_dtype",
-        "ce_weight",
-        "kd_weight",
-        "kd_divergence",
-        "lens_weight",
-        "lens_divergence",
-        "jsd_beta",
-        "temperature",
-        "lens_student_layers",
-        "lens_teacher_layers",
-        "lens_num_layers",
-        "lens_final_norm",
-        "feature_weight",
-        "max_prompt_length",
-        "use_peft",
-    ):
+    own_fields = {f.name for f in dataclasses.fields(DistillLensConfig)} - {
+        f.name for f in dataclasses.fields(transformers.TrainingArguments)
+    }
+    data_and_model_fields = {
+        f.name for cls in (DataArguments, ModelArguments) for f in dataclasses.fields(cls)
+    }
+    for name in sorted(own_fields | data_and_model_fields):
         assert f"--{name}" in text, name
 
 
@@ -212,9 +203,9 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp
 
 def test_use_peft_loads_a_lora_student(tmp_path):
     pytest.importorskip("peft")
-    from conftest import tiny_llama
-
     from distillens_trainer.pipeline import load_student
+
+    from conftest import tiny_llama
 
     tiny_llama(num_layers=2).save_pretrained(tmp_path / "student")
     args = ModelArguments(model_name_or_path=str(tmp_path / "student"), use_peft=True, lora_r=2)

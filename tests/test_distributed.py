@@ -31,21 +31,15 @@ from distillens_trainer.distributed import (
     teacher_zero3_config,
 )
 
+from conftest import TINY_TRAINING_SCRIPT, load_tiny_training_script
+
 ROOT = Path(__file__).resolve().parents[1]
-HELPER = ROOT / "tests" / "distributed" / "train_tiny.py"
+HELPER = TINY_TRAINING_SCRIPT
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
 LAUNCH_TIMEOUT_S = 300  # each launch takes ~20-25 s on 2 CPU cores
 
 
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("distillens_train_tiny", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_helper()
+tiny = load_tiny_training_script()
 
 
 # --------------------------------------------------------------------------------------------- unit tests

@@ -7,9 +7,7 @@ attention dropout on so the RNG state has to be restored too.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,7 +16,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from distillens_trainer import DistillLensTrainer
 
-HELPER = Path(__file__).resolve().parent / "distributed" / "train_tiny.py"
+from conftest import load_tiny_training_script
+
 TOTAL_STEPS = 12
 SAVE_STEPS = 6
 NUM_SAMPLES = 16  # 4 batches of 4 per epoch: step 6 is the middle of the second epoch
@@ -27,15 +26,7 @@ STEP_KEYS = ("loss", "grad_norm", "kd_loss", "lens_loss", "ce_loss")
 pytestmark = pytest.mark.slow
 
 
-def _load_helper():
-    spec = importlib.util.spec_from_file_location("distillens_train_tiny", HELPER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-tiny = _load_helper()
+tiny = load_tiny_training_script()
 
 
 class InterruptAfterSave(TrainerCallback):

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 from datasets import Dataset
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models
@@ -16,6 +15,8 @@ from transformers import PreTrainedTokenizerFast
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
 from distillens_trainer import trainer as trainer_module
 from distillens_trainer.divergences import token_divergence
+
+from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
 
 def _config(tmp_path, **overrides) -> DistillLensConfig:
