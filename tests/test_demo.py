@@ -1,0 +1,180 @@
+"""``distillens demo``: the offline quickstart, run through the CLI entry point with the smoke preset."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from distillens_trainer import cli
+from distillens_trainer.demo import (
+    FIGURE_NAMES,
+    PRESETS,
+    RESULTS_NAME,
+    TEACHER_INFO_NAME,
+    DemoArguments,
+    check_output_dir,
+    teacher_cache_path,
+)
+
+MODELS = ("teacher", "sft", "kd", "distillens")
+
+
+def _demo(output_dir: Path, cache_dir: Path, *extra: str) -> int:
+    return cli.main(
+        ["demo", "--preset", "smoke", "--output_dir", str(output_dir), "--cache_dir", str(cache_dir), *extra]
+    )
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory) -> dict[str, dict]:
+    """Two smoke demos sharing one teacher cache: the first trains the teacher, the second reuses it."""
+    root = tmp_path_factory.mktemp("demo")
+    runs = {}
+    for name in ("first", "second"):
+        output_dir = root / name
+        code = _demo(output_dir, root / "cache")
+        assert code == 0
+        runs[name] = {
+            "dir": output_dir,
+            "results": json.loads((output_dir / RESULTS_NAME).read_text(encoding="utf-8")),
+        }
+    runs["cache"] = {"dir": root / "cache"}
+    return runs
+
+
+@pytest.mark.slow
+def test_results_hold_the_four_models_with_both_scores(smoke_runs):
+    results = smoke_runs["first"]["results"]
+    assert list(results["models"]) == list(MODELS)
+    for name in MODELS:
+        entry = results["models"][name]
+        for metric in ("exact_match", "rougeL"):
+            value = entry[metric]
+            assert isinstance(value, float | int) and math.isfinite(value), (name, metric)
+            assert 0 <= value <= 100, (name, metric)
+        assert entry["params"] > 0
+        assert sum(task["n"] for task in entry["per_task"].values()) == PRESETS["smoke"]["num_test"]
+    teacher, student = results["models"]["teacher"], results["models"]["sft"]
+    assert student["num_layers"] < teacher["num_layers"] and student["hidden_size"] < teacher["hidden_size"]
+    assert results["settings"]["preset"] == "smoke"
+
+
+@pytest.mark.slow
+def test_students_differ_only_by_objective_and_record_it(smoke_runs):
+    models = smoke_runs["first"]["results"]["models"]
+    assert models["sft"]["objective"]["kd_weight"] == 0 and models["sft"]["objective"]["ce_weight"] == 1
+    assert models["kd"]["objective"]["lens_weight"] == 0 and models["kd"]["objective"]["kd_weight"] == 1
+    assert models["distillens"]["objective"]["lens_weight"] == 1
+    assert models["distillens"]["objective"]["lens_divergence"] == "jsd"
+    assert models["distillens"]["layer_map"] and not models["kd"]["layer_map"]
+    assert models["distillens"]["final_lens_loss"] is not None and models["kd"]["final_lens_loss"] is None
+    for name in ("sft", "kd", "distillens"):
+        profile = models[name]["lens_profile"]
+        assert len(profile["divergence"]) == models[name]["num_layers"]
+        assert all(math.isfinite(value) and value >= 0 for value in profile["divergence"])
+        assert profile["divergence"][-1] == pytest.approx(profile["final"])  # last pair = the two outputs
+        assert math.isfinite(models[name]["final_loss"])
+
+
+@pytest.mark.slow
+def test_figures_generations_and_students_are_written(smoke_runs):
+    output_dir = smoke_runs["first"]["dir"]
+    for name in FIGURE_NAMES:
+        figure = output_dir / name
+        assert figure.is_file() and figure.stat().st_size > 1000, name
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for name in MODELS:
+        lines = (output_dir / "generations" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+        assert len(lines) == PRESETS["smoke"]["num_test"]
+        assert {"reference", "generation", "exact_match", "rougeL"} <= set(json.loads(lines[0]))
+    for name in ("sft", "kd", "distillens"):
+        assert (output_dir / "models" / name / "config.json").is_file()
+    assert (output_dir / "data" / "test.jsonl").is_file()
+    assert (output_dir / "tokenizer" / "tokenizer.json").is_file()
+
+
+@pytest.mark.slow
+def test_second_run_reuses_the_cached_teacher(smoke_runs):
+    first, second = smoke_runs["first"]["results"], smoke_runs["second"]["results"]
+    assert first["teacher_cached"] is False and second["teacher_cached"] is True
+    assert first["teacher_path"] == second["teacher_path"]
+    assert (Path(second["teacher_path"]) / TEACHER_INFO_NAME).is_file()
+    assert Path(second["teacher_path"]).parent == smoke_runs["cache"]["dir"]
+    for metric in ("exact_match", "rougeL"):  # the same teacher gives the same greedy answers
+        assert second["models"]["teacher"][metric] == first["models"]["teacher"][metric]
+    for name in ("sft", "kd", "distillens"):  # same seeds, same teacher: the same students
+        assert second["models"][name]["final_loss"] == pytest.approx(
+            first["models"][name]["final_loss"], rel=1e-4
+        )
+    (teacher_phase,) = [name for name in first["timings_s"] if "teacher" in name]
+    assert second["timings_s"][teacher_phase] < first["timings_s"][teacher_phase]
+
+
+def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):
+    output_dir = tmp_path / "out"
+    output_dir.mkdir()
+    (output_dir / "keep.txt").write_text("precious", encoding="utf-8")
+    code = _demo(output_dir, tmp_path / "cache")
+    assert code != 0
+    error = capsys.readouterr().err
+    assert "--overwrite_output_dir" in error and len(error.strip().splitlines()) == 1
+    assert [path.name for path in output_dir.iterdir()] == ["keep.txt"]
+    assert (output_dir / "keep.txt").read_text(encoding="utf-8") == "precious"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_overwrite_output_dir_lets_a_non_empty_folder_through(tmp_path):
+    (tmp_path / "keep.txt").write_text("x", encoding="utf-8")
+    check_output_dir(str(tmp_path), overwrite=True)
+    check_output_dir(str(tmp_path / "absent"), overwrite=False)
+    with pytest.raises(ValueError, match="--overwrite_output_dir"):
+        check_output_dir(str(tmp_path), overwrite=False)
+
+
+def test_the_preset_fills_only_unset_fields(tmp_path):
+    args = DemoArguments(output_dir=str(tmp_path), preset="smoke", student_max_steps=7)
+    assert args.student_max_steps == 7
+    assert args.teacher_max_steps == PRESETS["smoke"]["teacher_max_steps"]
+    assert args.tasks == PRESETS["smoke"]["tasks"]
+    default = DemoArguments(output_dir=str(tmp_path))
+    assert default.student_layers < default.teacher_layers
+    assert default.student_hidden_size < default.teacher_hidden_size
+    assert default.resolved_cache_dir == tmp_path.parent / ".distillens-cache"
+
+
+@pytest.mark.parametrize(
+    ("extra", "field", "code"),
+    [
+        (["--student_hidden_size", "48"], "student_hidden_size", cli.RUN_ERROR),
+        (["--lens_num_layers", "2"], "lens_num_layers", cli.RUN_ERROR),
+        (["--student_layers", "4"], "student_layers", cli.RUN_ERROR),
+        (["--num_train", "0"], "num_train", cli.RUN_ERROR),
+        (["--tasks", "juggling"], "tasks", cli.RUN_ERROR),
+        (["--methods", "sft", "sft"], "methods", cli.RUN_ERROR),
+        (["--methods", "magic"], "methods", cli.USAGE_ERROR),
+        (["--preset", "huge"], "preset", cli.USAGE_ERROR),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_naming_the_field(tmp_path, capsys, extra, field, code):
+    assert _demo(tmp_path / "out", tmp_path / "cache", *extra) == code
+    error = capsys.readouterr().err.strip()
+    assert field in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_teacher_cache_key_follows_the_teacher_not_the_students(tmp_path):
+    def path(**overrides) -> Path:
+        return teacher_cache_path(
+            DemoArguments(output_dir=str(tmp_path / "out"), preset="smoke", **overrides)
+        )
+
+    base = path()
+    assert base.parent == tmp_path / ".distillens-cache" and base.name.startswith("teacher-")
+    assert path(seed=5, student_max_steps=3, methods=["kd"]) == base
+    assert path(teacher_max_steps=31) != base
+    assert path(data_seed=1) != base
+    assert path(num_test=25) != base  # the held-out splits are drawn first, so they change train
+    assert path(cache_dir=str(tmp_path / "elsewhere")).parent == tmp_path / "elsewhere"
