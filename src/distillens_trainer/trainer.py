@@ -14,6 +14,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DistillLensConfig
+from .distributed import prepare_teacher
 from .layer_map import LayerPair, resolve_layer_map
 from .lens import LogitLens, unwrap_model
 from .objective import FeatureProjector, ObjectiveOutput, distillens_loss
@@ -162,8 +163,6 @@ class DistillLensTrainer(Trainer):
 
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
-        from .distributed import prepare_teacher
-
         return prepare_teacher(freeze(teacher), self.args, self.accelerator)
 
     def _build_feature_projector(self) -> FeatureProjector:
