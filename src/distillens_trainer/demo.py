@@ -49,6 +49,7 @@ from typing import Any
 
 import torch
 
+from .files import refuse_non_empty_dir, write_json_atomic
 from .tasks import DEFAULT_VOCAB_SIZE, TASK_FAMILIES, read_jsonl, resolve_tasks, score_answer
 
 logger = logging.getLogger(__name__)
@@ -383,26 +384,14 @@ def set_threads(num_threads: int | None) -> int:
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse a non-empty output_dir unless overwriting was asked for."""
-    path = Path(output_dir)
-    if path.exists() and not path.is_dir():
-        raise ValueError(f"output_dir={output_dir!r} is a file; pass a folder.")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise ValueError(
-            f"output_dir={output_dir!r} is not empty; pass --overwrite_output_dir to write into it anyway, or "
-            "choose another folder."
-        )
+    refuse_non_empty_dir(
+        output_dir, allowed=overwrite, how_to_allow="pass --overwrite_output_dir to write into it anyway"
+    )
 
 
 def _stable_hash(payload: Mapping[str, Any]) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
-
-
-def _write_json(path: Path, payload: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def count_parameters(model: torch.nn.Module) -> int:
@@ -675,7 +664,7 @@ def store_model(path: Path, model: Any, tokenizer: Any, info: Mapping[str, Any])
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        _write_json(staging / TEACHER_INFO_NAME, info)
+        write_json_atomic(staging / TEACHER_INFO_NAME, info)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         os.replace(staging, path)
@@ -1229,9 +1218,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "settings": args.settings(),
         "table": table,
     }
-    _write_json(output_dir / RESULTS_NAME, results)
+    write_json_atomic(output_dir / RESULTS_NAME, results)
     histories = {name: run["log_history"] for name, run in runs.items()}
-    _write_json(output_dir / "training_logs.json", histories)
+    write_json_atomic(output_dir / "training_logs.json", histories)
     print(f"\nDistillLens demo ({args.preset} preset), test split of {len(suite.splits['test'])} prompts:\n")
     print(table)
     print(f"\nResults: {output_dir / RESULTS_NAME}; figures: {', '.join(figures) or 'none'}")
