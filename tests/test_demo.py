@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -16,8 +17,10 @@ from distillens_trainer.demo import (
     TEACHER_INFO_NAME,
     DemoArguments,
     check_output_dir,
+    explicit_lens_layers,
     teacher_cache_path,
 )
+from distillens_trainer.layer_map import resolve_layer_map
 
 MODELS = ("teacher", "sft", "kd", "distillens")
 
@@ -155,6 +158,9 @@ def test_the_preset_fills_only_unset_fields(tmp_path):
         (["--tasks", "juggling"], "tasks", cli.RUN_ERROR),
         (["--methods", "sft", "sft"], "methods", cli.RUN_ERROR),
         (["--methods", "magic"], "methods", cli.USAGE_ERROR),
+        (["--lens_teacher_layers", "1", "2"], "lens_teacher_layers", cli.RUN_ERROR),
+        (["--lens_teacher_layers", "9"], "lens_teacher_layers", cli.RUN_ERROR),
+        (["--kd_divergence", "l2"], "kd_divergence", cli.USAGE_ERROR),
         (["--preset", "huge"], "preset", cli.USAGE_ERROR),
     ],
 )
@@ -178,3 +184,15 @@ def test_the_teacher_cache_key_follows_the_teacher_not_the_students(tmp_path):
     assert path(data_seed=1) != base
     assert path(num_test=25) != base  # the held-out splits are drawn first, so they change train
     assert path(cache_dir=str(tmp_path / "elsewhere")).parent == tmp_path / "elsewhere"
+
+
+def test_explicit_teacher_layers_pair_with_the_evenly_spaced_student_layers():
+    student = SimpleNamespace(config=SimpleNamespace(num_hidden_layers=3))
+    assert explicit_lens_layers(student, 2, None) == {}
+    fields = explicit_lens_layers(student, 2, [1, 3])
+    assert fields == {"lens_student_layers": [1, 2], "lens_teacher_layers": [1, 3]}
+    assert resolve_layer_map(3, 4, fields["lens_student_layers"], fields["lens_teacher_layers"]) == [
+        (1, 1),
+        (2, 3),
+    ]
+    assert resolve_layer_map(3, 4, num_layers=2) == [(1, 1), (2, 2)]  # the default: floor(s * 4 / 3)
