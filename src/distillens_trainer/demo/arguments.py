@@ -1,0 +1,331 @@
+"""Settings of ``distillens demo``: the presets, the student methods, the demo's constants and
+:class:`DemoArguments`."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..divergences import DIVERGENCE_NAMES, check_divergence_name
+from ..tasks import DEFAULT_VOCAB_SIZE, TASK_FAMILIES, resolve_tasks
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # About 4-8 minutes on 2 CPU cores, teacher included; a second run reuses the cached teacher and student init.
+    "default": {
+        # Two families a 4-layer teacher learns reliably (90-98% exact match over teacher seeds) in 1200 steps;
+        # adding reverse_list or list_stats makes the teacher's escape from its loss plateau a matter of luck.
+        "tasks": ["copy_text", "compare_numbers"],
+        "num_train": 20000,
+        "num_eval": 200,
+        "num_test": 200,
+        "teacher_layers": 4,
+        "teacher_hidden_size": 128,
+        "teacher_max_steps": 1200,
+        "teacher_learning_rate": 2e-3,
+        "student_layers": 3,
+        "student_hidden_size": 64,
+        "student_warmup_steps": 1000,
+        "student_warmup_learning_rate": 3e-3,
+        "student_max_steps": 800,
+        "student_learning_rate": 2e-3,
+        "batch_size": 64,
+        "lens_num_layers": 2,
+        "logging_steps": 20,
+    },
+    # About a minute: tiny models and few steps, for tests. The numbers mean little.
+    "smoke": {
+        "tasks": ["copy_text", "compare_numbers", "key_lookup"],
+        "num_train": 256,
+        "num_eval": 24,
+        "num_test": 24,
+        "teacher_layers": 3,
+        "teacher_hidden_size": 64,
+        "teacher_max_steps": 30,
+        "teacher_learning_rate": 3e-3,
+        "student_layers": 2,
+        "student_hidden_size": 32,
+        "student_warmup_steps": 10,
+        "student_warmup_learning_rate": 3e-3,
+        "student_max_steps": 15,
+        "student_learning_rate": 3e-3,
+        "batch_size": 16,
+        "lens_num_layers": 1,
+        "logging_steps": 5,
+    },
+}
+
+# Every student objective the demo and the quality benchmark know, as DistillLensConfig fields.
+METHODS: dict[str, dict[str, Any]] = {
+    "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
+    "kd": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0},
+    "distillens": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd"},
+    "distillens_skl": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "skl"},
+    "feature": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0, "feature_weight": 1.0},
+}
+DEMO_METHODS = ("sft", "kd", "distillens")
+INIT_NAME = "init"
+METHOD_DESCRIPTIONS = {
+    "teacher": "SFT teacher (cross-entropy)",
+    INIT_NAME: "the initial student every method starts from (SFT warm-up)",
+    "sft": "student, cross-entropy only",
+    "kd": "student, reverse KL on the final logits",
+    "distillens": "student, reverse KL + JSD logit lens",
+    "distillens_skl": "student, reverse KL + symmetric-KL logit lens",
+    "feature": "student, reverse KL + MSE feature matching",
+}
+TEACHER_OBJECTIVE = {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0}
+PROMPT_TEMPLATES = ("plain", "alpaca")
+CACHE_DIRNAME = ".distillens-cache"
+CACHE_FORMAT = 1  # bump when the way the teacher is built changes, so old cache entries are ignored
+TEACHER_INFO_NAME = "teacher_info.json"
+RESULTS_NAME = "results.json"
+FIGURE_NAMES = ("training_curves.png", "lens_divergence.png", "exact_match_per_task.png")
+HEAD_DIM = 32
+LENS_EVAL_DIVERGENCE = "jsd"
+
+
+@dataclass
+class DemoArguments:
+    """Settings of ``distillens demo``; every field left unset takes the value of ``--preset``."""
+
+    output_dir: str = field(
+        metadata={
+            "help": "Folder for results.json, the figures, the task suite, the tokenizer, the students and their "
+            "generations. Must be empty or absent unless --overwrite_output_dir is given."
+        }
+    )
+    preset: str = field(
+        default="default",
+        metadata={
+            "help": "Size of the run: 'default' (a clear teacher/student gap, about 4-8 minutes on 2 CPU cores "
+            "when the teacher is not cached yet) or 'smoke' (tiny models, about a minute; for tests). Every "
+            "field below that is left unset takes the preset's value.",
+            "choices": list(PRESETS),
+        },
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Allow a non-empty output_dir; the demo's files in it are replaced, others are kept."
+        },
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata={
+            "help": "Where trained teachers are cached (one teacher-<hash> folder per data/teacher setting). "
+            f"Default: {CACHE_DIRNAME} in the parent folder of output_dir."
+        },
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(DEMO_METHODS),
+        metadata={
+            "help": "Student objectives to compare, from the same initial weights: sft (cross-entropy), kd "
+            "(reverse KL on the final logits), distillens (kd + JSD logit lens), distillens_skl (kd + "
+            "symmetric-KL logit lens), feature (kd + the paper's MSE feature baseline).",
+            "choices": list(METHODS),
+        },
+    )
+    seed: int = field(
+        default=0, metadata={"help": "Seed of the students' initial weights and of their data order."}
+    )
+    data_seed: int = field(default=0, metadata={"help": "Seed of the generated task suite."})
+    teacher_seed: int = field(
+        default=0, metadata={"help": "Seed of the teacher's initial weights and data order."}
+    )
+    tasks: list[str] | None = field(
+        default=None,
+        metadata={"help": f"Task families to train and test on; any of: {', '.join(TASK_FAMILIES)}."},
+    )
+    num_train: int | None = field(default=None, metadata={"help": "Training examples in the task suite."})
+    num_eval: int | None = field(
+        default=None,
+        metadata={"help": "Validation examples (held out; used for the per-layer lens divergence)."},
+    )
+    num_test: int | None = field(
+        default=None, metadata={"help": "Test examples (held out; scored with exact match and ROUGE-L)."}
+    )
+    vocab_size: int = field(
+        default=DEFAULT_VOCAB_SIZE, metadata={"help": "Size of the suite's byte-level BPE vocabulary."}
+    )
+    prompt_template: str = field(
+        default="plain",
+        metadata={
+            "help": "Prompt format for training and generation: 'plain' (instruction and input, short: fast on "
+            "a CPU) or 'alpaca' (the paper's template, about 45 more tokens per example).",
+            "choices": list(PROMPT_TEMPLATES),
+        },
+    )
+    teacher_layers: int | None = field(default=None, metadata={"help": "Transformer blocks of the teacher."})
+    teacher_hidden_size: int | None = field(
+        default=None, metadata={"help": f"Hidden size of the teacher (a multiple of {HEAD_DIM})."}
+    )
+    teacher_max_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps of the teacher's SFT."}
+    )
+    teacher_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the teacher (cosine decay)."}
+    )
+    student_layers: int | None = field(
+        default=None, metadata={"help": "Transformer blocks of each student (fewer than the teacher's)."}
+    )
+    student_hidden_size: int | None = field(
+        default=None,
+        metadata={"help": f"Hidden size of each student (a multiple of {HEAD_DIM}, below the teacher's)."},
+    )
+    student_warmup_steps: int | None = field(
+        default=None,
+        metadata={
+            "help": "SFT steps that give every method its shared initial student (cached like the teacher), as "
+            "in MiniLLM-style distillation where students start from an SFT checkpoint; 0 starts the methods "
+            "from random weights."
+        },
+    )
+    student_warmup_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the warm-up SFT (cosine decay)."}
+    )
+    student_max_steps: int | None = field(
+        default=None,
+        metadata={"help": "Optimizer steps of each method after the warm-up, whatever its objective."},
+    )
+    student_learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of each method after the warm-up (cosine decay)."}
+    )
+    batch_size: int | None = field(default=None, metadata={"help": "Examples per optimizer step."})
+    kd_divergence: str = field(
+        default="rkl",
+        metadata={
+            "help": "Divergence on the final logits for every distilled student (the paper's: rkl; fkl is "
+            "Hinton-style KD).",
+            "choices": list(DIVERGENCE_NAMES),
+        },
+    )
+    lens_weight: float = field(
+        default=1.0, metadata={"help": "Weight of the logit-lens term for the distillens methods (paper: 1)."}
+    )
+    lens_num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Student layers (evenly spaced) matched to the teacher through the lens; below "
+            "student_layers. The paper uses 5 with deeper students."
+        },
+    )
+    lens_teacher_layers: list[int] | None = field(
+        default=None,
+        metadata={
+            "help": "Teacher layer (hidden_states index) for each of the lens_num_layers student layers, in "
+            "order; default: the teacher layer at the same relative depth, floor(s*L_T/L_S)."
+        },
+    )
+    logging_steps: int | None = field(
+        default=None, metadata={"help": "Optimizer steps between logged losses (the curves' resolution)."}
+    )
+    eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
+    max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "Tokens generated per answer; default: the longest test answer plus 4."},
+    )
+    num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads for torch (default: the cores this process may use, at most 8). On a machine "
+            "shared with other jobs, 1 is often faster."
+        },
+    )
+    save_models: bool = field(
+        default=True,
+        metadata={"help": "Save each trained student (with the tokenizer) under output_dir/models/<method>."},
+    )
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"preset={self.preset!r} is not one of {', '.join(PRESETS)}.")
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, copy.deepcopy(value))
+        self._validate()
+
+    def _validate(self) -> None:
+        if not str(self.output_dir).strip():
+            raise ValueError("output_dir is empty: pass --output_dir FOLDER.")
+        self.methods = list(self.methods)
+        if not self.methods:
+            raise ValueError(f"methods is empty: pass --methods with some of {', '.join(METHODS)}.")
+        for method in self.methods:
+            if method not in METHODS:
+                raise ValueError(f"methods holds {method!r}; choose from {', '.join(METHODS)}.")
+        if len(set(self.methods)) != len(self.methods):
+            raise ValueError(f"methods={self.methods} names a method twice; list each once.")
+        self.tasks = resolve_tasks(self.tasks)
+        if self.prompt_template not in PROMPT_TEMPLATES:
+            raise ValueError(
+                f"prompt_template={self.prompt_template!r} is not one of {', '.join(PROMPT_TEMPLATES)}."
+            )
+        positive = (
+            "num_train", "num_eval", "num_test", "teacher_layers", "teacher_hidden_size", "teacher_max_steps",
+            "student_layers", "student_hidden_size", "student_max_steps", "batch_size", "lens_num_layers",
+            "logging_steps", "eval_batch_size",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be a positive integer.")
+        for name in ("max_new_tokens", "num_threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name}={value} must be a positive integer or unset.")
+        if isinstance(self.student_warmup_steps, bool) or not isinstance(self.student_warmup_steps, int):
+            raise ValueError(f"student_warmup_steps={self.student_warmup_steps!r} must be an integer >= 0.")
+        if self.student_warmup_steps < 0:
+            raise ValueError(f"student_warmup_steps={self.student_warmup_steps} must be >= 0.")
+        for name in ("teacher_learning_rate", "student_warmup_learning_rate", "student_learning_rate"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be > 0.")
+        check_divergence_name(self.kd_divergence, "kd_divergence")
+        if self.lens_weight < 0:
+            raise ValueError(f"lens_weight={self.lens_weight} must be >= 0.")
+        for name in ("teacher_hidden_size", "student_hidden_size"):
+            if getattr(self, name) % HEAD_DIM:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} must be a multiple of {HEAD_DIM} (the head size)."
+                )
+        if self.student_layers < 2:
+            raise ValueError(
+                f"student_layers={self.student_layers} must be >= 2 so the lens has a layer to match."
+            )
+        if self.lens_num_layers >= self.student_layers:
+            raise ValueError(
+                f"lens_num_layers={self.lens_num_layers} must be below student_layers={self.student_layers} "
+                "(the lens matches intermediate layers)."
+            )
+        if self.lens_teacher_layers is not None:
+            self.lens_teacher_layers = list(self.lens_teacher_layers)
+            if len(self.lens_teacher_layers) != self.lens_num_layers:
+                raise ValueError(
+                    f"lens_teacher_layers={self.lens_teacher_layers} has {len(self.lens_teacher_layers)} entries "
+                    f"but lens_num_layers={self.lens_num_layers}: give one teacher layer per student layer."
+                )
+            for index in self.lens_teacher_layers:
+                if not 1 <= index <= self.teacher_layers:
+                    raise ValueError(
+                        f"lens_teacher_layers holds {index}, but the teacher has {self.teacher_layers} layers: "
+                        f"use indices in 1..{self.teacher_layers}."
+                    )
+        if self.student_layers > self.teacher_layers:
+            raise ValueError(
+                f"student_layers={self.student_layers} exceeds teacher_layers={self.teacher_layers}: the student "
+                "should be the smaller model."
+            )
+
+    @property
+    def resolved_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir)
+        return Path(os.path.abspath(self.output_dir)).parent / CACHE_DIRNAME
+
+    def settings(self) -> dict[str, Any]:
+        """Every field, preset values filled in (what results.json records)."""
+        return dataclasses.asdict(self)

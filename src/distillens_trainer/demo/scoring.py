@@ -1,0 +1,162 @@
+"""Scoring the demo's models: greedy generation (exact match, ROUGE-L) and the per-layer logit-lens
+divergence from the teacher."""
+
+from __future__ import annotations
+
+import inspect
+import statistics
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..tasks import score_answer
+from .arguments import LENS_EVAL_DIVERGENCE
+from .training import prompt_of
+
+
+def default_max_new_tokens(examples: Sequence[Mapping[str, str]], tokenizer: Any) -> int:
+    """The longest reference answer in tokens, plus room for EOS and a little overshoot."""
+    lengths = [len(tokenizer(example["output"], add_special_tokens=False).input_ids) for example in examples]
+    return max(lengths, default=8) + 4
+
+
+def _generate(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
+    """``evaluation.generate_responses`` with only the keyword arguments its signature accepts."""
+    from ..evaluation import generate_responses
+
+    accepted = inspect.signature(generate_responses).parameters
+    return generate_responses(model, tokenizer, prompts, **{k: v for k, v in kwargs.items() if k in accepted})
+
+
+def evaluate_generation(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Mapping[str, str]],
+    *,
+    prompt_template: str,
+    batch_size: int,
+    max_new_tokens: int,
+) -> dict[str, Any]:
+    """Greedy answers to ``examples`` scored with exact match and ROUGE-L (both 0-100), overall and per task."""
+    from ..evaluation import rouge_l
+
+    prompts = [prompt_of(example, prompt_template) for example in examples]
+    answers = _generate(
+        model,
+        tokenizer,
+        prompts,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        max_prompt_length=256,
+        do_sample=False,
+        no_repeat_ngram_size=0,
+        seed=0,
+        show_progress=True,
+    )
+    records = []
+    for example, answer in zip(examples, answers):
+        records.append(
+            {
+                "task": example["task"],
+                "instruction": example["instruction"],
+                "input": example["input"],
+                "reference": example["output"],
+                "generation": answer,
+                "exact_match": 100.0 if score_answer(answer, example["output"]) else 0.0,
+                "rougeL": rouge_l(answer, [example["output"]]),
+            }
+        )
+    per_task: dict[str, dict[str, float]] = {}
+    for task in dict.fromkeys(example["task"] for example in examples):
+        rows = [record for record in records if record["task"] == task]
+        per_task[task] = {
+            "exact_match": round(statistics.fmean(row["exact_match"] for row in rows), 2),
+            "rougeL": round(statistics.fmean(row["rougeL"] for row in rows), 2),
+            "n": len(rows),
+        }
+    return {
+        "exact_match": round(statistics.fmean(row["exact_match"] for row in records), 2),
+        "rougeL": round(statistics.fmean(row["rougeL"] for row in records), 2),
+        "num_examples": len(records),
+        "per_task": dict(sorted(per_task.items())),
+        "records": records,
+    }
+
+
+@torch.no_grad()
+def lens_divergence_profile(
+    student: Any,
+    teacher: Any,
+    tokenizer: Any,
+    dataset: Any,
+    *,
+    batch_size: int = 64,
+    divergence: str = LENS_EVAL_DIVERGENCE,
+) -> dict[str, Any]:
+    """Mean per-token divergence, on response tokens, between each student layer and the teacher layer at the
+    same relative depth, both read through their own logit lens (final norm + LM head).
+
+    Returns ``{"pairs": [[s, t], ...], "divergence": [...], "final": ..., "student_ce": ..., "teacher_ce": ...}``;
+    the last pair is the two models' final layers, i.e. the divergence of their output distributions.
+    """
+    from ..data import DataCollatorForCompletionOnly
+    from ..layer_map import proportional_teacher_layer
+    from ..lens import LogitLens
+    from ..objective import ObjectiveSpec, distillens_loss
+    from ..teacher import shared_vocab_size
+
+    student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
+    pairs = [
+        (layer, proportional_teacher_layer(layer, student_lens.num_layers, teacher_lens.num_layers))
+        for layer in range(1, student_lens.num_layers + 1)
+    ]
+    spec = ObjectiveSpec(
+        ce_weight=1.0, kd_weight=1.0, kd_divergence=divergence, lens_weight=1.0, lens_divergence=divergence
+    )
+    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    collator = DataCollatorForCompletionOnly(tokenizer)
+    was_training = student.training, teacher.training
+    student.eval()
+    teacher.eval()
+    device = next(student.parameters()).device
+    sums: dict[str, float] = {}
+    teacher_ce, num_tokens = 0.0, 0
+    for start in range(0, len(dataset), batch_size):
+        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
+        batch = {key: value.to(device) for key, value in batch.items()}
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        student_out = student(**inputs, output_hidden_states=True, use_cache=False)
+        teacher_out = teacher(**inputs, output_hidden_states=True, use_cache=False)
+        result = distillens_loss(
+            student_out.logits,
+            teacher_out.logits,
+            batch["labels"],
+            spec,
+            vocab_size=vocab_size,
+            student_hidden_states=student_out.hidden_states,
+            teacher_hidden_states=teacher_out.hidden_states,
+            student_lens=student_lens,
+            teacher_lens=teacher_lens,
+            layer_map=pairs,
+        )
+        teacher_ce += float(
+            distillens_loss(
+                teacher_out.logits, None, batch["labels"], ObjectiveSpec(ce_weight=1.0, kd_weight=0.0)
+            ).term_sums["ce_loss"]
+        )
+        for name, value in result.term_sums.items():
+            sums[name] = sums.get(name, 0.0) + float(value)
+        num_tokens += result.num_tokens
+    student.train(was_training[0])
+    teacher.train(was_training[1])
+    tokens = max(num_tokens, 1)
+    return {
+        "divergence_name": divergence,
+        "pairs": [list(pair) for pair in pairs],
+        "divergence": [round(sums[f"lens/s{s}_t{t}"] / tokens, 5) for s, t in pairs],
+        "final": round(sums["kd_loss"] / tokens, 5),
+        "student_ce": round(sums["ce_loss"] / tokens, 5),
+        "teacher_ce": round(teacher_ce / tokens, 5),
+        "num_tokens": num_tokens,
+    }

@@ -1,0 +1,262 @@
+"""The task suite in memory, the demo's small Llama-style models and their training with
+:class:`~distillens_trainer.DistillLensTrainer`."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tasks import read_jsonl
+from .arguments import HEAD_DIM, METHODS, DemoArguments
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Suite:
+    """The task suite in memory: raw splits, the tokenizer and the tokenised train/validation sets."""
+
+    splits: dict[str, list[dict[str, str]]]
+    tokenizer: Any = None
+    train_dataset: Any = None
+    eval_dataset: Any = None
+
+
+def suite_key(args: DemoArguments) -> dict[str, Any]:
+    """What determines the data and the tokenizer."""
+    return {
+        "tasks": list(args.tasks),
+        "num_train": args.num_train,
+        "num_eval": args.num_eval,
+        "num_test": args.num_test,
+        "data_seed": args.data_seed,
+        "vocab_size": args.vocab_size,
+        "prompt_template": args.prompt_template,
+    }
+
+
+def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
+    """Write the task suite to ``data_dir`` and read its splits back."""
+    from ..tasks import write_task_suite
+
+    paths = write_task_suite(
+        data_dir,
+        num_train=args.num_train,
+        num_eval=args.num_eval,
+        num_test=args.num_test,
+        seed=args.data_seed,
+        tasks=args.tasks,
+    )
+    return {split: read_jsonl(paths[split]) for split in ("train", "validation", "test")}
+
+
+def prompt_of(example: Mapping[str, str], template: str) -> str:
+    """The prompt a model is trained on and generates from."""
+    from ..data import build_prompt
+
+    return build_prompt(example, None, template)
+
+
+def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, template: str):
+    """Tokenised ``input_ids``/``attention_mask``/``labels`` rows (prompt masked) as a ``datasets.Dataset``."""
+    import datasets
+
+    from ..data import tokenize_prompt_completion
+
+    raw = datasets.Dataset.from_list(
+        [{"prompt": prompt_of(example, template), "completion": example["output"]} for example in examples]
+    )
+    tokenized, _ = tokenize_prompt_completion(raw, tokenizer, max_length=512, max_prompt_length=256)
+    return tokenized
+
+
+def prepare_suite(args: DemoArguments, data_dir: Path, tokenizer: Any = None) -> Suite:
+    """Write the suite, train the tokenizer unless one is given, and tokenise train and validation."""
+    from ..tasks import build_suite_tokenizer
+
+    splits = write_suite(args, data_dir)
+    if tokenizer is None:
+        tokenizer = build_suite_tokenizer(data_dir.parent / "tokenizer", splits["train"], args.vocab_size)
+    suite = Suite(splits=splits, tokenizer=tokenizer)
+    suite.train_dataset = tokenize_examples(splits["train"], tokenizer, args.prompt_template)
+    suite.eval_dataset = tokenize_examples(splits["validation"], tokenizer, args.prompt_template)
+    return suite
+
+
+def model_config(tokenizer: Any, num_layers: int, hidden_size: int):
+    """A small Llama-style config (SwiGLU, RoPE, RMSNorm, tied embeddings) over the suite tokenizer."""
+    from transformers import LlamaConfig
+
+    heads = hidden_size // HEAD_DIM
+    return LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=(8 * hidden_size // 3 + 15) // 16 * 16,
+        num_hidden_layers=num_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+def build_model(tokenizer: Any, num_layers: int, hidden_size: int, seed: int):
+    """A randomly initialised fp32 causal LM, deterministic given ``seed``."""
+    from transformers import LlamaForCausalLM, set_seed
+
+    set_seed(seed)
+    model = LlamaForCausalLM(model_config(tokenizer, num_layers, hidden_size))
+    return model.to(torch.float32)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
+
+
+def _final_logged(log_history: Sequence[Mapping[str, Any]], key: str, last: int = 3) -> float | None:
+    """Mean of the last ``last`` logged values of ``key`` (training logs only)."""
+    values = [entry[key] for entry in log_history if key in entry and "train_runtime" not in entry]
+    return round(statistics.fmean(values[-last:]), 5) if values else None
+
+
+def train_model(
+    model: torch.nn.Module,
+    suite: Suite,
+    *,
+    objective: Mapping[str, Any],
+    output_dir: Path,
+    max_steps: int,
+    learning_rate: float,
+    batch_size: int,
+    seed: int,
+    logging_steps: int,
+    lens_num_layers: int = 1,
+    lens_teacher_layers: Sequence[int] | None = None,
+    teacher: torch.nn.Module | None = None,
+    description: str = "",
+) -> dict[str, Any]:
+    """Train ``model`` in place with :class:`DistillLensTrainer` and return its log and final losses."""
+    from ..config import DistillLensConfig
+    from ..data import DataCollatorForCompletionOnly
+    from ..trainer import DistillLensTrainer
+
+    config = DistillLensConfig(
+        output_dir=str(output_dir),
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=learning_rate,
+        lr_scheduler_type="cosine",
+        warmup_steps=max(1, max_steps // 20),
+        weight_decay=0.0,
+        logging_steps=logging_steps,
+        logging_first_step=True,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        disable_tqdm=False,
+        lens_num_layers=lens_num_layers,
+        **explicit_lens_layers(model, lens_num_layers, lens_teacher_layers),
+        **objective,
+    )
+    needs_teacher = config.objective.needs_teacher
+    trainer = DistillLensTrainer(
+        model=model,
+        args=config,
+        train_dataset=suite.train_dataset,
+        processing_class=suite.tokenizer,
+        data_collator=DataCollatorForCompletionOnly(suite.tokenizer),
+        teacher_model=teacher if needs_teacher else None,
+    )
+    if description:
+        logger.info("[demo] training %s: %s, %d steps", description, dict(objective), max_steps)
+    if trainer.layer_map:
+        logger.info("[demo] lens layer pairs (student, teacher): %s", trainer.layer_map)
+    start = time.perf_counter()
+    trainer.train()
+    train_time = time.perf_counter() - start
+    history = [dict(entry) for entry in trainer.state.log_history]
+    model.eval()
+    return {
+        "trainer": trainer,
+        "train_time_s": round(train_time, 2),
+        "max_steps": max_steps,
+        "objective": {key: getattr(config, key) for key in _OBJECTIVE_FIELDS},
+        "layer_map": [list(pair) for pair in trainer.layer_map],
+        "log_history": history,
+        "final_loss": _final_logged(history, "loss"),
+        "final_ce_loss": _final_logged(history, "ce_loss"),
+        "final_kd_loss": _final_logged(history, "kd_loss"),
+        "final_lens_loss": _final_logged(history, "lens_loss"),
+        "final_feature_loss": _final_logged(history, "feature_loss"),
+    }
+
+
+def explicit_lens_layers(
+    model: torch.nn.Module, lens_num_layers: int, lens_teacher_layers: Sequence[int] | None
+) -> dict[str, list[int]]:
+    """DistillLensConfig's explicit layer fields when the teacher layers are given, else nothing."""
+    if lens_teacher_layers is None:
+        return {}
+    from ..layer_map import paper_student_layers
+
+    student_layers = paper_student_layers(model.config.num_hidden_layers, lens_num_layers)
+    return {"lens_student_layers": student_layers, "lens_teacher_layers": list(lens_teacher_layers)}
+
+
+_OBJECTIVE_FIELDS = (
+    "ce_weight", "kd_weight", "kd_divergence", "lens_weight", "lens_divergence", "feature_weight",
+    "lens_num_layers",
+)  # fmt: skip
+
+
+def method_objective(method: str, args: DemoArguments) -> dict[str, Any]:
+    """The DistillLensConfig loss fields of a student method."""
+    objective = dict(METHODS[method])
+    if objective.get("kd_weight", 0) > 0:
+        objective.setdefault("kd_divergence", args.kd_divergence)
+    if method.startswith("distillens"):
+        objective["lens_weight"] = args.lens_weight
+    return objective
+
+
+def train_student(
+    method: str,
+    initial_student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    suite: Suite,
+    args: DemoArguments,
+    output_dir: Path,
+    seed: int | None = None,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """A copy of ``initial_student`` trained with ``method``; returns ``(student, run info)``."""
+    student = copy.deepcopy(initial_student)
+    run = train_model(
+        student,
+        suite,
+        objective=method_objective(method, args),
+        output_dir=output_dir,
+        max_steps=args.student_max_steps,
+        learning_rate=args.student_learning_rate,
+        batch_size=args.batch_size,
+        seed=args.seed if seed is None else seed,
+        logging_steps=args.logging_steps,
+        lens_num_layers=args.lens_num_layers,
+        lens_teacher_layers=args.lens_teacher_layers,
+        teacher=teacher,
+        description=f"student '{method}'",
+    )
+    return student, run
