@@ -79,12 +79,16 @@ def gpt2_tokenizer():
     return transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))
 
 
-def load_tiny_training_script():
-    """``tests/distributed/train_tiny.py`` (the script torchrun launches) imported as a module."""
-    name = "distillens_train_tiny"
+def import_script(path: Path, name: str):
+    """A script that is not part of the package (a benchmark, a torchrun target) imported as a module."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, TINY_TRAINING_SCRIPT)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+def load_tiny_training_script():
+    """``tests/distributed/train_tiny.py`` (the script torchrun launches) imported as a module."""
+    return import_script(TINY_TRAINING_SCRIPT, "distillens_train_tiny")

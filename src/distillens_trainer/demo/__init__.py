@@ -2,7 +2,7 @@
 
 One command, no downloads::
 
-    distillens demo --output_dir runs/demo                  # about 4-8 minutes on 2 CPU cores
+    distillens demo --output_dir runs/demo                  # about 4 minutes on 2 CPU cores (2 once cached)
     distillens demo --output_dir runs/smoke --preset smoke  # tiny models, well under a minute
 
 The demo

@@ -14,7 +14,8 @@ from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..tasks import DEFAULT_VOCAB_SIZE, TASK_FAMILIES, resolve_tasks
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # About 4-8 minutes on 2 CPU cores, teacher included; a second run reuses the cached teacher and student init.
+    # About 4 minutes on 2 CPU cores, teacher included (measured 4 min 07 s); a second run reuses the cached
+    # teacher and initial student (about 2 minutes).
     "default": {
         # Two families a 4-layer teacher learns reliably (90-98% exact match over teacher seeds) in 1200 steps;
         # adding reverse_list or list_stats makes the teacher's escape from its loss plateau a matter of luck.
@@ -101,7 +102,7 @@ class DemoArguments:
     preset: str = field(
         default="default",
         metadata={
-            "help": "Size of the run: 'default' (a clear teacher/student gap, about 4-8 minutes on 2 CPU cores "
+            "help": "Size of the run: 'default' (a clear teacher/student gap, about 4 minutes on 2 CPU cores "
             "when the teacher is not cached yet) or 'smoke' (tiny models, about a minute; for tests). Every "
             "field below that is left unset takes the preset's value.",
             "choices": list(PRESETS),

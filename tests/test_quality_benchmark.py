@@ -1,0 +1,133 @@
+"""``benchmarks/quality.py``: the statistics by hand, the report, bad arguments, and one tiny end-to-end run."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import import_script
+
+quality = import_script(
+    Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py", "distillens_quality"
+)
+
+
+def _run(method: str, seed: int, exact_match: float, rouge: float = 50.0) -> dict:
+    return {
+        "method": method,
+        "seed": seed,
+        "exact_match": exact_match,
+        "rougeL": rouge,
+        "mean_lens_jsd": 0.2,
+        "output_jsd": 0.1,
+        "train_time_s": 10.0,
+    }
+
+
+def test_paired_difference_is_the_mean_with_a_hand_computed_t_interval():
+    # differences 1, 2, 3: mean 2, sample std 1, t_{0.975, 2} = 4.303, half width 4.303 / sqrt(3) = 2.484
+    diff = quality.paired_difference([1.0, 2.0, 3.0])
+    assert diff["mean"] == 2.0 and diff["std"] == 1.0 and diff["n"] == 3
+    assert diff["t_975"] == pytest.approx(4.303, abs=1e-3)
+    assert diff["ci95"] == pytest.approx([2 - 2.484, 2 + 2.484], abs=2e-3)
+
+
+def test_the_t_table_is_used_without_scipy_and_rounds_df_down(monkeypatch):
+    monkeypatch.setitem(
+        sys.modules, "scipy.stats", None
+    )  # ``from scipy.stats import t`` now raises ImportError
+    assert quality.t_quantile_975(2) == 4.303
+    assert quality.t_quantile_975(4) == 2.776
+    assert quality.t_quantile_975(35) == 2.042  # the next smaller tabulated df (30): a wider, safe interval
+
+
+def test_summary_pairs_methods_by_seed_and_skips_unpaired_seeds():
+    runs = [
+        _run("kd", 0, 40.0),
+        _run("kd", 1, 50.0),
+        _run("kd", 2, 30.0),
+        _run("distillens", 0, 44.0),
+        _run("distillens", 1, 53.0),  # seed 2 missing: the paired difference uses seeds 0 and 1 only
+    ]
+    summary = quality.summarise(runs, ["kd", "distillens"], [0, 1, 2])
+    assert summary["methods"]["kd"]["exact_match"] == {"mean": 40.0, "std": 10.0, "n": 3}
+    assert summary["methods"]["distillens"]["exact_match"]["n"] == 2
+    paired = summary["paired"]["distillens - kd"]
+    assert paired["seeds"] == [0, 1]
+    assert paired["exact_match"]["per_seed"] == [4.0, 3.0]
+    assert paired["exact_match"]["mean"] == 3.5
+    assert "feature - kd" not in summary["paired"]  # a method that did not run has no comparison
+
+
+def test_the_markdown_report_has_a_row_per_method_and_per_difference():
+    runs = [_run("init", s, 10.0) for s in (0, 1)]
+    runs += [_run("kd", s, 40.0 + s) for s in (0, 1)] + [_run("distillens", s, 45.0 + 3 * s) for s in (0, 1)]
+    settings = {
+        "tasks": ["copy_text"], "teacher_max_steps": 5, "student_layers": 2, "student_hidden_size": 32,
+        "student_warmup_steps": 3, "student_max_steps": 4, "batch_size": 8, "student_learning_rate": 1e-3,
+        "kd_divergence": "rkl", "lens_weight": 1.0, "num_test": 10, "num_eval": 10,
+    }  # fmt: skip
+    report = {
+        "command": "python benchmarks/quality.py",
+        "seeds": [0, 1],
+        "torch_threads": 1,
+        "total_time_s": 60.0,
+        "settings": settings,
+        "teacher": {"exact_match": 90.0, "rougeL": 95.0, "num_layers": 3, "hidden_size": 64, "params": 1e5},
+        "student_params": 5e4,
+        "lens_layer_map": [[1, 1]],
+        "runs": runs,
+        "summary": quality.summarise(runs, ["init", "kd", "distillens"], [0, 1]),
+    }
+    text = quality.markdown_report(report)
+    assert "| distillens | 46.5 ± 2.1 |" in text
+    assert "| distillens - kd | +6.00 |" in text and "+5.0, +7.0" in text
+    assert "4 student runs" in text and "1 torch thread)" in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "field"),
+    [
+        (["--seeds", "0"], "seeds"),
+        (["--seeds", "1", "1"], "seeds"),
+        (["--tag", "a b"], "tag"),
+        (["--render", "no-such-report.json"], "render"),
+        (["--student_hidden_size", "48"], "student_hidden_size"),
+    ],
+)
+def test_bad_arguments_are_one_line_errors_naming_the_field(tmp_path, capsys, argv, field):
+    assert quality.main([*argv, "--output_dir", str(tmp_path / "out")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert field in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_run_writes_both_reports_and_render_reproduces_the_table(tmp_path, capsys):
+    argv = ["--preset", "smoke", "--seeds", "0", "1", "--methods", "kd", "distillens", "--tag", "tiny"]
+    argv += ["--output_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache")]
+    assert quality.main(argv) == 0
+    json_path, md_path = tmp_path / "results" / "quality_tiny.json", tmp_path / "results" / "quality_tiny.md"
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    assert report["complete"] is True
+    assert [(run["method"], run["seed"]) for run in report["runs"]] == [
+        (method, seed) for seed in (0, 1) for method in ("init", "kd", "distillens")
+    ]
+    for run in report["runs"]:
+        assert 0.0 <= run["exact_match"] <= 100.0 and math.isfinite(run["mean_lens_jsd"])
+    paired = report["summary"]["paired"]["distillens - kd"]["exact_match"]
+    expected = [
+        next(r["exact_match"] for r in report["runs"] if r["method"] == "distillens" and r["seed"] == seed)
+        - next(r["exact_match"] for r in report["runs"] if r["method"] == "kd" and r["seed"] == seed)
+        for seed in (0, 1)
+    ]
+    assert paired["per_seed"] == pytest.approx(expected)
+    table = md_path.read_text(encoding="utf-8")
+    md_path.unlink()
+    capsys.readouterr()
+    assert quality.main(["--render", str(json_path)]) == 0
+    assert md_path.read_text(encoding="utf-8") == table
