@@ -1,0 +1,394 @@
+"""Distillation-quality benchmark: the demo's comparison repeated over seeds, with more baselines.
+
+One cached SFT teacher (the same one ``distillens demo`` trains for the same settings), then, for every seed,
+one student initialisation distilled with every method from that same initialisation and data order:
+
+- ``sft``: cross-entropy only;
+- ``kd``: reverse KL on the final logits only;
+- ``distillens``: reverse KL + Jensen-Shannon logit lens (the paper's defaults);
+- ``distillens_skl``: reverse KL + symmetric-KL logit lens;
+- ``feature``: reverse KL + the paper's MSE feature baseline (learned projection of teacher hidden states).
+
+Every student is scored with greedy exact match and ROUGE-L on the test split, and with the per-layer
+logit-lens JSD to the teacher on the validation split. The report gives mean ± sample std over seeds per
+method, and paired per-seed differences (same initialisation, same data order) with a 95% t interval.
+
+Run from the repository root::
+
+    PYTHONPATH=src python benchmarks/quality.py                      # default preset, seeds 0 1 2, 5 methods
+    PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --student_max_steps 600 --tag long
+
+Every ``distillens demo`` field is accepted (sizes, steps, tasks, ``--lens_weight``, ``--lens_num_layers``,
+...); ``--output_dir`` is where ``quality[_TAG].json`` and ``quality[_TAG].md`` go (default
+``benchmarks/results``) and ``--cache_dir`` defaults to ``<tmp>/.distillens-cache``, the folder
+``distillens demo --output_dir /tmp/<name>`` uses, so the demo's teacher is reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from transformers import HfArgumentParser
+
+from distillens_trainer import demo
+from distillens_trainer.files import write_json_atomic, write_text_atomic
+
+logger = logging.getLogger("distillens_trainer.benchmarks.quality")
+
+ALL_METHODS = ("sft", "kd", "distillens", "distillens_skl", "feature")
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# (method, baseline) pairs whose per-seed differences are reported; the first is the headline.
+COMPARISONS = (
+    ("distillens", "kd"),
+    ("distillens_skl", "kd"),
+    ("feature", "kd"),
+    ("kd", "sft"),
+    ("distillens", "sft"),
+)
+METRICS = ("exact_match", "rougeL")
+# Two-sided 95% quantiles t_{0.975, df} of Student's t distribution, used when scipy is not installed.
+T_975 = {
+    1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+    11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+    20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+    29: 2.045, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980,
+}  # fmt: skip
+
+
+@dataclass
+class QualityArguments:
+    """Benchmark-only settings; the model, data and training settings are ``distillens demo``'s fields."""
+
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2],
+        metadata={"help": "Student seeds (initial weights and data order); every method runs once per seed."},
+    )
+    tag: str | None = field(
+        default=None,
+        metadata={
+            "help": "Suffix of the report files (quality_<tag>.json/.md), to keep extra settings apart."
+        },
+    )
+    render: str | None = field(
+        default=None,
+        metadata={
+            "help": "Path of an existing quality*.json report: rewrite its Markdown table beside it and stop "
+            "(no training)."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        if self.render is not None and not Path(self.render).is_file():
+            raise ValueError(
+                f"render={self.render!r} is not a file: give the path of a quality*.json report."
+            )
+        if len(self.seeds) < 2:
+            raise ValueError(f"seeds={self.seeds} needs at least 2 seeds for a standard deviation.")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds={self.seeds} repeats a seed; list each once.")
+        if self.tag is not None and not self.tag.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"tag={self.tag!r} may hold only letters, digits, '-' and '_'.")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Statistics
+# --------------------------------------------------------------------------------------------------------
+
+
+def t_quantile_975(df: int) -> float:
+    """t_{0.975, df}: scipy's when installed, else the inline table (the next smaller tabulated df)."""
+    try:
+        from scipy.stats import t as student_t
+    except ImportError:
+        return T_975[max(key for key in T_975 if key <= df)]
+    return float(student_t.ppf(0.975, df))
+
+
+def mean_std(values: list[float]) -> dict[str, float]:
+    """Mean and sample standard deviation (n-1)."""
+    return {
+        "mean": round(statistics.fmean(values), 5),
+        "std": round(statistics.stdev(values), 5) if len(values) > 1 else 0.0,
+        "n": len(values),
+    }
+
+
+def paired_difference(differences: list[float]) -> dict[str, Any]:
+    """Mean paired difference with a two-sided 95% t interval over seeds."""
+    n = len(differences)
+    mean = statistics.fmean(differences)
+    std = statistics.stdev(differences) if n > 1 else 0.0
+    t = t_quantile_975(n - 1)
+    half_width = t * std / math.sqrt(n)
+    return {
+        "per_seed": [round(value, 3) for value in differences],
+        "mean": round(mean, 3),
+        "std": round(std, 3),
+        "t_975": round(t, 4),
+        "ci95": [round(mean - half_width, 3), round(mean + half_width, 3)],
+        "n": n,
+    }
+
+
+def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) -> dict[str, Any]:
+    by_key = {(run["method"], run["seed"]): run for run in runs}
+    summary: dict[str, Any] = {}
+    for method in methods:
+        rows = [by_key[(method, seed)] for seed in seeds if (method, seed) in by_key]
+        if rows:
+            summary[method] = {
+                key: mean_std([row[key] for row in rows])
+                for key in (*METRICS, "mean_lens_jsd", "output_jsd", "train_time_s")
+            }
+    comparisons: dict[str, Any] = {}
+    for method, baseline in COMPARISONS:
+        if method not in methods or baseline not in methods:
+            continue
+        common = [seed for seed in seeds if (method, seed) in by_key and (baseline, seed) in by_key]
+        if len(common) < 2:
+            continue
+        comparisons[f"{method} - {baseline}"] = {
+            metric: paired_difference(
+                [by_key[(method, s)][metric] - by_key[(baseline, s)][metric] for s in common]
+            )
+            for metric in METRICS
+        } | {"seeds": common}
+    return {"methods": summary, "paired": comparisons}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------------------
+
+
+def _fmt(stat: dict[str, float], digits: int = 1) -> str:
+    return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def markdown_report(report: dict[str, Any]) -> str:
+    settings, summary = report["settings"], report["summary"]
+    teacher, threads = report["teacher"], report["torch_threads"]
+    student_runs = sum(run["method"] != demo.INIT_NAME for run in report["runs"])
+    lines = [
+        "# Distillation quality on the built-in task suite",
+        "",
+        f"Command: `{report['command']}`",
+        "",
+        f"Seeds {report['seeds']}; {student_runs} student runs in {report['total_time_s'] / 60:.1f} min "
+        f"({threads} torch thread{'s' if threads != 1 else ''}). Tasks: {', '.join(settings['tasks'])}. "
+        f"Teacher {teacher['num_layers']} x {teacher['hidden_size']} ({teacher['params'] / 1e6:.2f}M params, "
+        f"{settings['teacher_max_steps']} SFT steps); students {settings['student_layers']} x "
+        f"{settings['student_hidden_size']} ({report['student_params'] / 1e6:.2f}M params, "
+        f"{settings['student_warmup_steps']} shared SFT warm-up steps (row `init`), then "
+        f"{settings['student_max_steps']} steps per method, batch {settings['batch_size']}, "
+        f"lr {settings['student_learning_rate']}). Objectives: KD {settings['kd_divergence']} on the final "
+        f"logits; lens weight {settings['lens_weight']}, lens layer pairs (student, teacher) "
+        f"{report['lens_layer_map']}. Test split: {settings['num_test']} prompts, greedy decoding; lens JSD "
+        f"on the {settings['num_eval']} validation examples.",
+        "",
+        f"Teacher: exact match {teacher['exact_match']:.1f}, ROUGE-L {teacher['rougeL']:.1f}.",
+        "",
+        "| method | exact match | ROUGE-L | mean lens JSD | output JSD | train s |",
+        "|---|---|---|---|---|---|",
+    ]
+    for method, stats in summary["methods"].items():
+        lines.append(
+            f"| {method} | {_fmt(stats['exact_match'])} | {_fmt(stats['rougeL'])} | "
+            f"{_fmt(stats['mean_lens_jsd'], 4)} | {_fmt(stats['output_jsd'], 4)} | {_fmt(stats['train_time_s'], 0)} |"
+        )
+    lines += [
+        "",
+        "Mean ± sample standard deviation over seeds. Paired differences (same seed = same initial weights and",
+        "data order), mean with a two-sided 95% t interval over seeds:",
+        "",
+        "| difference | exact match | 95% CI | ROUGE-L | 95% CI | per-seed exact match |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, diff in summary["paired"].items():
+        em, rouge = diff["exact_match"], diff["rougeL"]
+        lines.append(
+            f"| {name} | {em['mean']:+.2f} | [{em['ci95'][0]:+.2f}, {em['ci95'][1]:+.2f}] | {rouge['mean']:+.2f} | "
+            f"[{rouge['ci95'][0]:+.2f}, {rouge['ci95'][1]:+.2f}] | {', '.join(f'{v:+.1f}' for v in em['per_seed'])} |"
+        )
+    lines += ["", "Per run:", "", "| method | seed | exact match | ROUGE-L | mean lens JSD | output JSD |"]
+    lines.append("|---|---|---|---|---|---|")
+    for run in report["runs"]:
+        lines.append(
+            f"| {run['method']} | {run['seed']} | {run['exact_match']:.1f} | {run['rougeL']:.1f} | "
+            f"{run['mean_lens_jsd']:.4f} | {run['output_jsd']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def render_markdown(json_path: Path) -> str:
+    """Rewrite the Markdown report beside a finished JSON report (e.g. after a change of format)."""
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    if not report.get("complete"):
+        raise ValueError(f"{json_path} is a partial report (complete=false): finish or rerun the benchmark.")
+    report["summary"] = summarise(report["runs"], [demo.INIT_NAME, *report["methods"]], report["seeds"])
+    write_json_atomic(json_path, report)
+    markdown = markdown_report(report)
+    write_text_atomic(json_path.with_suffix(".md"), markdown)
+    return markdown
+
+
+# --------------------------------------------------------------------------------------------------------
+# The benchmark
+# --------------------------------------------------------------------------------------------------------
+
+
+def _record(
+    method: str, seed: int, evaluation: dict[str, Any], profile: dict[str, Any], run: dict[str, Any]
+) -> dict[str, Any]:
+    """One (method, seed) row of the report."""
+    return {
+        "method": method,
+        "seed": seed,
+        "exact_match": evaluation["exact_match"],
+        "rougeL": evaluation["rougeL"],
+        "mean_lens_jsd": round(statistics.fmean(profile["divergence"]), 5),
+        "output_jsd": profile["final"],
+        "lens_jsd": profile["divergence"],
+        "student_val_ce": profile["student_ce"],
+        "train_time_s": run.get("train_time_s") or 0.0,
+        "final_loss": run.get("final_loss"),
+        "final_ce_loss": run.get("final_ce_loss"),
+        "final_kd_loss": run.get("final_kd_loss"),
+        "final_lens_loss": run.get("final_lens_loss"),
+        "per_task": {task: value["exact_match"] for task, value in evaluation["per_task"].items()},
+    }
+
+
+def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str) -> dict[str, Any]:
+    """Train and score every (seed, method) student; write and return the report."""
+    demo.configure_logging()
+    threads = demo.set_threads(args.num_threads)
+    start = time.perf_counter()
+    results_dir = Path(args.output_dir)
+    stem = f"quality_{bench.tag}" if bench.tag else "quality"
+    json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
+    report: dict[str, Any] = {
+        "command": command,
+        "seeds": bench.seeds,
+        "methods": args.methods,
+        "torch_threads": threads,
+        "settings": args.settings(),
+        "complete": False,
+        "runs": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="distillens-quality-") as work_dir:
+        work = Path(work_dir)
+        teacher, suite, teacher_info = demo.get_teacher(args, work / "data", work / "models")
+        tokenizer = suite.tokenizer
+        max_new_tokens = args.max_new_tokens or demo.default_max_new_tokens(suite.splits["test"], tokenizer)
+        evaluate = {
+            "prompt_template": args.prompt_template,
+            "batch_size": args.eval_batch_size,
+            "max_new_tokens": max_new_tokens,
+        }
+        teacher_eval = demo.evaluate_generation(teacher, tokenizer, suite.splits["test"], **evaluate)
+        report["teacher"] = {
+            "exact_match": teacher_eval["exact_match"],
+            "rougeL": teacher_eval["rougeL"],
+            "per_task": teacher_eval["per_task"],
+            "params": demo.count_parameters(teacher),
+            "num_layers": teacher.config.num_hidden_layers,
+            "hidden_size": teacher.config.hidden_size,
+            "cached": teacher_info["cached"],
+            "path": teacher_info["path"],
+        }
+        logger.info(
+            "[quality] teacher: exact match %.1f, ROUGE-L %.1f",
+            teacher_eval["exact_match"],
+            teacher_eval["rougeL"],
+        )
+        for seed in bench.seeds:
+            initial, init_info = demo.get_student_init(args, suite, work, seed=seed)
+            report["student_params"] = demo.count_parameters(initial)
+            init_eval = demo.evaluate_generation(initial, tokenizer, suite.splits["test"], **evaluate)
+            init_profile = demo.lens_divergence_profile(
+                initial, teacher, tokenizer, suite.eval_dataset, batch_size=args.eval_batch_size
+            )
+            report["runs"].append(
+                _record(
+                    demo.INIT_NAME,
+                    seed,
+                    init_eval,
+                    init_profile,
+                    {"train_time_s": init_info.get("train_time_s")},
+                )
+            )
+            for method in args.methods:
+                logger.info("[quality] seed %d, method %s", seed, method)
+                student, run = demo.train_student(
+                    method, initial, teacher, suite, args, work / f"{method}-{seed}", seed=seed
+                )
+                evaluation = demo.evaluate_generation(student, tokenizer, suite.splits["test"], **evaluate)
+                profile = demo.lens_divergence_profile(
+                    student, teacher, tokenizer, suite.eval_dataset, batch_size=args.eval_batch_size
+                )
+                if run["layer_map"]:
+                    report["lens_layer_map"] = run["layer_map"]
+                record = _record(method, seed, evaluation, profile, run)
+                report["runs"].append(record)
+                logger.info(
+                    "[quality] seed %d %s: exact match %.1f, ROUGE-L %.1f, mean lens JSD %.4f (%.0f s)",
+                    seed,
+                    method,
+                    record["exact_match"],
+                    record["rougeL"],
+                    record["mean_lens_jsd"],
+                    record["train_time_s"],
+                )
+                report["total_time_s"] = round(time.perf_counter() - start, 1)
+                write_json_atomic(json_path, report)  # partial results, for polling
+    report.setdefault("lens_layer_map", [])
+    report["summary"] = summarise(report["runs"], [demo.INIT_NAME, *args.methods], bench.seeds)
+    report["complete"] = True
+    report["total_time_s"] = round(time.perf_counter() - start, 1)
+    write_json_atomic(json_path, report)
+    markdown = markdown_report(report)
+    write_text_atomic(md_path, markdown)
+    print(markdown)
+    return report
+
+
+def parse(argv: list[str]) -> tuple[QualityArguments, demo.DemoArguments]:
+    defaults = [
+        "--output_dir", str(DEFAULT_RESULTS_DIR),
+        "--cache_dir", str(Path(tempfile.gettempdir()) / demo.CACHE_DIRNAME),
+        "--methods", *ALL_METHODS,
+        "--no_save_models",
+    ]  # fmt: skip
+    parser = HfArgumentParser((QualityArguments, demo.DemoArguments))
+    bench, args = parser.parse_args_into_dataclasses(args=defaults + list(argv))
+    return bench, args
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        bench, args = parse(argv)
+    except ValueError as error:
+        print(f"quality.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    if bench.render is not None:
+        print(render_markdown(Path(bench.render)))
+        return 0
+    command = shlex.join(["PYTHONPATH=src", "python", "benchmarks/quality.py", *argv])
+    run_quality(bench, args, command)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
