@@ -379,12 +379,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         bench, args = parse(argv)
-    except ValueError as error:
+        if bench.render is not None:
+            print(render_markdown(Path(bench.render)))
+            return 0
+    except (ValueError, KeyError) as error:  # json.JSONDecodeError is a ValueError
         print(f"quality.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
-    if bench.render is not None:
-        print(render_markdown(Path(bench.render)))
-        return 0
     command = shlex.join(["PYTHONPATH=src", "python", "benchmarks/quality.py", *argv])
     run_quality(bench, args, command)
     return 0

@@ -106,6 +106,15 @@ def test_bad_arguments_are_one_line_errors_naming_the_field(tmp_path, capsys, ar
     assert not (tmp_path / "out").exists()
 
 
+def test_rendering_a_partial_report_is_a_one_line_error(tmp_path, capsys):
+    partial = tmp_path / "quality.json"
+    partial.write_text(json.dumps({"complete": False, "runs": []}), encoding="utf-8")
+    assert quality.main(["--render", str(partial)]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "partial report" in error and len(error.splitlines()) == 1
+    assert not partial.with_suffix(".md").exists()
+
+
 @pytest.mark.slow
 def test_a_tiny_run_writes_both_reports_and_render_reproduces_the_table(tmp_path, capsys):
     argv = ["--preset", "smoke", "--seeds", "0", "1", "--methods", "kd", "distillens", "--tag", "tiny"]
