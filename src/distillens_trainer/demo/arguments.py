@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
+from ..layer_map import paper_student_layers, resolve_layer_map
 from ..tasks import DEFAULT_VOCAB_SIZE, TASK_FAMILIES, resolve_tasks
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -309,12 +310,11 @@ class DemoArguments:
                     f"lens_teacher_layers={self.lens_teacher_layers} has {len(self.lens_teacher_layers)} entries "
                     f"but lens_num_layers={self.lens_num_layers}: give one teacher layer per student layer."
                 )
-            for index in self.lens_teacher_layers:
-                if not 1 <= index <= self.teacher_layers:
-                    raise ValueError(
-                        f"lens_teacher_layers holds {index}, but the teacher has {self.teacher_layers} layers: "
-                        f"use indices in 1..{self.teacher_layers}."
-                    )
+            student_layers = paper_student_layers(self.student_layers, self.lens_num_layers)
+            # the trainer's own check, here so a bad index fails before the teacher is trained
+            resolve_layer_map(
+                self.student_layers, self.teacher_layers, student_layers, self.lens_teacher_layers
+            )
         if self.student_layers > self.teacher_layers:
             raise ValueError(
                 f"student_layers={self.student_layers} exceeds teacher_layers={self.teacher_layers}: the student "
