@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..files import refuse_non_empty_dir, write_json_atomic
+from ..files import refuse_non_empty_dir, write_json_atomic, write_text_atomic
 from .arguments import INIT_NAME, METHOD_DESCRIPTIONS, RESULTS_NAME, DemoArguments
 from .cache import get_student_init, get_teacher
 from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
@@ -99,10 +99,7 @@ def _model_entry(model: Any, evaluation: Mapping[str, Any], run: Mapping[str, An
 
 
 def _write_generations(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8"
-    )
+    write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def run_demo(args: DemoArguments) -> dict[str, Any]:
