@@ -9,6 +9,7 @@ Bad input ends in one ``distillens <command>: error: ...`` line on stderr and a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable, Sequence
@@ -28,10 +29,63 @@ class CommandLineError(ValueError):
 
 
 class _Parser(HfArgumentParser):
-    """HfArgumentParser whose errors are one line, raised instead of printed with the whole usage."""
+    """HfArgumentParser whose errors are one line, raised instead of printed with the whole usage, and whose
+    ``--help`` shows each dataclass in its own titled group, the fields a dataclass adds to
+    ``TrainingArguments`` (the distillation settings) first."""
+
+    def __init__(self, dataclass_types: Sequence[type], prog: str) -> None:
+        self._first_groups: list[Any] = []  # the fields a TrainingArguments subclass adds
+        self._own_groups: list[Any] = []
+        super().__init__(list(dataclass_types), prog=prog, usage=f"{prog} [CONFIG] [--field value ...]")
+        ordered = self._first_groups + [
+            group for group in self._own_groups if group not in self._first_groups
+        ]
+        rest = [group for group in self._action_groups if group not in ordered]
+        builtin, inherited = rest[:2], rest[2:]  # argparse's "positional arguments" and "options" come first
+        self._action_groups = builtin + ordered + inherited
 
     def error(self, message: str) -> NoReturn:
         raise CommandLineError(message)
+
+    def _add_dataclass_arguments(self, dtype: Any) -> None:
+        from typing import get_type_hints
+
+        from transformers import TrainingArguments
+
+        type_hints = get_type_hints(dtype)
+        base = (
+            TrainingArguments
+            if issubclass(dtype, TrainingArguments) and dtype is not TrainingArguments
+            else None
+        )
+        base_names = {item.name for item in dataclasses.fields(base)} if base else set()
+        own = self.add_argument_group(_group_title(dtype))
+        self._own_groups.append(own)
+        if base:
+            self._first_groups.append(own)
+        inherited = self.add_argument_group("training (transformers.TrainingArguments)") if base else None
+        for item in dataclasses.fields(dtype):
+            if not item.init:
+                continue
+            item.type = type_hints[item.name]
+            group = inherited if item.name in base_names else own
+            self._parse_dataclass_field(group, item)
+            negative = f"--no_{item.name}"
+            if negative in self._option_string_actions:
+                self._option_string_actions[negative].help = f"Set --{item.name} to false."
+
+
+GROUP_TITLES = {
+    "DistillLensConfig": "distillation (DistillLensConfig: the teacher and the loss)",
+    "ModelArguments": "student model",
+    "DataArguments": "data",
+    "EvalArguments": "evaluation",
+    "DemoArguments": "demo",
+}
+
+
+def _group_title(dtype: type) -> str:
+    return GROUP_TITLES.get(dtype.__name__, dtype.__name__)
 
 
 def read_config_file(path: str) -> dict[str, Any]:
@@ -70,55 +124,97 @@ def config_to_argv(values: dict[str, Any]) -> list[str]:
     return argv
 
 
+def expand_config_file(argv: Sequence[str]) -> list[str]:
+    """``[CONFIG] [--field value ...]`` -> the config file's values as flags, then the command line's."""
+    argv = list(argv)
+    if not argv or argv[0].startswith("-"):
+        return argv
+    if not argv[0].endswith(CONFIG_SUFFIXES):
+        raise CommandLineError(
+            f"{argv[0]!r} is not a config file: give a .yaml, .yml or .json file, or only --flags."
+        )
+    return config_to_argv(read_config_file(argv[0])) + argv[1:]
+
+
+def given_fields(argv: Sequence[str]) -> set[str]:
+    """The field names set explicitly (in the config file or as flags), so defaults can be told apart."""
+    names = set()
+    for item in expand_config_file(argv):
+        if item.startswith("--"):
+            name = item[2:].split("=", 1)[0].replace("-", "_")
+            names.add(name[3:] if name.startswith("no_") else name)
+    return names
+
+
 def parse_command(dataclass_types: Sequence[type], argv: Sequence[str], prog: str) -> tuple[Any, ...]:
     """Parse ``[CONFIG] [--field value ...]`` into the dataclasses; overrides win over the file."""
-    argv = list(argv)
-    file_argv: list[str] = []
-    if argv and not argv[0].startswith("-"):
-        if not argv[0].endswith(CONFIG_SUFFIXES):
-            raise CommandLineError(
-                f"{argv[0]!r} is not a config file: give a .yaml, .yml or .json file, or only --flags."
-            )
-        file_argv = config_to_argv(read_config_file(argv.pop(0)))
     parser = _Parser(list(dataclass_types), prog=prog)
-    parsed = parser.parse_args_into_dataclasses(args=file_argv + argv, return_remaining_strings=True)
-    *dataclasses, remaining = parsed
+    parsed = parser.parse_args_into_dataclasses(args=expand_config_file(argv), return_remaining_strings=True)
+    *dataclasses_, remaining = parsed
     if remaining:
         raise CommandLineError(f"unknown arguments: {' '.join(remaining)} (see --help for every field).")
-    return tuple(dataclasses)
+    return tuple(dataclasses_)
 
 
 # --------------------------------------------------------------------------------------- subcommands
 def _train(argv: Sequence[str]) -> int:
     from .config import DistillLensConfig
     from .data import DataArguments
-    from .pipeline import ModelArguments, run_training
+    from .distributed import quiet_deepspeed_accelerator_detection
+    from .model_info import choose_prompt_template
+    from .pipeline import (
+        ModelArguments,
+        check_reporting_integrations,
+        output_summary,
+        run_training,
+        turn_off_pin_memory_without_accelerator,
+    )
 
     model_args, data_args, training_args = parse_command(
         (ModelArguments, DataArguments, DistillLensConfig), argv, "distillens train"
     )
+    given = given_fields(argv)
+    check_reporting_integrations(training_args.report_to)
+    quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
+    if "dataloader_pin_memory" not in given:
+        turn_off_pin_memory_without_accelerator(training_args)
+    teacher = training_args.teacher_model_name_or_path if training_args.objective.needs_teacher else None
+    data_args.prompt_template = choose_prompt_template(
+        data_args.prompt_template if "prompt_template" in given else None,
+        [("teacher", teacher), ("student", model_args.model_name_or_path)],
+    )
     run_training(model_args, data_args, training_args)
+    print(output_summary(training_args, data_args.prompt_template, output_dir_given="output_dir" in given))
     return 0
 
 
 def _eval(argv: Sequence[str]) -> int:
-    from .evaluation import EvalArguments, run_evaluation
+    from .evaluation import EvalArguments, output_summary, run_evaluation
+    from .model_info import choose_prompt_template
 
     (eval_args,) = parse_command((EvalArguments,), argv, "distillens eval")
+    eval_args.prompt_template = choose_prompt_template(
+        eval_args.prompt_template if "prompt_template" in given_fields(argv) else None,
+        [("model", eval_args.model_name_or_path)],
+    )
     report = run_evaluation(eval_args)
     for result in report["results"]:
         print(
             f"{result['name']}: n={result['num_examples']} rougeL={result['rougeL']['mean']:.2f}"
             f"±{result['rougeL']['std']:.2f} exact_match={result['exact_match']['mean']:.2f}"
         )
+    print(output_summary(eval_args, report))
     return 0
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from .demo import DemoArguments, run_demo
+    from .demo import DemoArguments, output_summary, run_demo
+    from .distributed import quiet_deepspeed_accelerator_detection
 
     (demo_args,) = parse_command((DemoArguments,), argv, "distillens demo")
-    run_demo(demo_args)
+    quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
+    results = run_demo(demo_args)
+    print(output_summary(demo_args, results))
     return 0
 
 

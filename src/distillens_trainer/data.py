@@ -118,7 +118,8 @@ class DataArguments:
         default="alpaca",
         metadata={
             "help": "Prompt format: 'alpaca' (the paper's template), 'chat' (the tokenizer's chat template) "
-            "or 'plain' (prompt text followed directly by the completion).",
+            "or 'plain' (prompt text followed directly by the completion). On the command line the default is "
+            "the format recorded with the teacher or student (distillens.json), else alpaca.",
             "choices": list(PROMPT_TEMPLATES),
         },
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
+import sys
 from typing import Any
 
 import torch
@@ -31,6 +33,22 @@ _HIDDEN_SIZE_KEYS: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------------------------- detection
+def quiet_deepspeed_accelerator_detection(uses_deepspeed: bool) -> None:
+    """Spare a run that does not use DeepSpeed its "Setting accelerator to CPU" warning.
+
+    ``accelerate`` imports DeepSpeed, when it is installed, to unwrap any model, and DeepSpeed then warns on
+    every machine without CUDA. For a run without DeepSpeed and without CUDA this sets ``DS_ACCELERATOR=cpu``,
+    the accelerator DeepSpeed falls back to anyway; a value already set, or a run that uses DeepSpeed, is left
+    alone.
+    """
+    if uses_deepspeed or "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
+        return
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
+        return
+    if not torch.cuda.is_available():
+        os.environ["DS_ACCELERATOR"] = "cpu"
+
+
 def _deepspeed_plugin(accelerator: Any) -> Any | None:
     state = getattr(accelerator, "state", None)
     return getattr(state, "deepspeed_plugin", None) if state is not None else None

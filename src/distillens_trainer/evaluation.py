@@ -158,7 +158,8 @@ class EvalArguments:
     prompt_template: str = field(
         default="alpaca",
         metadata={
-            "help": "Prompt format: alpaca (paper), chat (tokenizer template) or plain.",
+            "help": "Prompt format: alpaca (paper), chat (tokenizer template) or plain. On the command line the "
+            "default is the format recorded with the model (distillens.json), else alpaca.",
             "choices": list(PROMPT_TEMPLATES),
         },
     )
@@ -594,6 +595,16 @@ def run_evaluation(args: EvalArguments) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=_torch_dtype(args.dtype))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return evaluate_files(model, tokenizer, args)
+
+
+def output_summary(args: EvalArguments, report: dict[str, Any]) -> str:
+    """The last line of ``distillens eval``: where the report and the generations went."""
+    names = ",".join(result["name"] for result in report["results"])
+    generations = f"{{{names}}}" if len(report["results"]) > 1 else names
+    return (
+        f"distillens eval: report in {Path(args.output_dir) / REPORT_FILENAME}, generations in "
+        f"{Path(args.output_dir) / generations}{GENERATIONS_SUFFIX} (prompt format {args.prompt_template!r})."
+    )
 
 
 # --------------------------------------------------------------------------------------------------

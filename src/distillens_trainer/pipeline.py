@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
 from .files import refuse_non_empty_dir, write_json_atomic
+from .model_info import MODEL_INFO_NAME, write_model_info
 from .trainer import DistillLensTrainer
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,65 @@ def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: s
         output_dir,
         allowed=overwrite or bool(resume_from_checkpoint),
         how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
+    )
+
+
+# The pip package behind each report_to integration, where its name differs.
+_INTEGRATION_PACKAGES = {"comet_ml": "comet-ml", "azure_ml": "azureml-core", "neptune": "neptune"}
+
+
+def check_reporting_integrations(report_to: str | list[str] | None) -> None:
+    """ValueError naming the package to install for every ``report_to`` integration that is not installed."""
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [report_to] if isinstance(report_to, str) else list(report_to or [])
+    available = set(get_available_reporting_integrations())
+    for name in names:
+        if name not in ("none", "all") and name not in available:
+            package = _INTEGRATION_PACKAGES.get(name, name)
+            raise ValueError(
+                f"report_to={name!r} needs the {package} package, which is not installed: pip install {package}, "
+                "or pass --report_to none."
+            )
+
+
+def turn_off_pin_memory_without_accelerator(training_args: DistillLensConfig) -> None:
+    """Pinned memory only helps copies to an accelerator: off when training on the CPU (torch warns otherwise)."""
+    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
+        training_args.dataloader_pin_memory = False
+
+
+class RecordPromptFormat(TrainerCallback):
+    """Write ``distillens.json`` (the prompt format) into every checkpoint, so a checkpoint is used like the
+    final model."""
+
+    def __init__(self, prompt_template: str) -> None:
+        self.prompt_template = prompt_template
+
+    def on_save(self, args, state, control, **kwargs):
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and checkpoint.is_dir():
+            write_model_info(checkpoint, prompt_template=self.prompt_template)
+        return control
+
+
+def output_summary(
+    training_args: DistillLensConfig, prompt_template: str, output_dir_given: bool = True
+) -> str:
+    """The last line of ``distillens train``: where the model, the checkpoints and the metrics went."""
+    output_dir = training_args.output_dir
+    checkpoints = (
+        f"checkpoints in {output_dir}/checkpoint-*"
+        if training_args.save_strategy != "no"
+        else "no checkpoints (save_strategy no)"
+    )
+    where = (
+        "" if output_dir_given else f" (no --output_dir given: output went to {os.path.abspath(output_dir)})"
+    )
+    return (
+        f"distillens train: model and tokenizer in {output_dir} (prompt format {prompt_template!r}, recorded in "
+        f"{MODEL_INFO_NAME}), {checkpoints}, metrics in {output_dir}/all_results.json and "
+        f"{output_dir}/trainer_state.json{where}."
     )
 
 
@@ -148,7 +209,7 @@ def run_training(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorForCompletionOnly(tokenizer),
-        callbacks=callbacks,
+        callbacks=[*(callbacks or []), RecordPromptFormat(data_args.prompt_template)],
     )
     if trainer.is_world_process_zero():
         write_json_atomic(
@@ -157,6 +218,8 @@ def run_training(
         )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
+    if trainer.is_world_process_zero():
+        write_model_info(training_args.output_dir, prompt_template=data_args.prompt_template)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()

@@ -3,7 +3,7 @@
 One command, no downloads::
 
     distillens demo --output_dir runs/demo                  # about 4 minutes on 2 CPU cores (2 once cached)
-    distillens demo --output_dir runs/smoke --preset smoke  # tiny models, well under a minute
+    distillens demo --output_dir runs/smoke --preset smoke  # checks the plumbing in about a minute; scores ~0
 
 The demo
 
@@ -25,9 +25,15 @@ The demo
    :func:`distillens_trainer.evaluation.rouge_l`) and measures, on the validation split, the Jensen-Shannon
    divergence between every student layer and the teacher layer at the same relative depth, read through
    each model's logit lens;
-6. prints a comparison table and writes ``results.json``, ``training_curves.png``, ``lens_divergence.png``,
-   ``exact_match_per_task.png``, ``training_logs.json``, the generations and the trained students to
-   ``output_dir``.
+6. prints a comparison table (with, for the default preset, the exact-match ranges the multi-seed benchmark
+   found and what changes between machines) and writes ``results.json``, ``training_curves.png``,
+   ``lens_divergence.png``, ``exact_match_per_task.png``, ``training_logs.json`` and the generations to
+   ``output_dir``, and every model (``teacher``, ``init`` and the students, each with its tokenizer and a
+   ``distillens.json`` recording the prompt format) to ``output_dir/models/<name>``, ready for
+   ``distillens train`` and ``distillens eval``.
+
+A folder an earlier demo wrote (it holds ``.distillens-demo``) is reused: its results, models and generations
+are replaced. Any other non-empty folder is refused unless ``--overwrite_output_dir`` is given.
 
 The building blocks (:func:`prepare_suite`, :func:`get_teacher`, :func:`get_student_init`,
 :func:`train_student`, :func:`evaluate_generation`, :func:`lens_divergence_profile`) are public so that
@@ -45,8 +51,11 @@ re-exported here.
 from __future__ import annotations
 
 from .arguments import (
+    BENCHMARK_EXACT_MATCH_RANGES,
+    BENCHMARK_SEEDS,
     CACHE_DIRNAME,
     CACHE_FORMAT,
+    DEMO_MARKER_NAME,
     DEMO_METHODS,
     FIGURE_NAMES,
     HEAD_DIM,
@@ -57,6 +66,7 @@ from .arguments import (
     PRESETS,
     PROMPT_TEMPLATES,
     RESULTS_NAME,
+    SMOKE_NOTE,
     TEACHER_INFO_NAME,
     TEACHER_OBJECTIVE,
     DemoArguments,
@@ -79,6 +89,7 @@ from .run import (
     check_output_dir,
     configure_logging,
     format_table,
+    output_summary,
     run_demo,
     set_threads,
 )
@@ -104,8 +115,11 @@ from .training import (
 )
 
 __all__ = [
+    "BENCHMARK_EXACT_MATCH_RANGES",
+    "BENCHMARK_SEEDS",
     "CACHE_DIRNAME",
     "CACHE_FORMAT",
+    "DEMO_MARKER_NAME",
     "DEMO_METHODS",
     "FIGURE_NAMES",
     "HEAD_DIM",
@@ -116,6 +130,7 @@ __all__ = [
     "PRESETS",
     "PROMPT_TEMPLATES",
     "RESULTS_NAME",
+    "SMOKE_NOTE",
     "TEACHER_INFO_NAME",
     "TEACHER_OBJECTIVE",
     "DemoArguments",
@@ -134,6 +149,7 @@ __all__ = [
     "load_cached_model",
     "method_objective",
     "model_config",
+    "output_summary",
     "plot_lens_divergence",
     "plot_per_task",
     "plot_training_curves",

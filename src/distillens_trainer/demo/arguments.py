@@ -38,7 +38,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "lens_num_layers": 2,
         "logging_steps": 20,
     },
-    # About a minute: tiny models and few steps, for tests. The numbers mean little.
+    # About a minute: tiny models and few steps. It checks the plumbing; its models score about 0.
     "smoke": {
         "tasks": ["copy_text", "compare_numbers", "key_lookup"],
         "num_train": 256,
@@ -88,6 +88,28 @@ RESULTS_NAME = "results.json"
 FIGURE_NAMES = ("training_curves.png", "lens_divergence.png", "exact_match_per_task.png")
 HEAD_DIM = 32
 LENS_EVAL_DIVERGENCE = "jsd"
+DEMO_MARKER_NAME = ".distillens-demo"  # marks a folder the demo wrote, so a second run may reuse it
+SMOKE_NOTE = (
+    "The smoke preset checks the plumbing: its models are too small and too briefly trained to answer, so "
+    "scores near 0 are expected. Drop --preset smoke for the real comparison (about 4 minutes)."
+)
+# Test exact match, min and max over the 5 student seeds of benchmarks/results/quality.json (the default preset,
+# seeds 0-4, the same cached teacher); tests/test_demo.py checks these against that file.
+BENCHMARK_SEEDS = 5
+BENCHMARK_EXACT_MATCH_RANGES: dict[str, tuple[float, float]] = {
+    "teacher": (94.5, 94.5),
+    "init": (16.5, 47.5),
+    "sft": (47.0, 70.0),
+    "kd": (27.5, 57.0),
+    "distillens": (27.0, 56.0),
+    "distillens_skl": (39.5, 61.0),
+    "feature": (22.0, 51.5),
+}
+# Fields that change nothing in a model's scores (or only pick which of the benchmarked seeds/methods run).
+RUN_ONLY_FIELDS = (
+    "output_dir", "preset", "overwrite_output_dir", "cache_dir", "methods", "seed", "eval_batch_size",
+    "num_threads", "save_models",
+)  # fmt: skip
 
 
 @dataclass
@@ -96,16 +118,17 @@ class DemoArguments:
 
     output_dir: str = field(
         metadata={
-            "help": "Folder for results.json, the figures, the task suite, the tokenizer, the students and their "
-            "generations. Must be empty or absent unless --overwrite_output_dir is given."
+            "help": "Folder for results.json, the figures, the task suite, the tokenizer, the models and their "
+            "generations. Must be absent, empty or an earlier demo's output folder (which is replaced) unless "
+            "--overwrite_output_dir is given."
         }
     )
     preset: str = field(
         default="default",
         metadata={
             "help": "Size of the run: 'default' (a clear teacher/student gap, about 4 minutes on 2 CPU cores "
-            "when the teacher is not cached yet) or 'smoke' (tiny models, about a minute; for tests). Every "
-            "field below that is left unset takes the preset's value.",
+            "when the teacher is not cached yet) or 'smoke' (tiny models, about a minute: it checks the plumbing, "
+            "its models score about 0). Every field below that is left unset takes the preset's value.",
             "choices": list(PRESETS),
         },
     )
@@ -239,7 +262,10 @@ class DemoArguments:
     )
     save_models: bool = field(
         default=True,
-        metadata={"help": "Save each trained student (with the tokenizer) under output_dir/models/<method>."},
+        metadata={
+            "help": "Save the teacher, the initial student and each trained student (with the tokenizer and "
+            "distillens.json, which records the prompt format) under output_dir/models/<name>."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -326,6 +352,18 @@ class DemoArguments:
         if self.cache_dir:
             return Path(self.cache_dir)
         return Path(os.path.abspath(self.output_dir)).parent / CACHE_DIRNAME
+
+    def is_benchmarked(self) -> bool:
+        """True when every setting that shapes the scores is the default preset's, which
+        benchmarks/results/quality.json repeated over seeds."""
+        if self.preset != "default":
+            return False
+        reference = DemoArguments(output_dir=self.output_dir)
+        return all(
+            getattr(self, item.name) == getattr(reference, item.name)
+            for item in dataclasses.fields(self)
+            if item.name not in RUN_ONLY_FIELDS
+        )
 
     def settings(self) -> dict[str, Any]:
         """Every field, preset values filled in (what results.json records)."""

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ..files import write_json_atomic
+from ..model_info import write_model_info
 from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, TEACHER_OBJECTIVE, DemoArguments
 from .training import Suite, build_model, prepare_suite, suite_key, train_model
 
@@ -67,20 +68,26 @@ def load_cached_model(path: Path) -> tuple[Any, Any, dict[str, Any]] | None:
     return teacher, tokenizer, info
 
 
-def store_model(path: Path, model: Any, tokenizer: Any, info: Mapping[str, Any]) -> None:
-    """Save into a temporary sibling folder, then rename it into place (safe against concurrent runs)."""
+def store_model(
+    path: Path, model: Any, tokenizer: Any, info: Mapping[str, Any] | None, *, prompt_template: str
+) -> None:
+    """Save the model, its tokenizer, ``distillens.json`` (the prompt format) and, for a cache entry, ``info``
+    into a temporary sibling folder, then rename it into place (safe against concurrent runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
-        write_json_atomic(staging / TEACHER_INFO_NAME, info)
+        write_model_info(staging, prompt_template=prompt_template)
+        if info is not None:
+            write_json_atomic(staging / TEACHER_INFO_NAME, info)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         os.replace(staging, path)
+        path.chmod(0o755)  # mkdtemp made it private; models are meant to be shared
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
-        if not (path / TEACHER_INFO_NAME).is_file():  # another run may have won the race
+        if info is None or not (path / TEACHER_INFO_NAME).is_file():  # another run may have won the race
             raise
 
 
@@ -115,7 +122,7 @@ def get_teacher(args: DemoArguments, data_dir: Path, work_dir: Path) -> tuple[An
     )
     info = {key: value for key, value in run.items() if key != "trainer"}
     info["key"] = teacher_key(args)
-    store_model(path, teacher, suite.tokenizer, info)
+    store_model(path, teacher, suite.tokenizer, info, prompt_template=args.prompt_template)
     logger.info("[demo] cached the teacher at %s", path)
     return teacher, suite, {**info, "cached": False, "path": str(path)}
 
@@ -167,5 +174,5 @@ def get_student_init(
     )
     info = {key_: value for key_, value in run.items() if key_ != "trainer"}
     info |= {"key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
-    store_model(path, student, suite.tokenizer, info)
+    store_model(path, student, suite.tokenizer, info, prompt_template=args.prompt_template)
     return student, {**info, "cached": False, "path": str(path)}

@@ -5,7 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import statistics
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,8 +18,18 @@ from typing import Any
 import torch
 
 from ..files import refuse_non_empty_dir, write_json_atomic, write_text_atomic
-from .arguments import INIT_NAME, METHOD_DESCRIPTIONS, RESULTS_NAME, DemoArguments
-from .cache import get_student_init, get_teacher
+from ..model_info import MODEL_INFO_NAME
+from .arguments import (
+    BENCHMARK_EXACT_MATCH_RANGES,
+    BENCHMARK_SEEDS,
+    DEMO_MARKER_NAME,
+    INIT_NAME,
+    METHOD_DESCRIPTIONS,
+    RESULTS_NAME,
+    SMOKE_NOTE,
+    DemoArguments,
+)
+from .cache import get_student_init, get_teacher, store_model
 from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
 from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
 from .training import count_parameters, train_student
@@ -37,6 +50,8 @@ def configure_logging() -> None:
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()  # one bar per tiny map() is noise; the training/generation bars stay
+    if not sys.stderr.isatty():  # a log file: no bars at all (training logs a line per quarter instead)
+        transformers.utils.logging.disable_progress_bar()
 
 
 def set_threads(num_threads: int | None) -> int:
@@ -52,9 +67,27 @@ def set_threads(num_threads: int | None) -> int:
 
 
 def check_output_dir(output_dir: str, overwrite: bool) -> None:
-    """Refuse a non-empty output_dir unless overwriting was asked for."""
+    """Refuse a non-empty output_dir, unless it is an earlier demo's (it holds the marker file) or overwriting
+    was asked for."""
+    earlier_demo = (Path(output_dir) / DEMO_MARKER_NAME).is_file()
     refuse_non_empty_dir(
-        output_dir, allowed=overwrite, how_to_allow="pass --overwrite_output_dir to write into it anyway"
+        output_dir,
+        allowed=overwrite or earlier_demo,
+        how_to_allow="pass --overwrite_output_dir to write into it anyway",
+    )
+
+
+def _claim_output_dir(output_dir: Path) -> None:
+    """Mark ``output_dir`` as the demo's and drop an earlier demo's results, models and generations from it."""
+    if (output_dir / DEMO_MARKER_NAME).is_file():
+        (output_dir / RESULTS_NAME).unlink(
+            missing_ok=True
+        )  # first: a half-replaced folder never looks complete
+        for folder in ("models", "generations"):
+            shutil.rmtree(output_dir / folder, ignore_errors=True)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(
+        output_dir / DEMO_MARKER_NAME, "Written by distillens demo; a later demo may replace it.\n"
     )
 
 
@@ -98,8 +131,47 @@ def _model_entry(model: Any, evaluation: Mapping[str, Any], run: Mapping[str, An
     return entry
 
 
+def _reading_notes(args: DemoArguments, models: Mapping[str, Any]) -> list[str]:
+    """What the table can and cannot tell: the smoke preset's purpose, or the benchmark's ranges over seeds
+    and what varies between machines."""
+    if args.preset == "smoke":
+        return [SMOKE_NOTE]
+    if not args.is_benchmarked():
+        return ["One seed is one draw: repeat over seeds with benchmarks/quality.py before reading a gap."]
+    names = ["teacher", INIT_NAME, *(name for name in models if name in BENCHMARK_EXACT_MATCH_RANGES)]
+    ranges = ", ".join(
+        f"{name} {low:.1f}" if low == high else f"{name} {low:.1f}-{high:.1f}"
+        for name in dict.fromkeys(names)
+        for low, high in [BENCHMARK_EXACT_MATCH_RANGES[name]]
+    )
+    return [
+        f"Exact match over {BENCHMARK_SEEDS} student seeds on the machine that wrote "
+        f"benchmarks/results/quality.json: {ranges}.",
+        "The numbers change with the machine (float kernels, CPU type, torch build, threads): another machine of "
+        "the same kind gave teacher 84.5, init 42.5, sft 69.0. On every benchmarked seed the teacher led, every "
+        "method improved on init, and distillens had the lowest lens JSD to the teacher; whether kd or "
+        "distillens answers more prompts changes from seed to seed.",
+    ]
+
+
 def _write_generations(path: Path, records: Sequence[Mapping[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
+
+
+def output_summary(args: DemoArguments, results: Mapping[str, Any]) -> str:
+    """The last line of ``distillens demo``: where the models, their prompt format and the metrics went."""
+    output_dir = Path(args.output_dir)
+    names = ",".join(Path(path).name for path in results["model_dirs"].values())
+    models = (
+        f"models in {output_dir / 'models'}/{{{names}}} (prompt format {args.prompt_template!r}, recorded in "
+        f"{MODEL_INFO_NAME})"
+        if names
+        else "no models saved (--save_models false)"
+    )
+    return (
+        f"distillens demo: {models}, metrics in {output_dir / RESULTS_NAME}, figures and generations in "
+        f"{output_dir}, teacher cache in {args.resolved_cache_dir}."
+    )
 
 
 def run_demo(args: DemoArguments) -> dict[str, Any]:
@@ -109,7 +181,20 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     start = time.perf_counter()
     timings: dict[str, float] = {}
     output_dir = Path(args.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
+    _claim_output_dir(output_dir)
+    with tempfile.TemporaryDirectory(prefix="distillens-demo-") as scratch:
+        return _run(args, output_dir, Path(scratch), start, timings)
+
+
+def _save(model: Any, tokenizer: Any, folder: Path, args: DemoArguments) -> str:
+    store_model(folder, model, tokenizer, None, prompt_template=args.prompt_template)
+    return str(folder)
+
+
+def _run(
+    args: DemoArguments, output_dir: Path, scratch: Path, start: float, timings: dict[str, float]
+) -> dict[str, Any]:
+    """The demo's steps; the trainers write into ``scratch``, the saved models go to ``output_dir/models``."""
     threads = set_threads(args.num_threads)
     logger.info(
         "[demo] preset %r, %d torch threads, output in %s, cache in %s",
@@ -120,21 +205,24 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     )
 
     with _phase("task suite and teacher (cached, or SFT from scratch)", timings):
-        teacher, suite, teacher_info = get_teacher(args, output_dir / "data", output_dir / "models")
+        teacher, suite, teacher_info = get_teacher(args, output_dir / "data", scratch)
     tokenizer = suite.tokenizer
     with _phase(f"initial student ({args.student_warmup_steps} SFT warm-up steps, cached)", timings):
-        initial_student, init_info = get_student_init(args, suite, output_dir / "models")
+        initial_student, init_info = get_student_init(args, suite, scratch)
+    model_dirs: dict[str, str] = {}
+    if args.save_models:
+        model_dirs["teacher"] = _save(teacher, tokenizer, output_dir / "models" / "teacher", args)
+        model_dirs[INIT_NAME] = _save(initial_student, tokenizer, output_dir / "models" / INIT_NAME, args)
 
     runs: dict[str, dict[str, Any]] = {}
     students: dict[str, torch.nn.Module] = {}
     for method in args.methods:
         with _phase(f"student '{method}'", timings):
-            student, run = train_student(
-                method, initial_student, teacher, suite, args, output_dir / "models" / method
-            )
+            student, run = train_student(method, initial_student, teacher, suite, args, scratch / method)
             if args.save_models:
-                run["trainer"].save_model(str(output_dir / "models" / method))
-                run["path"] = str(output_dir / "models" / method)
+                model_dirs[method] = run["path"] = _save(
+                    student, tokenizer, output_dir / "models" / method, args
+                )
             students[method], runs[method] = student, run
 
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(suite.splits["test"], tokenizer)
@@ -203,6 +291,8 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
         "teacher_cached": bool(teacher_info["cached"]),
         "teacher_path": teacher_info["path"],
         "student_init_cached": bool(init_info["cached"]),
+        "model_dirs": model_dirs,
+        "prompt_template": args.prompt_template,
         "torch_threads": threads,
         "max_new_tokens": max_new_tokens,
         "lens_layer_map": lens_layers,
@@ -219,7 +309,9 @@ def run_demo(args: DemoArguments) -> dict[str, Any]:
     write_json_atomic(output_dir / "training_logs.json", histories)
     print(f"\nDistillLens demo ({args.preset} preset), test split of {len(suite.splits['test'])} prompts:\n")
     print(table)
-    print(f"\nResults: {output_dir / RESULTS_NAME}; figures: {', '.join(figures) or 'none'}")
+    print()
+    for line in _reading_notes(args, models):
+        print(line)
     cached = "cached" if results["teacher_cached"] else "trained"
     print(f"Total time {results['total_time_s']:.0f} s (teacher {cached}).")
     return results

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import statistics
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -52,7 +53,7 @@ def evaluate_generation(
         do_sample=False,
         no_repeat_ngram_size=0,
         seed=0,
-        show_progress=True,
+        show_progress=sys.stderr.isatty(),
     )
     records = []
     for example, answer in zip(examples, answers):

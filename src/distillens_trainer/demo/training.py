@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import logging
 import statistics
+import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 from ..tasks import read_jsonl
 from .arguments import HEAD_DIM, METHODS, DemoArguments
@@ -167,7 +169,7 @@ def train_model(
         seed=seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=False,
+        disable_tqdm=not sys.stderr.isatty(),
         lens_num_layers=lens_num_layers,
         **explicit_lens_layers(model, lens_num_layers, lens_teacher_layers),
         **objective,
@@ -181,10 +183,13 @@ def train_model(
         data_collator=DataCollatorForCompletionOnly(suite.tokenizer),
         teacher_model=teacher if needs_teacher else None,
     )
+    if config.disable_tqdm:  # not a terminal: a few progress lines instead of a bar or a dict per log step
+        from transformers import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.add_callback(QuarterProgress(description or "training"))
     if description:
         logger.info("[demo] training %s: %s, %d steps", description, dict(objective), max_steps)
-    if trainer.layer_map:
-        logger.info("[demo] lens layer pairs (student, teacher): %s", trainer.layer_map)
     start = time.perf_counter()
     trainer.train()
     train_time = time.perf_counter() - start
@@ -203,6 +208,25 @@ def train_model(
         "final_lens_loss": _final_logged(history, "lens_loss"),
         "final_feature_loss": _final_logged(history, "feature_loss"),
     }
+
+
+class QuarterProgress(TrainerCallback):
+    """Log a run's step and loss once per quarter of its steps (for logs that are not a terminal)."""
+
+    def __init__(self, description: str) -> None:
+        self.description = description
+        self.next_quarter = 1
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not logs or "loss" not in logs or not state.max_steps:
+            return control
+        if state.global_step >= self.next_quarter * state.max_steps / 4:
+            logger.info(
+                "[demo] %s: step %d/%d, loss %.4f",
+                self.description, state.global_step, state.max_steps, float(logs["loss"]),
+            )  # fmt: skip
+            self.next_quarter = 4 * state.global_step // state.max_steps + 1
+        return control
 
 
 def explicit_lens_layers(
