@@ -8,19 +8,34 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
+import transformers
 
 from distillens_trainer import cli
 from distillens_trainer.demo import (
+    BENCHMARK_EXACT_MATCH_RANGES,
+    BENCHMARK_SEEDS,
+    DEMO_MARKER_NAME,
+    DEMO_METHODS,
     FIGURE_NAMES,
+    INIT_NAME,
     PRESETS,
     RESULTS_NAME,
+    SMOKE_NOTE,
     TEACHER_INFO_NAME,
     DemoArguments,
     check_output_dir,
     explicit_lens_layers,
+    output_summary,
     teacher_cache_path,
 )
+from distillens_trainer.demo.arguments import RUN_ONLY_FIELDS
+from distillens_trainer.demo.run import _reading_notes
 from distillens_trainer.layer_map import resolve_layer_map
+from distillens_trainer.model_info import recorded_prompt_template
+from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME
+
+REPO = Path(__file__).resolve().parents[1]
 
 MODELS = ("teacher", "sft", "kd", "distillens")
 
@@ -33,11 +48,12 @@ def _demo(output_dir: Path, cache_dir: Path, *extra: str) -> int:
 
 @pytest.fixture(scope="module")
 def smoke_runs(tmp_path_factory) -> dict[str, dict]:
-    """Two smoke demos sharing one teacher cache: the first trains the teacher, the second reuses it."""
+    """Two smoke demos into the same folder (as the README's second run), sharing one teacher cache: the first
+    trains the teacher, the second reuses it."""
     root = tmp_path_factory.mktemp("demo")
+    output_dir = root / "demo"
     runs = {}
     for name in ("first", "second"):
-        output_dir = root / name
         code = _demo(output_dir, root / "cache")
         assert code == 0
         runs[name] = {
@@ -93,8 +109,6 @@ def test_figures_generations_and_students_are_written(smoke_runs):
         lines = (output_dir / "generations" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
         assert len(lines) == PRESETS["smoke"]["num_test"]
         assert {"reference", "generation", "exact_match", "rougeL"} <= set(json.loads(lines[0]))
-    for name in ("sft", "kd", "distillens"):
-        assert (output_dir / "models" / name / "config.json").is_file()
     assert (output_dir / "data" / "test.jsonl").is_file()
     assert (output_dir / "tokenizer" / "tokenizer.json").is_file()
 
@@ -114,6 +128,92 @@ def test_second_run_reuses_the_cached_teacher(smoke_runs):
         )
     (teacher_phase,) = [name for name in first["timings_s"] if "teacher" in name]
     assert second["timings_s"][teacher_phase] < first["timings_s"][teacher_phase]
+
+
+@pytest.mark.slow
+def test_every_model_is_in_its_folder_with_its_tokenizer_and_prompt_format(smoke_runs):
+    output_dir, results = smoke_runs["second"]["dir"], smoke_runs["second"]["results"]
+    names = ("teacher", INIT_NAME, "sft", "kd", "distillens")
+    assert sorted(path.name for path in (output_dir / "models").iterdir()) == sorted(names)
+    assert results["model_dirs"] == {name: str(output_dir / "models" / name) for name in names}
+    for name in names:
+        folder = output_dir / "models" / name
+        for file in ("config.json", "model.safetensors", "tokenizer.json"):
+            assert (folder / file).is_file(), (name, file)
+        assert recorded_prompt_template(folder) == "plain"
+    teacher = transformers.AutoModelForCausalLM.from_pretrained(output_dir / "models" / "teacher")
+    cached = transformers.AutoModelForCausalLM.from_pretrained(results["teacher_path"])
+    for (name, saved), (_, original) in zip(teacher.state_dict().items(), cached.state_dict().items()):
+        assert torch.equal(saved, original), name
+
+
+@pytest.mark.slow
+def test_the_demos_models_train_on_the_demos_prompt_format_by_default(smoke_runs, tmp_path, capsys):
+    models, data = smoke_runs["second"]["dir"] / "models", smoke_runs["second"]["dir"] / "data"
+    code = cli.main(
+        ["train", "--model_name_or_path", str(models / INIT_NAME), "--teacher_model_name_or_path",
+         str(models / "teacher"), "--train_file", str(data / "train.jsonl"), "--output_dir", str(tmp_path / "mine"),
+         "--lens_num_layers", "1", "--max_steps", "2", "--per_device_train_batch_size", "4",
+         "--max_train_samples", "16", "--save_strategy", "no", "--report_to", "none"]
+    )  # fmt: skip
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0
+    resolved = json.loads((tmp_path / "mine" / RESOLVED_CONFIG_NAME).read_text(encoding="utf-8"))
+    assert resolved["data"]["prompt_template"] == "plain"
+    assert recorded_prompt_template(tmp_path / "mine") == "plain"
+    assert out[-1].startswith(
+        f"distillens train: model and tokenizer in {tmp_path / 'mine'} (prompt format 'plain'"
+    )
+
+
+@pytest.mark.slow
+def test_the_demo_ends_with_where_everything_went_and_how_to_read_it(smoke_runs):
+    output_dir = smoke_runs["second"]["dir"]
+    args = DemoArguments(
+        output_dir=str(output_dir), preset="smoke", cache_dir=str(smoke_runs["cache"]["dir"])
+    )
+    line = output_summary(args, smoke_runs["second"]["results"])
+    assert line.startswith(
+        f"distillens demo: models in {output_dir / 'models'}/{{teacher,init,sft,kd,distillens}}"
+    )
+    assert f"metrics in {output_dir / RESULTS_NAME}" in line and str(smoke_runs["cache"]["dir"]) in line
+
+
+def test_a_folder_holding_an_earlier_demo_is_reused_but_not_a_foreign_one(tmp_path):
+    (tmp_path / DEMO_MARKER_NAME).write_text("demo", encoding="utf-8")
+    (tmp_path / RESULTS_NAME).write_text("{}", encoding="utf-8")
+    check_output_dir(str(tmp_path), overwrite=False)
+    (tmp_path / DEMO_MARKER_NAME).unlink()
+    with pytest.raises(ValueError, match="not empty"):
+        check_output_dir(str(tmp_path), overwrite=False)
+
+
+def test_the_table_is_read_with_the_benchmarks_ranges_or_the_smoke_presets_purpose(tmp_path):
+    models = {name: {} for name in DEMO_METHODS}
+    smoke = _reading_notes(DemoArguments(output_dir=str(tmp_path), preset="smoke"), models)
+    assert smoke == [SMOKE_NOTE] and "plumbing" in SMOKE_NOTE
+    default = DemoArguments(output_dir=str(tmp_path), seed=3, num_threads=1)
+    assert default.is_benchmarked()
+    notes = " ".join(_reading_notes(default, models))
+    assert "init 16.5-47.5" in notes and "distillens 27.0-56.0" in notes and "machine" in notes
+    changed = DemoArguments(output_dir=str(tmp_path), lens_weight=5.0)
+    assert not changed.is_benchmarked()
+    assert "One seed is one draw" in _reading_notes(changed, models)[0]
+
+
+def test_the_benchmark_ranges_match_the_committed_benchmark():
+    benchmark = json.loads((REPO / "benchmarks" / "results" / "quality.json").read_text(encoding="utf-8"))
+    assert len(benchmark["seeds"]) == BENCHMARK_SEEDS
+    scores: dict[str, list[float]] = {}
+    for run in benchmark["runs"]:
+        scores.setdefault(run["method"], []).append(run["exact_match"])
+    expected = {name: (min(values), max(values)) for name, values in scores.items()}
+    expected["teacher"] = (benchmark["teacher"]["exact_match"],) * 2
+    assert expected == BENCHMARK_EXACT_MATCH_RANGES
+    reference = DemoArguments(output_dir="x")
+    for name, value in benchmark["settings"].items():
+        if name not in RUN_ONLY_FIELDS:
+            assert getattr(reference, name) == value, name
 
 
 def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from transformers import TrainingArguments
 
@@ -17,14 +19,16 @@ class DistillLensConfig(TrainingArguments):
     """Training arguments for :class:`~distillens_trainer.DistillLensTrainer`.
 
     Defaults are the paper's: no CE, reverse KL on the final logits, Jensen-Shannon (β=½) through the
-    logit lens on 5 evenly spaced layer pairs, with the model's own final norm applied.
+    logit lens on 5 evenly spaced layer pairs, with the model's own final norm applied. In Python the teacher
+    may also be passed to the trainer as a model (``DistillLensTrainer(teacher_model=...)``); another
+    ``TrainingArguments`` (a TRL ``SFTConfig``, ...) converts with :meth:`from_training_arguments`.
     """
 
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Teacher model: a local folder or a hub id. Not needed when a teacher model object "
-            "is passed to the trainer, nor for plain SFT (kd_weight = lens_weight = 0)."
+            "help": "Teacher: a local model folder or a hub id, with the student's tokenizer. Not needed for "
+            "plain SFT (--ce_weight 1 --kd_weight 0 --lens_weight 0)."
         },
     )
     teacher_dtype: str = field(
@@ -158,3 +162,16 @@ class DistillLensConfig(TrainingArguments):
             temperature=self.temperature,
             feature_weight=self.feature_weight,
         )
+
+    @classmethod
+    def from_training_arguments(cls, args: TrainingArguments, **distillation_fields: Any) -> DistillLensConfig:
+        """A DistillLensConfig with every ``TrainingArguments`` field of ``args`` (a TRL ``SFTConfig`` or any other
+        subclass; fields only the subclass has, such as ``SFTConfig.max_length``, are dropped) plus
+        ``distillation_fields`` (``kd_weight=...``, ``teacher_model_name_or_path=...``)."""
+        if not isinstance(args, TrainingArguments):
+            raise ValueError(f"args is a {type(args).__name__}, not a TrainingArguments: build DistillLensConfig(...).")
+        values = {item.name: getattr(args, item.name) for item in dataclasses.fields(TrainingArguments) if item.init}
+        if isinstance(args, cls):
+            own = {item.name for item in dataclasses.fields(cls) if item.init} - set(values)
+            values |= {name: getattr(args, name) for name in own}
+        return cls(**(values | distillation_fields))

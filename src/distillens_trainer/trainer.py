@@ -80,7 +80,9 @@ class DistillLensTrainer(Trainer):
         if not isinstance(args, DistillLensConfig):
             raise ValueError(
                 f"args is a {type(args).__name__}; DistillLensTrainer needs a DistillLensConfig (TrainingArguments "
-                "plus the distillation fields): build one with DistillLensConfig(**your_arguments)."
+                "plus the distillation fields): convert it with DistillLensConfig.from_training_arguments(args, "
+                "kd_weight=..., ...), which keeps its TrainingArguments fields and drops the others (such as "
+                "SFTConfig's max_length: apply those when you tokenise)."
             )
         self.objective = args.objective
         teacher_model, teacher_processing_class = self._resolve_teacher(
@@ -146,7 +148,7 @@ class DistillLensTrainer(Trainer):
         if teacher_model is None:
             raise ValueError(
                 f"kd_weight={args.kd_weight} and lens_weight={args.lens_weight} need a teacher: pass teacher_model=... "
-                "or set teacher_model_name_or_path (or set both weights to 0 for plain SFT)."
+                "or set teacher_model_name_or_path (for plain SFT: ce_weight=1, kd_weight=0, lens_weight=0)."
             )
         if isinstance(teacher_model, str):
             path = teacher_model
