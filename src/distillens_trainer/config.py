@@ -164,13 +164,19 @@ class DistillLensConfig(TrainingArguments):
         )
 
     @classmethod
-    def from_training_arguments(cls, args: TrainingArguments, **distillation_fields: Any) -> DistillLensConfig:
+    def from_training_arguments(
+        cls, args: TrainingArguments, **distillation_fields: Any
+    ) -> DistillLensConfig:
         """A DistillLensConfig with every ``TrainingArguments`` field of ``args`` (a TRL ``SFTConfig`` or any other
         subclass; fields only the subclass has, such as ``SFTConfig.max_length``, are dropped) plus
         ``distillation_fields`` (``kd_weight=...``, ``teacher_model_name_or_path=...``)."""
         if not isinstance(args, TrainingArguments):
-            raise ValueError(f"args is a {type(args).__name__}, not a TrainingArguments: build DistillLensConfig(...).")
-        values = {item.name: getattr(args, item.name) for item in dataclasses.fields(TrainingArguments) if item.init}
+            raise ValueError(
+                f"args is a {type(args).__name__}, not a TrainingArguments: build DistillLensConfig(...)."
+            )
+        values = {
+            item.name: getattr(args, item.name) for item in dataclasses.fields(TrainingArguments) if item.init
+        }
         if isinstance(args, cls):
             own = {item.name for item in dataclasses.fields(cls) if item.init} - set(values)
             values |= {name: getattr(args, name) for name in own}
