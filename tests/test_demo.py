@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +32,7 @@ from distillens_trainer.demo import (
 )
 from distillens_trainer.demo.arguments import RUN_ONLY_FIELDS
 from distillens_trainer.demo.run import _reading_notes
+from distillens_trainer.demo.training import QuarterProgress
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.model_info import recorded_prompt_template
 from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME
@@ -296,3 +298,14 @@ def test_explicit_teacher_layers_pair_with_the_evenly_spaced_student_layers():
         (2, 3),
     ]
     assert resolve_layer_map(3, 4, num_layers=2) == [(1, 1), (2, 2)]  # the default: floor(s * 4 / 3)
+
+
+def test_without_a_terminal_training_logs_one_line_per_quarter(caplog):
+    progress = QuarterProgress("student 'kd'")
+    with caplog.at_level(logging.INFO, logger="distillens_trainer"):
+        for step in range(1, 13):
+            state = SimpleNamespace(global_step=step, max_steps=12)
+            progress.on_log(None, state, None, logs={"loss": 1.0 / step})
+            progress.on_log(None, state, None, logs={"train_runtime": 1.0})  # no loss: not a progress line
+    lines = [record.getMessage() for record in caplog.records]
+    assert lines == [f"[demo] student 'kd': step {step}/12, loss {1.0 / step:.4f}" for step in (3, 6, 9, 12)]
