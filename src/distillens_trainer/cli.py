@@ -4,7 +4,10 @@ Each subcommand takes an optional YAML/JSON config file first, then command-line
 
     distillens train recipe.yaml --learning_rate 1e-4
 
-Bad input ends in one ``distillens <command>: error: ...`` line on stderr and a non-zero exit code.
+Bad input ends in one ``distillens <command>: error: ...`` line on stderr and a non-zero exit code; a finished
+run ends with one ``distillens <command>: ...`` line on stdout saying where its output went. A subcommand is a
+function ``argv -> exit code`` registered in :data:`COMMANDS`; it parses with :func:`parse_command` (and
+:func:`given_fields` when a default depends on whether a flag was given).
 """
 
 from __future__ import annotations
@@ -234,7 +237,7 @@ COMMANDS: dict[str, Command] = {
 
 
 def _usage() -> str:
-    lines = ["usage: distillens {train,eval,demo} [CONFIG] [--field value ...]", "", "commands:"]
+    lines = [f"usage: distillens {{{','.join(COMMANDS)}}} [CONFIG] [--field value ...]", "", "commands:"]
     lines += [f"  {name:6s} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "Run 'distillens COMMAND --help' for every field of a command."]
     return "\n".join(lines)
