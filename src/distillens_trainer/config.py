@@ -9,6 +9,7 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .divergences import DIVERGENCE_NAMES, check_divergence_name
+from .layer_map import LAYER_MAPS
 from .objective import ObjectiveSpec
 
 TEACHER_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
@@ -29,6 +30,13 @@ class DistillLensConfig(TrainingArguments):
         metadata={
             "help": "Teacher: a local model folder or a hub id, with the student's tokenizer. Not needed for "
             "plain SFT (--ce_weight 1 --kd_weight 0 --lens_weight 0)."
+        },
+    )
+    teacher_gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the teacher from this GGUF file inside teacher_model_name_or_path (a folder or hub "
+            "id), de-quantised; its tokenizer is read from the same file. Needs the gguf extra."
         },
     )
     teacher_dtype: str = field(
@@ -96,6 +104,14 @@ class DistillLensConfig(TrainingArguments):
             "floor(s·L_T/L_S)."
         },
     )
+    lens_layer_map: str = field(
+        default="paper",
+        metadata={
+            "help": "Teacher layers of the automatic map: paper = the same relative depth; shrunk = the teacher "
+            "block each student block was cut from (students written by 'distillens shrink').",
+            "choices": list(LAYER_MAPS),
+        },
+    )
     lens_num_layers: int = field(
         default=5, metadata={"help": "Number of automatically mapped layer pairs (K in the paper)."}
     )
@@ -126,6 +142,15 @@ class DistillLensConfig(TrainingArguments):
         if self.teacher_dtype not in TEACHER_DTYPES:
             raise ValueError(
                 f"teacher_dtype={self.teacher_dtype!r} must be one of {', '.join(TEACHER_DTYPES)}."
+            )
+        if self.lens_layer_map not in LAYER_MAPS:
+            raise ValueError(
+                f"lens_layer_map={self.lens_layer_map!r} must be one of {', '.join(LAYER_MAPS)}."
+            )
+        if self.lens_layer_map == "shrunk" and self.lens_teacher_layers is not None:
+            raise ValueError(
+                "lens_layer_map='shrunk' derives the teacher layers: drop lens_teacher_layers, or use "
+                "lens_layer_map='paper' with explicit layers."
             )
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
         if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:

@@ -129,6 +129,13 @@ class EvalArguments:
     eval_files: list[str] = field(
         metadata={"help": "One or more JSONL files with `instruction`, optional `input`, `output`/`outputs`."}
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluate the model in this GGUF file inside model_name_or_path (de-quantised; the "
+            "tokenizer too unless tokenizer_name_or_path is given). Needs the gguf extra."
+        },
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer directory or name; defaults to model_name_or_path."}
     )
@@ -589,10 +596,13 @@ def run_evaluation(args: EvalArguments) -> dict[str, Any]:
     Runs in a single process on the first CUDA device when one is available, else on the CPU.
     """
     check_output_dir(args)
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .models import load_causal_lm, load_tokenizer_from
 
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer_name_or_path or args.model_name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, dtype=_torch_dtype(args.dtype))
+    if args.tokenizer_name_or_path:
+        tokenizer = load_tokenizer_from(args.tokenizer_name_or_path)
+    else:
+        tokenizer = load_tokenizer_from(args.model_name_or_path, args.gguf_file)
+    model = load_causal_lm(args.model_name_or_path, gguf_file=args.gguf_file, dtype=_torch_dtype(args.dtype))
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     return evaluate_files(model, tokenizer, args)
 

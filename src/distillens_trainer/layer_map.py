@@ -10,6 +10,11 @@ from collections.abc import Sequence
 
 LayerPair = tuple[int, int]
 
+LAYER_MAPS: tuple[str, ...] = ("paper", "shrunk")
+KEPT_LAYERS_CONFIG_KEY = (
+    "distillens_kept_layers"  # written by ``distillens shrink``: teacher block indices (0-based)
+)
+
 
 def paper_student_layers(student_num_layers: int, num_pairs: int) -> list[int]:
     """The paper's evenly spaced student layers: s_k = round(k·L_S/(K+1)), halves rounding up, k = 1..K."""
@@ -21,6 +26,19 @@ def paper_student_layers(student_num_layers: int, num_pairs: int) -> list[int]:
 def proportional_teacher_layer(student_layer: int, student_num_layers: int, teacher_num_layers: int) -> int:
     """The teacher layer at the same relative depth: floor(s·L_T/L_S)."""
     return student_layer * teacher_num_layers // student_num_layers
+
+
+def kept_teacher_layers(
+    student_layers: Sequence[int], kept_layers: Sequence[int], student_num_layers: int
+) -> list[int]:
+    """Teacher ``hidden_states`` indices of the blocks the student's blocks were cut from: s -> kept[s-1] + 1."""
+    kept_layers = list(kept_layers)
+    if len(kept_layers) != student_num_layers:
+        raise ValueError(
+            f"{KEPT_LAYERS_CONFIG_KEY} lists {len(kept_layers)} blocks but the student has {student_num_layers}: "
+            "use lens_layer_map='paper' for a student that was not cut with 'distillens shrink' as it is now."
+        )
+    return [kept_layers[student_layer - 1] + 1 for student_layer in student_layers]
 
 
 def _check_indices(layers: Sequence[int], num_layers: int, field: str, model: str) -> None:
@@ -38,13 +56,16 @@ def resolve_layer_map(
     student_layers: Sequence[int] | None = None,
     teacher_layers: Sequence[int] | None = None,
     num_layers: int = 5,
+    kept_layers: Sequence[int] | None = None,
 ) -> list[LayerPair]:
     """(student, teacher) ``hidden_states`` index pairs for the lens loss.
 
     With explicit ``student_layers`` and ``teacher_layers`` these are validated and zipped. With
     neither, ``num_layers`` (K) pairs follow the paper: e.g. 12→48 layers gives
     (2,8), (4,16), (6,24), (8,32), (10,40); 22→32 gives (4,5), (7,10), (11,16), (15,21), (18,26).
-    With only ``student_layers``, the teacher layers are the proportional ones.
+    With only ``student_layers``, the teacher layers are the proportional ones. With ``kept_layers`` (the
+    teacher blocks a shrunk student was cut from, 0-based, one per student block) the teacher layers follow
+    them instead: student index s pairs with teacher index ``kept_layers[s-1] + 1``.
     """
     for value, name in (
         (student_num_layers, "student_num_layers"),
@@ -68,6 +89,8 @@ def resolve_layer_map(
     if not student_layers:
         raise ValueError("lens_student_layers is empty: give at least one layer, or set lens_weight=0.")
     _check_indices(student_layers, student_num_layers, "lens_student_layers", "student")
+    if teacher_layers is None and kept_layers is not None:
+        teacher_layers = kept_teacher_layers(student_layers, kept_layers, student_num_layers)
     if teacher_layers is None:
         teacher_layers = [
             proportional_teacher_layer(s, student_num_layers, teacher_num_layers) for s in student_layers

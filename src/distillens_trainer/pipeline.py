@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel, TrainerCallback
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
 from .files import refuse_non_empty_dir, write_json_atomic
 from .model_info import MODEL_INFO_NAME, write_model_info
+from .models import load_causal_lm, load_tokenizer_from
 from .trainer import DistillLensTrainer
 
 logger = logging.getLogger(__name__)
@@ -28,6 +29,13 @@ class ModelArguments:
     """The student (and how to load it); the teacher is part of :class:`DistillLensConfig`."""
 
     model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the student from this GGUF file inside model_name_or_path (de-quantised; the "
+            "tokenizer too unless tokenizer_name_or_path is given). Needs the gguf extra."
+        },
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
     )
@@ -147,13 +155,7 @@ def load_student(model_args: ModelArguments) -> PreTrainedModel:
     }
     if model_args.attn_implementation:
         kwargs["attn_implementation"] = model_args.attn_implementation
-    try:
-        model = AutoModelForCausalLM.from_pretrained(model_args.model_name_or_path, **kwargs)
-    except OSError as error:
-        raise ValueError(
-            f"model_name_or_path={model_args.model_name_or_path!r} could not be loaded: give a local model folder "
-            "or a hub id reachable from this machine."
-        ) from error
+    model = load_causal_lm(model_args.model_name_or_path, gguf_file=model_args.gguf_file, **kwargs)
     if model_args.use_peft:
         try:
             import peft
@@ -172,9 +174,9 @@ def load_student(model_args: ModelArguments) -> PreTrainedModel:
     return model
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        tokenizer = load_tokenizer_from(name_or_path, gguf_file, trust_remote_code=trust_remote_code)
     except OSError as error:
         raise ValueError(
             f"no tokenizer could be loaded from {name_or_path!r}: pass --tokenizer_name_or_path."
@@ -195,7 +197,9 @@ def run_training(
         training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint
     )
     tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path, model_args.trust_remote_code
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        model_args.trust_remote_code,
+        gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
     )
     with training_args.main_process_first(desc="tokenising the datasets"):
         train_dataset, eval_dataset = build_datasets(data_args, tokenizer)

@@ -7,9 +7,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import PreTrainedModel
 
 from .lens import unwrap_model
+from .models import load_causal_lm, load_tokenizer_from
 
 logger = logging.getLogger(__name__)
 
@@ -30,24 +31,27 @@ def resolve_teacher_dtype(
 
 
 def load_teacher(
-    name_or_path: str, dtype: torch.dtype | None = None, **from_pretrained_kwargs: Any
+    name_or_path: str,
+    dtype: torch.dtype | None = None,
+    gguf_file: str | None = None,
+    **from_pretrained_kwargs: Any,
 ) -> PreTrainedModel:
-    """Load a causal LM teacher from a local folder or a hub id, in ``dtype`` (None: the checkpoint's)."""
-    try:
-        return AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype if dtype is not None else "auto", **from_pretrained_kwargs
-        )
-    except OSError as error:
-        raise ValueError(
-            f"teacher_model_name_or_path={name_or_path!r} could not be loaded ({error.__class__.__name__}): give a "
-            "local model folder or a hub id reachable from this machine."
-        ) from error
+    """Load a causal LM teacher from a local folder, a hub id, or a GGUF file in that folder, in ``dtype``
+    (None: the checkpoint's)."""
+    return load_causal_lm(
+        name_or_path,
+        gguf_file=gguf_file,
+        field="teacher_model_name_or_path",
+        gguf_field="teacher_gguf_file",
+        dtype=dtype if dtype is not None else "auto",
+        **from_pretrained_kwargs,
+    )
 
 
-def load_teacher_tokenizer(name_or_path: str) -> Any | None:
-    """The tokenizer saved with the teacher, or None when there is none."""
+def load_teacher_tokenizer(name_or_path: str, gguf_file: str | None = None) -> Any | None:
+    """The tokenizer saved with the teacher (or in its GGUF file), or None when there is none."""
     try:
-        return AutoTokenizer.from_pretrained(name_or_path)
+        return load_tokenizer_from(name_or_path, gguf_file)
     except (OSError, ValueError, TypeError):
         return None
 

