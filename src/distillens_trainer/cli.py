@@ -1,4 +1,4 @@
-"""``distillens``: the command line (``train``, ``eval``, ``demo``), parsed with ``HfArgumentParser``.
+"""``distillens``: the command line (``train``, ``eval``, ``demo``, ``shrink``), parsed with ``HfArgumentParser``.
 
 Each subcommand takes an optional YAML/JSON config file first, then command-line overrides::
 
@@ -221,6 +221,17 @@ def _demo(argv: Sequence[str]) -> int:
     return 0
 
 
+def _shrink(argv: Sequence[str]) -> int:
+    from .layer_map import KEPT_LAYERS_CONFIG_KEY
+    from .shrink import ShrinkArguments, run_shrink
+
+    (shrink_args,) = parse_command((ShrinkArguments,), argv, "distillens shrink")
+    model = run_shrink(shrink_args)
+    kept = getattr(model.config, KEPT_LAYERS_CONFIG_KEY)
+    print(f"kept blocks {kept} -> {shrink_args.output_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[Sequence[str]], int]
@@ -233,6 +244,10 @@ COMMANDS: dict[str, Command] = {
     ),
     "eval": Command(_eval, "generate and score ROUGE-L / exact match on instruction JSONL files"),
     "demo": Command(_demo, "offline end-to-end demo on the built-in task suite"),
+    "shrink": Command(
+        _shrink,
+        "cut a student from a model's blocks: shrink --model_name_or_path T --num_layers K --output_dir S",
+    ),
 }
 
 
