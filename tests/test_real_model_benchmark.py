@@ -1,0 +1,80 @@
+"""``benchmarks/real_model.py``: presets, resumable jobs, settings guard and the summary, without loading models."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import import_script
+
+real_model = import_script(
+    Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py", "distillens_real_model"
+)
+
+
+def _args(tmp_path: Path, **overrides) -> real_model.RealModelArguments:
+    return real_model.RealModelArguments(output_dir=str(tmp_path), preset="smoke", bf16=False, **overrides)
+
+
+def _write_run(args, method: str, seed: int | None, rouge: float, exact_match: float) -> None:
+    run = {"method": method, "seed": seed, "rougeL": rouge, "exact_match": exact_match}
+    if method != "teacher":
+        run["lens"] = {"pairs": [[1, 3], [2, 6]], "divergence": [0.4, 0.2], "final": 0.2}
+    path = real_model.run_file(args, method, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(run))
+
+
+def test_command_line_values_win_over_the_preset():
+    args = real_model.RealModelArguments(output_dir="x", preset="gpu", steps=7)
+    assert args.steps == 7 and args.seeds == [10, 20, 30, 40, 50] and args.num_test is None and args.do_sample
+
+
+def test_greedy_teacher_and_init_run_once_and_finished_runs_are_skipped(tmp_path):
+    args = _args(tmp_path, seeds=[0, 1], methods=["kd", "distillens"])
+    jobs = real_model.jobs_of(args)
+    assert jobs == [
+        ("teacher", None),
+        ("init", None),
+        ("kd", 0),
+        ("distillens", 0),
+        ("kd", 1),
+        ("distillens", 1),
+    ]
+    _write_run(args, "teacher", None, 20.0, 5.0)
+    _write_run(args, "kd", 0, 10.0, 2.0)
+    assert real_model.pending_jobs(args) == [("init", None), ("distillens", 0), ("kd", 1), ("distillens", 1)]
+    sampled = _args(tmp_path, seeds=[0, 1], methods=["kd"], do_sample=True)
+    assert real_model.jobs_of(sampled)[:2] == [("teacher", 0), ("teacher", 1)]
+
+
+def test_the_summary_pairs_each_method_with_kd_by_seed(tmp_path):
+    args = _args(tmp_path, seeds=[0, 1, 2], methods=["kd", "distillens"])
+    _write_run(args, "teacher", None, 20.0, 5.0)
+    for seed, (kd, dl) in enumerate([(10.0, 11.0), (12.0, 14.0), (11.0, 14.0)]):
+        _write_run(args, "kd", seed, kd, 1.0)
+        _write_run(args, "distillens", seed, dl, 1.0)
+    summary = real_model.summarise(args, real_model.runs_by_method(args))
+    teacher = summary["methods"]["teacher"]
+    assert teacher["rougeL"]["per_seed"] == [20.0, 20.0, 20.0] and "lens_jsd" not in teacher
+    assert summary["methods"]["distillens"]["rougeL"]["mean"] == pytest.approx(13.0)
+    diff = summary["paired"]["distillens - kd"]["rougeL"]
+    # differences 1, 2, 3: mean 2, sample std 1, t_{0.975, 2} = 4.303 -> half width 4.303 / sqrt(3) = 2.484
+    assert diff["per_seed"] == [1.0, 2.0, 3.0] and diff["ci95"] == pytest.approx([-0.484, 4.484], abs=2e-3)
+    lens = summary["methods"]["kd"]["lens_jsd"]
+    assert lens["relative_depth"] == [0.5, 1.0] and lens["mean"] == [0.4, 0.2]
+    assert "| distillens - kd | +2.00 [-0.48, +4.48]" in real_model.markdown({"command": "c", **summary})
+
+
+def test_a_rerun_with_other_settings_is_refused(tmp_path):
+    real_model.check_settings(_args(tmp_path))
+    real_model.check_settings(_args(tmp_path, seeds=[0, 1, 2]))  # more seeds: the same experiment, resumed
+    with pytest.raises(ValueError, match="holds runs with other settings"):
+        real_model.check_settings(_args(tmp_path, steps=3))
+
+
+def test_an_unknown_method_is_refused():
+    with pytest.raises(ValueError, match="methods: unknown"):
+        real_model.RealModelArguments(output_dir="x", methods=["feature"])
