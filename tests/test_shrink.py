@@ -99,6 +99,11 @@ def test_per_layer_config_lists_follow_the_kept_blocks():
     assert shrunk.config.layer_types == ["full_attention", "sliding_attention"]
 
 
+def test_a_student_cut_from_a_frozen_teacher_is_trainable():
+    teacher = _tiny("llama").requires_grad_(False)
+    assert all(p.requires_grad for p in shrink_model(teacher, [0, 4]).parameters())
+
+
 def test_tied_embeddings_stay_tied():
     shrunk = shrink_model(_tiny("qwen2"), [0, 4])
     assert shrunk.lm_head.weight.data_ptr() == shrunk.model.embed_tokens.weight.data_ptr()

@@ -109,6 +109,7 @@ def shrink_model(model: PreTrainedModel, keep_layers: Sequence[int]) -> PreTrain
 
     Embeddings, final norm and LM head are the model's own (tied weights stay tied); per-block config lists
     (``layer_types``, ...) are cut the same way; the kept indices go in ``config.distillens_kept_layers``.
+    The copy is trainable (``requires_grad``) even when ``model`` is a frozen teacher.
     """
     _, _, blocks = block_list(model)
     keep_layers = check_keep_layers(keep_layers, len(blocks))
@@ -125,7 +126,7 @@ def shrink_model(model: PreTrainedModel, keep_layers: Sequence[int]) -> PreTrain
             setattr(config, attribute, [values[index] for index in keep_layers])
     config.num_hidden_layers = len(keep_layers)
     setattr(config, KEPT_LAYERS_CONFIG_KEY, keep_layers)
-    return shrunk
+    return shrunk.requires_grad_(True)
 
 
 @dataclass
