@@ -524,3 +524,118 @@ def test_collator_needs_a_pad_or_eos_token():
     tokenizer.eos_token = None
     with pytest.raises(ValueError, match="pad_token"):
         DataCollatorForCompletionOnly(tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SentencePiece-style tokenisation (Llama, Mistral): the response is cut from the joint encoding
+# ---------------------------------------------------------------------------------------------------------
+
+SP_ROWS = [
+    {"prompt": format_alpaca_prompt("Name a colour."), "completion": "The sky is blue."},
+    {"prompt": format_alpaca_prompt("Add.", "1 plus 2"), "completion": "The answer is three."},
+    {"prompt": "Question: what is red?\n", "completion": "A colour of the sky at dusk."},
+]
+
+
+def sentencepiece_style_tokenizer() -> PreTrainedTokenizerFast:
+    """A small BPE with Llama's Metaspace pre-tokenizer (``▁`` word boundaries, prepended to the text), BOS added."""
+    from tokenizers import trainers
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(  # newlines stay single pieces, as Llama's <0x0A>
+        [
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True),
+        ]
+    )
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    texts = [row["prompt"] + row["completion"] for row in SP_ROWS] * 3
+    backend.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"])
+    )
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def test_sentencepiece_style_response_tokens_are_those_of_the_joint_encoding():
+    tokenizer = sentencepiece_style_tokenizer()
+    alone = tokenizer.convert_ids_to_tokens(tokenizer("The", add_special_tokens=False).input_ids)
+    assert alone[0].startswith("▁")  # the completion encoded on its own gains a word-boundary piece
+    tokenized, _ = tokenize_prompt_completion(datasets.Dataset.from_list(SP_ROWS), tokenizer)
+    for row, example in zip(tokenized, SP_ROWS):
+        joint = tokenizer(example["prompt"] + example["completion"], add_special_tokens=False).input_ids
+        assert row["input_ids"] == [tokenizer.bos_token_id, *joint, tokenizer.eos_token_id]
+        response = [token for token in row["labels"] if token != IGNORE_INDEX]
+        assert response[-1] == tokenizer.eos_token_id
+        assert not tokenizer.convert_ids_to_tokens(response[0]).startswith("▁")
+        assert tokenizer.decode(response[:-1]) == example["completion"]
+        prompt = row["input_ids"][: len(row["input_ids"]) - len(response)]
+        assert prompt == [
+            tokenizer.bos_token_id,
+            *tokenizer(example["prompt"], add_special_tokens=False).input_ids,
+        ]
+
+
+def test_a_token_spanning_prompt_and_response_is_learned_as_response(tok):
+    from distillens_trainer.data import split_at_prompt
+
+    assert split_at_prompt([5, 6, 7], [5, 6, 8, 9]) == ([5, 6], [8, 9])  # 7 merged with the response into 8
+    assert split_at_prompt([5, 6], [5, 6, 9]) == ([5, 6], [9])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decontamination
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_training_rows_whose_prompt_is_in_an_eval_file_are_dropped_and_counted(tmp_path, tok, caplog):
+    train = [
+        {"instruction": "Name a colour.", "input": "", "output": "blue"},
+        {"instruction": "Add.", "input": "1+2", "output": "3"},
+        {"instruction": "Add.", "input": "2+2", "output": "4"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+    ]
+    evaluation = [
+        {"instruction": "  name a   COLOUR.", "input": "", "output": "red"},  # same prompt up to case/space
+        {"instruction": "Add.", "input": "5+5", "output": "10"},  # same instruction, other input: kept
+    ]
+    args = DataArguments(
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", train)),
+        decontaminate_files=[str(write_jsonl(tmp_path / "test.jsonl", evaluation))],
+    )
+    stats: dict[str, int] = {}
+    with caplog.at_level(logging.WARNING, logger="distillens_trainer.data"):
+        train_set, _ = build_datasets(args, tok, stats=stats)
+    assert len(train_set) == 3 and stats == {"decontaminated_train_rows": 1}
+    assert "dropped 1 of 4 training rows" in caplog.text
+    texts = [tok.decode(row["input_ids"]) for row in train_set]
+    assert not any("Name a colour." in text for text in texts)
+
+
+def test_a_missing_decontamination_file_is_named(tmp_path, tok):
+    args = DataArguments(
+        train_file=str(write_jsonl(tmp_path / "train.jsonl", ROWS)),
+        decontaminate_files=[str(tmp_path / "nowhere.jsonl")],
+    )
+    with pytest.raises(ValueError, match="--decontaminate_files: no such file"):
+        build_datasets(args, tok)
+
+
+def test_minillm_dolly_train_overlaps_the_test_set_and_decontamination_removes_it(gpt2):
+    files = [require(DATA_DIR / "dolly" / name) for name in ("train_11435.jsonl", "test_500.jsonl")]
+    args = DataArguments(
+        train_file=str(files[0]), decontaminate_files=[str(files[1])], max_train_samples=None
+    )
+    formatted = to_prompt_completion(load_raw_dataset(str(files[0])), gpt2, args)
+    from distillens_trainer.data import decontaminate
+
+    kept, n_dropped = decontaminate(formatted, gpt2, args)
+    assert 2 <= n_dropped <= 20 and len(kept) == len(formatted) - n_dropped
+
+
+def test_decontamination_that_removes_every_row_is_an_error(tmp_path, tok):
+    path = str(write_jsonl(tmp_path / "test.jsonl", ROWS))
+    with pytest.raises(ValueError, match="removed every training row"):
+        build_datasets(DataArguments(train_file=path, decontaminate_files=[path]), tok)

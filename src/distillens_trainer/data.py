@@ -7,8 +7,9 @@ The pipeline, one public step per stage so evaluation code can reuse the pieces:
 2. :func:`to_prompt_completion` maps one of three schemas (``messages``; ``instruction``/``input``/``output``;
    ``prompt``/``completion``) to canonical ``prompt``/``completion`` text, formatted with a prompt template
    (``alpaca``, ``chat`` or ``plain``). :func:`build_prompt` does the same for one example.
-3. :func:`tokenize_prompt_completion` tokenises prompt and completion separately, masks the prompt in
-   ``labels`` with :data:`IGNORE_INDEX`, appends EOS and applies the length limits.
+3. :func:`tokenize_prompt_completion` tokenises prompt + completion as one text, finds the prompt/response
+   boundary in that encoding, masks the prompt in ``labels`` with :data:`IGNORE_INDEX`, appends EOS and applies
+   the length limits.
 4. :class:`DataCollatorForCompletionOnly` pads a batch.
 
 :func:`build_datasets` runs steps 1-3 for the train and eval sets described by :class:`DataArguments`.
@@ -27,6 +28,8 @@ from typing import Any
 
 import datasets
 import torch
+
+from .decontamination import drop_contaminated, prompt_set
 
 logger = logging.getLogger(__name__)
 
@@ -169,6 +172,14 @@ class DataArguments:
     preprocessing_num_workers: int | None = field(
         default=None, metadata={"help": "Processes for formatting and tokenisation (default: one)."}
     )
+    decontaminate_files: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation files (JSONL with instruction/input, as distillens eval reads): training rows whose "
+            "formatted prompt (case and whitespace folded) appears in any of them are dropped, after "
+            "--max_train_samples; the count is logged and saved in distillens_config.json."
+        },
+    )
     validation_split_percentage: int = field(
         default=0,
         metadata={
@@ -293,6 +304,9 @@ def load_raw_splits(data_args: DataArguments) -> tuple[datasets.Dataset | None, 
         path = getattr(data_args, flag)
         if path is not None and not Path(path).expanduser().exists():
             raise ValueError(f"--{flag}: no such file or folder: {path!r}.")
+    for path in data_args.decontaminate_files or ():
+        if not Path(path).expanduser().is_file():
+            raise ValueError(f"--decontaminate_files: no such file: {path!r}.")
 
     train = None
     if train_source is not None:
@@ -589,14 +603,33 @@ def assemble_example(
     return example, prompt_truncated, completion_truncated
 
 
+def split_at_prompt(prompt_ids: Sequence[int], joint_ids: Sequence[int]) -> tuple[list[int], list[int]]:
+    """(prompt part, response part) of the joint encoding of prompt + completion.
+
+    The prompt part is the longest prefix `joint_ids` shares with the prompt's own encoding `prompt_ids`; the
+    rest is the response. Encoding the completion on its own would differ: a SentencePiece-style tokenizer
+    (Llama, Mistral) prepends a word-boundary piece (``▁The`` instead of ``The``). A token that merges the
+    prompt's last characters with the response's first ones counts as response, so no response text is left
+    unsupervised.
+    """
+    boundary = 0
+    for prompt_id, joint_id in zip(prompt_ids, joint_ids):
+        if prompt_id != joint_id:
+            break
+        boundary += 1
+    return list(joint_ids[:boundary]), list(joint_ids[boundary:])
+
+
 def _tokenize_batch(batch: dict[str, list[Any]], *, tokenizer: Any, **limits: Any) -> dict[str, list[Any]]:
     """Batched map body of :func:`tokenize_prompt_completion`; returns only the kept rows."""
     prompt_ids = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
-    completion_ids = tokenizer(batch["completion"], add_special_tokens=False)["input_ids"]
+    joint_texts = [prompt + completion for prompt, completion in zip(batch["prompt"], batch["completion"])]
+    joint_ids = tokenizer(joint_texts, add_special_tokens=False)["input_ids"]
     out: dict[str, list[Any]] = {
         name: [] for name in ("input_ids", "attention_mask", "labels", *_HELPER_COLUMNS)
     }
-    for prompt, completion in zip(prompt_ids, completion_ids):
+    for prompt_only, joint in zip(prompt_ids, joint_ids):
+        prompt, completion = split_at_prompt(prompt_only, joint)
         assembled = assemble_example(prompt, completion, **limits)
         if assembled is None:
             continue
@@ -619,8 +652,9 @@ def tokenize_prompt_completion(
 ) -> tuple[datasets.Dataset, int]:
     """Tokenise ``prompt``/``completion`` text into ``input_ids``, ``attention_mask`` and ``labels``.
 
-    Prompt and completion are tokenised separately without special tokens; BOS is prepended when the
-    tokenizer normally adds one and EOS is always appended to the completion. ``labels`` copies the completion
+    Prompt + completion are tokenised as one text without special tokens and split where the encoding stops
+    matching the prompt's own (:func:`split_at_prompt`), so the response tokens are those the model sees in the
+    full text; BOS is prepended when the tokenizer adds one to plain text and EOS is always appended. ``labels`` copies the completion
     tokens and holds :data:`IGNORE_INDEX` over the prompt. Length rules are those of :func:`assemble_example`.
     Returns the tokenised dataset (only those three columns) and the number of dropped examples.
     """
@@ -706,11 +740,56 @@ def _empty_dataset_message(n_rows: int, max_prompt_length: int) -> str:
 # --------------------------------------------------------------------------------------------------------
 
 
+def evaluation_prompt_set(paths: Sequence[str], tokenizer: Any, data_args: DataArguments) -> set[str]:
+    """Normalised formatted prompts of every row of `paths`, built like training prompts.
+
+    Rows are read with the training column names when they have them, else with the defaults
+    (instruction/input/output, the layout ``distillens eval`` reads).
+    """
+
+    def prompt_of(row: Mapping[str, Any]) -> str:
+        try:
+            return build_prompt(row, tokenizer, data_args.prompt_template, data_args=data_args)
+        except ValueError:
+            return build_prompt(row, tokenizer, data_args.prompt_template)
+
+    return prompt_set(prompt_of(row) for path in paths for row in load_raw_dataset(path))
+
+
+def decontaminate(
+    formatted: datasets.Dataset, tokenizer: Any, data_args: DataArguments
+) -> tuple[datasets.Dataset, int]:
+    """Formatted training rows minus those whose prompt is in ``--decontaminate_files``; logs the count."""
+    if not data_args.decontaminate_files:
+        return formatted, 0
+    evaluation_prompts = evaluation_prompt_set(data_args.decontaminate_files, tokenizer, data_args)
+    kept, n_dropped = drop_contaminated(formatted, evaluation_prompts)
+    logger.warning(
+        "Decontamination: dropped %d of %d training rows whose prompt appears in %s.",
+        n_dropped,
+        len(formatted),
+        ", ".join(data_args.decontaminate_files),
+    )
+    if len(kept) == 0:
+        raise ValueError(
+            "--decontaminate_files removed every training row: every prompt appears in the evaluation files."
+        )
+    return kept, n_dropped
+
+
 def _prepare_for_training(
-    raw: datasets.Dataset, tokenizer: Any, data_args: DataArguments, name: str
+    raw: datasets.Dataset,
+    tokenizer: Any,
+    data_args: DataArguments,
+    name: str,
+    stats: dict[str, int] | None = None,
 ) -> datasets.Dataset:
-    """Format and tokenise one raw split; `name` only labels the log line."""
+    """Format, decontaminate (training rows only) and tokenise one raw split; `name` labels the log line."""
     formatted = to_prompt_completion(raw, tokenizer, data_args)
+    if name == "Train":
+        formatted, n_contaminated = decontaminate(formatted, tokenizer, data_args)
+        if stats is not None and data_args.decontaminate_files:
+            stats["decontaminated_train_rows"] = n_contaminated
     tokenized, n_dropped = tokenize_prompt_completion(
         formatted,
         tokenizer,
@@ -728,11 +807,14 @@ def build_datasets(
     tokenizer: Any,
     *,
     main_process_first: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
+    stats: dict[str, int] | None = None,
 ) -> tuple[datasets.Dataset | None, datasets.Dataset | None]:
     """Tokenised (train, eval) datasets described by `data_args`; either is None when it has no source.
 
     Rows are chosen by :func:`load_raw_splits`, cut to --max_train_samples / --max_eval_samples (first rows,
-    before length filtering, after carving the validation split), then formatted and tokenised.
+    before length filtering, after carving the validation split), then formatted, decontaminated (training rows,
+    with --decontaminate_files; the count goes to ``stats["decontaminated_train_rows"]`` when `stats` is given)
+    and tokenised.
     Pass ``training_args.main_process_first`` so that, in distributed runs, the main process fills the
     `datasets` cache before the others read it.
     """
@@ -741,7 +823,7 @@ def build_datasets(
         train = eval_set = None
         if train_raw is not None:
             train_raw = _first_rows(train_raw, data_args.max_train_samples)
-            train = _prepare_for_training(train_raw, tokenizer, data_args, "Train")
+            train = _prepare_for_training(train_raw, tokenizer, data_args, "Train", stats)
         if eval_raw is not None:
             eval_raw = _first_rows(eval_raw, data_args.max_eval_samples)
             eval_set = _prepare_for_training(eval_raw, tokenizer, data_args, "Eval")
