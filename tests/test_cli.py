@@ -133,6 +133,28 @@ def test_each_recipe_parses_and_validates(recipe):
         ) == (resolve_layer_map(student, teacher))
 
 
+@pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])
+def test_each_recipe_trains_on_minillm_train_validates_on_dev_and_drops_test_prompts(recipe):
+    _, data_args, config = parse_command(TRAIN_TYPES, [str(recipe), "--use_cpu", "true"], "distillens train")
+    assert data_args.dataset_name is None and data_args.validation_split_percentage == 0
+    assert data_args.train_file == "data/dolly/train_11435.jsonl"
+    assert data_args.validation_file == "data/dolly/dev_1000.jsonl"
+    assert data_args.decontaminate_files == ["data/dolly/test_500.jsonl"]
+    text = recipe.read_text()
+    assert "paper defaults" not in text.lower()
+    if config.lens_weight > 0:  # the lens norm is stated, with how to match the official code
+        assert "lens_final_norm: true" in text and "--lens_final_norm false" in text
+
+
+def test_recipe_data_files_are_minillms_dolly_splits():
+    sizes = {"train_11435.jsonl": 11435, "dev_1000.jsonl": 1000, "test_500.jsonl": 500}
+    for name, rows in sizes.items():
+        path = DATA_DIR / "dolly" / name
+        if not path.is_file():
+            pytest.skip(f"shared data not available: {path}")
+        assert sum(1 for line in path.open(encoding="utf-8") if line.strip()) == rows
+
+
 def test_recipes_cover_the_papers_runs_and_baselines():
     names = {recipe.stem for recipe in RECIPES}
     assert {
