@@ -21,8 +21,10 @@ TINY_VOCAB = 64
 PAD_ID, EOS_ID = 2, 1
 
 
-def tiny_llama(num_layers: int = 4, hidden: int = 32, vocab: int = TINY_VOCAB, seed: int = 0):
-    """A tiny random Llama causal LM (eager attention, fp32)."""
+def tiny_llama(
+    num_layers: int = 4, hidden: int = 32, vocab: int = TINY_VOCAB, seed: int = 0, max_positions: int = 2048
+):
+    """A tiny random Llama causal LM (eager attention, fp32) with a context of `max_positions`."""
     torch.manual_seed(seed)
     config = transformers.LlamaConfig(
         num_hidden_layers=num_layers,
@@ -35,6 +37,7 @@ def tiny_llama(num_layers: int = 4, hidden: int = 32, vocab: int = TINY_VOCAB, s
         eos_token_id=EOS_ID,
         pad_token_id=PAD_ID,
         tie_word_embeddings=False,
+        max_position_embeddings=max_positions,
     )
     return transformers.LlamaForCausalLM(config)
 

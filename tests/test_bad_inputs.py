@@ -31,6 +31,10 @@ def workspace(tmp_path_factory) -> Path:
         "student": (tiny_llama(num_layers=2, vocab=vocab, seed=1), tokenizer),
         "teacher": (tiny_llama(num_layers=4, vocab=vocab, seed=2), tokenizer),
         "teacher_padded": (tiny_llama(num_layers=4, vocab=vocab + 16, seed=2), tokenizer),
+        "short_context_student": (
+            tiny_llama(num_layers=2, vocab=vocab, seed=1, max_positions=128),
+            tokenizer,
+        ),
         "teacher_other_tokenizer": (
             tiny_llama(num_layers=4, vocab=len(other_tokenizer), seed=2),
             other_tokenizer,
@@ -51,10 +55,15 @@ def workspace(tmp_path_factory) -> Path:
 
 
 def _argv(
-    root: Path, output_dir: Path, *extra: str, teacher: str | None = "teacher", data: str = "train.jsonl"
+    root: Path,
+    output_dir: Path,
+    *extra: str,
+    teacher: str | None = "teacher",
+    data: str = "train.jsonl",
+    student: str = "student",
 ):
     argv = [
-        "train", "--model_name_or_path", str(root / "student"), "--train_file", str(root / data),
+        "train", "--model_name_or_path", str(root / student), "--train_file", str(root / data),
         "--output_dir", str(output_dir), "--max_steps", "1", "--per_device_train_batch_size", "2",
         "--max_length", "256", "--max_prompt_length", "200", "--lens_num_layers", "1", "--report_to", "none",
         "--use_cpu", "true", "--save_strategy", "no",
@@ -96,6 +105,20 @@ CASES = [
     ("every_prompt_too_long", ["--max_length", "12", "--max_prompt_length", "8"], {}, 1, "max_prompt_length"),
     ("prompt_limit_not_below_max_length", ["--max_prompt_length", "256"], {}, 1, "max_prompt_length"),
     ("unknown_flag", ["--lens_layers", "3"], {}, 2, "unknown arguments"),
+    (
+        "max_length_beyond_the_context",
+        [],
+        {"student": "short_context_student"},
+        1,
+        "--max_length (256) exceeds the student's context of 128 positions",
+    ),
+    (
+        "missing_decontamination_file",
+        ["--decontaminate_files", "nowhere.jsonl"],
+        {},
+        1,
+        "--decontaminate_files",
+    ),
 ]
 
 
@@ -142,3 +165,30 @@ def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
         transformers.AutoTokenizer.from_pretrained(workspace / "student")
     )
     assert torch.isfinite(student.get_output_embeddings().weight).all()
+
+
+def test_a_too_shallow_student_is_refused_before_any_weights_are_read(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    from distillens_trainer import pipeline, trainer
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model weights were read before the student's depth was checked")
+
+    monkeypatch.setattr(pipeline, "load_student", no_loading)
+    monkeypatch.setattr(trainer, "load_teacher", no_loading)
+    assert main(_argv(workspace, tmp_path / "run", "--lens_num_layers", "5")) == 1
+    assert "too shallow for lens_num_layers=5" in capsys.readouterr().err
+
+
+def test_eval_defaults_on_a_short_context_model_stop_in_one_line_before_loading(workspace, tmp_path, capsys):
+    eval_file = workspace / "train.jsonl"
+    argv = ["eval", "--model_name_or_path", str(workspace / "short_context_student")]
+    argv += ["--eval_files", str(eval_file), "--output_dir", str(tmp_path / "eval")]
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "distillens eval: error: --max_prompt_length 256 + --max_new_tokens 256 (512) exceeds"
+    )
+    assert "context of 128 positions" in line
+    assert not (tmp_path / "eval").exists()

@@ -447,3 +447,27 @@ def test_rouge_callback_reads_a_jsonl_path_and_limits_samples(tokenizer):
     callback = RougeEvalCallback(tokenizer, _require(SINST_TEST), num_samples=5)
     assert len(callback.prompts) == 5
     assert callback.references[0] == json.loads(SINST_TEST.open().readline())["outputs"]
+
+
+# ------------------------------------------------------------------------------------------ protocol and context
+
+
+def test_a_checkpoints_generation_config_adds_nothing_to_the_protocol(tokenizer):
+    prompts = ["Name three colours.", "What is the capital of France? Answer briefly."]
+    settings = {"do_sample": True, "max_new_tokens": 8, "seed": 3}
+    clean = _greedy(_tiny_gpt2(tokenizer), tokenizer, prompts, **settings)
+    model = _tiny_gpt2(tokenizer)
+    model.generation_config.update(min_new_tokens=6, min_p=0.5, typical_p=0.2, suppress_tokens=[13, 198])
+    saved = model.generation_config.to_dict()
+    assert _greedy(model, tokenizer, prompts, **settings) == clean
+    assert model.generation_config.to_dict() == saved  # the model's own config is put back
+
+
+def test_a_prompt_and_new_tokens_beyond_the_context_stop_before_generating(tokenizer):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=len(tokenizer))
+    )
+    with pytest.raises(ValueError, match="exceeds the model's context of 32 positions"):
+        _greedy(model, tokenizer, ["word " * 30], max_prompt_length=64, max_new_tokens=8)
+    assert len(_greedy(model, tokenizer, ["word " * 30], max_prompt_length=24, max_new_tokens=8)) == 1

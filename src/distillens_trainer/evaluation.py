@@ -21,12 +21,13 @@ evaluation metrics so they can drive ``metric_for_best_model``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import statistics
 import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -40,6 +41,7 @@ from transformers import GenerationConfig, TrainerCallback
 
 from .data import PROMPT_TEMPLATES, build_prompt, tokenizer_adds_bos
 from .files import write_text_atomic
+from .limits import check_fits_context
 
 logger = logging.getLogger(__name__)
 
@@ -371,8 +373,14 @@ def build_generation_config(
     no_repeat_ngram_size: int,
     pad_token_id: int,
     eos_token_id: list[int],
+    bos_token_id: int | None = None,
 ) -> GenerationConfig:
-    """A fully specified generation config, so the model's own defaults cannot change the protocol."""
+    """A clean generation config holding the protocol's values and the special-token ids, nothing else.
+
+    :func:`generate_responses` also installs it as the model's ``generation_config`` while generating, because
+    ``generate`` fills every unset field from the model's own (a checkpoint's ``min_new_tokens``, ``min_p``,
+    ``typical_p``, ... would otherwise add logits processors the protocol does not have).
+    """
     settings: dict[str, Any] = {
         "max_new_tokens": max_new_tokens,
         "do_sample": do_sample,
@@ -381,10 +389,29 @@ def build_generation_config(
         "no_repeat_ngram_size": no_repeat_ngram_size,
         "pad_token_id": pad_token_id,
         "eos_token_id": eos_token_id,
+        "bos_token_id": bos_token_id,
     }
     if do_sample:
         settings.update(temperature=temperature, top_p=top_p, top_k=top_k)
     return GenerationConfig(**settings)
+
+
+@contextlib.contextmanager
+def only_generation_config(model: Any, config: GenerationConfig) -> Iterator[None]:
+    """Within the block, `config` is the ``generation_config`` of `model` and of every module inside it (PEFT)."""
+    owners = [
+        module
+        for module in model.modules()
+        if isinstance(getattr(module, "generation_config", None), GenerationConfig)
+    ]
+    saved = [owner.generation_config for owner in owners]
+    for owner in owners:
+        owner.generation_config = config
+    try:
+        yield
+    finally:
+        for owner, original in zip(owners, saved):
+            owner.generation_config = original
 
 
 def _synced_gpus() -> bool:
@@ -441,12 +468,21 @@ def generate_responses(
         no_repeat_ngram_size=no_repeat_ngram_size,
         pad_token_id=pad_id,
         eos_token_id=eos_ids,
+        bos_token_id=tokenizer.bos_token_id,
     )
     add_bos = tokenizer_adds_bos(tokenizer)
     encoded = [
         truncate_left(encode_prompt(tokenizer, p, add_bos), max_prompt_length, tokenizer.bos_token_id)
         for p in prompts
     ]
+    longest = max(len(ids) for ids in encoded)
+    check_fits_context(
+        longest + max_new_tokens,
+        model.config,
+        model="model",
+        setting=f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens}",
+        fix="lower max_prompt_length or max_new_tokens so that they sum to at most {limit}",
+    )
     order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i]))
     device = _model_device(model)
     synced_gpus = _synced_gpus()
@@ -457,7 +493,7 @@ def generate_responses(
     model.eval()
     starts = range(0, len(order), batch_size)
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), only_generation_config(model, config):
             for start in tqdm(starts, desc=f"generate (seed {seed})", disable=not show_progress):
                 indices = order[start : start + batch_size]
                 input_ids, attention_mask = left_pad([encoded[i] for i in indices], pad_id)
@@ -596,8 +632,15 @@ def run_evaluation(args: EvalArguments) -> dict[str, Any]:
     Runs in a single process on the first CUDA device when one is available, else on the CPU.
     """
     check_output_dir(args)
-    from .models import load_causal_lm, load_tokenizer_from
+    from .models import load_causal_lm, load_tokenizer_from, read_config
 
+    check_fits_context(  # before any weights are read
+        args.max_prompt_length + args.max_new_tokens,
+        read_config(args.model_name_or_path, args.gguf_file),
+        model="model",
+        setting=f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens}",
+        fix="pass a --max_prompt_length and --max_new_tokens that sum to at most {limit}",
+    )
     if args.tokenizer_name_or_path:
         tokenizer = load_tokenizer_from(args.tokenizer_name_or_path)
     else:

@@ -50,6 +50,31 @@ def _check_indices(layers: Sequence[int], num_layers: int, field: str, model: st
             )
 
 
+def resolve_student_layers(
+    student_num_layers: int, student_layers: Sequence[int] | None = None, num_layers: int = 5
+) -> list[int]:
+    """The student's lens layers: ``student_layers`` validated, or the paper's ``num_layers`` evenly spaced ones.
+
+    Needs only the student's depth, so it can run before any weights are read (a too-shallow student is
+    refused before the teacher loads).
+    """
+    if student_layers is None:
+        if num_layers < 1:
+            raise ValueError(f"lens_num_layers={num_layers} must be at least 1 when the lens loss is on.")
+        if student_num_layers < num_layers + 1:
+            raise ValueError(
+                f"the student has {student_num_layers} layers, too shallow for lens_num_layers={num_layers} "
+                f"intermediate layers (it needs at least {num_layers + 1}): lower lens_num_layers or pass "
+                "lens_student_layers/lens_teacher_layers."
+            )
+        student_layers = paper_student_layers(student_num_layers, num_layers)
+    student_layers = list(student_layers)
+    if not student_layers:
+        raise ValueError("lens_student_layers is empty: give at least one layer, or set lens_weight=0.")
+    _check_indices(student_layers, student_num_layers, "lens_student_layers", "student")
+    return student_layers
+
+
 def resolve_layer_map(
     student_num_layers: int,
     teacher_num_layers: int,
@@ -75,20 +100,7 @@ def resolve_layer_map(
             raise ValueError(f"{name}={value} must be at least 1.")
     if teacher_layers is not None and student_layers is None:
         raise ValueError("lens_teacher_layers was given without lens_student_layers: give both, or neither.")
-    if student_layers is None:
-        if num_layers < 1:
-            raise ValueError(f"lens_num_layers={num_layers} must be at least 1 when the lens loss is on.")
-        if student_num_layers < num_layers + 1:
-            raise ValueError(
-                f"the student has {student_num_layers} layers, too shallow for lens_num_layers={num_layers} "
-                f"intermediate layers (it needs at least {num_layers + 1}): lower lens_num_layers or pass "
-                "lens_student_layers/lens_teacher_layers."
-            )
-        student_layers = paper_student_layers(student_num_layers, num_layers)
-    student_layers = list(student_layers)
-    if not student_layers:
-        raise ValueError("lens_student_layers is empty: give at least one layer, or set lens_weight=0.")
-    _check_indices(student_layers, student_num_layers, "lens_student_layers", "student")
+    student_layers = resolve_student_layers(student_num_layers, student_layers, num_layers)
     if teacher_layers is None and kept_layers is not None:
         teacher_layers = kept_teacher_layers(student_layers, kept_layers, student_num_layers)
     if teacher_layers is None:

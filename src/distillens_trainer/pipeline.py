@@ -14,8 +14,11 @@ from transformers import PreTrainedModel, TrainerCallback
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
 from .files import refuse_non_empty_dir, write_json_atomic
+from .layer_map import resolve_student_layers
+from .lens import config_num_layers
+from .limits import check_fits_context
 from .model_info import MODEL_INFO_NAME, write_model_info
-from .models import load_causal_lm, load_tokenizer_from
+from .models import load_causal_lm, load_tokenizer_from, read_config
 from .trainer import DistillLensTrainer
 
 logger = logging.getLogger(__name__)
@@ -142,9 +145,46 @@ def output_summary(
 
 
 def resolved_config(
-    model_args: ModelArguments, data_args: DataArguments, training_args: DistillLensConfig
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DistillLensConfig,
+    data_stats: dict[str, int] | None = None,
 ) -> dict:
-    return {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+    config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+    if data_stats:
+        config["data_stats"] = dict(data_stats)
+    return config
+
+
+def check_models_before_loading(
+    model_args: ModelArguments, data_args: DataArguments, training_args: DistillLensConfig
+) -> None:
+    """Checks that need only the models' configs, run before any data or weights are loaded.
+
+    The student must be deep enough for the lens layers, and ``--max_length`` must fit both models' context
+    (a longer example would end in an IndexError from the position embedding mid-training).
+    """
+    fix = "pass --max_length {limit} or less (and --max_prompt_length below it)"
+    student = read_config(
+        model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
+    )
+    objective = training_args.objective
+    if student is not None:
+        if objective.needs_teacher and objective.uses_hidden_states:
+            resolve_student_layers(
+                config_num_layers(student), training_args.lens_student_layers, training_args.lens_num_layers
+            )
+        check_fits_context(data_args.max_length, student, model="student", setting="--max_length", fix=fix)
+    if objective.needs_teacher:
+        teacher = read_config(
+            training_args.teacher_model_name_or_path,
+            training_args.teacher_gguf_file,
+            trust_remote_code=model_args.trust_remote_code,
+        )
+        if teacher is not None:
+            check_fits_context(
+                data_args.max_length, teacher, model="teacher", setting="--max_length", fix=fix
+            )
 
 
 def load_student(model_args: ModelArguments) -> PreTrainedModel:
@@ -196,13 +236,15 @@ def run_training(
     check_output_dir(
         training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint
     )
+    check_models_before_loading(model_args, data_args, training_args)
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
         model_args.trust_remote_code,
         gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
     )
+    data_stats: dict[str, int] = {}
     with training_args.main_process_first(desc="tokenising the datasets"):
-        train_dataset, eval_dataset = build_datasets(data_args, tokenizer)
+        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, stats=data_stats)
     if train_dataset is None:
         raise ValueError("no training data: pass --train_file or --dataset_name.")
     student = load_student(model_args)
@@ -218,7 +260,7 @@ def run_training(
     if trainer.is_world_process_zero():
         write_json_atomic(
             Path(training_args.output_dir) / RESOLVED_CONFIG_NAME,
-            resolved_config(model_args, data_args, training_args),
+            resolved_config(model_args, data_args, training_args, data_stats),
         )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
