@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
@@ -297,3 +298,11 @@ def test_nan_weight_or_temperature_raises_value_error(tmp_path, field):
 def test_nan_jsd_beta_raises_value_error(tmp_path):
     with pytest.raises(ValueError, match="jsd_beta"):
         make_config(tmp_path, jsd_beta=float("nan"))
+
+
+def test_the_ce_weight_help_and_the_readme_swap_section_explain_eval_loss():
+    (ce_field,) = [f for f in dataclasses.fields(DistillLensConfig) if f.name == "ce_weight"]
+    assert "eval_ce_loss" in ce_field.metadata["help"] and "perplexity" in ce_field.metadata["help"]
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    swap_section = readme.split("## Swap your Trainer", 1)[1].split("\n## ", 1)[0]
+    assert "eval_ce_loss" in swap_section and "perplexity" in swap_section

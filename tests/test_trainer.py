@@ -392,3 +392,119 @@ def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path):
     )  # the student's head (and the lens) ran under bf16 autocast ...
     assert captured[0].loss.dtype == torch.float32  # ... and every divergence was computed in fp32
     assert all(value.dtype == torch.float32 for value in captured[0].term_sums.values())
+
+
+# --------------------------------------------------------------------------------------- what a swapped script sees
+def test_a_bf16_student_under_bf16_mixed_precision_trains_fp32_master_weights(tmp_path):
+    student = tiny_llama(num_layers=3, hidden=32, seed=1).to(torch.bfloat16)
+    trainer = _trainer(
+        tmp_path,
+        student=student,
+        bf16=True,
+        learning_rate=5e-6,
+        max_steps=1,
+        weight_decay=0.0,
+        lens_weight=0.0,
+    )
+    before = {name: p.detach().float().clone() for name, p in trainer.model.named_parameters()}
+    trainer.train()
+    parameters = dict(trainer.model.named_parameters())
+    for name, parameter in parameters.items():
+        if "embed_tokens" not in name:  # rows of tokens absent from the batch get no gradient
+            changed = (parameter.detach().float() != before[name]).float().mean().item()
+            assert changed > 0.99, (name, changed)  # in bf16 a 5e-6 step rounds away for almost every weight
+    assert {parameter.dtype for parameter in parameters.values()} == {torch.float32}
+
+
+def test_a_data_parallel_token_count_tensor_is_one_count(tmp_path):
+    trainer = _trainer(tmp_path)
+    trainer.model.eval()
+    batch = pad_batch(token_rows(3, seed=4))
+    replicated = torch.tensor([[7.0], [7.0]])  # what Trainer hands compute_loss under nn.DataParallel, 2 GPUs
+    torch.testing.assert_close(
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=replicated),
+        trainer.compute_loss(trainer.model, batch, num_items_in_batch=7),
+    )
+
+
+def test_token_count_undoes_the_per_gpu_division_when_tokens_are_not_averaged():
+    from distillens_trainer.trainer_compat import token_count
+
+    assert token_count(torch.tensor([[6], [6]]), n_gpu=2, averaged=True) == 6.0
+    assert token_count(torch.tensor([[3], [3]]), n_gpu=2, averaged=False) == 6.0
+    assert token_count(torch.tensor(5)) == 5.0 and token_count(None) is None
+
+
+def test_label_smoothing_factor_smooths_the_ce_term(tmp_path):
+    epsilon = 0.1
+    trainer = _trainer(
+        tmp_path, teacher=None, ce_weight=1.0, kd_weight=0.0, lens_weight=0.0, label_smoothing_factor=epsilon
+    )
+    student = trainer.model.eval()
+    batch = pad_batch(token_rows(3, seed=5))
+    loss = trainer.compute_loss(student, batch)
+    with torch.no_grad():
+        logits = student(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    per_token = []
+    for b in range(3):
+        for pos in range(batch["labels"].shape[1] - 1):
+            target = int(batch["labels"][b, pos + 1])
+            if target == -100:
+                continue
+            neg_log_probs = -torch.log_softmax(logits[b, pos].float(), dim=-1)
+            per_token.append((1 - epsilon) * neg_log_probs[target] + epsilon * neg_log_probs.mean())
+    torch.testing.assert_close(loss.detach(), torch.stack(per_token).mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_a_compute_loss_func_is_refused_with_the_fix(tmp_path):
+    with pytest.raises(ValueError, match="compute_loss_func is not used"):
+        DistillLensTrainer(
+            model=tiny_llama(num_layers=3, seed=1),
+            teacher_model=tiny_llama(num_layers=6, hidden=48, seed=2),
+            args=_config(tmp_path),
+            compute_loss_func=lambda outputs, labels, num_items_in_batch=None: outputs.logits.sum(),
+        )
+
+
+def test_eval_loss_is_the_token_weighted_objective_whatever_the_batch_size(tmp_path):
+    metrics = []
+    for batch_size in (1, 3):
+        trainer = _trainer(tmp_path, ce_weight=0.5, per_device_eval_batch_size=batch_size)
+        metrics.append(trainer.evaluate())
+    for metric in metrics:
+        recombined = 0.5 * metric["eval_ce_loss"] + metric["eval_kd_loss"] + metric["eval_lens_loss"]
+        assert metric["eval_loss"] == pytest.approx(recombined, rel=1e-6)
+    assert metrics[0]["eval_loss"] == pytest.approx(metrics[1]["eval_loss"], rel=1e-5)
+
+
+def test_a_student_too_shallow_for_the_lens_is_refused_before_the_teacher_loads(tmp_path, monkeypatch):
+    def load_teacher(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the student's depth was checked")
+
+    monkeypatch.setattr(trainer_module, "load_teacher", load_teacher)
+    with pytest.raises(ValueError, match="too shallow for lens_num_layers=5"):
+        DistillLensTrainer(
+            model=tiny_llama(num_layers=2, seed=1),
+            args=_config(tmp_path, lens_num_layers=5, teacher_model_name_or_path=str(tmp_path / "teacher")),
+        )
+
+
+def test_a_teacher_folder_without_tokenizer_files_is_checked_by_vocabulary_size(tmp_path, caplog):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(2)
+    teacher = GPT2LMHeadModel(GPT2Config(n_layer=6, n_embd=32, n_head=2, vocab_size=TINY_VOCAB))
+    teacher.save_pretrained(
+        tmp_path / "teacher"
+    )  # no tokenizer files: AutoTokenizer returns a 1-token tokenizer
+    tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
+    with caplog.at_level("WARNING", logger="distillens_trainer.teacher"):
+        trainer = _trainer(tmp_path, teacher=str(tmp_path / "teacher"), processing_class=tokenizer)
+    assert trainer.vocab_size == TINY_VOCAB
+    assert "holds no vocabulary" in caplog.text
+
+
+def test_label_smoothing_without_ce_warns_that_it_does_nothing(tmp_path, caplog):
+    with caplog.at_level("WARNING", logger="distillens_trainer.trainer"):
+        _trainer(tmp_path, label_smoothing_factor=0.1)
+    assert "ce_weight=0 leaves out: no effect" in caplog.text

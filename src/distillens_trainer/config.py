@@ -48,7 +48,11 @@ class DistillLensConfig(TrainingArguments):
         },
     )
     ce_weight: float = field(
-        default=0.0, metadata={"help": "Weight of the cross-entropy on response tokens."}
+        default=0.0,
+        metadata={
+            "help": "Weight of the cross-entropy on response tokens. At the default 0, eval_loss is the "
+            "distillation objective, not the CE, so exp(eval_loss) is no perplexity: use eval_ce_loss."
+        },
     )
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence between final logits."})
     kd_divergence: str = field(
@@ -186,6 +190,7 @@ class DistillLensConfig(TrainingArguments):
             jsd_beta=self.jsd_beta,
             temperature=self.temperature,
             feature_weight=self.feature_weight,
+            label_smoothing_factor=self.label_smoothing_factor,
         )
 
     @classmethod

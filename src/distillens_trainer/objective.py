@@ -38,6 +38,17 @@ class ObjectiveSpec:
     jsd_beta: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 0.0
+    label_smoothing_factor: float = 0.0  # smooths the CE term, as in Trainer
+
+    @property
+    def term_weights(self) -> dict[str, float]:
+        """Weight of each logged term in the loss: ``loss = Σ weight · term`` (per-pair lens terms excluded)."""
+        return {
+            "ce_loss": self.ce_weight,
+            "kd_loss": self.kd_weight,
+            "lens_loss": self.lens_weight,
+            "feature_loss": self.feature_weight,
+        }
 
     @property
     def needs_teacher(self) -> bool:
@@ -179,7 +190,9 @@ def distillens_loss(
     terms: dict[str, torch.Tensor] = {}
     sums: dict[str, torch.Tensor] = {}
 
-    ce_sum = F.cross_entropy(student_selected.float(), targets, reduction="sum")
+    ce_sum = F.cross_entropy(
+        student_selected.float(), targets, reduction="sum", label_smoothing=spec.label_smoothing_factor
+    )
     terms["ce_loss"] = ce_sum
     total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())
 

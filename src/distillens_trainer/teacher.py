@@ -85,6 +85,13 @@ def _first_vocab_difference(student_vocab: dict[str, int], teacher_vocab: dict[s
     return "the vocabularies differ"
 
 
+def has_vocabulary(tokenizer: Any) -> bool:
+    """False for a tokenizer holding only special tokens: what ``AutoTokenizer`` builds for a model folder
+    without tokenizer files (GPT-2, Qwen2: a lone ``<|endoftext|>``)."""
+    special = set(getattr(tokenizer, "all_special_tokens", ()))
+    return any(token not in special for token in tokenizer.get_vocab())
+
+
 def shared_vocab_size(
     student: nn.Module,
     teacher: nn.Module,
@@ -94,9 +101,18 @@ def shared_vocab_size(
     """Logit columns that student and teacher share: the real vocabulary, without either model's padding.
 
     Qwen-style checkpoints pad the LM head differently (151936 vs 152064 rows) around one tokenizer;
-    only the tokenizer's ``len()`` columns are real. Different tokenizers are an error.
+    only the tokenizer's ``len()`` columns are real. Different tokenizers are an error. A teacher tokenizer
+    without a vocabulary (a teacher folder without tokenizer files) is ignored with a note: then only the
+    vocabulary sizes are checked.
     """
     student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
+    if teacher_tokenizer is not None and not has_vocabulary(teacher_tokenizer):
+        logger.warning(
+            "The teacher's tokenizer holds no vocabulary (its folder has no tokenizer files?): checking only that "
+            "the student's tokenizer fits the teacher's %d logits, not that the two tokenizers are the same.",
+            teacher_rows,
+        )
+        teacher_tokenizer = None
     if student_tokenizer is not None and teacher_tokenizer is not None:
         student_vocab, teacher_vocab = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
         if student_vocab != teacher_vocab:

@@ -15,11 +15,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DistillLensConfig
 from .distributed import prepare_teacher
-from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map
-from .lens import LogitLens, unwrap_model
+from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
+from .lens import LogitLens, num_hidden_layers, unwrap_model
 from .models import drop_gguf_quantization
 from .objective import FeatureProjector, ObjectiveOutput, distillens_loss
 from .teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
+from .trainer_compat import refuse_compute_loss_func, token_count, upcast_half_trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,13 @@ class DistillLensTrainer(Trainer):
                 "SFTConfig's max_length: apply those when you tokenise)."
             )
         self.objective = args.objective
+        refuse_compute_loss_func(trainer_args, trainer_kwargs)
+        if self.objective.label_smoothing_factor > 0 and self.objective.ce_weight == 0:
+            logger.warning(
+                "label_smoothing_factor smooths the CE term, which ce_weight=0 leaves out: no effect."
+            )
+        if model is not None:
+            self._check_student_before_loading(model, args)
         teacher_model, teacher_processing_class = self._resolve_teacher(
             args, teacher_model, teacher_processing_class
         )
@@ -139,6 +147,20 @@ class DistillLensTrainer(Trainer):
             lambda: torch.zeros((), device=self.args.device)
         )
         self._eval_tokens = torch.zeros((), device=self.args.device)
+
+    def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
+        """Checks that need only the student, run before the teacher loads: lens depth and master weights."""
+        if self.objective.needs_teacher and self.objective.uses_hidden_states:
+            resolve_student_layers(num_hidden_layers(model), args.lens_student_layers, args.lens_num_layers)
+        if (args.bf16 or args.fp16) and not args.deepspeed:
+            converted = upcast_half_trainable_parameters(model)
+            if converted:
+                logger.info(
+                    "Mixed precision: %d trainable bf16/fp16 parameters of the student upcast to fp32 master "
+                    "weights (the forward pass still runs in %s).",
+                    converted,
+                    "bf16" if args.bf16 else "fp16",
+                )
 
     # ----------------------------------------------------------------------------------------- teacher
     def _resolve_teacher(
@@ -239,6 +261,9 @@ class DistillLensTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         labels = inputs["labels"]
+        num_items_in_batch = token_count(
+            num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
+        )
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
         student_outputs = model(
@@ -297,7 +322,11 @@ class DistillLensTrainer(Trainer):
         return {name: value / num_steps for name, value in zip(names, totals.tolist())}
 
     def _pop_eval_terms(self, prefix: str) -> dict[str, float]:
-        """Per-term means over every response token of the evaluation set, across processes."""
+        """Per-term means over every response token of the evaluation set, across processes, and ``loss``.
+
+        ``{prefix}_loss`` is the objective over the same tokens, Σ weight · term, so it equals the weighted sum of
+        the logged terms and does not depend on the evaluation batch size (``Trainer`` averages batch means).
+        """
         if not self._eval_term_sums:
             return {}
         names = sorted(self._eval_term_sums)
@@ -306,7 +335,12 @@ class DistillLensTrainer(Trainer):
         num_tokens = max(sums[-1].item(), 1.0)
         self._eval_term_sums.clear()
         self._eval_tokens.zero_()
-        return {f"{prefix}_{name}": value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
+        means = {name: value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
+        weights = self.objective.term_weights
+        means["loss"] = sum(
+            weights[name] * value for name, value in means.items() if weights.get(name, 0) > 0
+        )
+        return {f"{prefix}_{name}": value for name, value in means.items()}
 
     def train(self, *args: Any, **kwargs: Any):
         self._train_term_totals.clear()  # terms of an earlier, unlogged tail must not leak into this run
