@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import LinearHead
+
 # Attribute paths (from the causal-LM wrapper) of the final norm, most common first.
 _FINAL_NORM_PATHS: tuple[str, ...] = (
     "model.norm",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Granite, Cohere, ...
@@ -128,6 +130,34 @@ class LogitLens:
         if self.logit_softcap:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def linear_head(self) -> LinearHead | None:
+        """The head as a :class:`LinearHead` for the fused path, or None when it is not a plain ``nn.Linear``.
+
+        A LoRA-wrapped, quantized or otherwise custom head (see :meth:`linear_head_refusal`) has no closed
+        form here: the caller falls back to :meth:`__call__`.
+        """
+        if self.linear_head_refusal() is not None:
+            return None
+        scale = 1.0
+        if self.logits_divisor:
+            scale /= self.logits_divisor
+        if self.logit_scale:
+            scale *= self.logit_scale
+        return LinearHead(
+            weight=self.head.weight,
+            bias=self.head.bias,
+            scale=None if scale == 1.0 else scale,
+            softcap=self.logit_softcap or None,
+        )
+
+    def linear_head_refusal(self) -> str | None:
+        """Why the head cannot be fused (one line), or None when it can."""
+        if type(self.head) is not nn.Linear:
+            return f"the LM head is a {type(self.head).__name__}, not a plain nn.Linear"
+        if not self.head.weight.is_floating_point():
+            return f"the LM head's weight is {self.head.weight.dtype}, not a floating-point tensor"
+        return None
 
     def __call__(self, hidden_state: torch.Tensor, layer_index: int) -> torch.Tensor:
         """``[..., d_model] -> [..., V]`` logits of ``hidden_states[layer_index]``."""
