@@ -118,10 +118,11 @@ def _run_jobs(
     vocab = settings.vocab_size
     weight = student_head.weight[:vocab]
     device = weight.device
-    total = torch.zeros((), device=device, dtype=torch.float32)
-    values = torch.zeros(len(jobs), 2, device=device, dtype=torch.float32)
-    weight_grad = torch.zeros(weight.shape, device=device, dtype=torch.float32) if grad_weight else None
-    bias_grad = torch.zeros(vocab, device=device, dtype=torch.float32) if grad_bias else None
+    math_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    total = torch.zeros((), device=device, dtype=math_dtype)
+    values = torch.zeros(len(jobs), 2, device=device, dtype=math_dtype)
+    weight_grad = torch.zeros(weight.shape, device=device, dtype=math_dtype) if grad_weight else None
+    bias_grad = torch.zeros(vocab, device=device, dtype=math_dtype) if grad_bias else None
     input_grads: list[torch.Tensor | None] = []
     for index, (job, need_input_grad) in enumerate(zip(jobs, grad_inputs)):
         has_teacher = job.teacher_input is not None and job.teacher_head is not None
@@ -177,7 +178,7 @@ def _run_jobs(
             if weight_grad is not None:
                 weight_grad += grad.t() @ x.to(weight.dtype)
             if bias_grad is not None:
-                bias_grad += grad.float().sum(dim=0)
+                bias_grad += grad.sum(dim=0, dtype=math_dtype)
         input_grads.append(input_grad)
     return total, values, input_grads, weight_grad, bias_grad
 
@@ -194,14 +195,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         )
         ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
         ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.input_grads = input_grads
-        ctx.save_for_backward(weight_grad, bias_grad)
+        ctx.save_for_backward(weight_grad, bias_grad, *input_grads)
         ctx.mark_non_differentiable(values)
         return total, values
 
     @staticmethod
     def backward(ctx, grad_total, _grad_values):
-        weight_grad, bias_grad = ctx.saved_tensors
+        weight_grad, bias_grad, *input_grads = ctx.saved_tensors
         vocab = None
         full_weight_grad = full_bias_grad = None
         if weight_grad is not None:
@@ -212,8 +212,7 @@ class _FusedHeadLoss(torch.autograd.Function):
             vocab = bias_grad.shape[0]
             full_bias_grad = bias_grad.new_zeros(ctx.weight_shape[0], dtype=ctx.bias_dtype)
             full_bias_grad[:vocab] = bias_grad * grad_total
-        input_grads = [None if g is None else g * grad_total.to(g.dtype) for g in ctx.input_grads]
-        ctx.input_grads = None
+        input_grads = [None if g is None else g * grad_total.to(g.dtype) for g in input_grads]
         return (None, None, None, full_weight_grad, full_bias_grad, *input_grads)
 
 

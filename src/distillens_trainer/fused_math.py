@@ -21,8 +21,8 @@ from .divergences import LOG_PROB_FLOOR
 
 
 def postprocess(raw_logits: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
-    """``[n, V]`` head output (any dtype) -> fp32 logits ``z = c·tanh(scale·a / c)`` (each step optional)."""
-    logits = raw_logits.float()
+    """``[n, V]`` head output -> fp32 (fp64 stays fp64) logits ``z = c·tanh(scale·a / c)`` (steps optional)."""
+    logits = raw_logits.to(torch.promote_types(raw_logits.dtype, torch.float32))
     if scale is not None and scale != 1.0:
         logits = logits * scale
     if softcap is not None:
