@@ -1,4 +1,4 @@
-"""The DistillLens objective as a pure function of model outputs.
+"""The DistillLens objective as a function of model outputs.
 
 loss = ce_weight·CE + kd_weight·D_out(student, teacher) + lens_weight·mean_pairs D_lens(lens_s(h_s), lens_t(h_t))
        [+ feature_weight·mean_pairs MSE(W·h_t, h_s), the paper's feature baseline, off by default]
@@ -20,14 +20,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .divergences import token_divergence
 from .fused import FusedJob, LinearHead, fused_head_loss
 from .layer_map import LayerPair
-from .lens import LogitLens, output_linear_head
+from .lens import LogitLens, linear_head_refusal, output_linear_head
+from .terms import (
+    IGNORE_INDEX,
+    FeatureProjector,
+    divergence_sum,
+    feature_pair_sum,
+    lens_pair_sum,
+    lens_term_name,
+    response_mask,
+    select_response,
+)
 
 logger = logging.getLogger(__name__)
-
-IGNORE_INDEX = -100
 
 
 @dataclass(frozen=True)
@@ -72,77 +79,6 @@ class ObjectiveOutput:
     term_sums: dict[str, torch.Tensor] = field(default_factory=dict)
     num_tokens: int = 0
     denominator: float = 1.0
-
-
-def lens_term_name(student_layer: int, teacher_layer: int) -> str:
-    return f"lens/s{student_layer}_t{teacher_layer}"
-
-
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T] -> [B, T-1]`` bool: positions whose next token is a response (target) token."""
-    return labels[:, 1:] != IGNORE_INDEX
-
-
-def select_response(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, ...]`` values at positions predicting a response token -> ``[N, ...]``."""
-    return per_position[:, :-1][mask]
-
-
-def _divergence_sum(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: ObjectiveSpec
-):
-    return token_divergence(
-        name, student_logits, teacher_logits, temperature=spec.temperature, beta=spec.jsd_beta
-    ).sum()
-
-
-def lens_pair_sum(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    student_layer: int,
-    teacher_layer: int,
-    student_lens: LogitLens,
-    teacher_lens: LogitLens,
-    vocab_size: int,
-    spec: ObjectiveSpec,
-) -> torch.Tensor:
-    """Σ over tokens of D_lens for one layer pair.
-
-    Args:
-        student_hidden: ``[N, d_s]`` student residual stream at response positions.
-        teacher_hidden: ``[N, d_t]`` teacher residual stream at the same positions (no grad).
-    Returns:
-        scalar fp32 sum; only one pair's ``[N, V]`` logits exist at a time.
-    """
-    student_logits = student_lens(student_hidden, student_layer)[..., :vocab_size]
-    with torch.no_grad():
-        teacher_logits = teacher_lens(teacher_hidden, teacher_layer)[..., :vocab_size]
-    return _divergence_sum(spec.lens_divergence, student_logits, teacher_logits, spec)
-
-
-class FeatureProjector(nn.Module):
-    """One learned linear map per layer pair, teacher hidden size -> student hidden size (feature baseline)."""
-
-    def __init__(
-        self, layer_map: Sequence[LayerPair], teacher_hidden_size: int, student_hidden_size: int
-    ) -> None:
-        super().__init__()
-        self.maps = nn.ModuleDict(
-            {f"s{s}_t{t}": nn.Linear(teacher_hidden_size, student_hidden_size) for s, t in layer_map}
-        )
-
-    def forward(self, teacher_hidden: torch.Tensor, student_layer: int, teacher_layer: int) -> torch.Tensor:
-        """``[N, d_t] -> [N, d_s]``."""
-        projection = self.maps[f"s{student_layer}_t{teacher_layer}"]
-        return projection(teacher_hidden.to(projection.weight.dtype))
-
-
-def feature_pair_sum(
-    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projected: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Σ over tokens of the per-token mean squared error ``mean_d (W·h_t − h_s)²``; ``[N, d_s]`` inputs."""
-    target = projected if projected is not None else teacher_hidden
-    return (target.float() - student_hidden.float()).pow(2).mean(dim=-1).sum()
 
 
 def distillens_loss(
@@ -387,7 +323,7 @@ class DistillLensObjective:
         if teacher_logits is not None:
             teacher_selected = select_response(teacher_logits, mask)[:, :vocab_size].detach()
             with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kd_weight > 0):
-                kd_sum = _divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
+                kd_sum = divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
             terms["kd_loss"] = kd_sum
             if spec.kd_weight > 0:
                 total = total + spec.kd_weight * kd_sum
@@ -461,11 +397,24 @@ class DistillLensObjective:
 
 
 def _refusal(student_lens: LogitLens | None, teacher_lens: LogitLens | None) -> str:
-    from .lens import linear_head_refusal
-
     reasons = []
     for role, lens in (("student", student_lens), ("teacher", teacher_lens)):
         reason = linear_head_refusal(lens.head) if lens is not None else None
         if reason is not None:
             reasons.append(f"{role}: {reason}")
     return "; ".join(reasons) or "no plain linear head"
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistillLensObjective",
+    "FeatureProjector",
+    "ObjectiveOutput",
+    "ObjectiveSpec",
+    "distillens_loss",
+    "feature_pair_sum",
+    "lens_pair_sum",
+    "lens_term_name",
+    "response_mask",
+    "select_response",
+]
