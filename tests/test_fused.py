@@ -385,3 +385,47 @@ def test_a_last_hidden_state_that_is_not_the_head_input_switches_the_fused_outpu
     assert not trainer.distillens_objective.fuses_output
     assert any("does not reproduce its logits" in record.message for record in caplog.records)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd"])
+def test_the_branch_free_chunk_math_used_under_compile_is_the_same(name):
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(5, 9, generator=generator), torch.randn(5, 9, generator=generator)
+    student[0] = float("-inf")
+    for logits in (student, student[1:]):  # with and without a dead row
+        eager = divergence_chunk(
+            name, logits, teacher[: len(logits)], temperature=1.2, beta=0.4, need_grad=True
+        )
+        branch_free = divergence_chunk(
+            name, logits, teacher[: len(logits)], temperature=1.2, beta=0.4, need_grad=True, branch_free=True
+        )
+        torch.testing.assert_close(branch_free, eager)
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    import distillens_trainer.fused as fused_module
+
+    def broken_compile(*args, **kwargs):
+        def compiled(*call_args, **call_kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused_module, "_compiled_divergence_chunk", None)
+    monkeypatch.setattr(fused_module, "_compile_failed", False)
+    student_head, teacher_head = _heads()
+    student_input, teacher_input = _inputs()
+    kwargs = {"divergence": "jsd", "vocab_size": V, "chunk_size": 10}
+    with caplog.at_level("WARNING", logger="distillens_trainer.fused"):
+        compiled = [
+            fused_divergence_sum(
+                student_input, teacher_input, student_head, teacher_head, compile_math=True, **kwargs
+            )
+            for _ in range(2)
+        ]
+    eager = fused_divergence_sum(student_input, teacher_input, student_head, teacher_head, **kwargs)
+    for value in compiled:
+        _assert_same(value, eager, student_input, student_head)
+    warnings = [record.message for record in caplog.records if "torch.compile" in record.message]
+    assert len(warnings) == 1 and "no C++ compiler here" in warnings[0]

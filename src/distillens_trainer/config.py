@@ -131,6 +131,14 @@ class DistillLensConfig(TrainingArguments):
             "straightforward computation on full logits (the reference)."
         },
     )
+    lens_compile: bool = field(
+        default=False,
+        metadata={
+            "help": "Run the fused path's per-chunk softmax and divergence through torch.compile (needs a C++ "
+            "compiler on CPU; about 1.6x faster math after a one-off compilation). Falls back to eager mode, "
+            "with one warning, when compilation fails."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

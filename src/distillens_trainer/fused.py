@@ -17,7 +17,9 @@ and divergence arithmetic is fp32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -27,7 +29,9 @@ import torch.nn.functional as F
 from .divergences import check_divergence_name
 from .fused_math import cross_entropy_chunk, divergence_chunk, postprocess, postprocess_backward
 
-DEFAULT_CHUNK_SIZE = 1024
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 512  # tokens; chunk × V fp32 logits: 64 MiB at V=32k, 256 MiB at V=128k
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class _Settings:
     beta: float
     chunk_size: int
     label_smoothing: float
+    compile: bool = False
 
 
 class OutputTermSums(NamedTuple):
@@ -98,6 +103,31 @@ class OutputTermSums(NamedTuple):
     weighted: torch.Tensor
     ce: torch.Tensor
     kd: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+_compiled_divergence_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+_compile_failed = False
+
+
+def _divergence_chunk(compile_math: bool, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`divergence_chunk`, through ``torch.compile`` when asked and it works (else eager, said once)."""
+    global _compiled_divergence_chunk, _compile_failed
+    if compile_math and not _compile_failed:
+        try:
+            if _compiled_divergence_chunk is None:
+                _compiled_divergence_chunk = torch.compile(
+                    functools.partial(divergence_chunk, branch_free=True), dynamic=True
+                )
+            return _compiled_divergence_chunk(*args, **kwargs)
+        except Exception as error:
+            _compile_failed = True
+            logger.warning(
+                "DistillLens: torch.compile of the fused divergence failed (%s: %s); using eager mode.",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+    return divergence_chunk(*args, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -141,7 +171,8 @@ def _run_jobs(
             if has_teacher:
                 with torch.no_grad():
                     teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
-                value, kd_grad_chunk = divergence_chunk(
+                value, kd_grad_chunk = _divergence_chunk(
+                    settings.compile,
                     job.divergence,
                     logits,
                     teacher_logits,
@@ -254,16 +285,18 @@ def fused_head_loss(
     beta: float = 0.5,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     label_smoothing: float = 0.0,
+    compile_math: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every job against one student head in a single fused pass (one shared weight-gradient accumulator).
 
     Returns:
         the weighted total Σ_jobs (weight·Σ D + ce_weight·Σ CE), a scalar fp32 with gradient w.r.t. every
         ``student_input`` and the head's weight and bias; and ``[J, 2]`` detached fp32 per-job sums
-        (divergence, CE).
+        (divergence, CE). ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls
+        back to eager, with one warning, when compilation fails).
     """
     _check(jobs, vocab_size, chunk_size, temperature, beta)
-    settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing)
+    settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, compile_math)
     heads = [student_head, *(job.teacher_head for job in jobs)]
     bias = student_head.bias
     tensors = [student_head.weight, bias, *(job.student_input for job in jobs)]
@@ -287,6 +320,7 @@ def fused_divergence_sum(
     temperature: float = 1.0,
     beta: float = 0.5,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compile_math: bool = False,
 ) -> torch.Tensor:
     """Σ over N tokens of D(softmax(student_head(x_s)[:, :V]/T) ‖ teacher's), scalar fp32.
 
@@ -296,7 +330,13 @@ def fused_divergence_sum(
     """
     job = FusedJob(student_input, teacher_input, teacher_head, divergence, 1.0)
     total, _ = fused_head_loss(
-        student_head, [job], vocab_size=vocab_size, temperature=temperature, beta=beta, chunk_size=chunk_size
+        student_head,
+        [job],
+        vocab_size=vocab_size,
+        temperature=temperature,
+        beta=beta,
+        chunk_size=chunk_size,
+        compile_math=compile_math,
     )
     return total
 
@@ -316,6 +356,7 @@ def fused_output_terms(
     beta: float = 0.5,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     label_smoothing: float = 0.0,
+    compile_math: bool = False,
 ) -> OutputTermSums:
     """CE and output KD sums from the last hidden state, one student head product per chunk.
 
@@ -333,6 +374,7 @@ def fused_output_terms(
         beta=beta,
         chunk_size=chunk_size,
         label_smoothing=label_smoothing,
+        compile_math=compile_math,
     )
     kd = values[0, 0] if teacher_input is not None and teacher_head is not None else None
     return OutputTermSums(total, values[0, 1], kd)

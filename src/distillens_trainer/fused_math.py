@@ -43,16 +43,17 @@ def postprocess_backward(
 
 
 def floored_log_probs(
-    logits: torch.Tensor, temperature: float
+    logits: torch.Tensor, temperature: float, branch_free: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """fp32 ``[n, V]`` logits -> floored log-probs ``[n, V]``, clamp mask ``[n, V]`` (True: not floored), live rows ``[n]``.
 
     Dead rows (all ``-inf``) are made uniform, as ``divergences.log_probs_and_live_rows`` does.
+    ``branch_free`` skips the data-dependent test (for ``torch.compile``).
     """
     if temperature != 1.0:
         logits = logits / temperature
     dead = torch.isneginf(logits.amax(dim=-1))
-    if bool(dead.any()):
+    if branch_free or bool(dead.any()):
         logits = logits.masked_fill(dead.unsqueeze(-1), 0.0)
     log_p = torch.log_softmax(logits, dim=-1)
     passes = log_p >= LOG_PROB_FLOOR
@@ -113,21 +114,23 @@ def divergence_chunk(
     temperature: float,
     beta: float,
     need_grad: bool,
+    branch_free: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Σ over rows of D(student ‖ teacher) and ``∂/∂z_s`` of that sum.
 
     Args:
         student_logits, teacher_logits: ``[n, V]`` fp32 post-processed logits (before temperature).
+        branch_free: no data-dependent Python branches (dead-row handling always on), for ``torch.compile``.
     Returns:
         scalar fp32 sum and ``[n, V]`` fp32 gradient w.r.t. ``student_logits`` (None unless ``need_grad``).
     """
-    log_s, passes, student_live = floored_log_probs(student_logits, temperature)
+    log_s, passes, student_live = floored_log_probs(student_logits, temperature, branch_free)
     with torch.no_grad():
-        log_t, _, teacher_live = floored_log_probs(teacher_logits, temperature)
+        log_t, _, teacher_live = floored_log_probs(teacher_logits, temperature, branch_free)
     live = student_live & teacher_live
     student_probs = log_s.exp()
     per_row, grad = divergence_and_log_prob_grad(name, log_s, log_t, student_probs, beta, need_grad)
-    all_live = bool(live.all())
+    all_live = False if branch_free else bool(live.all())
     if not all_live:
         per_row = torch.where(live, per_row, torch.zeros_like(per_row))
     if grad is None:

@@ -32,6 +32,7 @@ from .terms import (
     lens_term_name,
     response_mask,
     select_response,
+    shared_columns,
 )
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,7 @@ class DistillLensObjective:
         layer_map: (student, teacher) ``hidden_states`` indices of the lens term.
         feature_projector: the learned maps of the feature baseline (``feature_weight > 0``).
         chunk_size: tokens per chunk of the fused path; 0 = straightforward.
+        compile_math: run the fused per-chunk divergence through ``torch.compile`` (eager on failure).
         student_head / teacher_head: the output heads for the fused output term (default: the lenses').
     """
 
@@ -159,6 +161,7 @@ class DistillLensObjective:
         chunk_size: int = 0,
         student_head: LinearHead | None = None,
         teacher_head: LinearHead | None = None,
+        compile_math: bool = False,
     ) -> None:
         if chunk_size < 0:
             raise ValueError(f"lens_chunk_size={chunk_size} must be >= 0 (0 = no chunking).")
@@ -169,6 +172,7 @@ class DistillLensObjective:
         self.layer_map = list(layer_map)
         self.feature_projector = feature_projector
         self.chunk_size = chunk_size
+        self.compile_math = compile_math
         self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
         self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
         self.output_fusable = True  # switched off by the trainer if the heads do not reproduce the logits
@@ -288,6 +292,7 @@ class DistillLensObjective:
                 temperature=spec.temperature,
                 beta=spec.jsd_beta,
                 chunk_size=self.chunk_size,
+                compile_math=self.compile_math,
             )
             total = total + fused_total
             for name, column in names:
@@ -316,12 +321,12 @@ class DistillLensObjective:
     ) -> torch.Tensor:
         """Straightforward CE and KD on full logits; fills ``terms``, returns their weighted sum."""
         spec, vocab_size = self.spec, self.vocab_size
-        student_selected = select_response(student_logits, mask)[:, :vocab_size]  # [N, V]
+        student_selected = shared_columns(select_response(student_logits, mask), vocab_size)  # [N, V]
         ce_sum = F.cross_entropy(student_selected.float(), targets, reduction="sum")
         terms["ce_loss"] = ce_sum
         total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())
         if teacher_logits is not None:
-            teacher_selected = select_response(teacher_logits, mask)[:, :vocab_size].detach()
+            teacher_selected = shared_columns(select_response(teacher_logits, mask), vocab_size).detach()
             with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kd_weight > 0):
                 kd_sum = divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
             terms["kd_loss"] = kd_sum

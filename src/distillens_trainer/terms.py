@@ -35,6 +35,11 @@ def select_response(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     return per_position[:, :-1][mask]
 
 
+def shared_columns(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """``[..., V_full] -> [..., vocab_size]``; no slice (and no slice backward) when nothing is padded."""
+    return logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
+
+
 def divergence_sum(
     name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: ObjectiveSpec
 ):
@@ -61,9 +66,9 @@ def lens_pair_sum(
     Returns:
         scalar fp32 sum; only one pair's ``[N, V]`` logits exist at a time.
     """
-    student_logits = student_lens(student_hidden, student_layer)[..., :vocab_size]
+    student_logits = shared_columns(student_lens(student_hidden, student_layer), vocab_size)
     with torch.no_grad():
-        teacher_logits = teacher_lens(teacher_hidden, teacher_layer)[..., :vocab_size]
+        teacher_logits = shared_columns(teacher_lens(teacher_hidden, teacher_layer), vocab_size)
     return divergence_sum(spec.lens_divergence, student_logits, teacher_logits, spec)
 
 

@@ -142,6 +142,7 @@ class DistillLensTrainer(Trainer):
             layer_map=self.layer_map,
             feature_projector=self.feature_projector,
             chunk_size=args.lens_chunk_size,
+            compile_math=args.lens_compile,
         )
         # The fused output term reads the last hidden states; the models then need logits for one position only.
         self._student_keeps_logits = _accepts(self.model, "logits_to_keep")
