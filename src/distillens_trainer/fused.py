@@ -233,16 +233,13 @@ class _FusedHeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total, _grad_values):
         weight_grad, bias_grad, *input_grads = ctx.saved_tensors
-        vocab = None
-        full_weight_grad = full_bias_grad = None
+        full_weight_grad = full_bias_grad = None  # padded rows (beyond the shared vocabulary) get zero
         if weight_grad is not None:
-            vocab = weight_grad.shape[0]
             full_weight_grad = weight_grad.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
-            full_weight_grad[:vocab] = weight_grad * grad_total
+            full_weight_grad[: weight_grad.shape[0]] = weight_grad * grad_total
         if bias_grad is not None:
-            vocab = bias_grad.shape[0]
             full_bias_grad = bias_grad.new_zeros(ctx.weight_shape[0], dtype=ctx.bias_dtype)
-            full_bias_grad[:vocab] = bias_grad * grad_total
+            full_bias_grad[: bias_grad.shape[0]] = bias_grad * grad_total
         input_grads = [None if g is None else g * grad_total.to(g.dtype) for g in input_grads]
         return (None, None, None, full_weight_grad, full_bias_grad, *input_grads)
 
