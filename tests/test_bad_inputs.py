@@ -98,6 +98,7 @@ CASES = [
     ("negative_weight", ["--kd_weight", "-1"], {}, 1, "kd_weight"),
     ("temperature_zero", ["--temperature", "0"], {}, 1, "temperature"),
     ("jsd_beta_out_of_range", ["--jsd_beta", "1.5"], {}, 1, "jsd_beta"),
+    ("negative_chunk_size", ["--lens_chunk_size", "-1"], {}, 1, "lens_chunk_size"),
     ("all_weights_zero", ["--kd_weight", "0", "--lens_weight", "0"], {}, 1, "all 0"),
     ("empty_dataset", [], {"data": "empty.jsonl"}, 1, "empty"),
     ("missing_train_file", [], {"data": "nowhere.jsonl"}, 1, "nowhere.jsonl"),

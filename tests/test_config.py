@@ -43,6 +43,8 @@ def test_distillens_fields_include_the_objective_and_lens_settings():
         "lens_teacher_layers",
         "lens_num_layers",
         "lens_final_norm",
+        "lens_chunk_size",
+        "lens_compile",
     }
     missing = required - set(DISTILLENS_FIELDS)
     assert not missing, missing
@@ -61,6 +63,7 @@ def test_defaults_are_the_papers(tmp_path):
     assert config.lens_student_layers is None
     assert config.lens_teacher_layers is None
     assert config.lens_final_norm is True
+    assert config.lens_chunk_size > 0 and config.lens_compile is False  # fused, chunked, eager by default
     assert config.teacher_dtype == "auto"
     assert config.teacher_model_name_or_path is None
 

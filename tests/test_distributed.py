@@ -233,7 +233,8 @@ def models(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("single")
-    tiny.train(models, out, per_device_batch=4, steps=4, evaluate=True)
+    # The straightforward computation (lens_chunk_size=0) is the reference; the distributed runs use the fused default.
+    tiny.train(models, out, per_device_batch=4, steps=4, evaluate=True, lens_chunk_size=0)
     return json.loads((out / "result.json").read_text()), out
 
 
@@ -316,6 +317,7 @@ def test_zero3_teacher_is_a_partitioned_engine_and_the_lens_gathers(run, request
         assert max(check["max_abs_diff"].values()) <= 1e-6
     if run == "zero3":  # persistence threshold 0: the final norm is partitioned as well
         assert all(check["norm_local_numel"] == 0 for check in checks)
+    assert result["fused"] == {"lens": True, "output": True}  # the chunked path ran on the partitioned heads
 
 
 @distributed

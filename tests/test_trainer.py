@@ -15,6 +15,7 @@ from transformers import PreTrainedTokenizerFast
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
 from distillens_trainer import trainer as trainer_module
 from distillens_trainer.divergences import token_divergence
+from distillens_trainer.objective import DistillLensObjective
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
@@ -370,23 +371,21 @@ def test_a_lora_student_trains_only_its_adapters(tmp_path):
     assert any("lora" in n and p.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)
 
 
-def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path):
-    trainer = _trainer(tmp_path, bf16=True, ce_weight=0.5, max_steps=1)
+@pytest.mark.parametrize("lens_chunk_size", [0, 16])
+def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path, monkeypatch, lens_chunk_size):
+    trainer = _trainer(tmp_path, bf16=True, ce_weight=0.5, max_steps=1, lens_chunk_size=lens_chunk_size)
     head_output_dtypes, captured = [], []
     trainer.model.lm_head.register_forward_hook(
         lambda module, args, output: head_output_dtypes.append(output.dtype)
     )
-    original = trainer_module.distillens_loss
+    original = DistillLensObjective.__call__
 
-    def spy(*args, **kwargs):
-        captured.append(original(*args, **kwargs))
+    def spy(self, *args, **kwargs):
+        captured.append(original(self, *args, **kwargs))
         return captured[-1]
 
-    trainer_module.distillens_loss = spy
-    try:
-        trainer.train()
-    finally:
-        trainer_module.distillens_loss = original
+    monkeypatch.setattr(DistillLensObjective, "__call__", spy)
+    trainer.train()
     assert (
         torch.bfloat16 in head_output_dtypes
     )  # the student's head (and the lens) ran under bf16 autocast ...

@@ -4,13 +4,14 @@ from .config import DistillLensConfig
 from .divergences import token_divergence
 from .layer_map import resolve_layer_map
 from .lens import LogitLens
-from .objective import ObjectiveSpec, distillens_loss
+from .objective import DistillLensObjective, ObjectiveSpec, distillens_loss
 from .trainer import DistillLensTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DistillLensConfig",
+    "DistillLensObjective",
     "DistillLensTrainer",
     "LogitLens",
     "ObjectiveSpec",

@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fused import LinearHead
+
 # Attribute paths (from the causal-LM wrapper) of the final norm, most common first.
 _FINAL_NORM_PATHS: tuple[str, ...] = (
     "model.norm",  # Llama, Mistral, Qwen2/3, Gemma 1-3, Phi-3, OLMo, Granite, Cohere, ...
@@ -63,6 +65,45 @@ def config_num_layers(config) -> int:
     raise ValueError(f"cannot read the number of layers from {type(config).__name__}.")
 
 
+def linear_head_refusal(head: nn.Module | None) -> str | None:
+    """Why an LM head cannot be fused (one line), or None when it is a plain floating-point ``nn.Linear``."""
+    if type(head) is not nn.Linear:
+        return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
+    if not head.weight.is_floating_point():
+        return f"the LM head's weight is {head.weight.dtype}, not floating point"
+    return None
+
+
+def output_linear_head(model: nn.Module) -> LinearHead | None:
+    """The model's LM head and logit post-processing as a :class:`LinearHead`; None when it cannot be fused.
+
+    Post-processing, in the model's order: Granite divides by ``logits_scaling``, Cohere multiplies by
+    ``logit_scale`` (folded into one ``scale``), Gemma-2 soft-caps with ``final_logit_softcapping``.
+    """
+    model = unwrap_model(model)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if linear_head_refusal(head) is not None:
+        return None
+    scale, softcap = logit_postprocessing(model)
+    return LinearHead(head.weight, head.bias, scale, softcap)
+
+
+def logit_postprocessing(model: nn.Module) -> tuple[float | None, float | None]:
+    """``(scale, softcap)`` the model applies to its head's output, None where it applies none.
+
+    ``scale`` folds Granite's division by ``logits_scaling`` and Cohere's ``logit_scale``; ``softcap`` is
+    Gemma-2's ``final_logit_softcapping`` (``z = c·tanh(scale·a / c)``).
+    """
+    config = _text_config(unwrap_model(model))
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        scale *= config.logit_scale
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (None if scale == 1.0 else scale), (softcap or None)
+
+
 class LogitLens:
     """``lens(hidden_state, layer_index) -> logits`` through the model's own norm and head.
 
@@ -94,10 +135,7 @@ class LogitLens:
                 f"{', '.join(_FINAL_NORM_PATHS)}. Set lens_final_norm=False to read the lens without it."
             )
         self.post_norm_projection = self._find_module(_POST_NORM_PROJECTION_PATHS)
-        config = _text_config(self.model)
-        self.logit_softcap = getattr(config, "final_logit_softcapping", None)
-        self.logits_divisor = getattr(config, "logits_scaling", None)  # Granite
-        self.logit_scale = getattr(config, "logit_scale", None)  # Cohere
+        self.logit_scale, self.logit_softcap = logit_postprocessing(self.model)
 
     def _find_module(self, paths: tuple[str, ...]) -> nn.Module | None:
         for path in paths:
@@ -126,13 +164,19 @@ class LogitLens:
     def head_logits(self, head_input: torch.Tensor) -> torch.Tensor:
         """``[..., d_head_in] -> [..., V]``: the LM head and the model's logit post-processing."""
         logits = self.head(head_input)
-        if self.logits_divisor:
-            logits = logits / self.logits_divisor
-        if self.logit_scale:
+        if self.logit_scale is not None:
             logits = logits * self.logit_scale
-        if self.logit_softcap:
+        if self.logit_softcap is not None:
             logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
         return logits
+
+    def linear_head(self) -> LinearHead | None:
+        """The head as a :class:`LinearHead` for the fused path, or None when it is not a plain ``nn.Linear``.
+
+        A LoRA-wrapped, quantized or otherwise custom head (see :func:`linear_head_refusal`) has no closed
+        form here: the caller falls back to :meth:`__call__`.
+        """
+        return output_linear_head(self.model)
 
     def __call__(self, hidden_state: torch.Tensor, layer_index: int) -> torch.Tensor:
         """``[..., d_model] -> [..., V]`` logits of ``hidden_states[layer_index]``."""

@@ -1,4 +1,4 @@
-"""The DistillLens objective as a pure function of model outputs.
+"""The DistillLens objective as a function of model outputs.
 
 loss = ce_weight·CE + kd_weight·D_out(student, teacher) + lens_weight·mean_pairs D_lens(lens_s(h_s), lens_t(h_t))
        [+ feature_weight·mean_pairs MSE(W·h_t, h_s), the paper's feature baseline, off by default]
@@ -12,6 +12,7 @@ padding, and only response positions ever reach the LM heads.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -19,11 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .divergences import token_divergence
+from .fused import FusedJob, LinearHead, fused_head_loss
 from .layer_map import LayerPair
-from .lens import LogitLens
+from .lens import LogitLens, linear_head_refusal, output_linear_head
+from .terms import (
+    IGNORE_INDEX,
+    FeatureProjector,
+    divergence_sum,
+    feature_pair_sum,
+    lens_pair_sum,
+    lens_term_name,
+    response_mask,
+    select_response,
+    shared_columns,
+)
 
-IGNORE_INDEX = -100
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -81,77 +93,6 @@ class ObjectiveOutput:
     denominator: float = 1.0
 
 
-def lens_term_name(student_layer: int, teacher_layer: int) -> str:
-    return f"lens/s{student_layer}_t{teacher_layer}"
-
-
-def response_mask(labels: torch.Tensor) -> torch.Tensor:
-    """``[B, T] -> [B, T-1]`` bool: positions whose next token is a response (target) token."""
-    return labels[:, 1:] != IGNORE_INDEX
-
-
-def select_response(per_position: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B, T, ...]`` values at positions predicting a response token -> ``[N, ...]``."""
-    return per_position[:, :-1][mask]
-
-
-def _divergence_sum(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: ObjectiveSpec
-):
-    return token_divergence(
-        name, student_logits, teacher_logits, temperature=spec.temperature, beta=spec.jsd_beta
-    ).sum()
-
-
-def lens_pair_sum(
-    student_hidden: torch.Tensor,
-    teacher_hidden: torch.Tensor,
-    student_layer: int,
-    teacher_layer: int,
-    student_lens: LogitLens,
-    teacher_lens: LogitLens,
-    vocab_size: int,
-    spec: ObjectiveSpec,
-) -> torch.Tensor:
-    """Σ over tokens of D_lens for one layer pair.
-
-    Args:
-        student_hidden: ``[N, d_s]`` student residual stream at response positions.
-        teacher_hidden: ``[N, d_t]`` teacher residual stream at the same positions (no grad).
-    Returns:
-        scalar fp32 sum; only one pair's ``[N, V]`` logits exist at a time.
-    """
-    student_logits = student_lens(student_hidden, student_layer)[..., :vocab_size]
-    with torch.no_grad():
-        teacher_logits = teacher_lens(teacher_hidden, teacher_layer)[..., :vocab_size]
-    return _divergence_sum(spec.lens_divergence, student_logits, teacher_logits, spec)
-
-
-class FeatureProjector(nn.Module):
-    """One learned linear map per layer pair, teacher hidden size -> student hidden size (feature baseline)."""
-
-    def __init__(
-        self, layer_map: Sequence[LayerPair], teacher_hidden_size: int, student_hidden_size: int
-    ) -> None:
-        super().__init__()
-        self.maps = nn.ModuleDict(
-            {f"s{s}_t{t}": nn.Linear(teacher_hidden_size, student_hidden_size) for s, t in layer_map}
-        )
-
-    def forward(self, teacher_hidden: torch.Tensor, student_layer: int, teacher_layer: int) -> torch.Tensor:
-        """``[N, d_t] -> [N, d_s]``."""
-        projection = self.maps[f"s{student_layer}_t{teacher_layer}"]
-        return projection(teacher_hidden.to(projection.weight.dtype))
-
-
-def feature_pair_sum(
-    student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, projected: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Σ over tokens of the per-token mean squared error ``mean_d (W·h_t − h_s)²``; ``[N, d_s]`` inputs."""
-    target = projected if projected is not None else teacher_hidden
-    return (target.float() - student_hidden.float()).pow(2).mean(dim=-1).sum()
-
-
 def distillens_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
@@ -166,8 +107,9 @@ def distillens_loss(
     layer_map: Sequence[LayerPair] = (),
     num_items_in_batch: int | torch.Tensor | None = None,
     feature_projector: FeatureProjector | None = None,
+    chunk_size: int = 0,
 ) -> ObjectiveOutput:
-    """The weighted DistillLens loss of one micro-batch.
+    """The weighted DistillLens loss of one micro-batch (a one-off :class:`DistillLensObjective`).
 
     Args:
         student_logits: ``[B, T, V_s]``.
@@ -178,67 +120,320 @@ def distillens_loss(
         layer_map: (student, teacher) ``hidden_states`` indices for the lens term.
         num_items_in_batch: response tokens in the whole accumulation window (and across devices).
         feature_projector: the learned maps of the feature baseline (needed when ``feature_weight > 0``).
+        chunk_size: tokens per chunk of the fused lens (0: the straightforward computation).
     """
-    mask = response_mask(labels)
-    num_tokens = int(mask.sum())
-    denominator = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
-    denominator = max(denominator, 1.0)
-    vocab_size = vocab_size or student_logits.shape[-1]
-
-    student_selected = select_response(student_logits, mask)[:, :vocab_size]  # [N, V]
-    targets = labels[:, 1:][mask]  # [N]
-    terms: dict[str, torch.Tensor] = {}
-    sums: dict[str, torch.Tensor] = {}
-
-    ce_sum = F.cross_entropy(
-        student_selected.float(), targets, reduction="sum", label_smoothing=spec.label_smoothing_factor
+    objective = DistillLensObjective(
+        spec,
+        vocab_size=vocab_size or student_logits.shape[-1],
+        student_lens=student_lens,
+        teacher_lens=teacher_lens,
+        layer_map=layer_map,
+        feature_projector=feature_projector,
+        chunk_size=chunk_size,
     )
-    terms["ce_loss"] = ce_sum
-    total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())
+    return objective(
+        labels,
+        student_logits=student_logits,
+        teacher_logits=teacher_logits,
+        student_hidden_states=student_hidden_states,
+        teacher_hidden_states=teacher_hidden_states,
+        num_items_in_batch=num_items_in_batch,
+    )
 
-    if teacher_logits is not None:
-        teacher_selected = select_response(teacher_logits, mask)[:, :vocab_size].detach()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kd_weight > 0):
-            kd_sum = _divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
-        terms["kd_loss"] = kd_sum
-        if spec.kd_weight > 0:
-            total = total + spec.kd_weight * kd_sum
 
-    if spec.uses_lens and layer_map:
-        if student_hidden_states is None or teacher_hidden_states is None or student_lens is None:
-            raise ValueError("the lens term needs both models' hidden_states and their LogitLens.")
+class DistillLensObjective:
+    """The DistillLens objective with everything fixed for a run: spec, lenses, layer map, vocabulary, chunking.
+
+    Built once by the trainer. With ``chunk_size > 0`` the lens term (and, when the caller passes no
+    logits, the output CE + KD term from the last hidden states) goes through the fused chunked head
+    (``fused.py``): no ``[N, V]`` tensor is ever built. Heads that are not a plain ``nn.Linear`` fall back
+    to the straightforward computation, logged once.
+
+    Args:
+        spec: weights and divergences.
+        vocab_size: the shared real vocabulary.
+        student_lens / teacher_lens: the models' logit lenses (needed for the lens term).
+        layer_map: (student, teacher) ``hidden_states`` indices of the lens term.
+        feature_projector: the learned maps of the feature baseline (``feature_weight > 0``).
+        chunk_size: tokens per chunk of the fused path; 0 = straightforward.
+        compile_math: run the fused per-chunk divergence through ``torch.compile`` (eager on failure).
+        student_head / teacher_head: the output heads for the fused output term (default: the lenses').
+    """
+
+    def __init__(
+        self,
+        spec: ObjectiveSpec,
+        *,
+        vocab_size: int,
+        student_lens: LogitLens | None = None,
+        teacher_lens: LogitLens | None = None,
+        layer_map: Sequence[LayerPair] = (),
+        feature_projector: FeatureProjector | None = None,
+        chunk_size: int = 0,
+        student_head: LinearHead | None = None,
+        teacher_head: LinearHead | None = None,
+        compile_math: bool = False,
+    ) -> None:
+        if chunk_size < 0:
+            raise ValueError(f"lens_chunk_size={chunk_size} must be >= 0 (0 = no chunking).")
+        self.spec = spec
+        self.vocab_size = vocab_size
+        self.student_lens = student_lens
+        self.teacher_lens = teacher_lens
+        self.layer_map = list(layer_map)
+        self.feature_projector = feature_projector
+        self.chunk_size = chunk_size
+        self.compile_math = compile_math
+        self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
+        self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
+        self.output_fusable = True  # switched off by the trainer if the heads do not reproduce the logits
+        self._logged: set[str] = set()
+
+    @classmethod
+    def for_models(
+        cls, spec: ObjectiveSpec, student: nn.Module, teacher: nn.Module | None, **kwargs
+    ) -> DistillLensObjective:
+        """An objective whose fused output term uses the models' own heads."""
+        teacher_head = output_linear_head(teacher) if teacher is not None else None
+        return cls(spec, student_head=output_linear_head(student), teacher_head=teacher_head, **kwargs)
+
+    def _log_once(self, message: str) -> None:
+        if message not in self._logged:
+            self._logged.add(message)
+            logger.info(message)
+
+    @property
+    def fuses_lens(self) -> bool:
+        """True when the lens term runs fused (chunking on and both lens heads are plain linear heads)."""
+        if self.chunk_size == 0 or not (self.spec.uses_lens and self.layer_map):
+            return False
+        if self.student_head is None or self.teacher_head is None:
+            self._log_once(
+                "DistillLens: the lens term uses the straightforward computation: "
+                + _refusal(self.student_lens, self.teacher_lens)
+            )
+            return False
+        return True
+
+    @property
+    def fuses_output(self) -> bool:
+        """True when the output CE/KD term can be computed fused from the last hidden states."""
+        if self.chunk_size == 0 or not self.output_fusable:
+            return False
+        if self.student_head is None or (self.spec.needs_teacher and self.teacher_head is None):
+            self._log_once(
+                "DistillLens: the output term uses the models' full logits: "
+                + _refusal(self.student_lens, self.teacher_lens)
+            )
+            return False
+        return True
+
+    def __call__(
+        self,
+        labels: torch.Tensor,
+        *,
+        student_logits: torch.Tensor | None = None,
+        teacher_logits: torch.Tensor | None = None,
+        student_hidden_states: Sequence[torch.Tensor] | None = None,
+        teacher_hidden_states: Sequence[torch.Tensor] | None = None,
+        num_items_in_batch: int | torch.Tensor | None = None,
+        with_teacher: bool | None = None,
+    ) -> ObjectiveOutput:
+        """The weighted loss of one micro-batch.
+
+        Args:
+            labels: ``[B, T]`` unshifted, -100 on prompt and padding.
+            student_logits / teacher_logits: ``[B, T, V]`` full logits; pass ``student_logits=None`` to
+                compute the output term fused from ``hidden_states[-1]`` (needs ``fuses_output``).
+            student_hidden_states / teacher_hidden_states: HF ``hidden_states`` tuples of ``[B, T, d]``.
+            num_items_in_batch: response tokens in the whole accumulation window (and across devices).
+            with_teacher: whether a teacher is present (default: teacher logits or hidden states given).
+        """
+        mask = response_mask(labels)
+        num_tokens = int(mask.sum())
+        denominator = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
+        denominator = max(denominator, 1.0)
+        if with_teacher is None:
+            with_teacher = teacher_logits is not None or teacher_hidden_states is not None
+        spec, vocab_size = self.spec, self.vocab_size
+        targets = labels[:, 1:][mask]  # [N]
+        terms: dict[str, torch.Tensor] = {}
+        total: torch.Tensor = torch.zeros((), device=labels.device)
+        jobs: list[FusedJob] = []
+        names: list[tuple[str, int]] = []  # (term name, column of the fused values) per fused output
+
+        if student_logits is None:
+            if student_hidden_states is None or (with_teacher and teacher_hidden_states is None):
+                raise ValueError("the fused output term needs both models' hidden_states.")
+            teacher_input = None
+            if with_teacher:
+                teacher_input = select_response(teacher_hidden_states[-1], mask).detach()
+            jobs.append(
+                FusedJob(
+                    select_response(student_hidden_states[-1], mask),
+                    teacher_input,
+                    self.teacher_head if with_teacher else None,
+                    spec.kd_divergence,
+                    spec.kd_weight,
+                    targets,
+                    spec.ce_weight,
+                )
+            )
+            names += [("ce_loss", 1)] + ([("kd_loss", 0)] if with_teacher else [])
+        else:
+            total = self._output_terms(student_logits, teacher_logits, mask, targets, terms)
+
+        lens_pairs: list[str] = []
+        if spec.uses_lens and self.layer_map:
+            if student_hidden_states is None or teacher_hidden_states is None or self.student_lens is None:
+                raise ValueError("the lens term needs both models' hidden_states and their LogitLens.")
+            if self.fuses_lens:
+                jobs += self._lens_jobs(student_hidden_states, teacher_hidden_states, mask)
+                lens_pairs = [lens_term_name(s, t) for s, t in self.layer_map]
+            else:
+                total = total + self._straightforward_lens(
+                    student_hidden_states, teacher_hidden_states, mask, terms
+                )
+
+        if jobs:
+            fused_total, values = fused_head_loss(
+                self.student_head,
+                jobs,
+                vocab_size=vocab_size,
+                temperature=spec.temperature,
+                beta=spec.jsd_beta,
+                chunk_size=self.chunk_size,
+                label_smoothing=spec.label_smoothing_factor,
+                compile_math=self.compile_math,
+            )
+            total = total + fused_total
+            for name, column in names:
+                terms[name] = values[0, column]
+            if lens_pairs:
+                pair_values = values[len(jobs) - len(lens_pairs) :, 0]
+                terms.update(zip(lens_pairs, pair_values))
+                terms["lens_loss"] = pair_values.mean()
+
+        if spec.feature_weight > 0 and self.layer_map:
+            total = total + self._feature_term(student_hidden_states, teacher_hidden_states, mask, terms)
+
+        term_sums = {name: value.detach() for name, value in terms.items()}
+        return ObjectiveOutput(
+            loss=total / denominator, term_sums=term_sums, num_tokens=num_tokens, denominator=denominator
+        )
+
+    # ----------------------------------------------------------------------------------------- terms
+    def _output_terms(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        mask: torch.Tensor,
+        targets: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        """Straightforward CE and KD on full logits; fills ``terms``, returns their weighted sum."""
+        spec, vocab_size = self.spec, self.vocab_size
+        student_selected = shared_columns(select_response(student_logits, mask), vocab_size)  # [N, V]
+        ce_sum = F.cross_entropy(
+            student_selected.float(), targets, reduction="sum", label_smoothing=spec.label_smoothing_factor
+        )
+        terms["ce_loss"] = ce_sum
+        total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())
+        if teacher_logits is not None:
+            teacher_selected = shared_columns(select_response(teacher_logits, mask), vocab_size).detach()
+            with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kd_weight > 0):
+                kd_sum = divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
+            terms["kd_loss"] = kd_sum
+            if spec.kd_weight > 0:
+                total = total + spec.kd_weight * kd_sum
+        return total
+
+    def _lens_jobs(
+        self,
+        student_hidden_states: Sequence[torch.Tensor],
+        teacher_hidden_states: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+    ) -> list[FusedJob]:
+        """One fused job per layer pair, weighted lens_weight / K (the mean over pairs)."""
+        weight = self.spec.lens_weight / len(self.layer_map)
+        jobs = []
+        for student_layer, teacher_layer in self.layer_map:
+            student_input = self.student_lens.to_head_input(
+                select_response(student_hidden_states[student_layer], mask), student_layer
+            )
+            with torch.no_grad():
+                teacher_input = self.teacher_lens.to_head_input(
+                    select_response(teacher_hidden_states[teacher_layer], mask), teacher_layer
+                )
+            jobs.append(
+                FusedJob(student_input, teacher_input, self.teacher_head, self.spec.lens_divergence, weight)
+            )
+        return jobs
+
+    def _straightforward_lens(
+        self,
+        student_hidden_states: Sequence[torch.Tensor],
+        teacher_hidden_states: Sequence[torch.Tensor],
+        mask: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
         pair_sums = []
-        for student_layer, teacher_layer in layer_map:
+        for student_layer, teacher_layer in self.layer_map:
             pair_sum = lens_pair_sum(
                 select_response(student_hidden_states[student_layer], mask),
                 select_response(teacher_hidden_states[teacher_layer], mask).detach(),
                 student_layer,
                 teacher_layer,
-                student_lens,
-                teacher_lens,
-                vocab_size,
-                spec,
+                self.student_lens,
+                self.teacher_lens,
+                self.vocab_size,
+                self.spec,
             )
-            sums[lens_term_name(student_layer, teacher_layer)] = pair_sum.detach()
+            terms[lens_term_name(student_layer, teacher_layer)] = pair_sum
             pair_sums.append(pair_sum)
         lens_sum = torch.stack(pair_sums).mean()
         terms["lens_loss"] = lens_sum
-        total = total + spec.lens_weight * lens_sum
+        return self.spec.lens_weight * lens_sum
 
-    if spec.feature_weight > 0 and layer_map:
-        if student_hidden_states is None or teacher_hidden_states is None or feature_projector is None:
+    def _feature_term(
+        self,
+        student_hidden_states: Sequence[torch.Tensor] | None,
+        teacher_hidden_states: Sequence[torch.Tensor] | None,
+        mask: torch.Tensor,
+        terms: dict[str, torch.Tensor],
+    ) -> torch.Tensor:
+        if student_hidden_states is None or teacher_hidden_states is None or self.feature_projector is None:
             raise ValueError("the feature term needs both models' hidden_states and a FeatureProjector.")
         feature_sums = []
-        for student_layer, teacher_layer in layer_map:
+        for student_layer, teacher_layer in self.layer_map:
             teacher_hidden = select_response(teacher_hidden_states[teacher_layer], mask).detach()
-            projected = feature_projector(teacher_hidden, student_layer, teacher_layer)
+            projected = self.feature_projector(teacher_hidden, student_layer, teacher_layer)
             student_hidden = select_response(student_hidden_states[student_layer], mask)
             feature_sums.append(feature_pair_sum(student_hidden, teacher_hidden, projected))
         feature_sum = torch.stack(feature_sums).mean()
         terms["feature_loss"] = feature_sum
-        total = total + spec.feature_weight * feature_sum
+        return self.spec.feature_weight * feature_sum
 
-    term_sums = {name: value.detach() for name, value in terms.items()} | sums
-    return ObjectiveOutput(
-        loss=total / denominator, term_sums=term_sums, num_tokens=num_tokens, denominator=denominator
-    )
+
+def _refusal(student_lens: LogitLens | None, teacher_lens: LogitLens | None) -> str:
+    reasons = []
+    for role, lens in (("student", student_lens), ("teacher", teacher_lens)):
+        reason = linear_head_refusal(lens.head) if lens is not None else None
+        if reason is not None:
+            reasons.append(f"{role}: {reason}")
+    return "; ".join(reasons) or "no plain linear head"
+
+
+__all__ = [
+    "IGNORE_INDEX",
+    "DistillLensObjective",
+    "FeatureProjector",
+    "ObjectiveOutput",
+    "ObjectiveSpec",
+    "distillens_loss",
+    "feature_pair_sum",
+    "lens_pair_sum",
+    "lens_term_name",
+    "response_mask",
+    "select_response",
+]

@@ -15,11 +15,19 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .config import DistillLensConfig
 from .distributed import prepare_teacher
+from .fused import gathered
 from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
 from .lens import LogitLens, num_hidden_layers, unwrap_model
 from .models import drop_gguf_quantization
-from .objective import FeatureProjector, ObjectiveOutput, distillens_loss
-from .teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
+from .objective import DistillLensObjective, FeatureProjector, ObjectiveOutput
+from .teacher import (
+    freeze,
+    load_teacher,
+    load_teacher_tokenizer,
+    model_vocab_size,
+    resolve_teacher_dtype,
+    shared_vocab_size,
+)
 from .trainer_compat import refuse_compute_loss_func, token_count, upcast_half_trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -27,9 +35,9 @@ logger = logging.getLogger(__name__)
 FEATURE_PROJECTOR_NAME = "distillens_feature_projector.pt"
 
 
-def _accepts_position_ids(model: nn.Module) -> bool:
-    forward = unwrap_model(model).forward
-    return "position_ids" in inspect.signature(forward).parameters
+def _accepts(model: nn.Module, argument: str) -> bool:
+    """True when the model's forward takes ``argument`` by name."""
+    return argument in inspect.signature(unwrap_model(model).forward).parameters
 
 
 def _with_position_ids(inputs: dict[str, Any], accepts_position_ids: bool) -> dict[str, Any]:
@@ -128,10 +136,29 @@ class DistillLensTrainer(Trainer):
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
             if self.objective.feature_weight > 0:
                 self.feature_projector = self._build_feature_projector()
-        self._student_takes_position_ids = _accepts_position_ids(self.model)
-        self._teacher_takes_position_ids = self.teacher_model is not None and _accepts_position_ids(
-            self.teacher_model
+        self._student_takes_position_ids = _accepts(self.model, "position_ids")
+        self._teacher_takes_position_ids = self.teacher_model is not None and _accepts(
+            self.teacher_model, "position_ids"
         )
+        self.distillens_objective = DistillLensObjective.for_models(
+            self.objective,
+            self.model,
+            self.teacher_model,
+            vocab_size=self.vocab_size or model_vocab_size(self.model),
+            student_lens=self.student_lens,
+            teacher_lens=self.teacher_lens,
+            layer_map=self.layer_map,
+            feature_projector=self.feature_projector,
+            chunk_size=args.lens_chunk_size,
+            compile_math=args.lens_compile,
+        )
+        # The fused output term reads the last hidden states; the models then need logits for one position only.
+        self._student_keeps_logits = _accepts(self.model, "logits_to_keep")
+        self._teacher_keeps_logits = self.teacher_model is not None and _accepts(
+            self.teacher_model, "logits_to_keep"
+        )
+        self._output_heads_checked = False
+        self._eval_needs_logits = False
 
         # compute_loss normalises by the accumulation window's response-token count (num_items_in_batch), counted
         # over shifted labels, so the Trainer must neither rescale by the accumulation steps nor count position 0.
@@ -245,11 +272,13 @@ class DistillLensTrainer(Trainer):
             )
 
     @torch.no_grad()
-    def _teacher_forward(self, model_inputs: dict[str, Any]) -> Any:
+    def _teacher_forward(self, model_inputs: dict[str, Any], fused_output: bool = False) -> Any:
         self.teacher_model.eval()  # stays in eval mode whatever was called on the student
         inputs = _with_position_ids(model_inputs, self._teacher_takes_position_ids)
+        if fused_output and self._teacher_keeps_logits:
+            inputs = {**inputs, "logits_to_keep": 1}
         return self.teacher_model(
-            **inputs, output_hidden_states=self.objective.uses_hidden_states, use_cache=False
+            **inputs, output_hidden_states=self.objective.uses_hidden_states or fused_output, use_cache=False
         )
 
     # ----------------------------------------------------------------------------------------- loss
@@ -265,26 +294,31 @@ class DistillLensTrainer(Trainer):
             num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
         )
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
-        student_outputs = model(
-            **_with_position_ids(model_inputs, self._student_takes_position_ids),
-            output_hidden_states=uses_hidden,
-            use_cache=False,
+        fused_output = self.distillens_objective.fuses_output and not (
+            return_outputs and self._eval_needs_logits
         )
-        teacher_outputs = self._teacher_forward(model_inputs) if self.teacher_model is not None else None
-        result = distillens_loss(
-            student_outputs.logits,
-            teacher_outputs.logits if teacher_outputs is not None else None,
+        uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
+        student_inputs = _with_position_ids(model_inputs, self._student_takes_position_ids)
+        if fused_output and self._student_keeps_logits:
+            student_inputs = {**student_inputs, "logits_to_keep": 1}
+        student_outputs = model(
+            **student_inputs, output_hidden_states=uses_hidden or fused_output, use_cache=False
+        )
+        teacher_outputs = None
+        if self.teacher_model is not None:
+            teacher_outputs = self._teacher_forward(model_inputs, fused_output)
+        if fused_output and not self._output_heads_checked:
+            self._output_heads_checked = True
+            if not self._output_heads_match(student_outputs, teacher_outputs):
+                return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        result = self.distillens_objective(
             labels,
-            self.objective,
-            vocab_size=self.vocab_size,
-            student_hidden_states=student_outputs.hidden_states if uses_hidden else None,
-            teacher_hidden_states=teacher_outputs.hidden_states if uses_hidden else None,
-            student_lens=self.student_lens,
-            teacher_lens=self.teacher_lens,
-            layer_map=self.layer_map,
+            student_logits=None if fused_output else student_outputs.logits,
+            teacher_logits=None if fused_output or teacher_outputs is None else teacher_outputs.logits,
+            student_hidden_states=student_outputs.hidden_states if uses_hidden or fused_output else None,
+            teacher_hidden_states=teacher_outputs.hidden_states if teacher_outputs is not None else None,
             num_items_in_batch=num_items_in_batch,
-            feature_projector=self.feature_projector,
+            with_teacher=teacher_outputs is not None,
         )
         loss = result.loss
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
@@ -297,6 +331,42 @@ class DistillLensTrainer(Trainer):
         if return_outputs:
             return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
         return loss
+
+    @torch.no_grad()
+    def _output_heads_match(self, student_outputs: Any, teacher_outputs: Any) -> bool:
+        """Once: do the fused heads on ``hidden_states[-1]`` reproduce the models' own last-position logits?
+
+        Guards the fused output term against a model whose last hidden state is not its head's input
+        (e.g. an extra transform before the head); on a mismatch it is switched off for good, with a warning.
+        """
+        objective = self.distillens_objective
+        pairs = [("student", student_outputs, objective.student_head)]
+        if teacher_outputs is not None:
+            pairs.append(("teacher", teacher_outputs, objective.teacher_head))
+        for role, outputs, head in pairs:
+            vocab = outputs.logits.shape[-1]
+            with gathered([head]):
+                recomputed = head.logits(outputs.hidden_states[-1][:, -1], vocab)
+            own = outputs.logits[:, -1, :vocab].float()
+            tolerance = 1e-3 + 2e-2 * float(own.abs().amax())
+            if not bool(((recomputed - own).abs() <= tolerance).all()):
+                logger.warning(
+                    "DistillLens: the %s's LM head applied to its last hidden state does not reproduce its logits; "
+                    "the output term uses the full logits instead of the fused head.",
+                    role,
+                )
+                objective.output_fusable = False
+                return False
+        return True
+
+    def prediction_step(
+        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, *args: Any, **kwargs: Any
+    ):
+        self._eval_needs_logits = not prediction_loss_only  # compute_loss keeps full logits only then
+        try:
+            return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
+        finally:
+            self._eval_needs_logits = False
 
     # ----------------------------------------------------------------------------------------- logging
     def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:

@@ -306,6 +306,8 @@ def train(
     if zero3:
         result["teacher_lens_check"] = lens_gather_check(trainer.teacher_lens)
     trainer.train()
+    objective = trainer.distillens_objective
+    result["fused"] = {"lens": objective.fuses_lens, "output": objective.fuses_output}
     result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result["log_history"] = trainer.state.log_history
     if zero3:

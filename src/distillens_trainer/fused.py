@@ -1,0 +1,377 @@
+"""Fused, chunked LM head + divergence: memory flat in tokens, no ``[N, V]`` tensor ever built.
+
+For every job (a layer pair of the lens, or the output KD + CE term) the forward loops over chunks of
+response tokens: the teacher's head product (no grad), the student's head product, fp32 softmax and
+divergence with its closed-form gradient w.r.t. the student logits (``fused_math``), and at once the two
+gradient products ``grad_input[chunk] = g @ W_s`` and ``grad_weight += gᵀ @ x``. Forward keeps only
+those gradients (``[N, d]`` per input, one ``[V, d]`` fp32 accumulator shared by every job, since all
+jobs read the same student head); backward only rescales them by the incoming gradient. So at most one
+chunk × V block of logits is alive at a time, forward and backward, and there are exactly 4 matrix
+products per chunk (2 without gradients).
+
+Inputs are the HEAD inputs (norms and projections are applied outside, by ``LogitLens.to_head_input``,
+so autograd handles them). Weights and inputs enter the matrix products in their own dtype; the softmax
+and divergence arithmetic is fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from .divergences import check_divergence_name
+from .fused_math import cross_entropy_chunk, divergence_chunk, postprocess, postprocess_backward
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 512  # tokens; chunk × V fp32 logits: 64 MiB at V=32k, 256 MiB at V=128k
+
+
+@dataclass(frozen=True)
+class LinearHead:
+    """A plain linear LM head and the model's logit post-processing: ``z = c·tanh(scale·(x Wᵀ + b) / c)``.
+
+    Attributes:
+        weight: ``[V_full, d]`` (possibly padded beyond the real vocabulary; possibly a ZeRO-3 parameter).
+        bias: ``[V_full]`` or None.
+        scale: one multiplier folding Granite's ``1/logits_scaling`` and Cohere's ``logit_scale``; None = 1.
+        softcap: Gemma-2's ``final_logit_softcapping``; None = off.
+    """
+
+    weight: torch.Tensor
+    bias: torch.Tensor | None = None
+    scale: float | None = None
+    softcap: float | None = None
+
+    def raw_logits(self, head_input: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """``[n, d] -> [n, vocab_size]`` head product in the weight's dtype (before post-processing)."""
+        bias = self.bias[:vocab_size] if self.bias is not None else None
+        return F.linear(head_input.to(self.weight.dtype), self.weight[:vocab_size], bias)
+
+    def logits(self, head_input: torch.Tensor, vocab_size: int) -> torch.Tensor:
+        """``[n, d] -> [n, vocab_size]`` fp32 post-processed logits."""
+        return postprocess(self.raw_logits(head_input, vocab_size), self.scale, self.softcap)
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+
+@dataclass(frozen=True)
+class FusedJob:
+    """One term computed against the student head: a lens layer pair, or the output KD (+ CE) term.
+
+    Attributes:
+        student_input: ``[N, d_s]`` student head input (with grad).
+        teacher_input: ``[N, d_t]`` teacher head input, or None (CE only).
+        teacher_head: the teacher's head, or None (CE only).
+        divergence: divergence name between student and teacher (ignored without a teacher).
+        weight: multiplier of Σ_tokens D in the weighted total (0: computed for its value only).
+        targets: ``[N]`` next-token ids for the cross-entropy, or None.
+        ce_weight: multiplier of Σ_tokens CE in the weighted total.
+    """
+
+    student_input: torch.Tensor
+    teacher_input: torch.Tensor | None = None
+    teacher_head: LinearHead | None = None
+    divergence: str = "rkl"
+    weight: float = 1.0
+    targets: torch.Tensor | None = None
+    ce_weight: float = 0.0
+
+
+@dataclass(frozen=True)
+class _Settings:
+    vocab_size: int
+    temperature: float
+    beta: float
+    chunk_size: int
+    label_smoothing: float
+    compile: bool = False
+
+
+class OutputTermSums(NamedTuple):
+    """Sums over tokens of the output terms. ``weighted`` = ce_weight·ce + kd_weight·kd carries the gradient;
+    ``ce`` and ``kd`` are detached fp32 scalars (``kd`` None without a teacher)."""
+
+    weighted: torch.Tensor
+    ce: torch.Tensor
+    kd: torch.Tensor | None
+
+
+# --------------------------------------------------------------------------------------------- torch.compile
+_compiled_divergence_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+_compile_failed = False
+
+
+def _divergence_chunk(compile_math: bool, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`divergence_chunk`, through ``torch.compile`` when asked and it works (else eager, said once)."""
+    global _compiled_divergence_chunk, _compile_failed
+    if compile_math and not _compile_failed:
+        try:
+            if _compiled_divergence_chunk is None:
+                _compiled_divergence_chunk = torch.compile(
+                    functools.partial(divergence_chunk, branch_free=True), dynamic=True
+                )
+            return _compiled_divergence_chunk(*args, **kwargs)
+        except Exception as error:
+            _compile_failed = True
+            logger.warning(
+                "DistillLens: torch.compile of the fused divergence failed (%s: %s); using eager mode.",
+                type(error).__name__,
+                str(error).splitlines()[0] if str(error) else "",
+            )
+    return divergence_chunk(*args, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- the loop
+def _run_jobs(
+    student_head: LinearHead,
+    jobs: Sequence[FusedJob],
+    settings: _Settings,
+    grad_inputs: Sequence[bool],
+    grad_weight: bool,
+    grad_bias: bool,
+) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor | None], torch.Tensor | None, torch.Tensor | None]:
+    """Weighted total, per-job ``[J, 2]`` (divergence, CE) sums, and the gradients of the total.
+
+    Returns:
+        total (scalar fp32), values ``[J, 2]`` fp32, per-job ``[N, d_s]`` input gradients (None where not
+        needed), ``[V, d_s]`` fp32 weight gradient and ``[V]`` fp32 bias gradient (None where not needed).
+    """
+    vocab = settings.vocab_size
+    weight = student_head.weight[:vocab]
+    device = weight.device
+    math_dtype = torch.promote_types(weight.dtype, torch.float32)  # fp32, or fp64 for gradcheck
+    total = torch.zeros((), device=device, dtype=math_dtype)
+    values = torch.zeros(len(jobs), 2, device=device, dtype=math_dtype)
+    weight_grad = torch.zeros(weight.shape, device=device, dtype=math_dtype) if grad_weight else None
+    bias_grad = torch.zeros(vocab, device=device, dtype=math_dtype) if grad_bias else None
+    input_grads: list[torch.Tensor | None] = []
+    for index, (job, need_input_grad) in enumerate(zip(jobs, grad_inputs)):
+        has_teacher = job.teacher_input is not None and job.teacher_head is not None
+        need_grad = need_input_grad or grad_weight or grad_bias
+        kd_grad = need_grad and has_teacher and job.weight != 0
+        ce_grad = need_grad and job.targets is not None and job.ce_weight != 0
+        student_input = job.student_input.detach()
+        input_grad = torch.empty_like(student_input) if need_input_grad else None
+        for start in range(0, student_input.shape[0], settings.chunk_size):
+            rows = slice(start, start + settings.chunk_size)
+            x = student_input[rows]
+            raw = student_head.raw_logits(x, vocab)
+            logits = postprocess(raw, student_head.scale, student_head.softcap)
+            del raw
+            grad: torch.Tensor | None = None
+            if has_teacher:
+                with torch.no_grad():
+                    teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
+                value, kd_grad_chunk = _divergence_chunk(
+                    settings.compile,
+                    job.divergence,
+                    logits,
+                    teacher_logits,
+                    temperature=settings.temperature,
+                    beta=settings.beta,
+                    need_grad=kd_grad,
+                )
+                del teacher_logits
+                values[index, 0] += value
+                total += job.weight * value
+                if kd_grad_chunk is not None:
+                    grad = kd_grad_chunk.mul_(job.weight) if job.weight != 1.0 else kd_grad_chunk
+            if job.targets is not None:
+                value, ce_grad_chunk = cross_entropy_chunk(
+                    logits, job.targets[rows], label_smoothing=settings.label_smoothing, need_grad=ce_grad
+                )
+                values[index, 1] += value
+                total += job.ce_weight * value
+                if ce_grad_chunk is not None:
+                    grad = (
+                        ce_grad_chunk.mul_(job.ce_weight)
+                        if grad is None
+                        else grad.add_(ce_grad_chunk, alpha=job.ce_weight)
+                    )
+            if grad is None:
+                if input_grad is not None:
+                    input_grad[rows] = 0
+                continue
+            grad = postprocess_backward(grad, logits, student_head.scale, student_head.softcap)
+            del logits
+            grad = grad.to(weight.dtype)
+            if input_grad is not None:
+                input_grad[rows] = grad @ weight
+            if weight_grad is not None:
+                weight_grad += grad.t() @ x.to(weight.dtype)
+            if bias_grad is not None:
+                bias_grad += grad.sum(dim=0, dtype=math_dtype)
+        input_grads.append(input_grad)
+    return total, values, input_grads, weight_grad, bias_grad
+
+
+class _FusedHeadLoss(torch.autograd.Function):
+    """Autograd wrapper of :func:`_run_jobs`: forward stores the gradients, backward rescales them."""
+
+    @staticmethod
+    def forward(ctx, student_head, jobs, settings, weight, bias, *student_inputs):
+        needs = ctx.needs_input_grad
+        grad_weight, grad_bias = needs[3], bias is not None and needs[4]
+        total, values, input_grads, weight_grad, bias_grad = _run_jobs(
+            student_head, jobs, settings, needs[5:], grad_weight, grad_bias
+        )
+        ctx.weight_shape, ctx.weight_dtype = weight.shape, weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.save_for_backward(weight_grad, bias_grad, *input_grads)
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(ctx, grad_total, _grad_values):
+        weight_grad, bias_grad, *input_grads = ctx.saved_tensors
+        full_weight_grad = full_bias_grad = None  # padded rows (beyond the shared vocabulary) get zero
+        if weight_grad is not None:
+            full_weight_grad = weight_grad.new_zeros(ctx.weight_shape, dtype=ctx.weight_dtype)
+            full_weight_grad[: weight_grad.shape[0]] = weight_grad * grad_total
+        if bias_grad is not None:
+            full_bias_grad = bias_grad.new_zeros(ctx.weight_shape[0], dtype=ctx.bias_dtype)
+            full_bias_grad[: bias_grad.shape[0]] = bias_grad * grad_total
+        input_grads = [None if g is None else g * grad_total.to(g.dtype) for g in input_grads]
+        return (None, None, None, full_weight_grad, full_bias_grad, *input_grads)
+
+
+@contextlib.contextmanager
+def gathered(heads: Sequence[LinearHead | None]) -> Iterator[None]:
+    """Gather the heads' ZeRO-3 partitioned weights for the duration (a no-op without DeepSpeed)."""
+    params = [p for head in heads if head is not None for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def _check(
+    jobs: Sequence[FusedJob], vocab_size: int, chunk_size: int, temperature: float, beta: float
+) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta={beta} must lie in [0, 1].")
+    for job in jobs:
+        if job.teacher_input is not None:
+            check_divergence_name(job.divergence)
+            if job.teacher_input.shape[0] != job.student_input.shape[0]:
+                raise ValueError("student and teacher head inputs must hold the same number of tokens.")
+
+
+def fused_head_loss(
+    student_head: LinearHead,
+    jobs: Sequence[FusedJob],
+    *,
+    vocab_size: int,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    label_smoothing: float = 0.0,
+    compile_math: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every job against one student head in a single fused pass (one shared weight-gradient accumulator).
+
+    Returns:
+        the weighted total Σ_jobs (weight·Σ D + ce_weight·Σ CE), a scalar fp32 with gradient w.r.t. every
+        ``student_input`` and the head's weight and bias; and ``[J, 2]`` detached fp32 per-job sums
+        (divergence, CE). ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls
+        back to eager, with one warning, when compilation fails).
+    """
+    _check(jobs, vocab_size, chunk_size, temperature, beta)
+    settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, compile_math)
+    heads = [student_head, *(job.teacher_head for job in jobs)]
+    bias = student_head.bias
+    tensors = [student_head.weight, bias, *(job.student_input for job in jobs)]
+    needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    with gathered(heads):
+        if not needs_grad:
+            with torch.no_grad():
+                total, values, *_ = _run_jobs(student_head, jobs, settings, [False] * len(jobs), False, False)
+            return total, values
+        return _FusedHeadLoss.apply(student_head, jobs, settings, *tensors)
+
+
+def fused_divergence_sum(
+    student_input: torch.Tensor,
+    teacher_input: torch.Tensor,
+    student_head: LinearHead,
+    teacher_head: LinearHead,
+    *,
+    divergence: str,
+    vocab_size: int,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    compile_math: bool = False,
+) -> torch.Tensor:
+    """Σ over N tokens of D(softmax(student_head(x_s)[:, :V]/T) ‖ teacher's), scalar fp32.
+
+    Args:
+        student_input: ``[N, d_s]`` student head input (gradients flow to it and to the head).
+        teacher_input: ``[N, d_t]`` teacher head input (no grad).
+    """
+    job = FusedJob(student_input, teacher_input, teacher_head, divergence, 1.0)
+    total, _ = fused_head_loss(
+        student_head,
+        [job],
+        vocab_size=vocab_size,
+        temperature=temperature,
+        beta=beta,
+        chunk_size=chunk_size,
+        compile_math=compile_math,
+    )
+    return total
+
+
+def fused_output_terms(
+    student_input: torch.Tensor,
+    teacher_input: torch.Tensor | None,
+    targets: torch.Tensor,
+    student_head: LinearHead,
+    teacher_head: LinearHead | None,
+    *,
+    kd_divergence: str,
+    ce_weight: float,
+    kd_weight: float,
+    vocab_size: int,
+    temperature: float = 1.0,
+    beta: float = 0.5,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    label_smoothing: float = 0.0,
+    compile_math: bool = False,
+) -> OutputTermSums:
+    """CE and output KD sums from the last hidden state, one student head product per chunk.
+
+    Args:
+        student_input: ``[N, d_s]`` the student's last (already normed) hidden state at response positions.
+        teacher_input: ``[N, d_t]`` the teacher's, or None (CE only).
+        targets: ``[N]`` next-token ids.
+    """
+    job = FusedJob(student_input, teacher_input, teacher_head, kd_divergence, kd_weight, targets, ce_weight)
+    total, values = fused_head_loss(
+        student_head,
+        [job],
+        vocab_size=vocab_size,
+        temperature=temperature,
+        beta=beta,
+        chunk_size=chunk_size,
+        label_smoothing=label_smoothing,
+        compile_math=compile_math,
+    )
+    kd = values[0, 0] if teacher_input is not None and teacher_head is not None else None
+    return OutputTermSums(total, values[0, 1], kd)

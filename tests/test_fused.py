@@ -1,0 +1,431 @@
+"""The fused, chunked head + divergence against the straightforward computation (the reference)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from distillens_trainer import DistillLensConfig, DistillLensTrainer
+from distillens_trainer.divergences import token_divergence
+from distillens_trainer.fused import (
+    FusedJob,
+    LinearHead,
+    fused_divergence_sum,
+    fused_head_loss,
+    fused_output_terms,
+)
+from distillens_trainer.fused_math import divergence_chunk, postprocess
+from distillens_trainer.lens import LogitLens
+
+from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
+
+N, D_S, D_T, V = 37, 8, 6, 50  # tokens, student / teacher head input sizes, shared vocabulary
+
+
+def _heads(
+    *,
+    student_rows=V + 3,
+    teacher_rows=V + 6,
+    bias=False,
+    scale=None,
+    softcap=None,
+    dtype=torch.float32,
+    seed=0,
+):
+    generator = torch.Generator().manual_seed(seed)
+    weight = torch.randn(student_rows, D_S, generator=generator).to(dtype).requires_grad_()
+    student_bias = torch.randn(student_rows, generator=generator).to(dtype).requires_grad_() if bias else None
+    teacher_weight = (2 * torch.randn(teacher_rows, D_T, generator=generator)).to(dtype)
+    student = LinearHead(weight, student_bias, scale, softcap)
+    return student, LinearHead(teacher_weight, None, scale, softcap)
+
+
+def _inputs(dtype=torch.float32, seed=1):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(N, D_S, generator=generator).to(dtype).requires_grad_()
+    return student, torch.randn(N, D_T, generator=generator).to(dtype)
+
+
+def _reference(student_input, teacher_input, student_head, teacher_head, name, temperature=1.0, beta=0.5):
+    """The straightforward computation: full [N, V] logits, autograd through token_divergence."""
+    student_logits = postprocess(
+        F.linear(student_input, student_head.weight, student_head.bias),
+        student_head.scale,
+        student_head.softcap,
+    )[:, :V]
+    teacher_logits = postprocess(
+        F.linear(teacher_input, teacher_head.weight, teacher_head.bias),
+        teacher_head.scale,
+        teacher_head.softcap,
+    )[:, :V]
+    return token_divergence(
+        name, student_logits, teacher_logits.detach(), temperature=temperature, beta=beta
+    ).sum()
+
+
+def _grads(value, student_input, head):
+    tensors = [student_input, head.weight] + ([head.bias] if head.bias is not None else [])
+    return torch.autograd.grad(value, tensors, retain_graph=True)
+
+
+def _assert_same(fused, reference, student_input, head, rtol=1e-5, atol=1e-5):
+    torch.testing.assert_close(fused, reference, rtol=rtol, atol=atol)
+    for got, want in zip(_grads(fused, student_input, head), _grads(reference, student_input, head)):
+        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+
+
+CASES = [  # divergence, β, temperature, chunk size, head bias, scale, softcap
+    ("fkl", 0.5, 1.0, 8, False, None, None),
+    ("rkl", 0.5, 2.0, N, True, None, None),
+    ("skl", 0.5, 0.7, 100, False, 0.5, None),
+    ("jsd", 0.5, 1.0, 5, True, None, 3.0),
+    ("jsd", 0.1, 1.5, 16, False, 2.0, 5.0),
+    ("jsd", 0.0, 1.0, 8, False, None, None),
+    ("jsd", 1.0, 1.0, 8, False, None, None),
+    ("tvd", 0.5, 1.0, 9, True, None, None),
+]
+
+
+@pytest.mark.parametrize(("name", "beta", "temperature", "chunk", "bias", "scale", "softcap"), CASES)
+def test_fused_divergence_equals_the_straightforward_one_with_its_gradients(
+    name, beta, temperature, chunk, bias, scale, softcap
+):
+    student_head, teacher_head = _heads(bias=bias, scale=scale, softcap=softcap)
+    student_input, teacher_input = _inputs()
+    fused = fused_divergence_sum(
+        student_input,
+        teacher_input,
+        student_head,
+        teacher_head,
+        divergence=name,
+        vocab_size=V,
+        temperature=temperature,
+        beta=beta,
+        chunk_size=chunk,
+    )
+    reference = _reference(student_input, teacher_input, student_head, teacher_head, name, temperature, beta)
+    _assert_same(fused, reference, student_input, student_head)
+
+
+def test_padded_student_rows_get_zero_gradient_and_equal_vocabularies_work():
+    for student_rows, teacher_rows in ((V + 7, V), (V, V)):
+        student_head, teacher_head = _heads(student_rows=student_rows, teacher_rows=teacher_rows, bias=True)
+        student_input, teacher_input = _inputs()
+        fused = fused_divergence_sum(
+            student_input,
+            teacher_input,
+            student_head,
+            teacher_head,
+            divergence="jsd",
+            vocab_size=V,
+            chunk_size=7,
+        )
+        weight_grad, bias_grad = torch.autograd.grad(
+            fused, [student_head.weight, student_head.bias], retain_graph=True
+        )
+        assert weight_grad.shape == student_head.weight.shape
+        assert not weight_grad[V:].any() and not bias_grad[V:].any()
+        reference = _reference(student_input, teacher_input, student_head, teacher_head, "jsd")
+        _assert_same(fused, reference, student_input, student_head)
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "skl", "jsd", "tvd"])
+def test_minus_infinity_columns_stay_finite_and_match(name):
+    student_head, teacher_head = _heads(bias=True)
+    with torch.no_grad():
+        student_head.bias[[3, 10]] = float("-inf")  # columns the student can never produce
+    teacher_head = LinearHead(
+        teacher_head.weight, torch.zeros(V + 6).index_fill(0, torch.tensor([10, 20]), float("-inf"))
+    )
+    student_input, teacher_input = _inputs()
+    fused = fused_divergence_sum(
+        student_input, teacher_input, student_head, teacher_head, divergence=name, vocab_size=V, chunk_size=10
+    )
+    reference = _reference(student_input, teacher_input, student_head, teacher_head, name)
+    assert torch.isfinite(fused)
+    _assert_same(fused, reference, student_input, student_head)
+    assert all(torch.isfinite(g).all() for g in _grads(fused, student_input, student_head))
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "skl", "jsd", "tvd"])
+def test_dead_rows_and_minus_infinity_in_the_chunk_math_match_autograd(name):
+    generator = torch.Generator().manual_seed(3)
+    student = torch.randn(6, 12, generator=generator)
+    teacher = torch.randn(6, 12, generator=generator)
+    student[1] = float("-inf")  # dead student row
+    teacher[4] = float("-inf")  # dead teacher row
+    student[2, :5] = float("-inf")
+    teacher[3, 6:] = float("-inf")
+    student.requires_grad_()
+    value, grad = divergence_chunk(name, student.detach(), teacher, temperature=1.3, beta=0.3, need_grad=True)
+    reference = token_divergence(name, student, teacher, temperature=1.3, beta=0.3).sum()
+    (reference_grad,) = torch.autograd.grad(reference, student)
+    torch.testing.assert_close(value, reference.detach())
+    torch.testing.assert_close(grad, reference_grad)
+    assert not grad[1].any() and not grad[4].any()
+
+
+@pytest.mark.parametrize("name", ["fkl", "rkl", "skl", "jsd"])
+def test_gradcheck_in_float64(name):
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(9, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(9, generator=generator, dtype=torch.float64, requires_grad=True)
+    student_input = torch.randn(5, 4, generator=generator, dtype=torch.float64, requires_grad=True)
+    teacher_input = torch.randn(5, 3, generator=generator, dtype=torch.float64)
+    teacher_head = LinearHead(torch.randn(8, 3, generator=generator, dtype=torch.float64), softcap=4.0)
+
+    def loss(x, w, b):
+        head = LinearHead(w, b, scale=0.7, softcap=4.0)
+        return fused_divergence_sum(
+            x,
+            teacher_input,
+            head,
+            teacher_head,
+            divergence=name,
+            vocab_size=7,
+            temperature=1.5,
+            beta=0.3,
+            chunk_size=2,
+        )
+
+    assert torch.autograd.gradcheck(loss, (student_input, weight, bias), fast_mode=True)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_output_terms_share_one_head_product_and_match_ce_plus_kd(label_smoothing):
+    student_head, teacher_head = _heads()
+    student_input, teacher_input = _inputs()
+    targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
+    student_logits = F.linear(student_input, student_head.weight)[:, :V]
+    teacher_logits = F.linear(teacher_input, teacher_head.weight)[:, :V]
+    ce = F.cross_entropy(student_logits, targets, reduction="sum", label_smoothing=label_smoothing)
+    kd = token_divergence("rkl", student_logits, teacher_logits, temperature=2.0).sum()
+    out = fused_output_terms(
+        student_input,
+        teacher_input,
+        targets,
+        student_head,
+        teacher_head,
+        kd_divergence="rkl",
+        ce_weight=0.3,
+        kd_weight=0.7,
+        vocab_size=V,
+        temperature=2.0,
+        chunk_size=10,
+        label_smoothing=label_smoothing,
+    )
+    torch.testing.assert_close(out.ce, ce.detach())
+    torch.testing.assert_close(out.kd, kd.detach())
+    assert not out.ce.requires_grad and not out.kd.requires_grad
+    _assert_same(out.weighted, 0.3 * ce + 0.7 * kd, student_input, student_head)
+    sft = fused_output_terms(
+        student_input, None, targets, student_head, None, kd_divergence="rkl", ce_weight=1.0, kd_weight=0.0,
+        vocab_size=V, chunk_size=16, label_smoothing=label_smoothing,
+    )  # fmt: skip
+    assert sft.kd is None
+    _assert_same(sft.weighted, ce, student_input, student_head)
+
+
+def test_bf16_inputs_run_fp32_math_and_match_at_bf16_tolerance():
+    student_head, teacher_head = _heads(dtype=torch.bfloat16)
+    student_input, teacher_input = _inputs(dtype=torch.bfloat16)
+    fused = fused_divergence_sum(
+        student_input, teacher_input, student_head, teacher_head, divergence="jsd", vocab_size=V, chunk_size=8
+    )
+    assert fused.dtype == torch.float32
+    reference = _reference(student_input, teacher_input, student_head, teacher_head, "jsd")
+    weight_grad, input_grad = torch.autograd.grad(fused, [student_head.weight, student_input])
+    assert weight_grad.dtype == input_grad.dtype == torch.bfloat16
+    want = torch.autograd.grad(reference, [student_head.weight, student_input])
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(weight_grad.float(), want[0].float(), rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(input_grad.float(), want[1].float(), rtol=5e-2, atol=5e-2)
+
+
+def test_without_gradients_the_value_is_the_same():
+    student_head, teacher_head = _heads()
+    student_input, teacher_input = _inputs()
+    kwargs = {"divergence": "skl", "vocab_size": V, "chunk_size": 6}
+    with_grad = fused_divergence_sum(student_input, teacher_input, student_head, teacher_head, **kwargs)
+    with torch.no_grad():
+        without = fused_divergence_sum(student_input, teacher_input, student_head, teacher_head, **kwargs)
+    assert not without.requires_grad
+    torch.testing.assert_close(without, with_grad.detach())
+
+
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest number of elements of any tensor an operation returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(value, torch.Tensor):
+                self.largest = max(self.largest, value.numel())
+        return out
+
+
+def test_no_tensor_of_tokens_times_vocabulary_is_ever_built():
+    tokens, vocab, hidden, chunk = 256, 120, 8, 16
+    generator = torch.Generator().manual_seed(0)
+    student_head = LinearHead(torch.randn(vocab, hidden, generator=generator, requires_grad=True))
+    teacher_head = LinearHead(torch.randn(vocab, hidden, generator=generator))
+    jobs = [
+        FusedJob(torch.randn(tokens, hidden, generator=generator, requires_grad=True),
+                 torch.randn(tokens, hidden, generator=generator), teacher_head, "jsd", 0.5)
+        for _ in range(2)
+    ]  # fmt: skip
+    with _LargestTensor() as fused_mode:
+        total, _ = fused_head_loss(student_head, jobs, vocab_size=vocab, chunk_size=chunk)
+        total.backward()
+    # chunk × V logits, or the [N, d] input gradients: never N × V
+    assert fused_mode.largest <= max(chunk * vocab, tokens * hidden) < tokens * vocab
+    with _LargestTensor() as reference_mode:  # the counter does see the straightforward [N, V] logits
+        _reference_logits = F.linear(jobs[0].student_input, student_head.weight)
+    assert reference_mode.largest == tokens * vocab
+
+
+# --------------------------------------------------------------------------------------------- trainer level
+def _tiny_gpt2(seed: int, layers: int):
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(
+        n_layer=layers, n_embd=32, n_head=4, vocab_size=TINY_VOCAB, n_positions=64, tie_word_embeddings=True,
+        bos_token_id=0, eos_token_id=1,
+    )  # fmt: skip
+    return transformers.GPT2LMHeadModel(config)
+
+
+def _step(tmp_path, student, teacher, batch, chunk, **overrides):
+    """Loss, logged term sums and parameter gradients of one training micro-batch."""
+    settings = {
+        "output_dir": str(tmp_path / f"out{chunk}"), "per_device_train_batch_size": 4, "report_to": [],
+        "use_cpu": True, "lens_num_layers": 2, "ce_weight": 0.5, "lens_chunk_size": chunk, "disable_tqdm": True,
+    }  # fmt: skip
+    args = DistillLensConfig(**(settings | overrides))
+    trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
+    model = trainer.model
+    model.train()
+    loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(17))
+    loss.backward()
+    terms = {name: value.item() for name, value in trainer._train_term_totals.items()}
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), terms, grads, trainer
+
+
+MODELS = {
+    "llama_untied": lambda: (tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)),
+    "gpt2_tied": lambda: (_tiny_gpt2(1, 3), _tiny_gpt2(2, 4)),
+}
+OBJECTIVES = {
+    "distillens": {},
+    "kd_only": {"lens_weight": 0.0, "ce_weight": 0.0},
+    "ce_only": {"kd_weight": 0.0, "lens_weight": 0.0, "ce_weight": 1.0},
+    "fkl_temperature": {"kd_divergence": "fkl", "lens_divergence": "tvd", "temperature": 1.7},
+}
+
+
+@pytest.mark.parametrize("objective", list(OBJECTIVES))
+@pytest.mark.parametrize("models", list(MODELS))
+def test_a_training_step_is_the_same_chunked_or_not(tmp_path, models, objective):
+    student, teacher = MODELS[models]()
+    batch = pad_batch(token_rows(4, seed=3))
+    reference = _step(tmp_path, student, teacher, batch, 0, **OBJECTIVES[objective])
+    fused = _step(tmp_path, student, teacher, batch, 5, **OBJECTIVES[objective])
+    assert fused[3].distillens_objective.fuses_output
+    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-6)
+    assert fused[1].keys() == reference[1].keys()
+    for name, value in reference[1].items():
+        assert fused[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    assert fused[2].keys() == reference[2].keys()
+    for name, grad in reference[2].items():
+        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_head_that_is_not_a_plain_linear_falls_back_and_says_why(tmp_path, caplog):
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    student.lm_head = torch.nn.Sequential(student.lm_head)
+    student.get_output_embeddings = lambda: student.lm_head
+    assert LogitLens(student).linear_head() is None
+    batch = pad_batch(token_rows(4, seed=3))
+    with caplog.at_level("INFO", logger="distillens_trainer.objective"):
+        fused = _step(tmp_path, student, teacher, batch, 5)
+    reference = _step(tmp_path, student, teacher, batch, 0)
+    torch.testing.assert_close(fused[0], reference[0])
+    assert (
+        sum("not a plain nn.Linear" in record.message for record in caplog.records) == 2
+    )  # lens, output: once each
+
+
+def test_a_last_hidden_state_that_is_not_the_head_input_switches_the_fused_output_off(tmp_path, caplog):
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    batch = pad_batch(token_rows(4, seed=3))
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "x"),
+        use_cpu=True,
+        report_to=[],
+        lens_num_layers=2,
+        ce_weight=0.5,
+        lens_chunk_size=5,
+    )
+    trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
+    head = trainer.distillens_objective.student_head
+    trainer.distillens_objective.student_head = LinearHead(
+        head.weight, scale=2.0
+    )  # not what the model computes
+    with caplog.at_level("WARNING"):
+        loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
+    assert not trainer.distillens_objective.fuses_output
+    assert any("does not reproduce its logits" in record.message for record in caplog.records)
+    assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", ["fkl", "jsd"])
+def test_the_branch_free_chunk_math_used_under_compile_is_the_same(name):
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(5, 9, generator=generator), torch.randn(5, 9, generator=generator)
+    student[0] = float("-inf")
+    for logits in (student, student[1:]):  # with and without a dead row
+        eager = divergence_chunk(
+            name, logits, teacher[: len(logits)], temperature=1.2, beta=0.4, need_grad=True
+        )
+        branch_free = divergence_chunk(
+            name, logits, teacher[: len(logits)], temperature=1.2, beta=0.4, need_grad=True, branch_free=True
+        )
+        torch.testing.assert_close(branch_free, eager)
+
+
+def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    import distillens_trainer.fused as fused_module
+
+    def broken_compile(*args, **kwargs):
+        def compiled(*call_args, **call_kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    monkeypatch.setattr(fused_module, "_compiled_divergence_chunk", None)
+    monkeypatch.setattr(fused_module, "_compile_failed", False)
+    student_head, teacher_head = _heads()
+    student_input, teacher_input = _inputs()
+    kwargs = {"divergence": "jsd", "vocab_size": V, "chunk_size": 10}
+    with caplog.at_level("WARNING", logger="distillens_trainer.fused"):
+        compiled = [
+            fused_divergence_sum(
+                student_input, teacher_input, student_head, teacher_head, compile_math=True, **kwargs
+            )
+            for _ in range(2)
+        ]
+    eager = fused_divergence_sum(student_input, teacher_input, student_head, teacher_head, **kwargs)
+    for value in compiled:
+        _assert_same(value, eager, student_input, student_head)
+    warnings = [record.message for record in caplog.records if "torch.compile" in record.message]
+    assert len(warnings) == 1 and "no C++ compiler here" in warnings[0]
