@@ -198,13 +198,13 @@ def plot_entropy(report: Mapping[str, Any], path: Path) -> Path | None:
         if entry is not None:
             name = f"{entry['name']} ({entry['num_layers']} layers)"
             axis.plot(entry["relative_depth"], entry["entropy"], "o-", color=color, label=name)
-    axis.axhline(
-        math.log(report["vocab_size"]), ls="--", color="#999999", label="uniform over the vocabulary"
-    )
+    uniform = math.log(report["vocab_size"])
+    axis.axhline(uniform, ls="--", color="#999999", label="uniform over the vocabulary")
     axis.set_xlabel("relative depth (layer / number of layers; 0 = embeddings, 1 = output)")
     axis.set_ylabel("entropy (nats) per response token")
     axis.set_title("Entropy of the logit-lens distribution by depth")
-    axis.set_ylim(bottom=0)
+    highest = max([uniform, *(max(e["entropy"]) for e in (report["student"], report["teacher"]) if e)])
+    axis.set_ylim(0, 1.08 * highest)
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()

@@ -228,10 +228,11 @@ def _add_layer_sums(sums: ModelLayerSums, layer_lp: torch.Tensor, jsd_beta: floa
 
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """The ``hidden_states`` tuple of one forward pass (no grad, no cache) on a collated batch."""
+    """The ``hidden_states`` tuple of one forward pass (no grad, no cache) on a collated batch, on the model's device."""
     from ..trainer import _accepts_position_ids, _with_position_ids
 
-    inputs = {key: value for key, value in batch.items() if key != "labels"}
+    device = next(model.parameters()).device
+    inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
     inputs = _with_position_ids(inputs, _accepts_position_ids(model))
     with torch.no_grad():
         return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
