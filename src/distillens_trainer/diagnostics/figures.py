@@ -113,8 +113,9 @@ def plot_heatmap(report: Mapping[str, Any], divergence: str, path: Path) -> Path
             [t for _, t in pairs], [s for s, _ in pairs], s=260, marker="s", facecolors="none",
             edgecolors="#2ca02c", linewidths=2.0, label="pairs mapped by the lens loss",
         )  # fmt: skip
-    if axis.get_legend_handles_labels()[0]:
-        axis.legend(loc="upper left", fontsize=8, framealpha=0.8)
+    has_legend = bool(axis.get_legend_handles_labels()[0])
+    if has_legend:  # below the axes, so no cell is hidden
+        figure.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
     axis.set_xlabel(f"{'teacher' if report['teacher'] else 'student'} layer ({teacher}; 0 = embeddings)")
     axis.set_ylabel(f"student layer ({student}; 0 = embeddings)")
     axis.xaxis.get_major_locator().set_params(integer=True)
@@ -125,7 +126,7 @@ def plot_heatmap(report: Mapping[str, Any], divergence: str, path: Path) -> Path
         f"(last row/column = output distribution; {report['num_tokens']} response tokens)",
         fontsize=10,
     )
-    figure.tight_layout()
+    figure.tight_layout(rect=(0, 0.05 if has_legend else 0, 1, 1))
     return _save(plt, figure, path)
 
 
