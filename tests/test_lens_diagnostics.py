@@ -174,7 +174,8 @@ def test_lens_command_writes_the_report_and_figures_of_the_expected_size(workspa
     assert sorted(path.name for path in output_dir.iterdir()) == sorted(
         ["lens.json", *(f"{n}.png" for n in figures)]
     )
-    assert "lens.json" in capsys.readouterr().out
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("distillens lens: report in ") and "lens.json" in last_line
 
 
 def test_lens_command_profiles_a_student_alone(workspace, tmp_path):
@@ -183,6 +184,19 @@ def test_lens_command_profiles_a_student_alone(workspace, tmp_path):
     report = json.loads((output_dir / "lens.json").read_text())
     assert report["reference"] == "self" and report["teacher"] is None and not report["lens_final_norm"]
     assert [len(row) for row in report["matrix"]["jsd"]] == [3, 3, 3]
+
+
+def test_lens_command_reads_the_data_in_the_prompt_format_recorded_with_the_student(workspace, tmp_path):
+    import shutil
+
+    from distillens_trainer.model_info import write_model_info
+
+    shutil.copytree(workspace / "student", tmp_path / "student")
+    write_model_info(tmp_path / "student", prompt_template="plain")
+    argv = _lens_argv(workspace, tmp_path / "out", teacher=False)
+    argv[argv.index("--model_name_or_path") + 1] = str(tmp_path / "student")
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "lens.json").read_text())["settings"]["prompt_template"] == "plain"
 
 
 LENS_ERRORS = [

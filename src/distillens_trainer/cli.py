@@ -235,8 +235,13 @@ def _shrink(argv: Sequence[str]) -> int:
 
 def _lens(argv: Sequence[str]) -> int:
     from .diagnostics.command import LensArguments, run_lens, summary_lines
+    from .model_info import choose_prompt_template
 
     (lens_args,) = parse_command((LensArguments,), argv, "distillens lens")
+    lens_args.prompt_template = choose_prompt_template(
+        lens_args.prompt_template if "prompt_template" in given_fields(argv) else None,
+        [("student", lens_args.model_name_or_path), ("teacher", lens_args.teacher_model_name_or_path)],
+    )
     print("\n".join(summary_lines(run_lens(lens_args))))
     return 0
 

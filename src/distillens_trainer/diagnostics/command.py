@@ -243,7 +243,7 @@ def run_lens(args: LensArguments) -> dict[str, Any]:
 
 
 def summary_lines(report: dict[str, Any]) -> list[str]:
-    """A few lines for the terminal: where things went and the headline numbers."""
+    """A few lines for the terminal: the headline numbers, then one line saying where the files went."""
     divergence = report["divergences"][0]
     lines = [f"{report['num_tokens']} response tokens from {report['num_examples']} examples"]
     if report["same_depth"]:
@@ -260,6 +260,10 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
             )
         )
         lines.append(f"{divergence} per student layer vs its own output: {values}")
-    lines.append(f"wrote {Path(report['settings']['output_dir']) / REPORT_NAME}")
-    lines += [f"wrote {path}" for path in report["figures"].values()]
+    output_dir = Path(report["settings"]["output_dir"])
+    figures = ", ".join(Path(path).name for path in report["figures"].values()) or "none (no matplotlib)"
+    lines.append(
+        f"distillens lens: report in {output_dir / REPORT_NAME}, figures in {output_dir}: {figures} "
+        f"(prompt format {report['settings']['prompt_template']!r})."
+    )
     return lines
