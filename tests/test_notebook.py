@@ -74,6 +74,15 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         errors = [output for output in cell.outputs if output.output_type == "error"]
         assert not errors, f"cell {index} raised {errors[0].ename}: {errors[0].evalue}"
 
+    shown = [
+        output
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if "image/png" in output.get("data", {})
+    ]
+    assert shown, "the logit-lens profile cell displayed no heatmap"
+
     printed = "".join(
         output.get("text", "") for output in notebook.cells[-1].outputs if output.output_type == "stream"
     )

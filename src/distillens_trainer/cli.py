@@ -1,4 +1,5 @@
-"""``distillens``: the command line (``train``, ``eval``, ``demo``, ``shrink``), parsed with ``HfArgumentParser``.
+"""``distillens``: the command line (``train``, ``eval``, ``demo``, ``shrink``, ``lens``), parsed with
+``HfArgumentParser``.
 
 Each subcommand takes an optional YAML/JSON config file first, then command-line overrides::
 
@@ -232,6 +233,19 @@ def _shrink(argv: Sequence[str]) -> int:
     return 0
 
 
+def _lens(argv: Sequence[str]) -> int:
+    from .diagnostics.command import LensArguments, run_lens, summary_lines
+    from .model_info import choose_prompt_template
+
+    (lens_args,) = parse_command((LensArguments,), argv, "distillens lens")
+    lens_args.prompt_template = choose_prompt_template(
+        lens_args.prompt_template if "prompt_template" in given_fields(argv) else None,
+        [("student", lens_args.model_name_or_path), ("teacher", lens_args.teacher_model_name_or_path)],
+    )
+    print("\n".join(summary_lines(run_lens(lens_args))))
+    return 0
+
+
 @dataclass(frozen=True)
 class Command:
     run: Callable[[Sequence[str]], int]
@@ -248,6 +262,7 @@ COMMANDS: dict[str, Command] = {
         _shrink,
         "cut a student from a model's blocks: shrink --model_name_or_path T --num_layers K --output_dir S",
     ),
+    "lens": Command(_lens, "per-layer logit-lens profile of a student vs a teacher: lens.json and figures"),
 }
 
 

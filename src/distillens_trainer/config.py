@@ -143,6 +143,14 @@ class DistillLensConfig(TrainingArguments):
             "with one warning, when compilation fails."
         },
     )
+    lens_eval_profile: bool = field(
+        default=False,
+        metadata={
+            "help": "At each evaluation, also log every student layer's lens divergence from the teacher layer at "
+            "the same relative depth (eval_lens_profile/s{i}) and each layer's lens entropy (eval_lens_entropy/...); "
+            "costs one more forward pass of both models over the evaluation set."
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -152,6 +152,19 @@ def check_divergence_name(name: str, field: str = "divergence") -> str:
     return name
 
 
+def divergence_from_log_probs(
+    name: str, student_log_probs: torch.Tensor, teacher_log_probs: torch.Tensor, *, beta: float = 0.5
+) -> torch.Tensor:
+    """Divergence ``name`` between fp32 log-probabilities floored at ``LOG_PROB_FLOOR`` (see :func:`log_probs`).
+
+    For callers that reuse one side's log-probabilities many times (the lens diagnostics). The inputs
+    broadcast: ``[1, N, V]`` against ``[L, N, V]`` gives ``[L, N]``.
+    """
+    check_divergence_name(name)
+    kwargs = {"beta": beta} if name == "jsd" else {}
+    return _DIVERGENCES[name](student_log_probs, teacher_log_probs, **kwargs)
+
+
 def token_divergence(
     name: str,
     student_logits: torch.Tensor,
@@ -183,8 +196,7 @@ def token_divergence(
         raise ValueError(f"beta={beta} must lie in [0, 1].")
     log_s, student_live = log_probs_and_live_rows(student_logits, temperature)
     log_t, teacher_live = log_probs_and_live_rows(teacher_logits, temperature)
-    kwargs = {"beta": beta} if name == "jsd" else {}
-    per_position = _DIVERGENCES[name](log_s, log_t, **kwargs)
+    per_position = divergence_from_log_probs(name, log_s, log_t, beta=beta)
     live = student_live & teacher_live
     if bool(live.all()):
         return per_position

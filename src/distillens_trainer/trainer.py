@@ -428,4 +428,9 @@ class DistillLensTrainer(Trainer):
         output = super().evaluation_loop(*args, **kwargs)
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         output.metrics.update(self._pop_eval_terms(prefix))
+        if self.args.lens_eval_profile and self.teacher_model is not None:
+            from .diagnostics.training import evaluation_lens_profile
+
+            dataloader = kwargs.get("dataloader", args[0] if args else None)
+            output.metrics.update(evaluation_lens_profile(self, dataloader, prefix))
         return output

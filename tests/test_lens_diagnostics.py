@@ -1,0 +1,292 @@
+"""Lens diagnostics: the per-layer profile, ``lens.json``, its figures, ``distillens lens`` and the eval profile."""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from datasets import Dataset
+
+from distillens_trainer.cli import main
+from distillens_trainer.diagnostics.figures import figure_pixels
+from distillens_trainer.diagnostics.profile import LensProfileAccumulator
+from distillens_trainer.diagnostics.report import SCHEMA, profile_models
+from distillens_trainer.divergences import token_divergence
+from distillens_trainer.lens import LogitLens
+from distillens_trainer.objective import response_mask, select_response
+from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+
+from conftest import PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
+
+TOKENIZER = SimpleNamespace(pad_token_id=PAD_ID)  # all DataCollatorForCompletionOnly needs of a tokenizer
+DIVERGENCES = ("jsd", "rkl", "fkl", "skl", "tvd")
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _peaked_llama(num_layers: int, seed: int, hidden: int = 32):
+    """A tiny Llama whose head is scaled up, so lens distributions are far from uniform."""
+    model = tiny_llama(num_layers=num_layers, hidden=hidden, seed=seed)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    return model.eval()
+
+
+def _dataset(rows: int = 6, seed: int = 0) -> Dataset:
+    return Dataset.from_list(token_rows(rows, seed=seed))
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    """(width, height) from a PNG's IHDR chunk, after checking the signature."""
+    header = path.read_bytes()[:24]
+    assert header[:8] == PNG_SIGNATURE and header[12:16] == b"IHDR", f"{path} is not a PNG"
+    return struct.unpack(">II", header[16:24])
+
+
+# ------------------------------------------------------------------------------------------- the profile
+def test_a_model_against_itself_has_a_zero_diagonal_and_positive_off_diagonal():
+    model = _peaked_llama(num_layers=3, seed=1)
+    report = profile_models(
+        model,
+        model,
+        _dataset(),
+        TOKENIZER,
+        vocab_size=TINY_VOCAB,
+        divergences=DIVERGENCES,
+        show_progress=False,
+    )
+    for name in DIVERGENCES:
+        matrix = torch.tensor(report["matrix"][name])
+        assert matrix.shape == (4, 4)
+        assert matrix.diagonal().abs().max() <= 1e-6, name
+        off_diagonal = matrix[~torch.eye(4, dtype=torch.bool)]
+        assert off_diagonal.min() > 1e-4, name
+        assert report["same_depth"][name] == pytest.approx([0.0] * 3, abs=1e-6)
+    assert report["teacher"]["entropy"] == pytest.approx(report["student"]["entropy"])
+
+
+def test_the_profile_matches_a_naive_full_tensor_reference():
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(4, seed=2, hidden=48)
+    batch = pad_batch(token_rows(5, seed=3))
+    max_tokens = 23  # cuts the batch inside a chunk
+    accumulator = LensProfileAccumulator(
+        LogitLens(student), LogitLens(teacher), TINY_VOCAB, divergences=("jsd", "rkl"), chunk_size=4
+    )
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        student_hidden = student(**inputs, output_hidden_states=True).hidden_states
+        teacher_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
+        assert (
+            accumulator.add(student_hidden, teacher_hidden, batch["labels"], max_tokens=max_tokens)
+            == max_tokens
+        )
+        mask = response_mask(batch["labels"])
+        student_logits = [
+            LogitLens(student)(select_response(h, mask)[:max_tokens], i) for i, h in enumerate(student_hidden)
+        ]
+        teacher_logits = [
+            LogitLens(teacher)(select_response(h, mask)[:max_tokens], i) for i, h in enumerate(teacher_hidden)
+        ]
+    means = accumulator.means()
+    assert means["num_tokens"] == max_tokens
+    for name in ("jsd", "rkl"):
+        expected = [
+            token_divergence(name, s, t).mean().item() for s in student_logits for t in teacher_logits
+        ]
+        assert means["pairs"][name] == pytest.approx(expected, rel=1e-5, abs=1e-7)
+    for logits, side in ((student_logits, "student"), (teacher_logits, "teacher")):
+        probs = [torch.softmax(layer.float(), dim=-1) for layer in logits]
+        entropy = [-(p * p.log()).sum(-1).mean().item() for p in probs]
+        final_top1 = logits[-1].argmax(-1)
+        agreement = [(layer.argmax(-1) == final_top1).float().mean().item() for layer in logits]
+        assert means[side]["entropy"] == pytest.approx(entropy, rel=1e-5)
+        assert means[side]["top1_agreement"] == pytest.approx(agreement)
+        assert means[side]["top1_agreement"][-1] == 1.0
+        to_final = [token_divergence("jsd", layer, logits[-1]).mean().item() for layer in logits]
+        assert means[side]["divergence_to_final"]["jsd"] == pytest.approx(to_final, rel=1e-5, abs=1e-7)
+
+
+def test_a_student_alone_is_compared_with_its_own_layers():
+    student = _peaked_llama(3, seed=1)
+    report = profile_models(student, None, _dataset(), TOKENIZER, vocab_size=TINY_VOCAB, show_progress=False)
+    assert report["reference"] == "self"
+    assert report["teacher"] is None and report["same_depth"] is None and report["mapped"] is None
+    matrix = report["matrix"]["jsd"]
+    assert [row[row_index] for row_index, row in enumerate(matrix)] == pytest.approx([0.0] * 4, abs=1e-6)
+    # the last column is each layer against the model's own output distribution
+    assert [row[-1] for row in matrix] == pytest.approx(
+        report["student"]["divergence_to_final"]["jsd"], rel=1e-6
+    )
+    assert report["student"]["top1_agreement"][-1] == 1.0
+
+
+def test_profiling_restores_the_models_training_mode():
+    student, teacher = tiny_llama(2, seed=1).train(), tiny_llama(4, seed=2).eval()
+    profile_models(student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, show_progress=False)
+    assert student.training and not teacher.training
+
+
+# ------------------------------------------------------------------------------------- distillens lens
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("lens")
+    examples = generate_examples(24, seed=0)
+    tokenizer = train_suite_tokenizer([format_example(e) for e in examples], vocab_size=300)
+    for name, layers, seed in (("student", 2, 1), ("teacher", 4, 2)):
+        tiny_llama(num_layers=layers, vocab=len(tokenizer), seed=seed).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rows = [{key: e[key] for key in ("instruction", "input", "output")} for e in examples]
+    (root / "data.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return root
+
+
+def _lens_argv(
+    root: Path, output_dir: Path, *extra: str, teacher: bool = True, student: str = "student"
+) -> list[str]:
+    argv = ["lens", "--model_name_or_path", str(root / student), "--data_file", str(root / "data.jsonl")]
+    argv += ["--output_dir", str(output_dir), "--max_samples", "8", "--device", "cpu"]
+    if teacher:
+        argv += ["--teacher_model_name_or_path", str(root / "teacher")]
+    return argv + list(extra)
+
+
+def test_lens_command_writes_the_report_and_figures_of_the_expected_size(workspace, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    output_dir = tmp_path / "lens"
+    assert main(_lens_argv(workspace, output_dir, "--divergences", "jsd", "skl", "--max_tokens", "50")) == 0
+    report = json.loads((output_dir / "lens.json").read_text())
+    assert report["schema"] == SCHEMA and report["reference"] == "teacher"
+    assert report["num_tokens"] == 50 and report["num_examples"] == 8
+    assert report["student"]["layers"] == [0, 1, 2] and report["teacher"]["layers"] == [0, 1, 2, 3, 4]
+    for key in ("entropy", "top1_agreement", "relative_depth"):
+        assert len(report["student"][key]) == 3 and len(report["teacher"][key]) == 5
+    assert set(report["matrix"]) == {"jsd", "skl"}
+    assert [len(row) for row in report["matrix"]["skl"]] == [5, 5, 5]
+    assert report["same_depth"]["pairs"] == [[1, 2], [2, 4]]
+    assert report["mapped"]["pairs"] == [[1, 2]]  # a 2-layer student has room for one paper-style pair
+    assert report["mapped"]["jsd"] == [report["matrix"]["jsd"][1][2]]
+    figures = ["lens_heatmap_jsd", "lens_heatmap_skl", "lens_layers", "lens_entropy"]
+    for name in figures:
+        assert _png_size(output_dir / f"{name}.png") == figure_pixels(name), name
+    assert sorted(path.name for path in output_dir.iterdir()) == sorted(
+        ["lens.json", *(f"{n}.png" for n in figures)]
+    )
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line.startswith("distillens lens: report in ") and "lens.json" in last_line
+
+
+def test_lens_command_profiles_a_student_alone(workspace, tmp_path):
+    output_dir = tmp_path / "alone"
+    assert main(_lens_argv(workspace, output_dir, "--lens_final_norm", "false", teacher=False)) == 0
+    report = json.loads((output_dir / "lens.json").read_text())
+    assert report["reference"] == "self" and report["teacher"] is None and not report["lens_final_norm"]
+    assert [len(row) for row in report["matrix"]["jsd"]] == [3, 3, 3]
+
+
+def test_lens_command_reads_the_data_in_the_prompt_format_recorded_with_the_student(workspace, tmp_path):
+    import shutil
+
+    from distillens_trainer.model_info import write_model_info
+
+    shutil.copytree(workspace / "student", tmp_path / "student")
+    write_model_info(tmp_path / "student", prompt_template="plain")
+    argv = _lens_argv(workspace, tmp_path / "out", teacher=False)
+    argv[argv.index("--model_name_or_path") + 1] = str(tmp_path / "student")
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "out" / "lens.json").read_text())["settings"]["prompt_template"] == "plain"
+
+
+LENS_ERRORS = [
+    ("unknown_divergence", ["--divergences", "kl"], {}, 2, "invalid choice"),
+    ("zero_max_tokens", ["--max_tokens", "0"], {}, 1, "max_tokens=0"),
+    (
+        "layers_without_teacher",
+        ["--lens_student_layers", "1"],
+        {"teacher": False},
+        1,
+        "teacher_model_name_or_path",
+    ),
+    ("layer_too_deep", ["--lens_student_layers", "3"], {}, 1, "1..2"),
+    ("missing_data_file", ["--data_file", "nowhere.jsonl"], {}, 1, "nowhere.jsonl"),
+    ("missing_student", [], {"student": "no_such_student"}, 1, "no_such_student"),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "overrides", "code", "words"), [c[1:] for c in LENS_ERRORS], ids=[c[0] for c in LENS_ERRORS]
+)
+def test_lens_bad_input_is_one_line_and_writes_nothing(
+    workspace, tmp_path, capsys, extra, overrides, code, words
+):
+    output_dir = tmp_path / "lens"
+    assert main(_lens_argv(workspace, output_dir, *extra, **overrides)) == code
+    stderr = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in stderr if line.startswith("distillens lens: error:")]
+    assert len(errors) == 1 and stderr[-1] == errors[0], stderr
+    assert words in errors[0], errors[0]
+    assert not output_dir.exists()
+
+
+def test_lens_command_refuses_a_non_empty_output_dir(workspace, tmp_path, capsys):
+    output_dir = tmp_path / "taken"
+    output_dir.mkdir()
+    (output_dir / "lens.json").write_text("keep me")
+    assert main(_lens_argv(workspace, output_dir)) == 1
+    assert "is not empty" in capsys.readouterr().err
+    assert (output_dir / "lens.json").read_text() == "keep me"
+
+
+# ---------------------------------------------------------------------------------- training: eval profile
+def _trainer(tmp_path, **overrides):
+    from distillens_trainer import DistillLensConfig, DistillLensTrainer
+
+    dataset = Dataset.from_list(token_rows(12))
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "out"),
+        per_device_eval_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+        lens_num_layers=1,
+        disable_tqdm=True,
+        **overrides,
+    )
+    return DistillLensTrainer(
+        model=tiny_llama(num_layers=3, seed=1),
+        teacher_model=tiny_llama(num_layers=6, hidden=48, seed=2),
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        data_collator=pad_batch,
+    )
+
+
+@pytest.mark.parametrize("lens_weight", [1.0, 0.0])  # the KD-only student has no lens of its own in training
+def test_eval_profile_logs_every_student_layer_against_the_same_depth_teacher_layer(tmp_path, lens_weight):
+    trainer = _trainer(tmp_path, lens_eval_profile=True, lens_weight=lens_weight)
+    metrics = trainer.evaluate()
+    profile = {key: value for key, value in metrics.items() if key.startswith("eval_lens_profile/")}
+    assert sorted(profile) == [f"eval_lens_profile/s{i}" for i in (1, 2, 3)]
+    assert {f"eval_lens_entropy/s{i}" for i in range(4)} | {
+        f"eval_lens_entropy/t{j}" for j in range(7)
+    } <= set(metrics)
+    report = profile_models(
+        trainer.model, trainer.teacher_model, trainer.eval_dataset, TOKENIZER, vocab_size=TINY_VOCAB,
+        show_progress=False,
+    )  # fmt: skip
+    assert [profile[f"eval_lens_profile/s{i}"] for i in (1, 2, 3)] == pytest.approx(
+        report["same_depth"]["jsd"]
+    )
+    assert [metrics[f"eval_lens_entropy/t{j}"] for j in range(7)] == pytest.approx(
+        report["teacher"]["entropy"]
+    )
+    assert trainer.state.log_history[-1]["eval_lens_profile/s2"] == pytest.approx(
+        profile["eval_lens_profile/s2"]
+    )
+
+
+def test_eval_profile_is_off_by_default(tmp_path):
+    metrics = _trainer(tmp_path).evaluate()
+    assert not any("lens_profile" in key or "lens_entropy" in key for key in metrics)
