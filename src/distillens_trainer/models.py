@@ -100,12 +100,16 @@ def load_causal_lm(
 
 
 def read_config(
-    name_or_path: str | None, gguf_file: str | None = None, **kwargs: Any
+    name_or_path: str | None, gguf_file: str | None = None, gguf_field: str = "gguf_file", **kwargs: Any
 ) -> PreTrainedConfig | None:
-    """A model's config without its weights, or None when it cannot be read here (loading the model says why)."""
+    """A model's config without its weights, or None when it cannot be read here (loading the model says why).
+
+    A missing GGUF file or ``gguf`` package is the one-line error of :func:`check_gguf_source`, naming `gguf_field`.
+    """
     if not name_or_path:
         return None
     if gguf_file:
+        check_gguf_source(name_or_path, gguf_file, gguf_field)
         kwargs["gguf_file"] = gguf_file
     try:
         return AutoConfig.from_pretrained(name_or_path, **kwargs)

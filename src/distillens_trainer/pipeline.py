@@ -165,26 +165,24 @@ def check_models_before_loading(
     (a longer example would end in an IndexError from the position embedding mid-training).
     """
     fix = "pass --max_length {limit} or less (and --max_prompt_length below it)"
+    objective = training_args.objective
     student = read_config(
         model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
     )
-    objective = training_args.objective
-    if student is not None:
-        if objective.needs_teacher and objective.uses_hidden_states:
-            resolve_student_layers(
-                config_num_layers(student), training_args.lens_student_layers, training_args.lens_num_layers
-            )
-        check_fits_context(data_args.max_length, student, model="student", setting="--max_length", fix=fix)
+    teacher = None
     if objective.needs_teacher:
         teacher = read_config(
             training_args.teacher_model_name_or_path,
             training_args.teacher_gguf_file,
+            gguf_field="teacher_gguf_file",
             trust_remote_code=model_args.trust_remote_code,
         )
-        if teacher is not None:
-            check_fits_context(
-                data_args.max_length, teacher, model="teacher", setting="--max_length", fix=fix
-            )
+    if student is not None and objective.needs_teacher and objective.uses_hidden_states:
+        resolve_student_layers(
+            config_num_layers(student), training_args.lens_student_layers, training_args.lens_num_layers
+        )
+    for name, config in (("student", student), ("teacher", teacher)):
+        check_fits_context(data_args.max_length, config, model=name, setting="--max_length", fix=fix)
 
 
 def load_student(model_args: ModelArguments) -> PreTrainedModel:
