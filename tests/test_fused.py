@@ -328,6 +328,7 @@ OBJECTIVES = {
     "distillens": {},
     "kd_only": {"lens_weight": 0.0, "ce_weight": 0.0},
     "ce_only": {"kd_weight": 0.0, "lens_weight": 0.0, "ce_weight": 1.0},
+    "ce_smoothed_with_kd": {"lens_weight": 0.0, "ce_weight": 1.0, "label_smoothing_factor": 0.1},
     "fkl_temperature": {"kd_divergence": "fkl", "lens_divergence": "tvd", "temperature": 1.7},
 }
 
