@@ -17,8 +17,8 @@ from distillens_trainer.diagnostics.profile import LensProfileAccumulator
 from distillens_trainer.diagnostics.report import SCHEMA, profile_models
 from distillens_trainer.divergences import token_divergence
 from distillens_trainer.lens import LogitLens
-from distillens_trainer.objective import response_mask, select_response
 from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+from distillens_trainer.terms import response_mask, select_response
 
 from conftest import PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 

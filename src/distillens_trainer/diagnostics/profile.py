@@ -22,7 +22,7 @@ import torch
 from ..divergences import divergence_from_log_probs, log_probs
 from ..layer_map import LayerPair, proportional_teacher_layer
 from ..lens import LogitLens
-from ..objective import response_mask, select_response
+from ..terms import response_mask, select_response
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -229,7 +229,7 @@ def _add_layer_sums(sums: ModelLayerSums, layer_lp: torch.Tensor, jsd_beta: floa
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The ``hidden_states`` tuple of one forward pass (no grad, no cache) on a collated batch, on the model's device."""
-    from ..trainer import _accepts, _with_position_ids
+    from ..trainer import _accepts, _with_position_ids  # the trainer's own forward conventions
 
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
