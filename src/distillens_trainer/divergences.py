@@ -95,44 +95,6 @@ def _total_variation(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
 
 
-def forward_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(teacher‖student) per position: ``[..., V], [..., V] -> [...]``."""
-    return token_divergence("fkl", student_logits, teacher_logits, temperature=temperature)
-
-
-def reverse_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """KL(student‖teacher) per position: ``[..., V], [..., V] -> [...]``."""
-    return token_divergence("rkl", student_logits, teacher_logits, temperature=temperature)
-
-
-def symmetric_kl(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """Jeffreys divergence KL(t‖s) + KL(s‖t) per position: ``[..., V], [..., V] -> [...]``."""
-    return token_divergence("skl", student_logits, teacher_logits, temperature=temperature)
-
-
-def jensen_shannon(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0, beta: float = 0.5
-) -> torch.Tensor:
-    """β·KL(t‖m) + (1−β)·KL(s‖m), m = β·t + (1−β)·s, per position: ``[..., V], [..., V] -> [...]``.
-
-    β = 0 and β = 1 make m equal one side and the divergence 0.
-    """
-    return token_divergence("jsd", student_logits, teacher_logits, temperature=temperature, beta=beta)
-
-
-def total_variation(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0
-) -> torch.Tensor:
-    """½·Σ|t − s| per position: ``[..., V], [..., V] -> [...]``."""
-    return token_divergence("tvd", student_logits, teacher_logits, temperature=temperature)
-
-
 # name -> divergence of floored log-probabilities (student first), ``[..., V], [..., V] -> [...]``.
 _DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
     "fkl": _forward_kl,

@@ -3,7 +3,6 @@ divergence from the teacher."""
 
 from __future__ import annotations
 
-import inspect
 import statistics
 import sys
 from collections.abc import Mapping, Sequence
@@ -22,14 +21,6 @@ def default_max_new_tokens(examples: Sequence[Mapping[str, str]], tokenizer: Any
     return max(lengths, default=8) + 4
 
 
-def _generate(model: Any, tokenizer: Any, prompts: list[str], **kwargs: Any) -> list[str]:
-    """``evaluation.generate_responses`` with only the keyword arguments its signature accepts."""
-    from ..evaluation import generate_responses
-
-    accepted = inspect.signature(generate_responses).parameters
-    return generate_responses(model, tokenizer, prompts, **{k: v for k, v in kwargs.items() if k in accepted})
-
-
 def evaluate_generation(
     model: Any,
     tokenizer: Any,
@@ -40,10 +31,10 @@ def evaluate_generation(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """Greedy answers to ``examples`` scored with exact match and ROUGE-L (both 0-100), overall and per task."""
-    from ..evaluation import rouge_l
+    from ..evaluation import generate_responses, rouge_l
 
     prompts = [prompt_of(example, prompt_template) for example in examples]
-    answers = _generate(
+    answers = generate_responses(
         model,
         tokenizer,
         prompts,
