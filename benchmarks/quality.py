@@ -337,9 +337,9 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
                 profile = demo.lens_divergence_profile(
                     student, teacher, tokenizer, suite.eval_dataset, batch_size=args.eval_batch_size
                 )
-                if run["layer_map"]:
-                    report["lens_layer_map"] = run["layer_map"]
-                record = _record(method, seed, evaluation, profile, run)
+                if run.layer_map:
+                    report["lens_layer_map"] = run.layer_map
+                record = _record(method, seed, evaluation, profile, run.summary())
                 report["runs"].append(record)
                 logger.info(
                     "[quality] seed %d %s: exact match %.1f, ROUGE-L %.1f, mean lens JSD %.4f (%.0f s)",

@@ -47,9 +47,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import mean_std, paired_difference
 
 from distillens_trainer.data import build_prompt, tokenize_prompt_completion
-from distillens_trainer.demo.run import configure_logging, set_threads
-from distillens_trainer.demo.scoring import lens_divergence_profile
-from distillens_trainer.demo.training import Suite, train_model
+from distillens_trainer.demo import (
+    Suite,
+    configure_logging,
+    lens_divergence_profile,
+    set_threads,
+    train_model,
+)
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 from distillens_trainer.models import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
@@ -246,7 +250,7 @@ def warm_start(student: Any, teacher: Any, suite: Suite, args: RealModelArgument
     info = {
         "steps": args.warmup_steps,
         "objective": OBJECTIVES["warm_start"],
-        "train_time_s": run["train_time_s"],
+        "train_time_s": run.train_time_s,
     }
     write_json_atomic(folder / "warm_start.json", info)
     return student, info
@@ -412,10 +416,11 @@ def run(args: RealModelArguments, command: str) -> dict[str, Any]:
         if model is None:
             model = copy.deepcopy(init)
             trained = train(model, method, suite, teacher, args, args.steps, seed)
+            summary = trained.summary()
             record.update(
-                {k: trained[k] for k in ("train_time_s", "layer_map", "final_loss", "final_kd_loss")}
+                {k: summary[k] for k in ("train_time_s", "layer_map", "final_loss", "final_kd_loss")}
             )
-            record["final_lens_loss"] = trained["final_lens_loss"]
+            record["final_lens_loss"] = trained.final_lens_loss
         record.update(evaluate(model, teacher, suite, args, seed if seed is not None else args.seeds[0]))
         write_json_atomic(run_file(args, method, seed), record)
         elapsed = time.perf_counter() - start

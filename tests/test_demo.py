@@ -14,25 +14,25 @@ import transformers
 
 from distillens_trainer import cli
 from distillens_trainer.demo import (
-    BENCHMARK_EXACT_MATCH_RANGES,
-    BENCHMARK_SEEDS,
-    DEMO_MARKER_NAME,
-    DEMO_METHODS,
     FIGURE_NAMES,
     INIT_NAME,
     PRESETS,
     RESULTS_NAME,
+    DemoArguments,
+    output_summary,
+)
+from distillens_trainer.demo.arguments import (
+    BENCHMARK_EXACT_MATCH_RANGES,
+    BENCHMARK_SEEDS,
+    DEMO_MARKER_NAME,
+    DEMO_METHODS,
+    RUN_ONLY_FIELDS,
     SMOKE_NOTE,
     TEACHER_INFO_NAME,
-    DemoArguments,
-    check_output_dir,
-    explicit_lens_layers,
-    output_summary,
-    teacher_cache_path,
 )
-from distillens_trainer.demo.arguments import RUN_ONLY_FIELDS
-from distillens_trainer.demo.run import _reading_notes
-from distillens_trainer.demo.training import QuarterProgress
+from distillens_trainer.demo.cache import teacher_cache_path
+from distillens_trainer.demo.run import _reading_notes, check_demo_output_dir
+from distillens_trainer.demo.training import QuarterProgress, explicit_lens_layers
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.model_info import recorded_prompt_template
 from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME
@@ -184,10 +184,10 @@ def test_the_demo_ends_with_where_everything_went_and_how_to_read_it(smoke_runs)
 def test_a_folder_holding_an_earlier_demo_is_reused_but_not_a_foreign_one(tmp_path):
     (tmp_path / DEMO_MARKER_NAME).write_text("demo", encoding="utf-8")
     (tmp_path / RESULTS_NAME).write_text("{}", encoding="utf-8")
-    check_output_dir(str(tmp_path), overwrite=False)
+    check_demo_output_dir(str(tmp_path), overwrite=False)
     (tmp_path / DEMO_MARKER_NAME).unlink()
     with pytest.raises(ValueError, match="not empty"):
-        check_output_dir(str(tmp_path), overwrite=False)
+        check_demo_output_dir(str(tmp_path), overwrite=False)
 
 
 def test_the_table_is_read_with_the_benchmarks_ranges_or_the_smoke_presets_purpose(tmp_path):
@@ -233,10 +233,10 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):
 
 def test_overwrite_output_dir_lets_a_non_empty_folder_through(tmp_path):
     (tmp_path / "keep.txt").write_text("x", encoding="utf-8")
-    check_output_dir(str(tmp_path), overwrite=True)
-    check_output_dir(str(tmp_path / "absent"), overwrite=False)
+    check_demo_output_dir(str(tmp_path), overwrite=True)
+    check_demo_output_dir(str(tmp_path / "absent"), overwrite=False)
     with pytest.raises(ValueError, match="--overwrite_output_dir"):
-        check_output_dir(str(tmp_path), overwrite=False)
+        check_demo_output_dir(str(tmp_path), overwrite=False)
 
 
 def test_the_preset_fills_only_unset_fields(tmp_path):

@@ -1,624 +1,92 @@
-"""A procedural instruction-following task suite, so distillation can be demonstrated fully offline.
+"""Kept for compatibility: the demo's task suite now lives in :mod:`distillens_trainer.demo.tasks` (the
+task families) and :mod:`distillens_trainer.demo.suite` (splits, files, exact-match scoring, tokenizer).
 
-Every example is an ordinary instruction record ``{"instruction", "input", "output", "task"}`` (the
-Dolly/MiniLLM JSONL schema) with a short, checkable answer. The families range from trivial (copying) to
-hard for a few-million-parameter model (multi-step arithmetic chains), so a briefly trained student lands
-somewhere between 0 and 100% exact match and the distillation objectives can be told apart.
-
-Everything is deterministic given a seed: generators draw only from the ``random.Random`` they are given.
+The exact-match normal form is :func:`~distillens_trainer.demo.suite.normalize_exact_answer` (it differs
+from the ROUGE protocol's :func:`distillens_trainer.evaluation.normalize_answer`).
 """
 
 from __future__ import annotations
 
-import inspect
-import json
-import random
-import re
-from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING
-
-from distillens_trainer.data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
-
-Example = dict[str, str]
-TaskGenerator = Callable[[random.Random], Example]
-
-EXAMPLE_FIELDS = ("instruction", "input", "output", "task")
-SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
-DEFAULT_NUM_TRAIN = 4000
-DEFAULT_NUM_EVAL = 200
-DEFAULT_NUM_TEST = 200
-
-EOS_TOKEN = "<|endoftext|>"
-PAD_TOKEN = "<|pad|>"
-DEFAULT_VOCAB_SIZE = 1024
-MODEL_MAX_LENGTH = 1024
-_BYTE_ALPHABET_SIZE = 256
-_MIN_VOCAB_SIZE = _BYTE_ALPHABET_SIZE + 2  # every byte plus the two special tokens
-# Rejections in a row after which a family counts as exhausted (a false alarm needs ~e^-15 bad luck).
-_MAX_CONSECUTIVE_REPEATS = 10_000
-
-# Short, common, lowercase words (3-6 letters, letters only) shared by the word-based families.
-WORDS = (
-    "apple", "baker", "beach", "bird", "black", "blue", "boat", "bread", "brick", "brown",
-    "cake", "camel", "candle", "card", "cat", "chair", "cloud", "coat", "corn", "cow",
-    "desk", "dog", "door", "dragon", "drum", "duck", "eagle", "earth", "egg", "field",
-    "fish", "flag", "flower", "fox", "frog", "garden", "gold", "grape", "green", "hat",
-    "hill", "horse", "house", "ice", "iron", "jam", "jar", "key", "kite", "lake",
-    "lamp", "leaf", "lemon", "lion", "map", "milk", "moon", "mouse", "nest", "night",
-    "ocean", "olive", "orange", "owl", "paper", "peach", "pen", "pepper", "pig", "pink",
-    "plum", "pond", "queen", "rabbit", "rain", "red", "river", "road", "rock", "rose",
-    "salt", "sand", "seed", "sheep", "ship", "silver", "snow", "sock", "spoon", "star",
-    "stone", "sugar", "sun", "table", "tiger", "tree", "truck", "violet", "wall", "water",
-    "whale", "wheel", "white", "wind", "window", "wolf", "wood", "yellow", "zebra", "zero",
-)  # fmt: skip
-_VOWELS = frozenset("aeiou")
-_LETTERS = "abcdefghijklmnopqrstuvwxyz"
-_VARIABLE_NAMES = "abcdmnpqrstuvwxyz"
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Small shared helpers
-# ---------------------------------------------------------------------------------------------------------
-
-
-def _example(instruction: str, input: str, output: str, task: str) -> Example:
-    """One record in the suite's JSONL schema."""
-    return {"instruction": instruction, "input": input, "output": output, "task": task}
-
-
-def _join(items: Iterable[object]) -> str:
-    """Render a list the way every family writes it: ``"a, b, c"``."""
-    return ", ".join(str(item) for item in items)
-
-
-def _random_numbers(rng: random.Random, count: int, low: int, high: int) -> list[int]:
-    """``count`` integers drawn uniformly from ``[low, high]`` (repeats allowed)."""
-    return [rng.randint(low, high) for _ in range(count)]
-
-
-def _random_words(rng: random.Random, count: int) -> list[str]:
-    """``count`` distinct words from `WORDS`."""
-    return rng.sample(WORDS, count)
-
-
-def _apply_op(left: int, op: str, right: int) -> int:
-    """Evaluate ``left op right`` for the three operators the suite uses."""
-    if op == "+":
-        return left + right
-    if op == "-":
-        return left - right
-    if op == "*":
-        return left * right
-    raise ValueError(f"op must be one of '+', '-', '*'; got {op!r}")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Task families: each is a pure function of the rng and returns one example
-# ---------------------------------------------------------------------------------------------------------
-
-
-def copy_text(rng: random.Random) -> Example:
-    """Copy a short phrase of 3-6 words unchanged (easy; multi-word output)."""
-    phrase = " ".join(_random_words(rng, rng.randint(3, 6)))
-    instruction = rng.choice(
-        ("Repeat the input exactly.", "Copy the following text.", "Write the input back without changes.")
-    )
-    return _example(instruction, phrase, phrase, "copy_text")
-
-
-def arithmetic(rng: random.Random) -> Example:
-    """Add or subtract two numbers below 100, or multiply two numbers up to 12."""
-    op = rng.choice("+-*")
-    if op == "*":
-        left, right = rng.randint(0, 12), rng.randint(0, 12)
-    else:
-        left, right = rng.randint(0, 99), rng.randint(0, 99)
-        if op == "-" and right > left:
-            left, right = right, left
-    expression = f"{left} {op} {right}"
-    answer = str(_apply_op(left, op, right))
-    if rng.random() < 0.5:
-        instruction = rng.choice(("What is {expr}?", "Compute {expr}.", "Calculate {expr}.")).format(
-            expr=expression
-        )
-        return _example(instruction, "", answer, "arithmetic")
-    instruction = rng.choice(
-        (
-            "Evaluate the arithmetic expression.",
-            "What does this expression equal?",
-            "Calculate the value of the expression.",
-        )
-    )
-    return _example(instruction, expression, answer, "arithmetic")
-
-
-def compare_numbers(rng: random.Random) -> Example:
-    """Pick the larger or the smaller of two different numbers below 100 (easy)."""
-    left, right = rng.sample(range(100), 2)
-    if rng.random() < 0.5:
-        instruction = rng.choice(("Which number is larger?", "Give the bigger of the two numbers."))
-        answer = max(left, right)
-    else:
-        instruction = rng.choice(("Which number is smaller?", "Give the lower of the two numbers."))
-        answer = min(left, right)
-    return _example(instruction, _join((left, right)), str(answer), "compare_numbers")
-
-
-_LIST_STAT_WORDINGS = {
-    "max": ("What is the largest number in the list?", "Return the maximum of these numbers."),
-    "min": ("What is the smallest number in the list?", "Return the minimum of these numbers."),
-    "count": ("How many numbers are in the list?", "Count the items in the list."),
-    "sum": ("What is the sum of the numbers?", "Add up all the numbers in the list."),
-}
-_LIST_STATS: dict[str, Callable[[list[int]], int]] = {"max": max, "min": min, "count": len, "sum": sum}
-
-
-def list_stats(rng: random.Random) -> Example:
-    """Maximum, minimum, length or sum of 3-7 numbers between 0 and 30."""
-    numbers = _random_numbers(rng, rng.randint(3, 7), 0, 30)
-    stat = rng.choice(tuple(_LIST_STATS))
-    instruction = rng.choice(_LIST_STAT_WORDINGS[stat])
-    return _example(instruction, _join(numbers), str(_LIST_STATS[stat](numbers)), "list_stats")
-
-
-_SORT_WORDINGS = {
-    ("numbers", False): (
-        "Sort the numbers from smallest to largest.",
-        "Arrange these numbers in ascending order.",
-    ),
-    ("numbers", True): (
-        "Sort the numbers from largest to smallest.",
-        "Arrange these numbers in descending order.",
-    ),
-    ("words", False): ("Sort the words alphabetically.", "Put these words in alphabetical order."),
-    ("words", True): ("Sort the words in reverse alphabetical order.", "Order these words from Z to A."),
-}
-
-
-def sort_list(rng: random.Random) -> Example:
-    """Sort 3-4 numbers or 3-5 words, ascending or descending (multi-item output)."""
-    descending = rng.random() < 0.5
-    if rng.random() < 0.5:
-        kind, items = "numbers", _random_numbers(rng, rng.randint(3, 4), 0, 99)
-    else:
-        kind, items = "words", _random_words(rng, rng.randint(3, 5))
-    instruction = rng.choice(_SORT_WORDINGS[(kind, descending)])
-    return _example(instruction, _join(items), _join(sorted(items, reverse=descending)), "sort_list")
-
-
-def reverse_list(rng: random.Random) -> Example:
-    """Reverse the order of 3-5 words (multi-item output)."""
-    words = _random_words(rng, rng.randint(3, 5))
-    instruction = rng.choice(
-        (
-            "Reverse the order of the words.",
-            "List the items in reverse order.",
-            "Write the list backwards, last item first.",
-        )
-    )
-    return _example(instruction, _join(words), _join(reversed(words)), "reverse_list")
-
-
-_WORD_TRANSFORMS: dict[str, tuple[tuple[str, ...], Callable[[str], str]]] = {
-    "reverse": (("Spell the word backwards.", "Reverse the letters of the word."), lambda word: word[::-1]),
-    "spell": (
-        (
-            "Spell the word with dashes between the letters.",
-            "Write the letters of the word joined by dashes.",
-        ),
-        lambda word: "-".join(word),
-    ),
-    "no_vowels": (
-        ("Remove the vowels from the word.", "Write the word without its vowels."),
-        lambda word: "".join(letter for letter in word if letter not in _VOWELS),
-    ),
-}
-
-
-def word_transform(rng: random.Random) -> Example:
-    """Reverse a word's letters, spell it with dashes, or drop its vowels (character-level, hard)."""
-    word = rng.choice(WORDS)
-    wordings, transform = _WORD_TRANSFORMS[rng.choice(tuple(_WORD_TRANSFORMS))]
-    return _example(rng.choice(wordings), word, transform(word), "word_transform")
-
-
-_LETTER_QUESTIONS: dict[str, tuple[tuple[str, ...], Callable[[str], str]]] = {
-    "first": (
-        ("What is the first letter of the word?", "Which letter does the word start with?"),
-        lambda word: word[0],
-    ),
-    "last": (
-        ("What is the last letter of the word?", "Which letter does the word end with?"),
-        lambda word: word[-1],
-    ),
-    "length": (
-        ("How many letters are in the word?", "What is the length of the word?"),
-        lambda word: str(len(word)),
-    ),
-}
-
-
-def letter_facts(rng: random.Random) -> Example:
-    """First letter, last letter, length, or how often a letter occurs in a word."""
-    word = rng.choice(WORDS)
-    question = rng.choice((*_LETTER_QUESTIONS, "count"))
-    if question != "count":
-        wordings, answer_for = _LETTER_QUESTIONS[question]
-        return _example(rng.choice(wordings), word, answer_for(word), "letter_facts")
-    letter = rng.choice(word) if rng.random() < 0.75 else rng.choice(_LETTERS)
-    instruction = rng.choice(
-        ("How many times does the letter '{c}' appear in the word?", "Count the letter '{c}' in the word.")
-    ).format(c=letter)
-    return _example(instruction, word, str(word.count(letter)), "letter_facts")
-
-
-def key_lookup(rng: random.Random) -> Example:
-    """Read one value out of 3-6 ``key=value`` pairs; keys are letters or words."""
-    count = rng.randint(3, 6)
-    keys = rng.sample(_LETTERS, count) if rng.random() < 0.5 else _random_words(rng, count)
-    values = _random_numbers(rng, count, 0, 99)
-    key_index = rng.randrange(count)
-    instruction = rng.choice(
-        (
-            "What is the value of {k}?",
-            "Which number is assigned to {k}?",
-            "Look up the value stored under {k}.",
-        )
-    ).format(k=keys[key_index])
-    pairs = ", ".join(f"{key}={value}" for key, value in zip(keys, values))
-    return _example(instruction, pairs, str(values[key_index]), "key_lookup")
-
-
-def _chain_step(rng: random.Random, value: int) -> tuple[str, int]:
-    """One operator and operand to apply to ``value`` that keeps the result between 0 and 99."""
-    op = rng.choice("+-*")
-    if op == "*" and 1 <= value <= 49:
-        return op, rng.randint(2, min(3, 99 // value))
-    if (op == "-" and value >= 1) or value >= 90:
-        return "-", rng.randint(1, min(9, value))
-    return "+", rng.randint(1, min(9, 99 - value))
-
-
-def reasoning_chain(rng: random.Random) -> Example:
-    """Follow 2-4 assignments such as ``x = 3; y = x + 2; z = y * 2`` and report one variable (hardest)."""
-    names = rng.sample(_VARIABLE_NAMES, rng.randint(2, 4))
-    values = [rng.randint(1, 9)]
-    statements = [f"{names[0]} = {values[0]}"]
-    for position in range(1, len(names)):
-        source = rng.randrange(position)
-        op, operand = _chain_step(rng, values[source])
-        values.append(_apply_op(values[source], op, operand))
-        statements.append(f"{names[position]} = {names[source]} {op} {operand}")
-    target = rng.randrange(1, len(names))
-    instruction = rng.choice(
-        ("What is the value of {v}?", "Follow the steps and give the value of {v}.", "Compute {v}.")
-    ).format(v=names[target])
-    return _example(instruction, "; ".join(statements), str(values[target]), "reasoning_chain")
-
-
-def neighbor_item(rng: random.Random) -> Example:
-    """Name the word just before or just after a given word in a list of 3-6 words."""
-    words = _random_words(rng, rng.randint(3, 6))
-    if rng.random() < 0.5:
-        index = rng.randrange(len(words) - 1)
-        wording = ("Which item comes right after {w}?", "What follows {w} in the list?")
-        answer = words[index + 1]
-    else:
-        index = rng.randrange(1, len(words))
-        wording = ("Which item comes right before {w}?", "What precedes {w} in the list?")
-        answer = words[index - 1]
-    instruction = rng.choice(wording).format(w=words[index])
-    return _example(instruction, _join(words), answer, "neighbor_item")
-
-
-TASK_FAMILIES: dict[str, TaskGenerator] = {
-    "copy_text": copy_text,
-    "compare_numbers": compare_numbers,
-    "letter_facts": letter_facts,
-    "key_lookup": key_lookup,
-    "neighbor_item": neighbor_item,
-    "reverse_list": reverse_list,
-    "list_stats": list_stats,
-    "sort_list": sort_list,
-    "arithmetic": arithmetic,
-    "word_transform": word_transform,
-    "reasoning_chain": reasoning_chain,
-}
-"""Every task family by name, roughly from easiest to hardest; each maps a ``random.Random`` to one example."""
-
-
-def describe_task(name: str) -> str:
-    """One-line description of a task family (the first line of its generator's docstring)."""
-    return inspect.getdoc(TASK_FAMILIES[resolve_tasks([name])[0]]).splitlines()[0]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Generating examples
-# ---------------------------------------------------------------------------------------------------------
-
-
-def resolve_tasks(tasks: Sequence[str] | str | None) -> list[str]:
-    """Validate a selection of family names; ``None`` means all families and a lone string means one."""
-    if tasks is None:
-        return list(TASK_FAMILIES)
-    names = [tasks] if isinstance(tasks, str) else list(tasks)
-    if not names:
-        raise ValueError(f"tasks is empty; pass None for all families or some of: {', '.join(TASK_FAMILIES)}")
-    unknown = [name for name in names if name not in TASK_FAMILIES]
-    if unknown:
-        raise ValueError(
-            f"tasks has unknown family {unknown[0]!r}; valid names are: {', '.join(TASK_FAMILIES)}"
-        )
-    repeated = [name for name, count in Counter(names).items() if count > 1]
-    if repeated:
-        raise ValueError(f"tasks names {repeated[0]!r} more than once; list each family once")
-    return names
-
-
-def _check_count(name: str, value: object) -> int:
-    """A non-negative integer argument, or a one-line ValueError naming it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be a non-negative integer; got {value!r}")
-    return value
-
-
-def _check_seed(seed: object) -> int:
-    """An integer seed, or a one-line ValueError (strings and floats would seed differently than expected)."""
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ValueError(f"seed must be an integer; got {seed!r}")
-    return seed
-
-
-def balanced_counts(num_examples: int, names: Sequence[str]) -> dict[str, int]:
-    """Split ``num_examples`` over ``names`` as evenly as possible; earlier names get the remainder."""
-    base, remainder = divmod(num_examples, len(names))
-    return {name: base + (1 if index < remainder else 0) for index, name in enumerate(names)}
-
-
-def example_key(example: Example) -> tuple[str, str]:
-    """What makes two examples "the same question": their instruction and input."""
-    return example["instruction"], example["input"]
-
-
-def _draw(
-    rng: random.Random,
-    names: Sequence[str],
-    num_examples: int,
-    *,
-    exclude: frozenset[tuple[str, str]] = frozenset(),
-    unique: bool = False,
-    size_name: str = "num_examples",
-) -> list[Example]:
-    """Balanced, shuffled examples whose keys avoid ``exclude`` (and each other when ``unique``)."""
-    examples: list[Example] = []
-    for name, count in balanced_counts(num_examples, names).items():
-        generator, seen, misses = TASK_FAMILIES[name], set(exclude), 0
-        while count:
-            example = generator(rng)
-            if example_key(example) in seen:
-                misses += 1
-                if misses >= _MAX_CONSECUTIVE_REPEATS:
-                    raise ValueError(
-                        f"{size_name}={num_examples} needs more distinct {name!r} examples than the family holds; lower it"
-                    )
-                continue
-            examples.append(example)
-            count, misses = count - 1, 0
-            if unique:
-                seen.add(example_key(example))
-    rng.shuffle(examples)
-    return examples
-
-
-def generate_examples(num_examples: int, seed: int, tasks: Sequence[str] | None = None) -> list[Example]:
-    """``num_examples`` examples balanced across ``tasks`` (all families by default), shuffled.
-
-    The list depends only on the arguments: the same seed gives the same list in any process.
-    Examples may repeat within the list; `write_task_suite` is the way to get disjoint splits.
-    """
-    names = resolve_tasks(tasks)
-    return _draw(random.Random(_check_seed(seed)), names, _check_count("num_examples", num_examples))
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Writing the suite to disk
-# ---------------------------------------------------------------------------------------------------------
-
-
-def write_jsonl(path: str | Path, examples: Iterable[Example]) -> Path:
-    """Write one JSON object per line (UTF-8) and return the path."""
-    path = Path(path)
-    with path.open("w", encoding="utf-8") as handle:
-        for example in examples:
-            handle.write(json.dumps(example, ensure_ascii=False) + "\n")
-    return path
-
-
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read a JSONL file written by `write_jsonl` (blank lines are skipped)."""
-    with Path(path).open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def make_splits(
-    *, num_train: int, num_eval: int, num_test: int, seed: int, tasks: Sequence[str] | None = None
-) -> dict[str, list[Example]]:
-    """Train/validation/test examples; no validation or test question (instruction, input) occurs in train.
-
-    Test is drawn first, then validation (distinct from test), then train avoiding both, each from its own
-    seeded stream, so changing one split's size never changes the examples of the splits drawn before it.
-    Held-out examples are distinct within their split; train may repeat questions.
-    """
-    names, seed = resolve_tasks(tasks), _check_seed(seed)
-    size_names = {"test": "num_test", "validation": "num_eval", "train": "num_train"}
-    sizes = {"test": num_test, "validation": num_eval, "train": num_train}
-    sizes = {split: _check_count(size_names[split], size) for split, size in sizes.items()}
-    splits: dict[str, list[Example]] = {}
-    held_out: frozenset[tuple[str, str]] = frozenset()
-    for split, size in sizes.items():
-        rng = random.Random(f"distillens-tasks:{seed}:{split}")
-        unique = split != "train"
-        splits[split] = _draw(rng, names, size, exclude=held_out, unique=unique, size_name=size_names[split])
-        held_out |= {example_key(example) for example in splits[split]}
-    return {split: splits[split] for split in SPLIT_FILES}
-
-
-def _suite_summary(splits: dict[str, list[Example]], names: Sequence[str], seed: int) -> dict[str, object]:
-    """The machine-readable description stored in ``suite.json``."""
-    return {
-        "name": "distillens-task-suite",
-        "seed": seed,
-        "fields": list(EXAMPLE_FIELDS),
-        "files": {split: SPLIT_FILES[split] for split in splits},
-        "counts": {split: len(examples) for split, examples in splits.items()},
-        "counts_per_task": {
-            split: dict(sorted(Counter(example["task"] for example in examples).items()))
-            for split, examples in splits.items()
-        },
-        "tasks": {name: describe_task(name) for name in names},
-    }
-
-
-def _suite_readme(summary: dict[str, object]) -> str:
-    """A short human-readable README for a written suite."""
-    counts = summary["counts"]
-    lines = [
-        "# DistillLens procedural task suite",
-        "",
-        "Synthetic instruction data generated offline by `distillens_trainer.tasks.write_task_suite`",
-        f"(seed {summary['seed']}). Each line of the JSONL files is",
-        '`{"instruction": ..., "input": ..., "output": ..., "task": ...}`; no validation or test',
-        "(instruction, input) pair appears in the training file.",
-        "",
-        "| split | file | examples |",
-        "| --- | --- | --- |",
-        *(f"| {split} | `{file}` | {counts[split]} |" for split, file in summary["files"].items()),
-        "",
-        "| task | description |",
-        "| --- | --- |",
-        *(f"| `{name}` | {description} |" for name, description in summary["tasks"].items()),
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def write_task_suite(
-    output_dir: str | Path,
-    *,
-    num_train: int = DEFAULT_NUM_TRAIN,
-    num_eval: int = DEFAULT_NUM_EVAL,
-    num_test: int = DEFAULT_NUM_TEST,
-    seed: int = 0,
-    tasks: Sequence[str] | None = None,
-) -> dict[str, Path]:
-    """Write ``train.jsonl``, ``validation.jsonl``, ``test.jsonl``, ``suite.json`` and ``README.md``.
-
-    Returns the written paths keyed ``train``, ``validation``, ``test``, ``suite`` and ``readme``.
-    """
-    names = resolve_tasks(tasks)
-    splits = make_splits(num_train=num_train, num_eval=num_eval, num_test=num_test, seed=seed, tasks=names)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    paths = {
-        split: write_jsonl(output_dir / SPLIT_FILES[split], examples) for split, examples in splits.items()
-    }
-    summary = _suite_summary(splits, names, seed)
-    paths["suite"] = output_dir / "suite.json"
-    paths["suite"].write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    paths["readme"] = output_dir / "README.md"
-    paths["readme"].write_text(_suite_readme(summary), encoding="utf-8")
-    return paths
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Scoring
-# ---------------------------------------------------------------------------------------------------------
-
-
-def normalize_answer(text: str) -> str:
-    """Exact-match normal form: trimmed, lowercased, whitespace collapsed, one trailing period dropped."""
-    text = re.sub(r"\s+", " ", text).strip().lower()
-    return text.removesuffix(".").rstrip()
-
-
-def score_answer(prediction: str, reference: str) -> bool:
-    """Whether a generated answer matches the reference after `normalize_answer`."""
-    return normalize_answer(prediction) == normalize_answer(reference)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Tokenizer
-# ---------------------------------------------------------------------------------------------------------
-
-
-def format_example(example: Example) -> str:
-    """The full training text of an example: its Alpaca prompt followed by the answer."""
-    return format_alpaca_prompt(example["instruction"], example["input"]) + example["output"]
-
-
-def _template_skeletons() -> list[str]:
-    """The Alpaca templates with empty slots, so the template is always in the tokenizer's training text."""
-    return [
-        ALPACA_PROMPT_WITH_INPUT.format(instruction="", input=""),
-        ALPACA_PROMPT_NO_INPUT.format(instruction=""),
-    ]
-
-
-def train_suite_tokenizer(
-    texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on ``texts`` and wrap it for transformers.
-
-    Digits are always split one per token (so arithmetic is learnable); every byte is in the base
-    alphabet, so any string encodes and decodes back exactly. ``<|endoftext|>`` serves as eos, bos and
-    unk; ``<|pad|>`` is a separate pad token. The Alpaca template skeletons are added to ``texts``; for a
-    compact template pass formatted prompts too (as `build_suite_tokenizer` does). Returns a
-    ``transformers.PreTrainedTokenizerFast`` with at most ``vocab_size`` tokens.
-    """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB_SIZE:
-        raise ValueError(
-            f"vocab_size must be an integer of at least {_MIN_VOCAB_SIZE} (256 bytes + 2 specials); got {vocab_size!r}"
-        )
-    if isinstance(texts, str):
-        raise ValueError("texts must be an iterable of strings, not a single string; wrap it in a list")
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
-    )
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    backend.train_from_iterator([*_template_skeletons(), *texts], trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token=EOS_TOKEN,
-        bos_token=EOS_TOKEN,
-        unk_token=EOS_TOKEN,
-        pad_token=PAD_TOKEN,
-        model_max_length=MODEL_MAX_LENGTH,
-        clean_up_tokenization_spaces=False,
-    )
-
-
-def build_suite_tokenizer(
-    output_dir: str | Path, examples: Iterable[Example], vocab_size: int = DEFAULT_VOCAB_SIZE
-) -> PreTrainedTokenizerFast:
-    """Train the suite tokenizer on the formatted prompts and answers of ``examples`` and save it.
-
-    ``AutoTokenizer.from_pretrained(output_dir)`` reloads it offline with identical encodings.
-    """
-    tokenizer = train_suite_tokenizer((format_example(example) for example in examples), vocab_size)
-    tokenizer.save_pretrained(str(output_dir))
-    return tokenizer
+from .demo.suite import (
+    DEFAULT_NUM_EVAL,
+    DEFAULT_NUM_TEST,
+    DEFAULT_NUM_TRAIN,
+    DEFAULT_VOCAB_SIZE,
+    EOS_TOKEN,
+    EXAMPLE_FIELDS,
+    MODEL_MAX_LENGTH,
+    PAD_TOKEN,
+    SPLIT_FILES,
+    balanced_counts,
+    build_suite_tokenizer,
+    example_key,
+    format_example,
+    generate_examples,
+    make_splits,
+    normalize_exact_answer,
+    read_jsonl,
+    score_answer,
+    train_suite_tokenizer,
+    write_jsonl,
+    write_task_suite,
+)
+from .demo.tasks import (
+    TASK_FAMILIES,
+    WORDS,
+    Example,
+    TaskGenerator,
+    arithmetic,
+    compare_numbers,
+    copy_text,
+    describe_task,
+    key_lookup,
+    letter_facts,
+    list_stats,
+    neighbor_item,
+    reasoning_chain,
+    resolve_tasks,
+    reverse_list,
+    sort_list,
+    word_transform,
+)
+
+__all__ = [
+    "DEFAULT_NUM_EVAL",
+    "DEFAULT_NUM_TEST",
+    "DEFAULT_NUM_TRAIN",
+    "DEFAULT_VOCAB_SIZE",
+    "EOS_TOKEN",
+    "EXAMPLE_FIELDS",
+    "MODEL_MAX_LENGTH",
+    "PAD_TOKEN",
+    "SPLIT_FILES",
+    "TASK_FAMILIES",
+    "WORDS",
+    "Example",
+    "TaskGenerator",
+    "arithmetic",
+    "balanced_counts",
+    "build_suite_tokenizer",
+    "compare_numbers",
+    "copy_text",
+    "describe_task",
+    "example_key",
+    "format_example",
+    "generate_examples",
+    "key_lookup",
+    "letter_facts",
+    "list_stats",
+    "make_splits",
+    "neighbor_item",
+    "normalize_exact_answer",
+    "read_jsonl",
+    "reasoning_chain",
+    "resolve_tasks",
+    "reverse_list",
+    "score_answer",
+    "sort_list",
+    "train_suite_tokenizer",
+    "word_transform",
+    "write_jsonl",
+    "write_task_suite",
+]

@@ -7,7 +7,7 @@ One command, no downloads::
 
 The demo
 
-1. writes the procedural task suite (:func:`distillens_trainer.tasks.write_task_suite`) to
+1. writes the procedural task suite (:func:`distillens_trainer.demo.suite.write_task_suite`) to
    ``<output_dir>/data`` and trains its byte-level BPE tokenizer (``<output_dir>/tokenizer``);
 2. trains a small Llama-style teacher from scratch with plain SFT (cross-entropy only) and caches it, with
    its tokenizer, under ``<cache_dir>/teacher-<hash>`` (default cache: ``.distillens-cache`` in the parent
@@ -21,7 +21,7 @@ The demo
    on the final logits only) and ``distillens`` (reverse KL plus the Jensen-Shannon logit-lens term, the
    paper's defaults);
 5. evaluates the teacher, the initial student and the three students with greedy decoding on the test split
-   (exact match with :func:`distillens_trainer.tasks.score_answer`, ROUGE-L with
+   (exact match with :func:`distillens_trainer.demo.suite.score_answer`, ROUGE-L with
    :func:`distillens_trainer.evaluation.rouge_l`) and measures, on the validation split, the Jensen-Shannon
    divergence between every student layer and the teacher layer at the same relative depth, read through
    each model's logit lens;
@@ -35,135 +35,61 @@ The demo
 A folder an earlier demo wrote (it holds ``.distillens-demo``) is reused: its results, models and generations
 are replaced. Any other non-empty folder is refused unless ``--overwrite_output_dir`` is given.
 
-The building blocks (:func:`prepare_suite`, :func:`get_teacher`, :func:`get_student_init`,
-:func:`train_student`, :func:`evaluate_generation`, :func:`lens_divergence_profile`) are public so that
-``benchmarks/quality.py`` can repeat the comparison over seeds. Training runs in-process with
-:class:`~distillens_trainer.DistillLensTrainer`, in fp32, on the GPU when one is visible.
+This package's public API is deliberately small; it is what ``distillens demo`` (:func:`run_demo`,
+:func:`output_summary`), ``benchmarks/quality.py`` (which repeats the comparison over seeds) and
+``benchmarks/real_model.py`` (which trains a GGUF-shrunk student with the same training loop) use:
+
+- running the demo: :class:`DemoArguments`, :func:`run_demo`, :func:`output_summary`,
+  :func:`configure_logging`, :func:`set_threads`;
+- its building blocks: :class:`Suite` and :func:`prepare_suite` (the task suite in memory),
+  :func:`get_teacher` and :func:`get_student_init` (cached), :func:`train_model` and :func:`train_student`
+  (both return a :class:`TrainingRun`; the model is trained in place), :func:`evaluate_generation`,
+  :func:`default_max_new_tokens`, :func:`lens_divergence_profile` (built on
+  :class:`~distillens_trainer.objective.DistillLensObjective`, the trainer's own objective) and
+  :func:`count_parameters`;
+- the names a caller needs to read its outputs: :data:`INIT_NAME`, :data:`METHODS`, :data:`PRESETS`,
+  :data:`CACHE_DIRNAME`, :data:`RESULTS_NAME`, :data:`FIGURE_NAMES`.
+
+Everything else (cache keys, plots, the table, the task families) lives in its submodule. Training runs
+in-process with :class:`~distillens_trainer.DistillLensTrainer`, in fp32, on the GPU when one is visible.
 
 The package holds one module per concern, with dependencies pointing one way, from :mod:`.run` down to
-:mod:`.arguments`: :mod:`.arguments` (the presets, the methods, the constants and :class:`DemoArguments`),
-:mod:`.training` (the suite in memory, the models and their training), :mod:`.cache` (the cached teacher and
-initial student), :mod:`.scoring` (generation scores and the lens-divergence profile), :mod:`.plots` (the
-figures) and :mod:`.run` (:func:`run_demo`, the table and the output files). Every public name is
-re-exported here.
+:mod:`.tasks`: :mod:`.tasks` (the procedural task families), :mod:`.suite` (splits, files, exact-match
+scoring and the suite tokenizer), :mod:`.arguments` (the presets, the methods, the constants and
+:class:`DemoArguments`), :mod:`.training` (the suite in memory, the models and their training), :mod:`.cache`
+(the cached teacher and initial student), :mod:`.scoring` (generation scores and the lens-divergence
+profile), :mod:`.plots` (the figures) and :mod:`.run` (:func:`run_demo`, the table and the output files).
 """
 
 from __future__ import annotations
 
-from .arguments import (
-    BENCHMARK_EXACT_MATCH_RANGES,
-    BENCHMARK_SEEDS,
-    CACHE_DIRNAME,
-    CACHE_FORMAT,
-    DEMO_MARKER_NAME,
-    DEMO_METHODS,
-    FIGURE_NAMES,
-    HEAD_DIM,
-    INIT_NAME,
-    LENS_EVAL_DIVERGENCE,
-    METHOD_DESCRIPTIONS,
-    METHODS,
-    PRESETS,
-    PROMPT_TEMPLATES,
-    RESULTS_NAME,
-    SMOKE_NOTE,
-    TEACHER_INFO_NAME,
-    TEACHER_OBJECTIVE,
-    DemoArguments,
-)
-from .cache import (
-    get_student_init,
-    get_teacher,
-    load_cached_model,
-    store_model,
-    student_init_key,
-    teacher_cache_path,
-    teacher_key,
-)
-from .plots import (
-    plot_lens_divergence,
-    plot_per_task,
-    plot_training_curves,
-)
-from .run import (
-    check_output_dir,
-    configure_logging,
-    format_table,
-    output_summary,
-    run_demo,
-    set_threads,
-)
-from .scoring import (
-    default_max_new_tokens,
-    evaluate_generation,
-    lens_divergence_profile,
-)
-from .training import (
-    Suite,
-    build_model,
-    count_parameters,
-    explicit_lens_layers,
-    method_objective,
-    model_config,
-    prepare_suite,
-    prompt_of,
-    suite_key,
-    tokenize_examples,
-    train_model,
-    train_student,
-    write_suite,
-)
+from .arguments import CACHE_DIRNAME, FIGURE_NAMES, INIT_NAME, METHODS, PRESETS, RESULTS_NAME, DemoArguments
+from .cache import get_student_init, get_teacher
+from .run import configure_logging, output_summary, run_demo, set_threads
+from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
+from .training import Suite, TrainingRun, count_parameters, prepare_suite, train_model, train_student
 
 __all__ = [
-    "BENCHMARK_EXACT_MATCH_RANGES",
-    "BENCHMARK_SEEDS",
     "CACHE_DIRNAME",
-    "CACHE_FORMAT",
-    "DEMO_MARKER_NAME",
-    "DEMO_METHODS",
     "FIGURE_NAMES",
-    "HEAD_DIM",
     "INIT_NAME",
-    "LENS_EVAL_DIVERGENCE",
     "METHODS",
-    "METHOD_DESCRIPTIONS",
     "PRESETS",
-    "PROMPT_TEMPLATES",
     "RESULTS_NAME",
-    "SMOKE_NOTE",
-    "TEACHER_INFO_NAME",
-    "TEACHER_OBJECTIVE",
     "DemoArguments",
     "Suite",
-    "build_model",
-    "check_output_dir",
+    "TrainingRun",
     "configure_logging",
     "count_parameters",
     "default_max_new_tokens",
     "evaluate_generation",
-    "explicit_lens_layers",
-    "format_table",
     "get_student_init",
     "get_teacher",
     "lens_divergence_profile",
-    "load_cached_model",
-    "method_objective",
-    "model_config",
     "output_summary",
-    "plot_lens_divergence",
-    "plot_per_task",
-    "plot_training_curves",
     "prepare_suite",
-    "prompt_of",
     "run_demo",
     "set_threads",
-    "store_model",
-    "student_init_key",
-    "suite_key",
-    "teacher_cache_path",
-    "teacher_key",
-    "tokenize_examples",
     "train_model",
     "train_student",
-    "write_suite",
 ]

@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..data import PROMPT_TEMPLATES
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..layer_map import paper_student_layers, resolve_layer_map
-from ..tasks import DEFAULT_VOCAB_SIZE, TASK_FAMILIES, resolve_tasks
+from .suite import DEFAULT_VOCAB_SIZE
+from .tasks import TASK_FAMILIES, resolve_tasks
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About 4 minutes on 2 CPU cores, teacher included (measured 4 min 07 s); a second run reuses the cached
@@ -80,7 +82,8 @@ METHOD_DESCRIPTIONS = {
     "feature": "student, reverse KL + MSE feature matching",
 }
 TEACHER_OBJECTIVE = {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0}
-PROMPT_TEMPLATES = ("plain", "alpaca")
+# The suite tokenizer has no chat template: the demo offers the library's prompt formats that need none.
+DEMO_PROMPT_TEMPLATES: tuple[str, ...] = tuple(name for name in PROMPT_TEMPLATES if name != "chat")
 CACHE_DIRNAME = ".distillens-cache"
 CACHE_FORMAT = 1  # bump when the way the teacher is built changes, so old cache entries are ignored
 TEACHER_INFO_NAME = "teacher_info.json"
@@ -181,7 +184,7 @@ class DemoArguments:
         metadata={
             "help": "Prompt format for training and generation: 'plain' (instruction and input, short: fast on "
             "a CPU) or 'alpaca' (the paper's template, about 45 more tokens per example).",
-            "choices": list(PROMPT_TEMPLATES),
+            "choices": list(DEMO_PROMPT_TEMPLATES),
         },
     )
     teacher_layers: int | None = field(default=None, metadata={"help": "Transformer blocks of the teacher."})
@@ -288,9 +291,9 @@ class DemoArguments:
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods={self.methods} names a method twice; list each once.")
         self.tasks = resolve_tasks(self.tasks)
-        if self.prompt_template not in PROMPT_TEMPLATES:
+        if self.prompt_template not in DEMO_PROMPT_TEMPLATES:
             raise ValueError(
-                f"prompt_template={self.prompt_template!r} is not one of {', '.join(PROMPT_TEMPLATES)}."
+                f"prompt_template={self.prompt_template!r} is not one of {', '.join(DEMO_PROMPT_TEMPLATES)}."
             )
         positive = (
             "num_train", "num_eval", "num_test", "teacher_layers", "teacher_hidden_size", "teacher_max_steps",

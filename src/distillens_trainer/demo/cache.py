@@ -120,8 +120,7 @@ def get_teacher(args: DemoArguments, data_dir: Path, work_dir: Path) -> tuple[An
         logging_steps=args.logging_steps,
         description="the teacher (SFT)",
     )
-    info = {key: value for key, value in run.items() if key != "trainer"}
-    info["key"] = teacher_key(args)
+    info = {**run.as_dict(), "key": teacher_key(args)}
     store_model(path, teacher, suite.tokenizer, info, prompt_template=args.prompt_template)
     logger.info("[demo] cached the teacher at %s", path)
     return teacher, suite, {**info, "cached": False, "path": str(path)}
@@ -172,7 +171,6 @@ def get_student_init(
         logging_steps=args.logging_steps,
         description=f"the initial student (SFT warm-up, seed {seed})",
     )
-    info = {key_: value for key_, value in run.items() if key_ != "trainer"}
-    info |= {"key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
+    info = {**run.as_dict(), "key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
     store_model(path, student, suite.tokenizer, info, prompt_template=args.prompt_template)
     return student, {**info, "cached": False, "path": str(path)}

@@ -5,9 +5,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .arguments import INIT_NAME
+
+if TYPE_CHECKING:
+    from .training import TrainingRun
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +47,7 @@ def _series(history: Sequence[Mapping[str, Any]], key: str) -> tuple[list[int], 
     return [step for step, _ in points], [value for _, value in points]
 
 
-def plot_training_curves(runs: Mapping[str, Mapping[str, Any]], path: Path) -> Path | None:
+def plot_training_curves(runs: Mapping[str, TrainingRun], path: Path) -> Path | None:
     """Three panels: each student's own objective, its response-token CE, and the distillation terms."""
     plt = _pyplot()
     if plt is None:
@@ -52,12 +55,12 @@ def plot_training_curves(runs: Mapping[str, Mapping[str, Any]], path: Path) -> P
     figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for name, run in runs.items():
         color = _COLORS.get(name)
-        history = run["log_history"]
+        history = run.log_history
         axes[0].plot(*_series(history, "loss"), label=name, color=color)
         axes[1].plot(*_series(history, "ce_loss"), label=name, color=color)
         for key, style in (("kd_loss", "-"), ("lens_loss", "--"), ("feature_loss", ":")):
             steps, values = _series(history, key)
-            if steps and run["objective"].get(key.replace("_loss", "_weight"), 0) > 0:
+            if steps and run.objective.get(key.replace("_loss", "_weight"), 0) > 0:
                 axes[2].plot(steps, values, style, label=f"{name}: {key}", color=color)
     titles = (
         "training objective (each method's own)",

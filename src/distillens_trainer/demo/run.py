@@ -23,6 +23,7 @@ from .arguments import (
     BENCHMARK_EXACT_MATCH_RANGES,
     BENCHMARK_SEEDS,
     DEMO_MARKER_NAME,
+    FIGURE_NAMES,
     INIT_NAME,
     METHOD_DESCRIPTIONS,
     RESULTS_NAME,
@@ -32,7 +33,7 @@ from .arguments import (
 from .cache import get_student_init, get_teacher, store_model
 from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
 from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
-from .training import count_parameters, train_student
+from .training import TrainingRun, count_parameters, train_student
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +67,7 @@ def set_threads(num_threads: int | None) -> int:
     return num_threads
 
 
-def check_output_dir(output_dir: str, overwrite: bool) -> None:
+def check_demo_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse a non-empty output_dir, unless it is an earlier demo's (it holds the marker file) or overwriting
     was asked for."""
     earlier_demo = (Path(output_dir) / DEMO_MARKER_NAME).is_file()
@@ -127,8 +128,13 @@ def _model_entry(model: Any, evaluation: Mapping[str, Any], run: Mapping[str, An
         "num_layers": config.num_hidden_layers,
         "hidden_size": config.hidden_size,
     }
-    entry.update({key: value for key, value in run.items() if key not in ("trainer", "log_history", "key")})
+    entry.update({key: value for key, value in run.items() if key not in ("log_history", "key")})
     return entry
+
+
+def _run_record(run: TrainingRun, path: str | None) -> dict[str, Any]:
+    """A student's run as ``results.json`` records it, with the folder its model was saved to."""
+    return run.summary() | ({"path": path} if path is not None else {})
 
 
 def _reading_notes(args: DemoArguments, models: Mapping[str, Any]) -> list[str]:
@@ -176,7 +182,7 @@ def output_summary(args: DemoArguments, results: Mapping[str, Any]) -> str:
 
 def run_demo(args: DemoArguments) -> dict[str, Any]:
     """Run the whole demo (see the module docstring) and return what ``results.json`` holds."""
-    check_output_dir(args.output_dir, args.overwrite_output_dir)
+    check_demo_output_dir(args.output_dir, args.overwrite_output_dir)
     configure_logging()
     start = time.perf_counter()
     timings: dict[str, float] = {}
@@ -214,15 +220,13 @@ def _run(
         model_dirs["teacher"] = _save(teacher, tokenizer, output_dir / "models" / "teacher", args)
         model_dirs[INIT_NAME] = _save(initial_student, tokenizer, output_dir / "models" / INIT_NAME, args)
 
-    runs: dict[str, dict[str, Any]] = {}
+    runs: dict[str, TrainingRun] = {}
     students: dict[str, torch.nn.Module] = {}
     for method in args.methods:
         with _phase(f"student '{method}'", timings):
             student, run = train_student(method, initial_student, teacher, suite, args, scratch / method)
             if args.save_models:
-                model_dirs[method] = run["path"] = _save(
-                    student, tokenizer, output_dir / "models" / method, args
-                )
+                model_dirs[method] = _save(student, tokenizer, output_dir / "models" / method, args)
             students[method], runs[method] = student, run
 
     max_new_tokens = args.max_new_tokens or default_max_new_tokens(suite.splits["test"], tokenizer)
@@ -258,7 +262,9 @@ def _run(
     }
     for method in students:
         models[method] = {
-            **_model_entry(students[method], evaluations[method], runs[method]),
+            **_model_entry(
+                students[method], evaluations[method], _run_record(runs[method], model_dirs.get(method))
+            ),
             "description": METHOD_DESCRIPTIONS[method],
             "lens_profile": profiles[method],
         }
@@ -269,18 +275,15 @@ def _run(
         "lens_profile": profiles[INIT_NAME],
     }
 
-    lens_layers = next((run["layer_map"] for run in runs.values() if run["layer_map"]), [])
+    lens_layers = next((run.layer_map for run in runs.values() if run.layer_map), [])
+    curves_name, lens_name, per_task_name = FIGURE_NAMES
+    student_layers = [s for s, _ in lens_layers]
     figures: dict[str, str] = {}
     with _phase("figures", timings):
         for name, plotted in (
-            ("training_curves.png", plot_training_curves(runs, output_dir / "training_curves.png")),
-            (
-                "lens_divergence.png",
-                plot_lens_divergence(
-                    profiles, [s for s, _ in lens_layers], output_dir / "lens_divergence.png"
-                ),
-            ),
-            ("exact_match_per_task.png", plot_per_task(evaluations, output_dir / "exact_match_per_task.png")),
+            (curves_name, plot_training_curves(runs, output_dir / curves_name)),
+            (lens_name, plot_lens_divergence(profiles, student_layers, output_dir / lens_name)),
+            (per_task_name, plot_per_task(evaluations, output_dir / per_task_name)),
         ):
             if plotted is not None:
                 figures[name] = str(plotted)
@@ -305,7 +308,7 @@ def _run(
         "table": table,
     }
     write_json_atomic(output_dir / RESULTS_NAME, results)
-    histories = {name: run["log_history"] for name, run in runs.items()}
+    histories = {name: run.log_history for name, run in runs.items()}
     write_json_atomic(output_dir / "training_logs.json", histories)
     print(f"\nDistillLens demo ({args.preset} preset), test split of {len(suite.splits['test'])} prompts:\n")
     print(table)

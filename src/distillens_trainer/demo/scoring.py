@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
-from ..tasks import score_answer
 from .arguments import LENS_EVAL_DIVERGENCE
+from .suite import score_answer
 from .training import prompt_of
 
 
@@ -93,49 +93,48 @@ def lens_divergence_profile(
     the last pair is the two models' final layers, i.e. the divergence of their output distributions.
     """
     from ..data import DataCollatorForCompletionOnly
-    from ..layer_map import proportional_teacher_layer
+    from ..diagnostics.profile import same_depth_pairs
     from ..lens import LogitLens
-    from ..objective import ObjectiveSpec, distillens_loss
-    from ..teacher import shared_vocab_size
+    from ..objective import DistillLensObjective, ObjectiveSpec, lens_term_name
+    from ..teacher import model_vocab_size, shared_vocab_size
 
     student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
-    pairs = [
-        (layer, proportional_teacher_layer(layer, student_lens.num_layers, teacher_lens.num_layers))
-        for layer in range(1, student_lens.num_layers + 1)
-    ]
+    pairs = same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers)
     spec = ObjectiveSpec(
         ce_weight=1.0, kd_weight=1.0, kd_divergence=divergence, lens_weight=1.0, lens_divergence=divergence
     )
-    vocab_size = shared_vocab_size(student, teacher, tokenizer)
+    objective = DistillLensObjective(
+        spec,
+        vocab_size=shared_vocab_size(student, teacher, tokenizer),
+        student_lens=student_lens,
+        teacher_lens=teacher_lens,
+        layer_map=pairs,
+    )
+    teacher_ce = DistillLensObjective(
+        ObjectiveSpec(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0), vocab_size=model_vocab_size(teacher)
+    )
     collator = DataCollatorForCompletionOnly(tokenizer)
     was_training = student.training, teacher.training
     student.eval()
     teacher.eval()
     device = next(student.parameters()).device
     sums: dict[str, float] = {}
-    teacher_ce, num_tokens = 0.0, 0
+    teacher_ce_sum, num_tokens = 0.0, 0
     for start in range(0, len(dataset), batch_size):
         batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
         batch = {key: value.to(device) for key, value in batch.items()}
         inputs = {key: value for key, value in batch.items() if key != "labels"}
         student_out = student(**inputs, output_hidden_states=True, use_cache=False)
         teacher_out = teacher(**inputs, output_hidden_states=True, use_cache=False)
-        result = distillens_loss(
-            student_out.logits,
-            teacher_out.logits,
+        result = objective(
             batch["labels"],
-            spec,
-            vocab_size=vocab_size,
+            student_logits=student_out.logits,
+            teacher_logits=teacher_out.logits,
             student_hidden_states=student_out.hidden_states,
             teacher_hidden_states=teacher_out.hidden_states,
-            student_lens=student_lens,
-            teacher_lens=teacher_lens,
-            layer_map=pairs,
         )
-        teacher_ce += float(
-            distillens_loss(
-                teacher_out.logits, None, batch["labels"], ObjectiveSpec(ce_weight=1.0, kd_weight=0.0)
-            ).term_sums["ce_loss"]
+        teacher_ce_sum += float(
+            teacher_ce(batch["labels"], student_logits=teacher_out.logits).term_sums["ce_loss"]
         )
         for name, value in result.term_sums.items():
             sums[name] = sums.get(name, 0.0) + float(value)
@@ -146,9 +145,9 @@ def lens_divergence_profile(
     return {
         "divergence_name": divergence,
         "pairs": [list(pair) for pair in pairs],
-        "divergence": [round(sums[f"lens/s{s}_t{t}"] / tokens, 5) for s, t in pairs],
+        "divergence": [round(sums[lens_term_name(s, t)] / tokens, 5) for s, t in pairs],
         "final": round(sums["kd_loss"] / tokens, 5),
         "student_ce": round(sums["ce_loss"] / tokens, 5),
-        "teacher_ce": round(teacher_ce / tokens, 5),
+        "teacher_ce": round(teacher_ce_sum / tokens, 5),
         "num_tokens": num_tokens,
     }

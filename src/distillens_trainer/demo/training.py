@@ -9,15 +9,15 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from ..tasks import read_jsonl
 from .arguments import HEAD_DIM, METHODS, DemoArguments
+from .suite import read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ def suite_key(args: DemoArguments) -> dict[str, Any]:
 
 def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
     """Write the task suite to ``data_dir`` and read its splits back."""
-    from ..tasks import write_task_suite
+    from .suite import write_task_suite
 
     paths = write_task_suite(
         data_dir,
@@ -82,7 +82,7 @@ def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, tem
 
 def prepare_suite(args: DemoArguments, data_dir: Path, tokenizer: Any = None) -> Suite:
     """Write the suite, train the tokenizer unless one is given, and tokenise train and validation."""
-    from ..tasks import build_suite_tokenizer
+    from .suite import build_suite_tokenizer
 
     splits = write_suite(args, data_dir)
     if tokenizer is None:
@@ -127,6 +127,35 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
 
 
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training run of :func:`train_model` reports (the model itself is trained in place).
+
+    ``objective`` holds the run's loss fields (weights, divergences, ``lens_num_layers``), ``layer_map`` its
+    (student, teacher) lens pairs, ``log_history`` the Trainer's logs, and ``final_*`` the mean of the last
+    three logged values of each term (None when it was not logged).
+    """
+
+    train_time_s: float
+    max_steps: int
+    objective: dict[str, Any]
+    layer_map: list[list[int]]
+    log_history: list[dict[str, Any]]
+    final_loss: float | None = None
+    final_ce_loss: float | None = None
+    final_kd_loss: float | None = None
+    final_lens_loss: float | None = None
+    final_feature_loss: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as JSON-ready values (what a cache entry's info records)."""
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Every field but the log history (what ``results.json`` records per model)."""
+        return {key: value for key, value in self.as_dict().items() if key != "log_history"}
+
+
 def _final_logged(log_history: Sequence[Mapping[str, Any]], key: str, last: int = 3) -> float | None:
     """Mean of the last ``last`` logged values of ``key`` (training logs only)."""
     values = [entry[key] for entry in log_history if key in entry and "train_runtime" not in entry]
@@ -149,7 +178,7 @@ def train_model(
     teacher: torch.nn.Module | None = None,
     description: str = "",
     config_overrides: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> TrainingRun:
     """Train ``model`` in place with :class:`DistillLensTrainer` and return its log and final losses.
 
     ``config_overrides`` are further :class:`DistillLensConfig` fields (e.g. ``bf16``, ``lens_layer_map``).
@@ -200,19 +229,18 @@ def train_model(
     train_time = time.perf_counter() - start
     history = [dict(entry) for entry in trainer.state.log_history]
     model.eval()
-    return {
-        "trainer": trainer,
-        "train_time_s": round(train_time, 2),
-        "max_steps": max_steps,
-        "objective": {key: getattr(config, key) for key in _OBJECTIVE_FIELDS},
-        "layer_map": [list(pair) for pair in trainer.layer_map],
-        "log_history": history,
-        "final_loss": _final_logged(history, "loss"),
-        "final_ce_loss": _final_logged(history, "ce_loss"),
-        "final_kd_loss": _final_logged(history, "kd_loss"),
-        "final_lens_loss": _final_logged(history, "lens_loss"),
-        "final_feature_loss": _final_logged(history, "feature_loss"),
-    }
+    return TrainingRun(
+        train_time_s=round(train_time, 2),
+        max_steps=max_steps,
+        objective={key: getattr(config, key) for key in _OBJECTIVE_FIELDS},
+        layer_map=[list(pair) for pair in trainer.layer_map],
+        log_history=history,
+        final_loss=_final_logged(history, "loss"),
+        final_ce_loss=_final_logged(history, "ce_loss"),
+        final_kd_loss=_final_logged(history, "kd_loss"),
+        final_lens_loss=_final_logged(history, "lens_loss"),
+        final_feature_loss=_final_logged(history, "feature_loss"),
+    )
 
 
 class QuarterProgress(TrainerCallback):
@@ -270,8 +298,8 @@ def train_student(
     args: DemoArguments,
     output_dir: Path,
     seed: int | None = None,
-) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """A copy of ``initial_student`` trained with ``method``; returns ``(student, run info)``."""
+) -> tuple[torch.nn.Module, TrainingRun]:
+    """A copy of ``initial_student`` trained with ``method``; returns ``(student, its run)``."""
     student = copy.deepcopy(initial_student)
     run = train_model(
         student,
