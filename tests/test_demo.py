@@ -13,12 +13,14 @@ import torch
 import transformers
 
 from distillens_trainer import cli
+from distillens_trainer.data import DataCollatorForCompletionOnly
 from distillens_trainer.demo import (
     FIGURE_NAMES,
     INIT_NAME,
     PRESETS,
     RESULTS_NAME,
     DemoArguments,
+    lens_divergence_profile,
     output_summary,
 )
 from distillens_trainer.demo.arguments import (
@@ -32,10 +34,13 @@ from distillens_trainer.demo.arguments import (
 )
 from distillens_trainer.demo.cache import teacher_cache_path
 from distillens_trainer.demo.run import _reading_notes, check_demo_output_dir
-from distillens_trainer.demo.training import QuarterProgress, explicit_lens_layers
+from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_trainer.demo.training import QuarterProgress, explicit_lens_layers, tokenize_examples
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.model_info import recorded_prompt_template
 from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME
+
+from conftest import tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -309,3 +314,22 @@ def test_without_a_terminal_training_logs_one_line_per_quarter(caplog):
             progress.on_log(None, state, None, logs={"train_runtime": 1.0})  # no loss: not a progress line
     lines = [record.getMessage() for record in caplog.records]
     assert lines == [f"[demo] student 'kd': step {step}/12, loss {1.0 / step:.4f}" for step in (3, 6, 9, 12)]
+
+
+def test_the_lens_profile_of_a_model_against_itself_is_zero_and_its_ce_is_the_models_own_loss():
+    examples = generate_examples(12, seed=0)
+    tokenizer = train_suite_tokenizer([format_example(example) for example in examples], vocab_size=300)
+    dataset = tokenize_examples(examples, tokenizer, "plain")
+    model = tiny_llama(num_layers=2, vocab=len(tokenizer), seed=1)
+
+    profile = lens_divergence_profile(model, model, tokenizer, dataset, batch_size=5)
+
+    assert profile["pairs"] == [[1, 1], [2, 2]]
+    assert profile["divergence"] == pytest.approx([0.0, 0.0], abs=1e-5)
+    assert profile["final"] == pytest.approx(0.0, abs=1e-5)
+    batch = DataCollatorForCompletionOnly(tokenizer)([dataset[index] for index in range(len(dataset))])
+    with torch.no_grad():
+        own_loss = float(model(**batch).loss)  # HF's mean CE over the shifted response tokens, one batch
+    assert profile["student_ce"] == pytest.approx(own_loss, abs=2e-5)
+    assert profile["teacher_ce"] == profile["student_ce"]
+    assert profile["num_tokens"] == int((batch["labels"][:, 1:] != -100).sum())
