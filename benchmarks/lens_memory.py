@@ -308,10 +308,10 @@ def goals(opts, points: list[dict]) -> dict:
         fused, _ = peak_of(point["variants"].get("fused", {}))
         straight, note = peak_of(point["variants"].get("straightforward", {}))
         if fused is not None and straight:
-            out[f"memory_fused_vs_straightforward_N{point['tokens']}"] = {
-                "ratio": fused / straight,
-                "straightforward": "extrapolated" if note else "measured",
-            }
+            suffix = "_extrapolated" if note else ""
+            out[f"memory_fused_vs_straightforward_V{point['vocab']}_N{point['tokens']}{suffix}"] = (
+                fused / straight
+            )
     fused_peaks = [
         (p["tokens"], p["variants"]["fused"]["peak_mib"])
         for p in memory
@@ -319,10 +319,8 @@ def goals(opts, points: list[dict]) -> dict:
     ]
     if len(fused_peaks) >= 2:
         values = [m for _, m in fused_peaks]
-        out["memory_fused_flatness"] = {
-            "tokens": [n for n, _ in fused_peaks],
-            "max_over_min": max(values) / min(values),
-        }
+        tokens = "_".join(str(n) for n, _ in fused_peaks)
+        out[f"memory_fused_max_over_min_N{tokens}"] = max(values) / min(values)
     for point in points:
         if point["section"] != "speed":
             continue
@@ -373,7 +371,7 @@ def markdown(results: dict) -> str:
             )
     lines += ["", "Goals (ratios):", ""]
     for key, value in results["goals"].items():
-        lines.append(f"- `{key}`: {value}")
+        lines.append(f"- `{key}`: {value:.3f}")
     lines.append("")
     return "\n".join(lines)
 
