@@ -20,12 +20,13 @@ Run from the repository root::
 
     PYTHONPATH=src python benchmarks/lens_memory.py            # default grid, ~20-25 minutes on 2 busy cores
     PYTHONPATH=src python benchmarks/lens_memory.py --quick    # small shapes, ~1-2 minutes
+    PYTHONPATH=src python benchmarks/lens_memory.py --render benchmarks/results/lens_memory.json  # table only
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
+import json
 import sys
 import time
 from pathlib import Path
@@ -46,6 +47,8 @@ from _measure import (
     write_results,
 )
 
+from distillens_trainer.fused import DEFAULT_CHUNK_SIZE
+
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
 LABELS = {
@@ -63,49 +66,33 @@ FUSED_TEMPORARIES = 8
 
 
 # ============================================================================================ the fused API
-# The one place that knows the fused function's signature (branch i11: distillens_trainer.fused).
 def fused_lens_sum(inputs: dict, chunk_size: int, compiled: bool):
-    """Σ over response tokens, mean over pairs, of D_lens through the fused chunked head (scalar fp32)."""
-    from distillens_trainer import fused
+    """Σ over response tokens, mean over pairs, of D_lens through the fused chunked head (scalar fp32), with the
+    jobs ``DistillLensObjective`` builds for the lens term."""
+    from distillens_trainer.fused import FusedJob, fused_head_loss
 
-    student_lens, teacher_lens, V = inputs["student_lens"], inputs["teacher_lens"], inputs["vocab_size"]
-    student_head, teacher_head = student_lens.linear_head(), teacher_lens.linear_head()
-    pairs = inputs["layer_map"]
+    student_lens, teacher_lens, spec = inputs["student_lens"], inputs["teacher_lens"], inputs["spec"]
+    teacher_head, pairs = teacher_lens.linear_head(), inputs["layer_map"]
     jobs = [
-        fused.FusedJob(
+        FusedJob(
             student_input=student_lens.to_head_input(inputs["student_selected"][s], s),
             teacher_input=teacher_lens.to_head_input(inputs["teacher_selected"][t], t),
             teacher_head=teacher_head,
-            divergence=inputs["spec"].lens_divergence,
+            divergence=spec.lens_divergence,
             weight=1.0 / len(pairs),
         )
         for s, t in pairs
     ]
-    kwargs = {"vocab_size": V, "temperature": inputs["spec"].temperature, "beta": inputs["spec"].jsd_beta}
-    kwargs["chunk_size"] = chunk_size
-    if compiled:
-        kwargs["compile"] = True  # raises TypeError where the library has no compiled path
-    total, _ = fused.fused_head_loss(student_head, jobs, **kwargs)
+    total, _ = fused_head_loss(
+        student_lens.linear_head(),
+        jobs,
+        vocab_size=inputs["vocab_size"],
+        temperature=spec.temperature,
+        beta=spec.jsd_beta,
+        chunk_size=chunk_size,
+        compile_math=compiled,
+    )
     return total
-
-
-def fused_compile_support() -> str | None:
-    """None when ``fused_head_loss`` takes ``compile=``; else why the compiled variant cannot run."""
-    try:
-        from distillens_trainer import fused
-    except ImportError:
-        return "distillens_trainer.fused is not installed"
-    if "compile" not in inspect.signature(fused.fused_head_loss).parameters:
-        return "fused_head_loss has no compile option in this version of the library"
-    return None
-
-
-def default_chunk_size() -> int:
-    try:
-        from distillens_trainer.fused import DEFAULT_CHUNK_SIZE
-    except ImportError:
-        return 1024
-    return DEFAULT_CHUNK_SIZE
 
 
 # ============================================================================================ worker
@@ -246,15 +233,11 @@ def measure_point(opts, section: str, variants, vocab: int, tokens: int, hidden:
         return point
     point["baseline_max_rss_mib"] = baseline["max_rss_mib"]
     point["response_tokens"] = baseline["response_tokens"]
-    compile_reason = fused_compile_support()
     for variant in variants:
         predicted = predicted_peak_mib(opts, variant, vocab, tokens, hidden)
         limit = min(opts.mem_budget_gib * 1024, 0.5 * mem_available_mib())
         entry = {"predicted_peak_mib": predicted}
         point["variants"][variant] = entry
-        if variant == "fused_compiled" and compile_reason:
-            entry["skipped"] = compile_reason
-            continue
         if predicted > limit:
             entry["skipped"] = f"predicted {predicted / 1024:.1f} GiB > limit {limit / 1024:.1f} GiB"
             print(f"  {variant:<44} skipped: {entry['skipped']}", flush=True)
@@ -276,7 +259,8 @@ def measure_point(opts, section: str, variants, vocab: int, tokens: int, hidden:
 
 
 def extrapolate(points: list[dict]) -> None:
-    """Fill ``peak_mib_extrapolated`` of skipped memory points from a line through the measured ones."""
+    """Fill ``peak_mib_extrapolated`` of memory points skipped as too large from a line through the measured
+    ones (a variant that failed or timed out is left empty: the fused path is flat, not linear, past one chunk)."""
     groups: dict[tuple, list[dict]] = {}
     for point in points:
         if point["section"] == "memory":
@@ -287,8 +271,8 @@ def extrapolate(points: list[dict]) -> None:
         if len(measured) < 2:
             continue
         intercept, slope = fit_line([n for n, _ in measured], [m for _, m in measured])
-        for point, entry in entries:
-            if "peak_mib" not in entry:
+        for point, entry in entries:  # only what was not started because it would not fit
+            if "peak_mib" not in entry and entry.get("skipped", "").startswith("predicted"):
                 entry["peak_mib_extrapolated"] = intercept + slope * point["tokens"]
                 entry["extrapolated_from_tokens"] = [n for n, _ in measured]
 
@@ -390,7 +374,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and hidden states"
     )
-    p.add_argument("--chunk-size", type=int, default=default_chunk_size())
+    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
     p.add_argument("--hidden", type=int, nargs="+", default=[256])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--speed-vocabs", type=int, nargs="*", default=[32000, 49152])
@@ -404,6 +388,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--child-timeout", type=float, default=900.0, help="seconds before a variant is abandoned")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--tag", default="", help="results go to lens_memory[_TAG].{json,md}")
+    p.add_argument("--render", type=Path, default=None, help="rewrite the goals and table of a results JSON")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.quick:
@@ -421,23 +406,21 @@ def main(argv: list[str] | None = None) -> int:
     if opts.worker:
         emit(worker(opts, opts.worker))
         return 0
+    if opts.render:  # recompute extrapolations, goals and the table of an earlier run
+        results = json.loads(opts.render.read_text())
+        opts.memory_vocab = results.get("memory_vocab", opts.memory_vocab)
+        for point in results["points"]:
+            for entry in point.get("variants", {}).values():
+                entry.pop("peak_mib_extrapolated", None)
+                entry.pop("extrapolated_from_tokens", None)
+        extrapolate(results["points"])
+        results["goals"] = goals(opts, results["points"])
+        opts.render.write_text(json.dumps(results, indent=2) + "\n")
+        opts.render.with_suffix(".md").write_text(markdown(results))
+        return 0
     results = new_results("lens_memory.py", argv, opts.threads)
-    results["config"] = {
-        key: getattr(opts, key)
-        for key in (
-            "pairs",
-            "student_layers",
-            "teacher_layers",
-            "teacher_hidden_factor",
-            "divergence",
-            "dtype",
-            "chunk_size",
-            "warmup",
-            "reps",
-            "mem_budget_gib",
-        )
-    }
-    results["compiled_variant"] = fused_compile_support() or "available"
+    keys = "pairs student_layers teacher_layers teacher_hidden_factor divergence dtype chunk_size warmup reps"
+    results["config"] = {key: getattr(opts, key) for key in [*keys.split(), "mem_budget_gib"]}
     start, points = time.perf_counter(), []
     for hidden in opts.hidden:
         for vocab in opts.speed_vocabs:
@@ -449,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
                 measure_point(opts, "memory", opts.memory_variants, opts.memory_vocab, tokens, hidden, 1)
             )
     extrapolate(points)
-    results["points"] = points
+    results["points"], results["memory_vocab"] = points, opts.memory_vocab
     results["goals"] = goals(opts, points)
     results["total_wall_s"] = time.perf_counter() - start
     name = "lens_memory" + (f"_{opts.tag}" if opts.tag else "")

