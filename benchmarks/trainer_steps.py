@@ -24,6 +24,7 @@ with a recorded reason when the wheel or ``gguf`` is not installed.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import tempfile
@@ -172,17 +173,16 @@ def worker_floor(opts: argparse.Namespace) -> dict:
     tokens = opts.batch * (opts.seq - round(opts.prompt_frac * opts.seq))
     x_s, x_t = torch.randn(tokens, w_s.shape[1]), torch.randn(tokens, w_t.shape[1])
     grad = torch.randn(tokens, vocab)
-    samples = []
+    ends = [(time.perf_counter(), time.process_time())]
     for _ in range(opts.warmup_steps + opts.steps):
-        start = time.perf_counter()
         for _pair in range(opts.pairs):
             x_t @ w_t.T
             x_s @ w_s.T
             grad @ w_s
             grad.T @ x_s
-        samples.append(time.perf_counter() - start)
+        ends.append((time.perf_counter(), time.process_time()))
     return {
-        "step_s": samples[opts.warmup_steps :],
+        **step_times(ends, opts.warmup_steps),
         "tokens": tokens,
         "vocab": vocab,
         "load_at_start": list(os.getloadavg()),
@@ -199,13 +199,13 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
-            self.ends: list[float] = []
+            self.ends: list[tuple[float, float]] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
+            self.ends.append((time.perf_counter(), time.process_time()))
 
     steps = opts.warmup_steps + opts.steps
     student, teacher, tokenizer = build_models(opts, with_teacher=variant not in ("trainer", "sft"))
@@ -264,14 +264,19 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             extra["layer_map"] = [list(pair) for pair in trainer.layer_map]
             extra["lens_chunk_size"] = getattr(args, "lens_chunk_size", None)
         output = trainer.train()
-    step_times = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
     return {
         "load_at_start": load_at_start,
         "train_loss": output.training_loss,
-        "step_s": step_times[opts.warmup_steps :],
-        "warmup_step_s": step_times[: opts.warmup_steps],
+        **step_times(timer.ends, opts.warmup_steps),
         **extra,
     }
+
+
+def step_times(ends: list[tuple[float, float]], warmup: int) -> dict:
+    """Wall and CPU (this process) seconds between consecutive ``(perf_counter, process_time)`` marks."""
+    wall = [b[0] - a[0] for a, b in itertools.pairwise(ends)]
+    cpu = [b[1] - a[1] for a, b in itertools.pairwise(ends)]
+    return {"step_wall_s": wall[warmup:], "step_cpu_s": cpu[warmup:], "warmup_step_wall_s": wall[:warmup]}
 
 
 def gpt2_tokenizer():
@@ -299,7 +304,7 @@ def gkd_support() -> str | None:
 
 
 def run(opts: argparse.Namespace) -> dict:
-    samples = {v: [] for v in (*opts.variants, "floor")}
+    samples = {v: {"wall": [], "cpu": []} for v in (*opts.variants, "floor")}
     info: dict[str, dict] = {v: {} for v in samples}
     gkd_reason = gkd_support()
     for round_index in range(opts.rounds):
@@ -312,18 +317,21 @@ def run(opts: argparse.Namespace) -> dict:
             if "error" in result:
                 info[variant]["skipped"] = result["error"]
                 continue
-            samples[variant] += result["step_s"]
-            info[variant].update({k: v for k, v in result.items() if k not in ("step_s",)})
+            samples[variant]["wall"] += result["step_wall_s"]
+            samples[variant]["cpu"] += result["step_cpu_s"]
+            info[variant].update({k: v for k, v in result.items() if not k.startswith("step_")})
     floor = run_child(SCRIPT, opts.argv, "floor", opts.threads)
-    samples["floor"] = floor.get("step_s", [])
+    samples["floor"] = {"wall": floor.get("step_wall_s", []), "cpu": floor.get("step_cpu_s", [])}
     info["floor"] = floor
     out = {}
-    for variant, values in samples.items():
-        if not values:
+    for variant, clocks in samples.items():
+        if not clocks[opts.clock]:
             out[variant] = {"skipped": info[variant].get("skipped", "no samples")}
             continue
         out[variant] = {
-            "step_s": summarize(values),
+            "step_s": summarize(clocks[opts.clock]),
+            "step_wall_s": summarize(clocks["wall"]),
+            "step_cpu_s": summarize(clocks["cpu"]),
             "max_rss_mib": info[variant].get("max_rss_mib"),
             "train_loss": info[variant].get("train_loss"),
             "layer_map": info[variant].get("layer_map"),
@@ -355,26 +363,29 @@ def markdown(results: dict) -> str:
     lines += [
         f"Student {c['student']}, teacher {c['teacher']}, vocab {c['vocab']}, batch {c['batch']} × seq {c['seq']} "
         f"(first {c['prompt_frac']:.0%} prompt), {c['pairs']} lens pairs, AdamW fp32{' + bf16 autocast' if c['bf16'] else ''}. "
-        f"Step = interval between `on_step_end` callbacks; {c['warmup_steps']} warm-up steps discarded, "
+        f"Step = interval between `on_step_end` callbacks in {c['clock']} seconds (cpu: this process's CPU time, "
+        "robust to other jobs on a shared machine; both clocks are in the JSON); "
+        f"{c['warmup_steps']} warm-up steps discarded, "
         f"{c['steps']} timed per round, {c['rounds']} round(s) in alternating order, every variant in its own "
         "process. Floor = the lens's 4 head products per pair timed alone on the same shapes.",
         "",
-        "| variant | s / step median (IQR, n) | vs KD-only (fused) | peak RSS | train loss |",
-        "|---|---|---|---|---|",
+        "| variant | s / step median (IQR, n) | vs KD-only (fused) | wall s / step | peak RSS | train loss |",
+        "|---|---|---|---|---|---|",
     ]
     variants = results["variants"]
     kd = (variants.get("kd_fused") or {}).get("step_s") or (variants.get("kd") or {}).get("step_s")
     for name, v in variants.items():
         label = LABELS.get(name, "lens floor: 4 head products × pairs, alone")
         if "skipped" in v:
-            lines.append(f"| {label} | not run: {v['skipped']} | | | |")
+            lines.append(f"| {label} | not run: {v['skipped']} | | | | |")
             continue
         s = v["step_s"]
         rss = f"{v['max_rss_mib']:.0f} MiB" if v.get("max_rss_mib") else ""
         loss = f"{v['train_loss']:.4f}" if v.get("train_loss") is not None else ""
         ratio = fmt_ratio(s["median"] / kd["median"] if kd else None)
+        wall = v.get("step_wall_s", s)["median"]
         lines.append(
-            f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {rss} | {loss} |"
+            f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {wall:.3f} s | {rss} | {loss} |"
         )
     lines += ["", "Goals (ratios; DistillLens ≤ 1.15 × (KD + floor), KD ≤ GKD, SFT ≤ 1.05 × Trainer):", ""]
     lines += [f"- `{key}`: {value:.3f}" for key, value in results["goals"].items()]
@@ -402,6 +413,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) on the CPU")
+    p.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu", help="which seconds the table and goals use"
+    )
     p.add_argument("--child-timeout", type=float, default=1800.0)
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -444,7 +458,17 @@ def main(argv: list[str] | None = None) -> int:
         }
     results["config"] = models | {
         key: getattr(opts, key)
-        for key in ("batch", "seq", "prompt_frac", "pairs", "warmup_steps", "steps", "rounds", "bf16")
+        for key in (
+            "batch",
+            "seq",
+            "prompt_frac",
+            "pairs",
+            "warmup_steps",
+            "steps",
+            "rounds",
+            "bf16",
+            "clock",
+        )
     }
     start = time.perf_counter()
     results["variants"] = run(opts)
