@@ -11,9 +11,10 @@ from transformers import TrainingArguments
 from .divergences import DIVERGENCE_NAMES, check_divergence_name
 from .fused import DEFAULT_CHUNK_SIZE
 from .layer_map import LAYER_MAPS
+from .modeling import DTYPE_NAMES, check_dtype_name
 from .objective import ObjectiveSpec
 
-TEACHER_DTYPES: tuple[str, ...] = ("auto", "bfloat16", "float16", "float32")
+TEACHER_DTYPES: tuple[str, ...] = DTYPE_NAMES
 
 
 @dataclass
@@ -168,10 +169,7 @@ class DistillLensConfig(TrainingArguments):
             raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
         if not self.temperature > 0:
             raise ValueError(f"temperature={self.temperature} must be > 0.")
-        if self.teacher_dtype not in TEACHER_DTYPES:
-            raise ValueError(
-                f"teacher_dtype={self.teacher_dtype!r} must be one of {', '.join(TEACHER_DTYPES)}."
-            )
+        check_dtype_name("teacher_dtype", self.teacher_dtype)
         if self.lens_layer_map not in LAYER_MAPS:
             raise ValueError(
                 f"lens_layer_map={self.lens_layer_map!r} must be one of {', '.join(LAYER_MAPS)}."

@@ -21,7 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .teacher import freeze, resolve_teacher_dtype
+from .modeling import freeze, hidden_size
+from .teacher import resolve_teacher_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -98,19 +99,6 @@ def is_partitioned(module: nn.Module) -> bool:
 
 
 # --------------------------------------------------------------------------------------------- ZeRO-3 config
-def _hidden_size(model: nn.Module) -> int | None:
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    hidden_sizes = getattr(config, "hidden_sizes", None)
-    if hidden_sizes:
-        return int(max(hidden_sizes))
-    hidden_size = getattr(config, "hidden_size", None)
-    return int(hidden_size) if isinstance(hidden_size, int) else None
-
-
 def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
@@ -147,12 +135,12 @@ def teacher_zero3_config(
         config.pop(key, None)
     zero = config.setdefault("zero_optimization", {})
     zero["stage"] = 3
-    hidden_size = _hidden_size(teacher)
-    if hidden_size is not None:
+    width = hidden_size(teacher)
+    if width is not None:
         defaults = {
-            "reduce_bucket_size": hidden_size * hidden_size,
-            "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
-            "stage3_param_persistence_threshold": 10 * hidden_size,
+            "reduce_bucket_size": width * width,
+            "stage3_prefetch_bucket_size": int(0.9 * width * width),
+            "stage3_param_persistence_threshold": 10 * width,
         }
         for key in _HIDDEN_SIZE_KEYS:
             if _is_auto(zero.get(key)):
@@ -191,10 +179,10 @@ def _param_dtype(module: nn.Module) -> torch.dtype | None:
 def wrap_teacher_zero3(
     teacher: nn.Module, ds_config: dict[str, Any], dtype: torch.dtype | None, trainer_args: Any
 ) -> nn.Module:
-    """The frozen teacher as a ZeRO-3 DeepSpeed engine (partitioned parameters, no optimizer), in eval mode."""
+    """The frozen teacher (see :func:`prepare_teacher`) as a ZeRO-3 DeepSpeed engine (partitioned parameters,
+    no optimizer), in eval mode."""
     import deepspeed
 
-    teacher = freeze(teacher)
     # Loaded under zero.Init (from_pretrained while ZeRO-3 is on): already sharded, in zero.Init's dtype.
     if is_partitioned(teacher):
         current = _param_dtype(teacher)
@@ -244,6 +232,7 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
             "DistillLensTrainer does not support FSDP: the teacher would be a full copy on every rank; use "
             "DeepSpeed ZeRO-3 (e.g. --deepspeed examples/deepspeed/zero3.json) to shard the teacher and the student."
         )
+    teacher = freeze(teacher)  # the one place the teacher is frozen on its way into training
     dtype = resolve_teacher_dtype(
         getattr(trainer_args, "teacher_dtype", "auto"),
         bf16=bool(getattr(trainer_args, "bf16", False)),
@@ -261,7 +250,6 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
             "the teacher's weights are partitioned by DeepSpeed ZeRO-3 (created under zero.Init) but this run does "
             "not use ZeRO-3: load the teacher outside ZeRO-3, or train with a ZeRO-3 DeepSpeed config."
         )
-    teacher = freeze(teacher)
     device = getattr(trainer_args, "device", None)
     if dtype is not None:
         return teacher.to(device=device, dtype=dtype)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from .fused import LinearHead
+from .modeling import config_num_layers, num_hidden_layers, text_config, unwrap_model
 
 # Attribute paths (from the causal-LM wrapper) of the final norm, most common first.
 _FINAL_NORM_PATHS: tuple[str, ...] = (
@@ -22,20 +23,6 @@ _FINAL_NORM_PATHS: tuple[str, ...] = (
 _POST_NORM_PROJECTION_PATHS: tuple[str, ...] = ("model.decoder.project_out",)
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The causal-LM module inside DDP/DeepSpeed (``.module``), torch.compile and PEFT wrappers."""
-    seen = set()
-    while id(model) not in seen:
-        seen.add(id(model))
-        if hasattr(model, "get_base_model") and callable(model.get_base_model):  # PEFT
-            model = model.get_base_model()
-        elif hasattr(model, "_orig_mod"):  # torch.compile
-            model = model._orig_mod
-        elif hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP, DeepSpeed engine
-            model = model.module
-    return model
-
-
 def _get_path(root: nn.Module, path: str) -> object | None:
     obj: object | None = root
     for name in path.split("."):
@@ -43,26 +30,6 @@ def _get_path(root: nn.Module, path: str) -> object | None:
         if obj is None:
             return None
     return obj
-
-
-def _text_config(model: nn.Module):
-    config = model.config
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
-def num_hidden_layers(model: nn.Module) -> int:
-    """Number of transformer blocks, i.e. the last ``hidden_states`` index."""
-    return config_num_layers(unwrap_model(model).config)
-
-
-def config_num_layers(config) -> int:
-    """Number of transformer blocks named by a model config (its text config for multimodal models)."""
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    for name in ("num_hidden_layers", "n_layer", "num_layers"):
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise ValueError(f"cannot read the number of layers from {type(config).__name__}.")
 
 
 def linear_head_refusal(head: nn.Module | None) -> str | None:
@@ -94,7 +61,7 @@ def logit_postprocessing(model: nn.Module) -> tuple[float | None, float | None]:
     ``scale`` folds Granite's division by ``logits_scaling`` and Cohere's ``logit_scale``; ``softcap`` is
     Gemma-2's ``final_logit_softcapping`` (``z = c·tanh(scale·a / c)``).
     """
-    config = _text_config(unwrap_model(model))
+    config = text_config(unwrap_model(model).config)
     scale = 1.0
     if getattr(config, "logits_scaling", None):
         scale /= config.logits_scaling
@@ -146,7 +113,7 @@ class LogitLens:
 
     def _has_no_final_norm(self) -> bool:
         # OPT with do_layer_norm_before=False (opt-350m) has final_layer_norm = None by design.
-        config = _text_config(self.model)
+        config = text_config(self.model.config)
         return getattr(config, "do_layer_norm_before", True) is False
 
     def to_head_input(self, hidden_state: torch.Tensor, layer_index: int) -> torch.Tensor:
@@ -181,3 +148,15 @@ class LogitLens:
     def __call__(self, hidden_state: torch.Tensor, layer_index: int) -> torch.Tensor:
         """``[..., d_model] -> [..., V]`` logits of ``hidden_states[layer_index]``."""
         return self.head_logits(self.to_head_input(hidden_state, layer_index))
+
+
+# Model facts read here live in :mod:`.modeling`; these names stay importable from ``lens`` too.
+__all__ = [
+    "LogitLens",
+    "config_num_layers",
+    "linear_head_refusal",
+    "logit_postprocessing",
+    "num_hidden_layers",
+    "output_linear_head",
+    "unwrap_model",
+]

@@ -5,26 +5,25 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, TrainerCallback
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
 from .files import refuse_non_empty_dir, write_json_atomic
 from .layer_map import resolve_student_layers
-from .lens import config_num_layers
 from .limits import check_fits_context
 from .model_info import MODEL_INFO_NAME, write_model_info
+from .modeling import DTYPE_NAMES, check_dtype_name, config_num_layers, torch_dtype
 from .models import load_causal_lm, load_tokenizer_from, read_config
 from .trainer import DistillLensTrainer
 
 logger = logging.getLogger(__name__)
 
 RESOLVED_CONFIG_NAME = "distillens_config.json"
-_DTYPES = {"auto": "auto", "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -46,7 +45,7 @@ class ModelArguments:
         default="auto",
         metadata={
             "help": "dtype the student is loaded in (auto = the checkpoint's).",
-            "choices": list(_DTYPES),
+            "choices": list(DTYPE_NAMES),
         },
     )
     attn_implementation: str | None = field(
@@ -70,8 +69,7 @@ class ModelArguments:
     )
 
     def __post_init__(self) -> None:
-        if self.model_dtype not in _DTYPES:
-            raise ValueError(f"model_dtype={self.model_dtype!r} must be one of {', '.join(_DTYPES)}.")
+        check_dtype_name("model_dtype", self.model_dtype)
         if self.use_peft and self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r} must be >= 1.")
 
@@ -188,7 +186,7 @@ def check_models_before_loading(
 def load_student(model_args: ModelArguments) -> PreTrainedModel:
     """The student causal LM, optionally wrapped with a LoRA adapter."""
     kwargs: dict[str, Any] = {
-        "dtype": _DTYPES[model_args.model_dtype],
+        "dtype": torch_dtype(model_args.model_dtype),
         "trust_remote_code": model_args.trust_remote_code,
     }
     if model_args.attn_implementation:
@@ -241,8 +239,12 @@ def run_training(
         gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
     )
     data_stats: dict[str, int] = {}
-    with training_args.main_process_first(desc="tokenising the datasets"):
-        train_dataset, eval_dataset = build_datasets(data_args, tokenizer, stats=data_stats)
+    train_dataset, eval_dataset = build_datasets(
+        data_args,
+        tokenizer,
+        main_process_first=partial(training_args.main_process_first, desc="tokenising the datasets"),
+        stats=data_stats,
+    )
     if train_dataset is None:
         raise ValueError("no training data: pass --train_file or --dataset_name.")
     student = load_student(model_args)

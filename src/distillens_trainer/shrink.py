@@ -18,12 +18,12 @@ from dataclasses import dataclass, field
 from itertools import pairwise
 from pathlib import Path
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
 from .files import refuse_non_empty_dir
 from .layer_map import KEPT_LAYERS_CONFIG_KEY
+from .modeling import DTYPE_NAMES, check_dtype_name, torch_dtype
 from .models import load_causal_lm, load_tokenizer_from
 
 logger = logging.getLogger(__name__)
@@ -40,7 +40,7 @@ BLOCK_PATHS: dict[str, str] = {
 }
 # config attributes holding one entry per block, cut along with the blocks
 PER_LAYER_CONFIG_LISTS: tuple[str, ...] = ("layer_types", "no_rope_layers")
-SHRINK_DTYPES: tuple[str, ...] = ("auto", "float32", "bfloat16", "float16")
+SHRINK_DTYPES: tuple[str, ...] = DTYPE_NAMES
 
 
 def evenly_spaced_layers(num_layers: int, num_kept: int) -> list[int]:
@@ -164,8 +164,7 @@ class ShrinkArguments:
             raise ValueError(
                 "give either num_layers or keep_layers (exactly one) to say which blocks to keep."
             )
-        if self.dtype not in SHRINK_DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(SHRINK_DTYPES)}.")
+        check_dtype_name("dtype", self.dtype)
 
 
 def _save_atomically(model: PreTrainedModel, tokenizer: object | None, output_dir: Path) -> None:
@@ -190,7 +189,7 @@ def run_shrink(args: ShrinkArguments) -> PreTrainedModel:
     refuse_non_empty_dir(
         args.output_dir, allowed=args.overwrite_output_dir, how_to_allow="pass --overwrite_output_dir true"
     )
-    dtype = "auto" if args.dtype == "auto" else getattr(torch, args.dtype)
+    dtype = torch_dtype(args.dtype)
     model = load_causal_lm(args.model_name_or_path, gguf_file=args.gguf_file, dtype=dtype)
     _, _, blocks = block_list(model)
     if args.keep_layers is not None:

@@ -1,4 +1,4 @@
-"""The frozen teacher: loading, freezing, dtype, and vocabulary compatibility with the student."""
+"""The frozen teacher: loading, dtype, and vocabulary compatibility with the student."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .lens import unwrap_model
+from .modeling import DTYPES, freeze, model_vocab_size
 from .models import load_causal_lm, load_tokenizer_from
 
 logger = logging.getLogger(__name__)
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def resolve_teacher_dtype(
@@ -22,7 +20,7 @@ def resolve_teacher_dtype(
 ) -> torch.dtype | None:
     """The teacher's dtype; None keeps the checkpoint's (or the given model's) own dtype."""
     if teacher_dtype != "auto":
-        return _DTYPES[teacher_dtype]
+        return DTYPES[teacher_dtype]
     if bf16:
         return torch.bfloat16
     if fp16:
@@ -54,25 +52,6 @@ def load_teacher_tokenizer(name_or_path: str, gguf_file: str | None = None) -> A
         return load_tokenizer_from(name_or_path, gguf_file)
     except (OSError, ValueError, TypeError):
         return None
-
-
-def freeze(teacher: nn.Module) -> nn.Module:
-    """Eval mode and no gradients, in place."""
-    teacher.eval()
-    teacher.requires_grad_(False)
-    return teacher
-
-
-def model_vocab_size(model: nn.Module) -> int:
-    """Rows of the LM head, i.e. the logits' last dimension (padded vocabularies included)."""
-    head = unwrap_model(model).get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    shape = getattr(weight, "ds_shape", None) or getattr(
-        weight, "shape", None
-    )  # ds_shape: ZeRO-3 partitioned
-    if shape is not None and len(shape) == 2 and shape[0] > 0:
-        return int(shape[0])
-    return int(unwrap_model(model).config.get_text_config().vocab_size)
 
 
 def _first_vocab_difference(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> str:
@@ -141,3 +120,15 @@ def shared_vocab_size(
             shared,
         )
     return shared
+
+
+# ``freeze`` and ``model_vocab_size`` live in :mod:`.modeling`; they stay importable from here.
+__all__ = [
+    "freeze",
+    "has_vocabulary",
+    "load_teacher",
+    "load_teacher_tokenizer",
+    "model_vocab_size",
+    "resolve_teacher_dtype",
+    "shared_vocab_size",
+]

@@ -14,11 +14,10 @@ from torch import nn
 from .divergences import token_divergence
 from .layer_map import LayerPair
 from .lens import LogitLens
+from .modeling import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from .objective import ObjectiveSpec
-
-IGNORE_INDEX = -100
 
 
 def lens_term_name(student_layer: int, teacher_layer: int) -> str:

@@ -17,17 +17,11 @@ from .config import DistillLensConfig
 from .distributed import prepare_teacher
 from .fused import gathered
 from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
-from .lens import LogitLens, num_hidden_layers, unwrap_model
+from .lens import LogitLens
+from .modeling import hidden_size, model_vocab_size, num_hidden_layers, unwrap_model
 from .models import drop_gguf_quantization
 from .objective import DistillLensObjective, FeatureProjector, ObjectiveOutput
-from .teacher import (
-    freeze,
-    load_teacher,
-    load_teacher_tokenizer,
-    model_vocab_size,
-    resolve_teacher_dtype,
-    shared_vocab_size,
-)
+from .teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
 from .trainer_compat import refuse_compute_loss_func, token_count, upcast_half_trainable_parameters
 
 logger = logging.getLogger(__name__)
@@ -233,7 +227,7 @@ class DistillLensTrainer(Trainer):
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
         drop_gguf_quantization(unwrap_model(teacher))
-        return prepare_teacher(freeze(teacher), self.args, self.accelerator)
+        return prepare_teacher(teacher, self.args, self.accelerator)
 
     def _build_feature_projector(self) -> FeatureProjector:
         if self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
@@ -241,9 +235,6 @@ class DistillLensTrainer(Trainer):
                 "feature_weight > 0 (the MSE feature baseline) runs in a single process only: its projections are "
                 "not synchronised across devices; set feature_weight=0 for distributed runs."
             )
-
-        def hidden_size(model: nn.Module) -> int:
-            return unwrap_model(model).config.get_text_config().hidden_size
 
         projector = FeatureProjector(self.layer_map, hidden_size(self.teacher_model), hidden_size(self.model))
         return projector.to(self.args.device)

@@ -19,9 +19,9 @@ from ..data import DataArguments, build_datasets
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..files import refuse_non_empty_dir, write_json_atomic
 from ..layer_map import LayerPair, resolve_layer_map
-from ..lens import num_hidden_layers
+from ..modeling import DTYPE_NAMES, check_dtype_name, freeze, num_hidden_layers
 from ..pipeline import ModelArguments, load_student, load_tokenizer
-from ..teacher import freeze, load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
+from ..teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
 from .figures import write_figures
 from .profile import DEFAULT_CHUNK_SIZE
 from .report import profile_models
@@ -29,7 +29,7 @@ from .report import profile_models
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "lens.json"
-DTYPES = ("auto", "bfloat16", "float16", "float32")
+DTYPES = DTYPE_NAMES
 DEFAULT_NUM_PAIRS = 5  # the paper's K
 # DataArguments fields that say how rows become prompt + response tokens: shared with `distillens train`.
 _FORMAT_FIELDS = (
@@ -147,8 +147,7 @@ class LensArguments:
             check_divergence_name(name, "divergences")
         if not 0.0 <= self.jsd_beta <= 1.0:
             raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype={self.dtype!r} must be one of {', '.join(DTYPES)}.")
+        check_dtype_name("dtype", self.dtype)
         if self.teacher_model_name_or_path is None and (self.lens_student_layers or self.lens_teacher_layers):
             raise ValueError("lens_student_layers/lens_teacher_layers need --teacher_model_name_or_path.")
         self.data_arguments()  # the formatting fields are checked where training checks them
