@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -10,15 +11,16 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
+from distillens_trainer.cli import main as cli_main
 from distillens_trainer.data import IGNORE_INDEX
 from distillens_trainer.evaluation import (
     EvalArguments,
+    GenerationSettings,
     RougeEvalCallback,
     evaluate_files,
     exact_match,
     generate_responses,
     load_eval_examples,
-    main,
     normalize_answer,
     rouge_l,
     run_evaluation,
@@ -370,7 +372,8 @@ def test_command_line_evaluation_loads_a_saved_model_and_tokenizer(tmp_path, tin
         "--max_new_tokens",
         "8",
     ]
-    report = main(argv)
+    assert cli_main(["eval", *argv]) == 0
+    report = json.loads((tmp_path / "cli" / "report.json").read_text())
     assert report["model"] == str(model_dir)
     assert report["results"][0]["num_examples"] == 2
     assert (tmp_path / "cli" / "report.json").is_file()
@@ -471,3 +474,35 @@ def test_a_prompt_and_new_tokens_beyond_the_context_stop_before_generating(token
     with pytest.raises(ValueError, match="exceeds the model's context of 32 positions"):
         _greedy(model, tokenizer, ["word " * 30], max_prompt_length=64, max_new_tokens=8)
     assert len(_greedy(model, tokenizer, ["word " * 30], max_prompt_length=24, max_new_tokens=8)) == 1
+
+
+# ------------------------------------------------------------------------------------ generation settings
+
+
+def test_generation_settings_default_to_the_paper_protocol_and_check_their_fields():
+    settings = GenerationSettings()
+    assert (settings.do_sample, settings.temperature, settings.top_p, settings.top_k) == (True, 1.0, 1.0, 0)
+    assert (settings.no_repeat_ngram_size, settings.max_new_tokens, settings.max_prompt_length) == (
+        6,
+        256,
+        256,
+    )
+    with pytest.raises(
+        ValueError, match=r"^temperature: must be > 0; fix the value passed for --temperature$"
+    ):
+        GenerationSettings(temperature=0.0)
+    with pytest.raises(ValueError, match="batch_size"):
+        settings.with_overrides(batch_size=0)
+    with pytest.raises(TypeError):
+        settings.with_overrides(beams=4)
+
+
+def test_eval_arguments_and_the_callback_hold_one_generation_settings_object(tmp_path, tokenizer):
+    args = EvalArguments(
+        model_name_or_path="m", output_dir=str(tmp_path), eval_files=["a.jsonl"], top_k=5, max_new_tokens=7
+    )
+    assert args.generation_settings() == GenerationSettings(top_k=5, max_new_tokens=7)
+    assert args.generation_kwargs() == dataclasses.asdict(GenerationSettings(top_k=5, max_new_tokens=7))
+    example = {"instruction": "Say hi.", "output": "hi"}
+    callback = RougeEvalCallback(tokenizer, [example], max_new_tokens=8)
+    assert callback.settings == GenerationSettings(do_sample=False, max_new_tokens=8)

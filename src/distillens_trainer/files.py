@@ -30,7 +30,7 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
     return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
-def refuse_non_empty_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_to_allow: str) -> None:
+def check_output_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_to_allow: str) -> None:
     """ValueError when ``output_dir`` is a file, or a non-empty folder and reusing it is not ``allowed``."""
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
@@ -39,3 +39,7 @@ def refuse_non_empty_dir(output_dir: str | os.PathLike[str], *, allowed: bool, h
         raise ValueError(
             f"output_dir={str(output_dir)!r} is not empty: {how_to_allow}, or choose another directory."
         )
+
+
+# The earlier name, kept for callers that still use it.
+refuse_non_empty_dir = check_output_dir

@@ -13,7 +13,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
-from .files import refuse_non_empty_dir, write_json_atomic
+from .files import check_output_dir, write_json_atomic
 from .layer_map import resolve_student_layers
 from .limits import check_fits_context
 from .model_info import MODEL_INFO_NAME, write_model_info
@@ -72,15 +72,6 @@ class ModelArguments:
         check_dtype_name("model_dtype", self.model_dtype)
         if self.use_peft and self.lora_r < 1:
             raise ValueError(f"lora_r={self.lora_r} must be >= 1.")
-
-
-def check_output_dir(output_dir: str, overwrite: bool, resume_from_checkpoint: str | None) -> None:
-    """Refuse a non-empty output directory unless told to (or resuming into it)."""
-    refuse_non_empty_dir(
-        output_dir,
-        allowed=overwrite or bool(resume_from_checkpoint),
-        how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
-    )
 
 
 # The pip package behind each report_to integration, where its name differs.
@@ -230,7 +221,9 @@ def run_training(
 ) -> DistillLensTrainer:
     """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``."""
     check_output_dir(
-        training_args.output_dir, model_args.overwrite_output_dir, training_args.resume_from_checkpoint
+        training_args.output_dir,
+        allowed=model_args.overwrite_output_dir or bool(training_args.resume_from_checkpoint),
+        how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
     )
     check_models_before_loading(model_args, data_args, training_args)
     tokenizer = load_tokenizer(

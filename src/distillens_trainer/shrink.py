@@ -21,7 +21,7 @@ from pathlib import Path
 from torch import nn
 from transformers import PreTrainedModel
 
-from .files import refuse_non_empty_dir
+from .files import check_output_dir
 from .layer_map import KEPT_LAYERS_CONFIG_KEY
 from .modeling import DTYPE_NAMES, check_dtype_name, torch_dtype
 from .models import load_causal_lm, load_tokenizer_from
@@ -186,7 +186,7 @@ def _save_atomically(model: PreTrainedModel, tokenizer: object | None, output_di
 
 def run_shrink(args: ShrinkArguments) -> PreTrainedModel:
     """Load ``args.model_name_or_path``, keep the chosen blocks, and save model + tokenizer in ``output_dir``."""
-    refuse_non_empty_dir(
+    check_output_dir(
         args.output_dir, allowed=args.overwrite_output_dir, how_to_allow="pass --overwrite_output_dir true"
     )
     dtype = torch_dtype(args.dtype)

@@ -1,0 +1,156 @@
+"""The file runner behind ``distillens eval``: generate and score every file, write the report."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..data import build_prompt
+from ..files import check_output_dir, write_text_atomic
+from ..limits import check_fits_context
+from ..modeling import torch_dtype
+from .arguments import EvalArguments
+from .examples import load_eval_examples, references_of, unique_file_names
+from .generation import generate_responses
+from .metrics import EXACT_MATCH_DESCRIPTION, ROUGE_DESCRIPTION, mean_and_std, score_responses
+
+logger = logging.getLogger(__name__)
+
+REPORT_FILENAME = "report.json"
+GENERATIONS_SUFFIX = ".generations.jsonl"
+
+
+def refuse_existing_report(args: EvalArguments) -> None:
+    """Refuse to replace an existing report unless `overwrite_output_dir` is set."""
+    check_output_dir(
+        args.output_dir,
+        allowed=args.overwrite_output_dir or not (Path(args.output_dir) / REPORT_FILENAME).exists(),
+        how_to_allow=f"it holds {REPORT_FILENAME}; pass --overwrite_output_dir to replace it",
+    )
+
+
+def protocol_of(args: EvalArguments) -> dict[str, Any]:
+    """The generation and scoring settings recorded in the report."""
+    return {
+        "do_sample": args.do_sample,
+        "temperature": args.temperature if args.do_sample else None,
+        "top_p": args.top_p if args.do_sample else None,
+        "top_k": args.top_k if args.do_sample else None,
+        "no_repeat_ngram_size": args.no_repeat_ngram_size,
+        "max_new_tokens": args.max_new_tokens,
+        "max_prompt_length": args.max_prompt_length,
+        "prompt_truncation": "left",
+        "seeds": args.effective_seeds,
+        "batch_size": args.batch_size,
+        "prompt_template": args.prompt_template,
+        "max_eval_samples": args.max_eval_samples,
+        "dtype": args.dtype,
+        "rougeL": ROUGE_DESCRIPTION,
+        "exact_match": EXACT_MATCH_DESCRIPTION,
+        "std": "population standard deviation over seeds",
+    }
+
+
+def _summary(per_seed: list[float]) -> dict[str, Any]:
+    """The {mean, std, per_seed} block of the report."""
+    mean, std = mean_and_std(per_seed)
+    return {"mean": mean, "std": std, "per_seed": per_seed}
+
+
+def evaluate_file(
+    model: Any, tokenizer: Any, args: EvalArguments, path: str, name: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Generate and score one eval file for every seed; returns (report entry, generation records)."""
+    examples = load_eval_examples(path, args.max_eval_samples)
+    prompts = [build_prompt(example, tokenizer, args.prompt_template) for example in examples]
+    references = [references_of(example) for example in examples]
+    records: list[dict[str, Any]] = []
+    per_seed: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
+    settings = args.generation_settings()
+    for seed in args.effective_seeds:
+        responses = generate_responses(model, tokenizer, prompts, settings, seed=seed)
+        scores = score_responses(responses, references)
+        for metric, values in per_seed.items():
+            values.append(statistics.fmean(score[metric] for score in scores))
+        for example, prompt, refs, response, score in zip(examples, prompts, references, responses, scores):
+            records.append(
+                {
+                    "instruction": example["instruction"],
+                    "input": example.get("input") or "",
+                    "prompt": prompt,
+                    "references": refs,
+                    "seed": seed,
+                    "generation": response,
+                    **score,
+                }
+            )
+        logger.info("%s seed %d: rougeL %.2f", name, seed, per_seed["rougeL"][-1])
+    entry = {
+        "file": str(path),
+        "name": name,
+        "num_examples": len(examples),
+        "rougeL": _summary(per_seed["rougeL"]),
+        "exact_match": _summary(per_seed["exact_match"]),
+    }
+    return entry, records
+
+
+def evaluate_files(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, Any]:
+    """Evaluate `model` on every file of `args.eval_files` and write the report and generations.
+
+    Writes `<output_dir>/<name>.generations.jsonl` after each file (one line per example per seed)
+    and `<output_dir>/report.json` at the end, both atomically. Returns the report dict.
+    """
+    refuse_existing_report(args)
+    names = unique_file_names(args.eval_files)
+    for path in args.eval_files:  # fail on a bad file before spending time on generation
+        load_eval_examples(path, args.max_eval_samples)
+    output_dir = Path(args.output_dir)
+    results = []
+    for path, name in zip(args.eval_files, names):
+        entry, records = evaluate_file(model, tokenizer, args, path, name)
+        lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        write_text_atomic(output_dir / f"{name}{GENERATIONS_SUFFIX}", lines)
+        results.append(entry)
+    report = {"model": args.model_name_or_path, "protocol": protocol_of(args), "results": results}
+    write_text_atomic(output_dir / REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    return report
+
+
+def run_evaluation(args: EvalArguments) -> dict[str, Any]:
+    """Load the model and tokenizer named in `args`, evaluate every file, and return the report.
+
+    Runs in a single process on the first CUDA device when one is available, else on the CPU.
+    """
+    refuse_existing_report(args)
+    from ..models import load_causal_lm, load_tokenizer_from, read_config
+
+    check_fits_context(  # before any weights are read
+        args.max_prompt_length + args.max_new_tokens,
+        read_config(args.model_name_or_path, args.gguf_file),
+        model="model",
+        setting=f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens}",
+        fix="pass a --max_prompt_length and --max_new_tokens that sum to at most {limit}",
+    )
+    if args.tokenizer_name_or_path:
+        tokenizer = load_tokenizer_from(args.tokenizer_name_or_path)
+    else:
+        tokenizer = load_tokenizer_from(args.model_name_or_path, args.gguf_file)
+    model = load_causal_lm(args.model_name_or_path, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype))
+    model.to("cuda" if torch.cuda.is_available() else "cpu")
+    return evaluate_files(model, tokenizer, args)
+
+
+def output_summary(args: EvalArguments, report: dict[str, Any]) -> str:
+    """The last line of ``distillens eval``: where the report and the generations went."""
+    names = ",".join(result["name"] for result in report["results"])
+    generations = f"{{{names}}}" if len(report["results"]) > 1 else names
+    return (
+        f"distillens eval: report in {Path(args.output_dir) / REPORT_FILENAME}, generations in "
+        f"{Path(args.output_dir) / generations}{GENERATIONS_SUFFIX} (prompt format {args.prompt_template!r})."
+    )
