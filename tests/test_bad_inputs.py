@@ -171,13 +171,13 @@ def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
 def test_a_too_shallow_student_is_refused_before_any_weights_are_read(
     workspace, tmp_path, capsys, monkeypatch
 ):
-    from distillens_trainer import pipeline, trainer
+    from distillens_trainer import pipeline, teacher
 
     def no_loading(*args, **kwargs):
         raise AssertionError("model weights were read before the student's depth was checked")
 
     monkeypatch.setattr(pipeline, "load_student", no_loading)
-    monkeypatch.setattr(trainer, "load_teacher", no_loading)
+    monkeypatch.setattr(teacher, "load_teacher", no_loading)
     assert main(_argv(workspace, tmp_path / "run", "--lens_num_layers", "5")) == 1
     assert "too shallow for lens_num_layers=5" in capsys.readouterr().err
 

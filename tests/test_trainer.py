@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
-from distillens_trainer import trainer as trainer_module
+from distillens_trainer import teacher as teacher_module
 from distillens_trainer.divergences import token_divergence
 from distillens_trainer.objective import DistillLensObjective
 
@@ -480,7 +480,7 @@ def test_a_student_too_shallow_for_the_lens_is_refused_before_the_teacher_loads(
     def load_teacher(*args, **kwargs):
         raise AssertionError("the teacher was loaded before the student's depth was checked")
 
-    monkeypatch.setattr(trainer_module, "load_teacher", load_teacher)
+    monkeypatch.setattr(teacher_module, "load_teacher", load_teacher)
     with pytest.raises(ValueError, match="too shallow for lens_num_layers=5"):
         DistillLensTrainer(
             model=tiny_llama(num_layers=2, seed=1),

@@ -5,6 +5,7 @@ Every other module asks these helpers instead of reading ``model.config`` or a t
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -128,3 +129,17 @@ def truncate_left(ids: list[int], max_length: int, bos_token_id: int | None = No
     if bos_token_id is not None and ids[0] == bos_token_id:
         return [ids[0], *ids[len(ids) - max_length + 1 :]]
     return ids[len(ids) - max_length :]
+
+
+def forward_accepts(model: nn.Module, argument: str) -> bool:
+    """True when the model's forward takes ``argument`` by name."""
+    return argument in inspect.signature(unwrap_model(model).forward).parameters
+
+
+def with_position_ids(inputs: dict[str, Any], accepts_position_ids: bool) -> dict[str, Any]:
+    """Position ids counted over real tokens, so left padding does not shift a sample's positions."""
+    if not accepts_position_ids or "position_ids" in inputs or inputs.get("attention_mask") is None:
+        return inputs
+    attention_mask = inputs["attention_mask"]
+    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
+    return {**inputs, "position_ids": position_ids}

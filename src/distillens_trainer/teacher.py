@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -11,6 +11,9 @@ from transformers import PreTrainedModel
 
 from .modeling import DTYPES, freeze, model_vocab_size
 from .models import load_causal_lm, load_tokenizer_from
+
+if TYPE_CHECKING:
+    from .config import DistillLensConfig
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +55,40 @@ def load_teacher_tokenizer(name_or_path: str, gguf_file: str | None = None) -> A
         return load_tokenizer_from(name_or_path, gguf_file)
     except (OSError, ValueError, TypeError):
         return None
+
+
+def resolve_teacher(
+    args: DistillLensConfig, teacher_model: Any, teacher_processing_class: Any, *, needs_teacher: bool
+) -> tuple[nn.Module | None, Any]:
+    """The teacher model (None when the objective needs none) and its processing class.
+
+    ``teacher_model`` may be a model, None (then ``args.teacher_model_name_or_path``) or a folder / hub id,
+    loaded in ``args.teacher_dtype`` with its tokenizer when ``teacher_processing_class`` is None.
+    """
+    if not needs_teacher:
+        if teacher_model is not None or args.teacher_model_name_or_path:
+            logger.warning("kd_weight and lens_weight are 0 (plain SFT): the teacher is not used.")
+        return None, teacher_processing_class
+    teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+    if teacher_model is None:
+        raise ValueError(
+            f"kd_weight={args.kd_weight} and lens_weight={args.lens_weight} need a teacher: pass teacher_model=... "
+            "or set teacher_model_name_or_path (for plain SFT: ce_weight=1, kd_weight=0, lens_weight=0)."
+        )
+    if isinstance(teacher_model, str):
+        path = teacher_model
+        teacher_model = load_teacher(
+            path,
+            resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16),
+            gguf_file=args.teacher_gguf_file,
+        )
+        if teacher_processing_class is None:
+            teacher_processing_class = load_teacher_tokenizer(path, args.teacher_gguf_file)
+    if not isinstance(teacher_model, nn.Module):
+        raise ValueError(
+            f"teacher_model is a {type(teacher_model).__name__}: pass a model, a folder or a hub id."
+        )
+    return teacher_model, teacher_processing_class
 
 
 def _first_vocab_difference(student_vocab: dict[str, int], teacher_vocab: dict[str, int]) -> str:
@@ -129,6 +166,7 @@ __all__ = [
     "load_teacher",
     "load_teacher_tokenizer",
     "model_vocab_size",
+    "resolve_teacher",
     "resolve_teacher_dtype",
     "shared_vocab_size",
 ]

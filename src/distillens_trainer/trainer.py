@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 import os
 from collections import defaultdict
@@ -18,38 +17,27 @@ from .distributed import prepare_teacher
 from .fused import gathered
 from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
 from .lens import LogitLens
-from .modeling import hidden_size, model_vocab_size, num_hidden_layers, unwrap_model
+from .modeling import (
+    forward_accepts,
+    hidden_size,
+    model_vocab_size,
+    num_hidden_layers,
+    unwrap_model,
+    with_position_ids,
+)
 from .models import drop_gguf_quantization
 from .objective import DistillLensObjective, FeatureProjector, ObjectiveOutput
-from .teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
-from .trainer_compat import refuse_compute_loss_func, token_count, upcast_half_trainable_parameters
+from .teacher import resolve_teacher, shared_vocab_size
+from .trainer_compat import (
+    refuse_compute_loss_func,
+    token_count,
+    tokenizer_of,
+    upcast_half_trainable_parameters,
+)
 
 logger = logging.getLogger(__name__)
 
 FEATURE_PROJECTOR_NAME = "distillens_feature_projector.pt"
-
-
-def _accepts(model: nn.Module, argument: str) -> bool:
-    """True when the model's forward takes ``argument`` by name."""
-    return argument in inspect.signature(unwrap_model(model).forward).parameters
-
-
-def _with_position_ids(inputs: dict[str, Any], accepts_position_ids: bool) -> dict[str, Any]:
-    """Position ids counted over real tokens, so left padding does not shift a sample's positions."""
-    if not accepts_position_ids or "position_ids" in inputs or inputs.get("attention_mask") is None:
-        return inputs
-    attention_mask = inputs["attention_mask"]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
-    return {**inputs, "position_ids": position_ids}
-
-
-def _tokenizer_of(processing_class: Any) -> Any | None:
-    """The tokenizer inside a processing class (a tokenizer itself, or a processor holding one)."""
-    if processing_class is None:
-        return None
-    if hasattr(processing_class, "get_vocab"):
-        return processing_class
-    return getattr(processing_class, "tokenizer", None)
 
 
 class DistillLensTrainer(Trainer):
@@ -96,8 +84,8 @@ class DistillLensTrainer(Trainer):
             )
         if model is not None:
             self._check_student_before_loading(model, args)
-        teacher_model, teacher_processing_class = self._resolve_teacher(
-            args, teacher_model, teacher_processing_class
+        teacher_model, teacher_processing_class = resolve_teacher(
+            args, teacher_model, teacher_processing_class, needs_teacher=self.objective.needs_teacher
         )
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
@@ -113,8 +101,8 @@ class DistillLensTrainer(Trainer):
             self.vocab_size = shared_vocab_size(
                 self.model,
                 self.teacher_model,
-                _tokenizer_of(self.processing_class),
-                _tokenizer_of(teacher_processing_class),
+                tokenizer_of(self.processing_class),
+                tokenizer_of(teacher_processing_class),
             )
             if self.objective.uses_hidden_states:
                 self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
@@ -130,8 +118,8 @@ class DistillLensTrainer(Trainer):
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
             if self.objective.feature_weight > 0:
                 self.feature_projector = self._build_feature_projector()
-        self._student_takes_position_ids = _accepts(self.model, "position_ids")
-        self._teacher_takes_position_ids = self.teacher_model is not None and _accepts(
+        self._student_takes_position_ids = forward_accepts(self.model, "position_ids")
+        self._teacher_takes_position_ids = self.teacher_model is not None and forward_accepts(
             self.teacher_model, "position_ids"
         )
         self.distillens_objective = DistillLensObjective.for_models(
@@ -147,8 +135,8 @@ class DistillLensTrainer(Trainer):
             compile_math=args.lens_compile,
         )
         # The fused output term reads the last hidden states; the models then need logits for one position only.
-        self._student_keeps_logits = _accepts(self.model, "logits_to_keep")
-        self._teacher_keeps_logits = self.teacher_model is not None and _accepts(
+        self._student_keeps_logits = forward_accepts(self.model, "logits_to_keep")
+        self._teacher_keeps_logits = self.teacher_model is not None and forward_accepts(
             self.teacher_model, "logits_to_keep"
         )
         self._output_heads_checked = False
@@ -184,34 +172,6 @@ class DistillLensTrainer(Trainer):
                 )
 
     # ----------------------------------------------------------------------------------------- teacher
-    def _resolve_teacher(
-        self, args: DistillLensConfig, teacher_model: Any, teacher_processing_class: Any
-    ) -> tuple[nn.Module | None, Any]:
-        if not self.objective.needs_teacher:
-            if teacher_model is not None or args.teacher_model_name_or_path:
-                logger.warning("kd_weight and lens_weight are 0 (plain SFT): the teacher is not used.")
-            return None, teacher_processing_class
-        teacher_model = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if teacher_model is None:
-            raise ValueError(
-                f"kd_weight={args.kd_weight} and lens_weight={args.lens_weight} need a teacher: pass teacher_model=... "
-                "or set teacher_model_name_or_path (for plain SFT: ce_weight=1, kd_weight=0, lens_weight=0)."
-            )
-        if isinstance(teacher_model, str):
-            path = teacher_model
-            teacher_model = load_teacher(
-                path,
-                resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16),
-                gguf_file=args.teacher_gguf_file,
-            )
-            if teacher_processing_class is None:
-                teacher_processing_class = load_teacher_tokenizer(path, args.teacher_gguf_file)
-        if not isinstance(teacher_model, nn.Module):
-            raise ValueError(
-                f"teacher_model is a {type(teacher_model).__name__}: pass a model, a folder or a hub id."
-            )
-        return teacher_model, teacher_processing_class
-
     def _kept_layers(self, args: DistillLensConfig) -> list[int] | None:
         """The teacher blocks the student was cut from, for ``lens_layer_map='shrunk'`` (else None)."""
         if args.lens_layer_map != "shrunk":
@@ -265,7 +225,7 @@ class DistillLensTrainer(Trainer):
     @torch.no_grad()
     def _teacher_forward(self, model_inputs: dict[str, Any], fused_output: bool = False) -> Any:
         self.teacher_model.eval()  # stays in eval mode whatever was called on the student
-        inputs = _with_position_ids(model_inputs, self._teacher_takes_position_ids)
+        inputs = with_position_ids(model_inputs, self._teacher_takes_position_ids)
         if fused_output and self._teacher_keeps_logits:
             inputs = {**inputs, "logits_to_keep": 1}
         return self.teacher_model(
@@ -289,7 +249,7 @@ class DistillLensTrainer(Trainer):
             return_outputs and self._eval_needs_logits
         )
         uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
-        student_inputs = _with_position_ids(model_inputs, self._student_takes_position_ids)
+        student_inputs = with_position_ids(model_inputs, self._student_takes_position_ids)
         if fused_output and self._student_keeps_logits:
             student_inputs = {**student_inputs, "logits_to_keep": 1}
         student_outputs = model(

@@ -73,3 +73,12 @@ def refuse_compute_loss_func(trainer_args: tuple[Any, ...], trainer_kwargs: dict
             "compute_loss_func is not used by DistillLensTrainer, whose loss is the DistillLens objective: drop it "
             "(use ce_weight for cross-entropy, label_smoothing_factor to smooth it)."
         )
+
+
+def tokenizer_of(processing_class: Any) -> Any | None:
+    """The tokenizer inside a processing class (a tokenizer itself, or a processor holding one)."""
+    if processing_class is None:
+        return None
+    if hasattr(processing_class, "get_vocab"):
+        return processing_class
+    return getattr(processing_class, "tokenizer", None)

@@ -229,11 +229,11 @@ def _add_layer_sums(sums: ModelLayerSums, layer_lp: torch.Tensor, jsd_beta: floa
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The ``hidden_states`` tuple of one forward pass (no grad, no cache) on a collated batch, on the model's device."""
-    from ..trainer import _accepts, _with_position_ids  # the trainer's own forward conventions
+    from ..modeling import forward_accepts, with_position_ids  # the trainer's own forward conventions
 
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
-    inputs = _with_position_ids(inputs, _accepts(model, "position_ids"))
+    inputs = with_position_ids(inputs, forward_accepts(model, "position_ids"))
     with torch.no_grad():
         return model(**inputs, output_hidden_states=True, use_cache=False).hidden_states
 
