@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-
-logger = logging.getLogger(__name__)
 
 PROMPT_TEMPLATES: tuple[str, ...] = ("alpaca", "chat", "plain")
 LONG_PROMPT_STRATEGIES: tuple[str, ...] = ("drop", "truncate_left")

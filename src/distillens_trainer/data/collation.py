@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -10,8 +9,6 @@ from typing import Any
 import torch
 
 from ..modeling import IGNORE_INDEX, resolve_pad_token_id
-
-logger = logging.getLogger(__name__)
 
 
 def _as_list(values: Any) -> list[int]:

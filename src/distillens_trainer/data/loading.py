@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 import datasets
 
 from .arguments import DataArguments
-
-logger = logging.getLogger(__name__)
 
 # File extension -> `datasets` packaged builder.
 FILE_BUILDERS: dict[str, str] = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}

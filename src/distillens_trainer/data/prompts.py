@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
@@ -10,8 +9,6 @@ from typing import Any
 import datasets
 
 from .arguments import PROMPT_TEMPLATES, DataArguments, check_choice
-
-logger = logging.getLogger(__name__)
 
 # The Alpaca-style template used by MiniLLM, DistiLLM and the DistillLens paper (non-Qwen models).
 ALPACA_PROMPT_WITH_INPUT = (

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..data import PROMPT_TEMPLATES
 from ..modeling import DTYPE_NAMES
 from .generation import GenerationSettings, require
-
-logger = logging.getLogger(__name__)
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
 

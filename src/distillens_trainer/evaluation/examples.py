@@ -3,13 +3,10 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
-
-logger = logging.getLogger(__name__)
 
 
 def references_of(example: dict[str, Any]) -> list[str]:

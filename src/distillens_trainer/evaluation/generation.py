@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -15,8 +14,6 @@ from transformers import GenerationConfig
 
 from ..limits import check_fits_context
 from ..modeling import resolve_pad_token_id, tokenizer_adds_bos, truncate_left
-
-logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

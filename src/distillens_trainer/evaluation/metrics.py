@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import logging
 import statistics
 import string
 from collections.abc import Sequence
 from functools import lru_cache
 
 from rouge_score import rouge_scorer
-
-logger = logging.getLogger(__name__)
 
 ROUGE_DESCRIPTION = (
     "ROUGE-L F-measure x100 (rouge_score, Porter stemmer, default tokenizer), max over references"
