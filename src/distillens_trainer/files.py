@@ -39,7 +39,3 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_t
         raise ValueError(
             f"output_dir={str(output_dir)!r} is not empty: {how_to_allow}, or choose another directory."
         )
-
-
-# The earlier name, kept for callers that still use it.
-refuse_non_empty_dir = check_output_dir

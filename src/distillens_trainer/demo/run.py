@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..files import refuse_non_empty_dir, write_json_atomic, write_text_atomic
+from ..files import check_output_dir, write_json_atomic, write_text_atomic
 from ..model_info import MODEL_INFO_NAME
 from .arguments import (
     BENCHMARK_EXACT_MATCH_RANGES,
@@ -71,7 +71,7 @@ def check_demo_output_dir(output_dir: str, overwrite: bool) -> None:
     """Refuse a non-empty output_dir, unless it is an earlier demo's (it holds the marker file) or overwriting
     was asked for."""
     earlier_demo = (Path(output_dir) / DEMO_MARKER_NAME).is_file()
-    refuse_non_empty_dir(
+    check_output_dir(
         output_dir,
         allowed=overwrite or earlier_demo,
         how_to_allow="pass --overwrite_output_dir to write into it anyway",

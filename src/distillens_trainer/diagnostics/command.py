@@ -17,7 +17,7 @@ import torch
 
 from ..data import DataArguments, build_datasets
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
-from ..files import refuse_non_empty_dir, write_json_atomic
+from ..files import check_output_dir, write_json_atomic
 from ..layer_map import LayerPair, resolve_layer_map
 from ..modeling import DTYPE_NAMES, check_dtype_name, freeze, num_hidden_layers
 from ..pipeline import ModelArguments, load_student, load_tokenizer
@@ -204,7 +204,7 @@ def _load_models(args: LensArguments, tokenizer: Any) -> tuple[torch.nn.Module, 
 
 def run_lens(args: LensArguments) -> dict[str, Any]:
     """Profile, write ``lens.json`` and the figures; returns the report (with ``figures`` added)."""
-    refuse_non_empty_dir(
+    check_output_dir(
         args.output_dir,
         allowed=args.overwrite_output_dir,
         how_to_allow="pass --overwrite_output_dir true to replace its lens files",
