@@ -15,7 +15,9 @@ Data: MiniLLM's Dolly splits in ``../shared/data/dolly`` (train rows from ``trai
 ``dev_1000.jsonl``, test prompts from ``test_500.jsonl``), prompts through the tokenizer's chat template.
 Scores: ROUGE-L and exact match (the MiniLLM scorer of ``distillens eval``) on the test prompts, and the per-layer
 logit-lens JSD of each student to the teacher on validation responses (``lens_jsd.png``: relative depth of the
-student layer vs JSD, one line per method). Summary: mean ± sample std over seeds and paired differences against
+student layer vs JSD, one line per method), and for the first seed of every student method the full
+``distillens lens`` profile against the teacher (``lens/<method>/lens.json``, heatmap, per-layer curves, entropy).
+Summary: mean ± sample std over seeds and paired differences against
 ``kd`` with 95% t intervals (``benchmarks/quality.py``'s statistics).
 
 Every finished (method, seed) writes ``runs/<method>_seed<seed>.json`` in ``--output_dir``: a rerun with the same
@@ -54,8 +56,11 @@ from distillens_trainer.demo import (
     set_threads,
     train_model,
 )
+from distillens_trainer.diagnostics.figures import write_figures
+from distillens_trainer.diagnostics.report import profile_models
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
+from distillens_trainer.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
 from distillens_trainer.models import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
 from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
 
@@ -237,6 +242,28 @@ def evaluate(model: Any, teacher: Any, suite: Suite, args: RealModelArguments, s
             )
     result["eval_time_s"] = round(time.perf_counter() - start, 1)
     return result
+
+
+def write_lens_diagnostics(
+    model: Any, teacher: Any, suite: Suite, args: RealModelArguments, folder: Path
+) -> None:
+    """``distillens lens``'s profile of one student against the teacher: ``folder/lens.json`` and its figures."""
+    kept = getattr(model.config, KEPT_LAYERS_CONFIG_KEY, None)
+    pairs = resolve_layer_map(
+        model.config.num_hidden_layers,
+        teacher.config.num_hidden_layers,
+        num_layers=args.lens_num_layers,
+        kept_layers=kept if args.lens_layer_map == "shrunk" else None,
+    )
+    with autocast(args):
+        report = profile_models(
+            model, teacher, suite.eval_dataset, suite.tokenizer, vocab_size=model.config.vocab_size,
+            mapped_pairs=pairs, batch_size=4, max_tokens=512, show_progress=False,
+            student_name=folder.name, teacher_name="SmolLM2-135M-Instruct",
+        )  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "lens.json", report)
+    write_figures(report, folder)
 
 
 def warm_start(student: Any, teacher: Any, suite: Suite, args: RealModelArguments) -> tuple[Any, dict]:
@@ -422,6 +449,8 @@ def run(args: RealModelArguments, command: str) -> dict[str, Any]:
             )
             record["final_lens_loss"] = trained.final_lens_loss
         record.update(evaluate(model, teacher, suite, args, seed if seed is not None else args.seeds[0]))
+        if method != "teacher" and seed in (None, args.seeds[0]):  # one lens profile per student method
+            write_lens_diagnostics(model, teacher, suite, args, Path(args.output_dir) / "lens" / method)
         write_json_atomic(run_file(args, method, seed), record)
         elapsed = time.perf_counter() - start
         eta = elapsed / (done + 1) * (len(jobs) - done - 1)
