@@ -61,8 +61,10 @@ from distillens_trainer.diagnostics.report import profile_models
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 from distillens_trainer.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
+from distillens_trainer.modeling import num_hidden_layers
 from distillens_trainer.models import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
 from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
+from distillens_trainer.teacher import shared_vocab_size
 
 logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
 
@@ -250,14 +252,15 @@ def write_lens_diagnostics(
     """``distillens lens``'s profile of one student against the teacher: ``folder/lens.json`` and its figures."""
     kept = getattr(model.config, KEPT_LAYERS_CONFIG_KEY, None)
     pairs = resolve_layer_map(
-        model.config.num_hidden_layers,
-        teacher.config.num_hidden_layers,
+        num_hidden_layers(model),
+        num_hidden_layers(teacher),
         num_layers=args.lens_num_layers,
         kept_layers=kept if args.lens_layer_map == "shrunk" else None,
     )
+    vocab_size = shared_vocab_size(model, teacher, suite.tokenizer, suite.tokenizer)
     with autocast(args):
         report = profile_models(
-            model, teacher, suite.eval_dataset, suite.tokenizer, vocab_size=model.config.vocab_size,
+            model, teacher, suite.eval_dataset, suite.tokenizer, vocab_size=vocab_size,
             mapped_pairs=pairs, batch_size=4, max_tokens=512, show_progress=False,
             student_name=folder.name, teacher_name="SmolLM2-135M-Instruct",
         )  # fmt: skip
