@@ -114,6 +114,20 @@ def test_train_and_eval_take_gguf_files_on_the_command_line(gguf_dir, tmp_path):
     assert report["results"][0]["num_examples"] == 2
 
 
+def test_the_lens_command_profiles_gguf_files(gguf_dir, tmp_path):
+    out = tmp_path / "lens"
+    argv = [
+        "lens", "--model_name_or_path", str(gguf_dir), "--gguf_file", "student.gguf",
+        "--teacher_model_name_or_path", str(gguf_dir), "--teacher_gguf_file", "teacher.gguf",
+        "--data_file", str(gguf_dir / "train.jsonl"), "--prompt_template", "plain", "--output_dir", str(out),
+        "--max_samples", "4", "--max_length", "64", "--max_prompt_length", "32", "--device", "cpu",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "lens.json").read_text())
+    assert report["student"]["name"] == "student.gguf" and report["teacher"]["name"] == "teacher.gguf"
+    assert report["student"]["num_layers"] == 2 and report["teacher"]["num_layers"] == 4
+
+
 @pytest.mark.parametrize(
     ("argv_tail", "words"),
     [

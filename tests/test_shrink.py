@@ -12,6 +12,7 @@ import transformers
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
 from distillens_trainer.layer_map import resolve_layer_map
+from distillens_trainer.model_info import MODEL_INFO_NAME, recorded_prompt_template, write_model_info
 from distillens_trainer.shrink import BLOCK_PATHS, evenly_spaced_layers, shrink_model
 
 from conftest import tiny_llama
@@ -173,6 +174,43 @@ def test_the_command_writes_a_loadable_model_with_tokenizer_and_recorded_blocks(
     teacher = transformers.AutoModelForCausalLM.from_pretrained(qwen2_folder)
     student = transformers.AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(student(IDS).logits, _hand_built(teacher, [0, 3, 5])(IDS).logits)
+
+
+@pytest.mark.parametrize(
+    ("recorded", "chat_template", "expected"),
+    [
+        ("plain", None, "plain"),
+        (None, "{{ messages }}", "chat"),
+        ("alpaca", "{{ messages }}", "alpaca"),
+        (None, None, None),
+    ],
+)
+def test_the_shrunk_model_inherits_the_prompt_format(
+    qwen2_folder, tmp_path, recorded, chat_template, expected
+):
+    if recorded is not None:
+        write_model_info(qwen2_folder, prompt_template=recorded)
+    if chat_template is not None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(qwen2_folder)
+        tokenizer.chat_template = chat_template
+        tokenizer.save_pretrained(qwen2_folder)
+    out = tmp_path / "student"
+    assert (
+        main(
+            [
+                "shrink",
+                "--model_name_or_path",
+                str(qwen2_folder),
+                "--num_layers",
+                "2",
+                "--output_dir",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert recorded_prompt_template(out) == expected
+    assert (out / MODEL_INFO_NAME).is_file() == (expected is not None)
 
 
 @pytest.mark.parametrize(

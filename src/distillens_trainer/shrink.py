@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 
 from .files import check_output_dir
 from .layer_map import KEPT_LAYERS_CONFIG_KEY
+from .model_info import recorded_prompt_template, write_model_info
 from .modeling import DTYPE_NAMES, check_dtype_name, torch_dtype
 from .models import load_causal_lm, load_tokenizer_from
 
@@ -167,7 +168,18 @@ class ShrinkArguments:
         check_dtype_name("dtype", self.dtype)
 
 
-def _save_atomically(model: PreTrainedModel, tokenizer: object | None, output_dir: Path) -> None:
+def prompt_format_of(model_name_or_path: str, tokenizer: object | None) -> str | None:
+    """The prompt format the shrunk model inherits: the source's recorded one, else ``chat`` when its tokenizer
+    has a chat template (an instruct model), else None (nothing recorded)."""
+    recorded = recorded_prompt_template(model_name_or_path)
+    if recorded is not None:
+        return recorded
+    return "chat" if getattr(tokenizer, "chat_template", None) else None
+
+
+def _save_atomically(
+    model: PreTrainedModel, tokenizer: object | None, output_dir: Path, prompt_template: str | None
+) -> None:
     """Write into a temporary sibling folder, then move it in place: a failure leaves ``output_dir`` as it was."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
@@ -175,6 +187,8 @@ def _save_atomically(model: PreTrainedModel, tokenizer: object | None, output_di
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
+        if prompt_template is not None:
+            write_model_info(staging, prompt_template=prompt_template)
         if output_dir.is_dir():
             for item in staging.iterdir():
                 os.replace(item, output_dir / item.name)
@@ -204,6 +218,10 @@ def run_shrink(args: ShrinkArguments) -> PreTrainedModel:
         logger.warning(
             "no tokenizer found beside %s: the shrunk model is written without one.", args.model_name_or_path
         )
-    _save_atomically(shrunk, tokenizer, Path(args.output_dir))
-    logger.info("kept blocks %s of %d -> %s", keep_layers, len(blocks), args.output_dir)
+    prompt_template = prompt_format_of(args.model_name_or_path, tokenizer)
+    _save_atomically(shrunk, tokenizer, Path(args.output_dir), prompt_template)
+    logger.info(
+        "kept blocks %s of %d -> %s (prompt format %s)",
+        keep_layers, len(blocks), args.output_dir, prompt_template or "not recorded",
+    )  # fmt: skip
     return shrunk

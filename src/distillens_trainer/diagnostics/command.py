@@ -67,6 +67,17 @@ class LensArguments:
         default=None,
         metadata={"help": "Teacher model (folder or hub id); without it the student is profiled alone."},
     )
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Profile the model in this GGUF file inside model_name_or_path (de-quantised; the tokenizer "
+            "too unless tokenizer_name_or_path is given). Needs the gguf extra."
+        },
+    )
+    teacher_gguf_file: str | None = field(
+        default=None,
+        metadata={"help": "The teacher's GGUF file inside teacher_model_name_or_path (de-quantised)."},
+    )
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
     )
@@ -150,6 +161,10 @@ class LensArguments:
         check_dtype_name("dtype", self.dtype)
         if self.teacher_model_name_or_path is None and (self.lens_student_layers or self.lens_teacher_layers):
             raise ValueError("lens_student_layers/lens_teacher_layers need --teacher_model_name_or_path.")
+        if self.teacher_model_name_or_path is None and self.teacher_gguf_file:
+            raise ValueError(
+                "teacher_gguf_file needs --teacher_model_name_or_path (the folder that holds it)."
+            )
         self.data_arguments()  # the formatting fields are checked where training checks them
 
     def data_arguments(self) -> DataArguments:
@@ -185,6 +200,7 @@ def _load_models(args: LensArguments, tokenizer: Any) -> tuple[torch.nn.Module, 
     student = load_student(
         ModelArguments(
             model_name_or_path=args.model_name_or_path,
+            gguf_file=args.gguf_file,
             model_dtype=args.dtype,
             trust_remote_code=args.trust_remote_code,
         )
@@ -195,10 +211,11 @@ def _load_models(args: LensArguments, tokenizer: Any) -> tuple[torch.nn.Module, 
     teacher = load_teacher(
         args.teacher_model_name_or_path,
         resolve_teacher_dtype(args.dtype),
+        gguf_file=args.teacher_gguf_file,
         trust_remote_code=args.trust_remote_code,
     )
     teacher = freeze(teacher).to(device)
-    teacher_tokenizer = load_teacher_tokenizer(args.teacher_model_name_or_path)
+    teacher_tokenizer = load_teacher_tokenizer(args.teacher_model_name_or_path, args.teacher_gguf_file)
     return student, teacher, shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
 
 
@@ -209,7 +226,11 @@ def run_lens(args: LensArguments) -> dict[str, Any]:
         allowed=args.overwrite_output_dir,
         how_to_allow="pass --overwrite_output_dir true to replace its lens files",
     )
-    tokenizer = load_tokenizer(args.tokenizer_name_or_path or args.model_name_or_path, args.trust_remote_code)
+    tokenizer = load_tokenizer(
+        args.tokenizer_name_or_path or args.model_name_or_path,
+        args.trust_remote_code,
+        gguf_file=None if args.tokenizer_name_or_path else args.gguf_file,
+    )
     dataset, _ = build_datasets(args.data_arguments(), tokenizer)
     student, teacher, vocab_size = _load_models(args, tokenizer)
     mapped = (
@@ -230,8 +251,8 @@ def run_lens(args: LensArguments) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         chunk_size=args.token_chunk_size,
-        student_name=Path(args.model_name_or_path).name or args.model_name_or_path,
-        teacher_name=Path(args.teacher_model_name_or_path or "teacher").name,
+        student_name=Path(args.gguf_file or args.model_name_or_path).name or args.model_name_or_path,
+        teacher_name=Path(args.teacher_gguf_file or args.teacher_model_name_or_path or "teacher").name,
     )
     report["settings"] = dataclasses.asdict(args)
     output_dir = Path(args.output_dir)
