@@ -85,9 +85,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
         "batch_size": 2, "max_length": 128, "max_prompt_length": 96, "max_new_tokens": 16, "do_sample": False,
     },
-    "default": {  # about 80 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
+    "default": {  # about 75 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
         "seeds": [0, 1, 2], "num_train": 1000, "num_validation": 32, "num_test": 100, "warmup_steps": 100,
-        "steps": 30, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
+        "steps": 100, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False,
     },
     "gpu": {
