@@ -123,19 +123,19 @@ def mean_std(values: list[float]) -> dict[str, float]:
     }
 
 
-def paired_difference(differences: list[float]) -> dict[str, Any]:
-    """Mean paired difference with a two-sided 95% t interval over seeds."""
+def paired_difference(differences: list[float], digits: int = 3) -> dict[str, Any]:
+    """Mean paired difference with a two-sided 95% t interval over seeds, rounded to ``digits``."""
     n = len(differences)
     mean = statistics.fmean(differences)
     std = statistics.stdev(differences) if n > 1 else 0.0
     t = t_quantile_975(n - 1)
     half_width = t * std / math.sqrt(n)
     return {
-        "per_seed": [round(value, 3) for value in differences],
-        "mean": round(mean, 3),
-        "std": round(std, 3),
+        "per_seed": [round(value, digits) for value in differences],
+        "mean": round(mean, digits),
+        "std": round(std, digits),
         "t_975": round(t, 4),
-        "ci95": [round(mean - half_width, 3), round(mean + half_width, 3)],
+        "ci95": [round(mean - half_width, digits), round(mean + half_width, digits)],
         "n": n,
     }
 

@@ -73,6 +73,10 @@ SPLIT_FILES = {"train": "train_11435.jsonl", "validation": "dev_1000.jsonl", "te
 STUDENT_METHODS = ("sft", "kd", "distillens", "distillens_skl")
 BASELINE = "kd"
 METRICS = ("rougeL", "exact_match")
+# Teacher-forced scores on the validation responses (from the lens profile; lower is better): the student's
+# output JSD to the teacher and its cross-entropy on the reference responses. Far less noisy than generation
+# scores while the students still write poor text.
+TEACHER_FORCED = {"output_jsd": "final", "validation_ce": "student_ce"}
 OBJECTIVES: dict[str, dict[str, Any]] = {
     "warm_start": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "fkl", "lens_weight": 0.0},
     "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
@@ -346,8 +350,10 @@ def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any
                     round(statistics.fmean(p["divergence"][i] for p in profiles), 5)
                     for i in range(num_layers)
                 ],
-                "output_jsd": mean_std([p["final"] for p in profiles]),
             }
+            for name, key in TEACHER_FORCED.items():
+                if all(key in p for p in profiles):
+                    entry[name] = mean_std([p[key] for p in profiles])
         methods[method] = entry
     paired: dict[str, Any] = {}
     for method in table:
@@ -355,12 +361,16 @@ def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any
             continue
         common = [seed for seed in args.seeds if seed in table[method] and seed in table[BASELINE]]
         if len(common) >= 2:
+            runs, baseline = [table[method][s] for s in common], [table[BASELINE][s] for s in common]
             paired[f"{method} - {BASELINE}"] = {
-                metric: paired_difference(
-                    [table[method][s][metric] - table[BASELINE][s][metric] for s in common]
-                )
+                metric: paired_difference([run[metric] - base[metric] for run, base in zip(runs, baseline)])
                 for metric in METRICS
             } | {"seeds": common}
+            for name, key in TEACHER_FORCED.items():
+                if all(key in run.get("lens", {}) for run in runs + baseline):
+                    paired[f"{method} - {BASELINE}"][name] = paired_difference(
+                        [run["lens"][key] - base["lens"][key] for run, base in zip(runs, baseline)], digits=5
+                    )
     return {"methods": methods, "paired": paired}
 
 
@@ -390,22 +400,36 @@ def plot_lens_jsd(methods: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
+def _mean_std_cell(entry: dict[str, Any] | None, digits: int) -> str:
+    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if entry else "-"
+
+
+def _interval_cell(diff: dict[str, Any] | None, digits: int) -> str:
+    if diff is None:
+        return "-"
+    low, high = diff["ci95"]
+    return f"{diff['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
 def markdown(report: dict[str, Any]) -> str:
-    lines = [f"Command: `{report['command']}`", "", "| method | ROUGE-L | exact match | output JSD | seeds |"]
-    lines.append("|---|---|---|---|---|")
+    """``results.md``: generation scores (×100) and teacher-forced validation scores, then paired differences."""
+    digits = {"rougeL": 2, "exact_match": 2, "output_jsd": 4, "validation_ce": 3}
+    lines = [
+        f"Command: `{report['command']}`",
+        "",
+        "| method | ROUGE-L | exact match | output JSD | validation CE | seeds |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, entry in report["methods"].items():
-        jsd = entry.get("lens_jsd", {}).get("output_jsd")
-        output_jsd = f"{jsd['mean']:.4f}" if jsd else "-"
-        lines.append(
-            f"| {name} | {entry['rougeL']['mean']:.2f} ± {entry['rougeL']['std']:.2f} | "
-            f"{entry['exact_match']['mean']:.2f} ± {entry['exact_match']['std']:.2f} | "
-            f"{output_jsd} | {len(entry['seeds'])} |"
-        )
-    lines += ["", "| paired difference | ROUGE-L [95% CI] | exact match [95% CI] |", "|---|---|---|"]
+        cells = [_mean_std_cell(entry.get(metric), places) for metric, places in digits.items()]
+        lines.append(f"| {name} | {' | '.join(cells)} | {len(entry['seeds'])} |")
+    lines += [
+        "",
+        "| paired difference | ROUGE-L [95% CI] | exact match [95% CI] | output JSD [95% CI] | validation CE [95% CI] |",
+        "|---|---|---|---|---|",
+    ]
     for name, diff in report["paired"].items():
-        cells = [
-            f"{d['mean']:+.2f} [{d['ci95'][0]:+.2f}, {d['ci95'][1]:+.2f}]" for d in (diff[m] for m in METRICS)
-        ]
+        cells = [_interval_cell(diff.get(metric), places) for metric, places in digits.items()]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 

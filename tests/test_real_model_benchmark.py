@@ -18,10 +18,17 @@ def _args(tmp_path: Path, **overrides) -> real_model.RealModelArguments:
     return real_model.RealModelArguments(output_dir=str(tmp_path), preset="smoke", bf16=False, **overrides)
 
 
-def _write_run(args, method: str, seed: int | None, rouge: float, exact_match: float) -> None:
+def _write_run(
+    args, method: str, seed: int | None, rouge: float, exact_match: float, output_jsd: float = 0.2
+) -> None:
     run = {"method": method, "seed": seed, "rougeL": rouge, "exact_match": exact_match}
     if method != "teacher":
-        run["lens"] = {"pairs": [[1, 3], [2, 6]], "divergence": [0.4, 0.2], "final": 0.2}
+        run["lens"] = {
+            "pairs": [[1, 3], [2, 6]],
+            "divergence": [0.4, 0.2],
+            "final": output_jsd,
+            "student_ce": 3.0,
+        }
     path = real_model.run_file(args, method, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run))
@@ -54,8 +61,8 @@ def test_the_summary_pairs_each_method_with_kd_by_seed(tmp_path):
     args = _args(tmp_path, seeds=[0, 1, 2], methods=["kd", "distillens"])
     _write_run(args, "teacher", None, 20.0, 5.0)
     for seed, (kd, dl) in enumerate([(10.0, 11.0), (12.0, 14.0), (11.0, 14.0)]):
-        _write_run(args, "kd", seed, kd, 1.0)
-        _write_run(args, "distillens", seed, dl, 1.0)
+        _write_run(args, "kd", seed, kd, 1.0, output_jsd=0.2)
+        _write_run(args, "distillens", seed, dl, 1.0, output_jsd=0.2 - 0.0001 * (seed + 1))
     summary = real_model.summarise(args, real_model.runs_by_method(args))
     teacher = summary["methods"]["teacher"]
     assert teacher["rougeL"]["per_seed"] == [20.0, 20.0, 20.0] and "lens_jsd" not in teacher
@@ -65,7 +72,16 @@ def test_the_summary_pairs_each_method_with_kd_by_seed(tmp_path):
     assert diff["per_seed"] == [1.0, 2.0, 3.0] and diff["ci95"] == pytest.approx([-0.484, 4.484], abs=2e-3)
     lens = summary["methods"]["kd"]["lens_jsd"]
     assert lens["relative_depth"] == [0.5, 1.0] and lens["mean"] == [0.4, 0.2]
-    assert "| distillens - kd | +2.00 [-0.48, +4.48]" in real_model.markdown({"command": "c", **summary})
+    # teacher-forced scores: means per method, and paired differences kept to 5 decimals (JSD moves by 1e-3)
+    assert summary["methods"]["kd"]["validation_ce"]["mean"] == 3.0 and "output_jsd" not in teacher
+    jsd = summary["paired"]["distillens - kd"]["output_jsd"]
+    assert jsd["per_seed"] == pytest.approx([-0.0001, -0.0002, -0.0003]) and jsd["mean"] == pytest.approx(
+        -0.0002
+    )
+    table = real_model.markdown({"command": "c", **summary})
+    assert jsd["ci95"] == pytest.approx([-0.00045, 0.00005], abs=1e-5)  # 4.303 * 0.0001 / sqrt(3) = 0.00025
+    assert "| distillens - kd | +2.00 [-0.48, +4.48] | +0.00 [+0.00, +0.00] | -0.0002 [" in table
+    assert "| teacher | 20.00 ± 0.00 | 5.00 ± 0.00 | - | - | 3 |" in table
 
 
 def test_a_rerun_with_other_settings_is_refused(tmp_path):
