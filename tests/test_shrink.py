@@ -142,6 +142,10 @@ def test_the_trainer_uses_the_shrunk_map_and_refuses_it_for_an_uncut_student(tmp
         )
 
 
+def _shrink_argv(model_dir: Path, output_dir: Path, *extra: str) -> list[str]:
+    return ["shrink", "--model_name_or_path", str(model_dir), "--output_dir", str(output_dir), *extra]
+
+
 @pytest.fixture
 def qwen2_folder(tmp_path, gpt2_tokenizer) -> Path:
     model = _tiny("qwen2", num_layers=6)
@@ -154,16 +158,7 @@ def test_the_command_writes_a_loadable_model_with_tokenizer_and_recorded_blocks(
     qwen2_folder, tmp_path, capsys
 ):
     out = tmp_path / "student"
-    argv = [
-        "shrink",
-        "--model_name_or_path",
-        str(qwen2_folder),
-        "--num_layers",
-        "3",
-        "--output_dir",
-        str(out),
-    ]
-    assert main(argv) == 0
+    assert main(_shrink_argv(qwen2_folder, out, "--num_layers", "3")) == 0
     assert "kept blocks [0, 3, 5]" in capsys.readouterr().out
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] == 3 and config["distillens_kept_layers"] == [0, 3, 5]
@@ -195,20 +190,7 @@ def test_the_shrunk_model_inherits_the_prompt_format(
         tokenizer.chat_template = chat_template
         tokenizer.save_pretrained(qwen2_folder)
     out = tmp_path / "student"
-    assert (
-        main(
-            [
-                "shrink",
-                "--model_name_or_path",
-                str(qwen2_folder),
-                "--num_layers",
-                "2",
-                "--output_dir",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(_shrink_argv(qwen2_folder, out, "--num_layers", "2")) == 0
     assert recorded_prompt_template(out) == expected
     assert (out / MODEL_INFO_NAME).is_file() == (expected is not None)
 
@@ -226,9 +208,7 @@ def test_the_shrunk_model_inherits_the_prompt_format(
 )
 def test_bad_shrink_input_is_one_line_and_writes_nothing(qwen2_folder, tmp_path, capsys, extra, code, words):
     out = tmp_path / "student"
-    assert (
-        main(["shrink", "--model_name_or_path", str(qwen2_folder), "--output_dir", str(out), *extra]) == code
-    )
+    assert main(_shrink_argv(qwen2_folder, out, *extra)) == code
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("distillens shrink: error:") and words in error, error
     assert not out.exists()
@@ -248,15 +228,6 @@ def test_a_non_empty_output_dir_is_refused_and_kept(qwen2_folder, tmp_path, caps
     out = tmp_path / "student"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    argv = [
-        "shrink",
-        "--model_name_or_path",
-        str(qwen2_folder),
-        "--num_layers",
-        "2",
-        "--output_dir",
-        str(out),
-    ]
-    assert main(argv) == 1
+    assert main(_shrink_argv(qwen2_folder, out, "--num_layers", "2")) == 1
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
