@@ -13,7 +13,8 @@ for every seed (= data order), every method trains for the same steps on the sam
 
 Data: MiniLLM's Dolly splits in ``../shared/data/dolly`` (train rows from ``train_11435.jsonl``, validation from
 ``dev_1000.jsonl``, test prompts from ``test_500.jsonl``), prompts through the tokenizer's chat template.
-Scores: ROUGE-L and exact match (the MiniLLM scorer of ``distillens eval``) on the test prompts, and the per-layer
+Scores: ROUGE-L and exact match (the MiniLLM scorer of ``distillens eval``) on the test prompts; teacher-forced on
+validation responses, the output JSD to the teacher and the cross-entropy on the references; and the per-layer
 logit-lens JSD of each student to the teacher on validation responses (``lens_jsd.png``: relative depth of the
 student layer vs JSD, one line per method), and for the first seed of every student method the full
 ``distillens lens`` profile against the teacher (``lens/<method>/lens.json``, heatmap, per-layer curves, entropy).
