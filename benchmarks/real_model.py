@@ -23,7 +23,7 @@ Summary: mean ± sample std over seeds and paired differences against
 
 Every finished (method, seed) writes ``runs/<method>_seed<seed>.json`` in ``--output_dir``: a rerun with the same
 settings skips those, so a run can be finished in parts. Presets: ``smoke`` (minutes, proves the pipeline),
-``default`` (sized for about 90 minutes on a 2-core CPU with bf16 autocast), ``gpu`` (the paper's protocol: full
+``default`` (about 73 minutes on an idle 2-core CPU with bf16 autocast), ``gpu`` (the paper's protocol: full
 train split, full test set, 5 seeds, sampled decoding). Any field given on the command line wins over the preset::
 
     PYTHONPATH=src python benchmarks/real_model.py --output_dir benchmarks/results/real_model
@@ -90,7 +90,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
         "batch_size": 2, "max_length": 128, "max_prompt_length": 96, "max_new_tokens": 16, "do_sample": False,
     },
-    "default": {  # about 75 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
+    "default": {  # about 73 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
         "seeds": [0, 1, 2], "num_train": 1000, "num_validation": 32, "num_test": 100, "warmup_steps": 100,
         "steps": 100, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False,
