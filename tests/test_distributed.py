@@ -24,7 +24,9 @@ import pytest
 import torch
 from torch import nn
 
+from distillens_trainer import cli
 from distillens_trainer.distributed import (
+    end_process_group,
     is_fsdp_enabled,
     is_zero3_enabled,
     prepare_teacher,
@@ -161,6 +163,57 @@ def test_prepare_teacher_rejects_a_partitioned_teacher_outside_zero3():
         prepare_teacher(teacher, _args(), _accelerator(zero_stage=2))
 
 
+@pytest.fixture
+def process_group(tmp_path):
+    """A one-process gloo group, as a launcher leaves one; destroyed afterwards if a test did not."""
+    torch.distributed.init_process_group(
+        "gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    yield
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+@pytest.fixture
+def barriers(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    barrier = torch.distributed.barrier
+    monkeypatch.setattr(torch.distributed, "barrier", lambda *a, **k: (calls.append(1), barrier(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("wait_for_peers", [True, False])
+def test_end_process_group_destroys_the_launchers_group(process_group, barriers, wait_for_peers):
+    end_process_group(wait_for_peers=wait_for_peers)
+    assert not torch.distributed.is_initialized()
+    assert len(barriers) == int(wait_for_peers)
+
+
+def test_end_process_group_without_a_group_does_nothing(barriers):
+    assert not torch.distributed.is_initialized()
+    end_process_group(wait_for_peers=True)
+    assert not torch.distributed.is_initialized() and not barriers
+
+
+def _finish(argv):
+    return 0
+
+
+def _fail(argv):
+    raise ValueError("bad --field: pass a good one")
+
+
+@pytest.mark.parametrize(("run", "exit_code", "barrier_calls"), [(_finish, 0, 1), (_fail, 1, 0)])
+def test_cli_ends_the_process_group_before_exiting(
+    process_group, barriers, monkeypatch, run, exit_code, barrier_calls
+):
+    # Left to interpreter shutdown, gloo's threads now and then abort a finished rank (SIGABRT).
+    monkeypatch.setitem(cli.COMMANDS, "train", cli.Command(run, "stand-in"))
+    assert cli.main(["train"]) == exit_code
+    assert not torch.distributed.is_initialized()
+    assert len(barriers) == barrier_calls  # an error path does not wait for peers that may never come
+
+
 # --------------------------------------------------------------------------------------------- multi-process
 distributed = pytest.mark.distributed
 needs_deepspeed = pytest.mark.skipif(not HAS_DEEPSPEED, reason="deepspeed is not installed")
@@ -208,9 +261,16 @@ def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             returncode = None
-    tail = "\n".join(log.read_text(errors="replace").splitlines()[-40:])
-    assert returncode == 0, f"{' '.join(command)} failed (exit {returncode}):\n{tail}"
+    assert returncode == 0, f"{' '.join(command)} failed (exit {returncode}):\n{_distinct_tail(log)}"
     return json.loads((out / "result.json").read_text())
+
+
+def _distinct_tail(log: Path, lines: int = 60) -> str:
+    """The log's last lines, each distinct line once: the ranks repeat the same warnings hundreds of times,
+    which would push the worker's own last words (e.g. an abort at exit) out of a plain tail."""
+    text = log.read_text(errors="replace")
+    distinct = dict.fromkeys(line for line in text.splitlines() if line.strip())
+    return "\n".join(list(distinct)[-lines:])
 
 
 def _torchrun(out: Path, models: Path, *extra: str) -> dict:

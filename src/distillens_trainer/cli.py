@@ -285,8 +285,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return USAGE_ERROR
+    exit_code = RUN_ERROR
     try:
-        return COMMANDS[name].run(rest)
+        exit_code = COMMANDS[name].run(rest)
+        return exit_code
     except CommandLineError as error:
         print(f"distillens {name}: error: {error}", file=sys.stderr)
         return USAGE_ERROR
@@ -299,6 +301,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
+    finally:
+        _end_process_group(wait_for_peers=exit_code == 0)
+
+
+def _end_process_group(*, wait_for_peers: bool) -> None:
+    """Destroy the process group of a run under torchrun, ``deepspeed`` or ``accelerate launch`` before exiting
+    (see :func:`distributed.end_process_group`); a command that never imported torch has none."""
+    if "torch" in sys.modules:
+        from .distributed import end_process_group
+
+        end_process_group(wait_for_peers=wait_for_peers)
 
 
 def _one_line(error: BaseException) -> str:

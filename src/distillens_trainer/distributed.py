@@ -8,6 +8,8 @@
   device, in the resolved teacher dtype (ZeRO-1/2 shard only optimizer states and gradients, which a
   frozen teacher does not have).
 * FSDP: refused; shard a large teacher with DeepSpeed ZeRO-3 instead.
+
+:func:`end_process_group` ends a launched run's process group before the process exits (the CLI does).
 """
 
 from __future__ import annotations
@@ -256,8 +258,26 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
     return teacher.to(device) if device is not None else teacher
 
 
+# --------------------------------------------------------------------------------------------- shutdown
+def end_process_group(*, wait_for_peers: bool) -> None:
+    """Destroy the default process group that a launcher (torchrun, ``deepspeed``, ``accelerate launch``) made.
+
+    A script should do this before it exits: left to interpreter finalisation, gloo's worker threads now and
+    then outlive it and the process aborts (``terminate called without an active exception``, SIGABRT) after
+    a run that finished, so the launcher reports a failure. ``wait_for_peers`` first waits at a barrier so that
+    no rank tears down while another is still in its last collective; pass False on an error path, where a
+    peer may never arrive. Without a process group this does nothing.
+    """
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    if wait_for_peers:
+        torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
 __all__ = [
     "deepspeed_config_of",
+    "end_process_group",
     "is_fsdp_enabled",
     "is_partitioned",
     "is_zero3_enabled",

@@ -362,6 +362,9 @@ def main(argv: list[str] | None = None) -> None:
         teacher_object=options.teacher_object,
         teacher_dtype=options.teacher_dtype,
     )
+    from distillens_trainer.distributed import end_process_group
+
+    end_process_group(wait_for_peers=True)  # as the CLI does: gloo left to exit may abort a finished rank
 
 
 if __name__ == "__main__":
