@@ -245,10 +245,8 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    command = [*launcher, str(HELPER), "train", "--models", str(models), "--out", str(out), *extra]
-    log = out / "launch.log"
+def _run_logged(command: list[str], log: Path) -> None:
+    """Run a launcher with its output in ``log``; fail with the log's last words if it fails or hangs."""
     with log.open("w") as handle:
         # A session of its own, so a hang (e.g. ranks out of lockstep under ZeRO-3) can be ended with
         # every worker process, not only the launcher.
@@ -262,6 +260,12 @@ def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
             process.wait()
             returncode = None
     assert returncode == 0, f"{' '.join(command)} failed (exit {returncode}):\n{_distinct_tail(log)}"
+
+
+def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [*launcher, str(HELPER), "train", "--models", str(models), "--out", str(out), *extra]
+    _run_logged(command, out / "launch.log")
     return json.loads((out / "result.json").read_text())
 
 
@@ -273,10 +277,13 @@ def _distinct_tail(log: Path, lines: int = 60) -> str:
     return "\n".join(list(distinct)[-lines:])
 
 
-def _torchrun(out: Path, models: Path, *extra: str) -> dict:
+def _torchrun_launcher() -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    launcher += ["--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-    return _launch(launcher, out, models, *extra)
+    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+
+
+def _torchrun(out: Path, models: Path, *extra: str) -> dict:
+    return _launch(_torchrun_launcher(), out, models, *extra)
 
 
 def _steps(result: dict) -> list[dict]:
@@ -452,3 +459,25 @@ def test_evaluate_under_deepspeed(run, single, request):
     if run == "zero3":  # RougeEvalCallback: generation under ZeRO-3 (synced_gpus) on both ranks
         assert 0.0 <= metrics["eval_rougeL"] <= 100.0
         assert "eval_exact_match" in metrics
+
+
+@distributed
+def test_cli_train_under_torchrun_finishes_cleanly_and_reports_once(models, tmp_path):
+    # DDP over gloo (--use_cpu: without it HF runs each CPU process on its own; DeepSpeed would need the test
+    # helper's CPU shim): the CLI's own exit path under a launcher.
+    rows = [{"instruction": f"Repeat w{i}", "input": "", "output": f"w{i} w{i + 1}"} for i in range(8)]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "student"
+    command = [*_torchrun_launcher(), "-m", "distillens_trainer.cli", "train"]
+    command += ["--model_name_or_path", str(models / "student"), "--output_dir", str(out)]
+    command += ["--teacher_model_name_or_path", str(models / "teacher"), "--train_file", str(train_file)]
+    command += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--lens_num_layers", "2"]
+    command += ["--prompt_template", "plain", "--max_length", "32", "--max_prompt_length", "16"]
+    command += ["--use_cpu", "true", "--report_to", "none"]
+    log = tmp_path / "launch.log"
+    _run_logged(command, log)
+    assert (out / "model.safetensors").exists()
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    summaries = [line for line in log.read_text().splitlines() if line.startswith("distillens train:")]
+    assert len(summaries) == 1, summaries  # the main process speaks for the run

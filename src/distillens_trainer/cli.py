@@ -188,7 +188,9 @@ def _train(argv: Sequence[str]) -> int:
         [("teacher", teacher), ("student", model_args.model_name_or_path)],
     )
     run_training(model_args, data_args, training_args)
-    print(output_summary(training_args, data_args.prompt_template, output_dir_given="output_dir" in given))
+    summary = output_summary(training_args, data_args.prompt_template, output_dir_given="output_dir" in given)
+    if training_args.process_index == 0:  # one line for the run, not one per rank
+        print(summary)
     return 0
 
 
