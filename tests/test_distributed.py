@@ -478,6 +478,7 @@ def test_cli_train_under_torchrun_finishes_cleanly_and_reports_once(models, tmp_
     log = tmp_path / "launch.log"
     _run_logged(command, log)
     assert (out / "model.safetensors").exists()
-    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert (state["global_step"], state["epoch"]) == (2, 1.0)  # 2 ranks x 2 rows: the 8 rows in 2 steps
     summaries = [line for line in log.read_text().splitlines() if line.startswith("distillens train:")]
     assert len(summaries) == 1, summaries  # the main process speaks for the run
