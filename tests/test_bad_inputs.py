@@ -159,6 +159,19 @@ def test_a_failing_run_into_an_existing_output_dir_keeps_its_checkpoint(workspac
     assert sorted(p.name for p in (workspace / "previous_run").iterdir()) == ["checkpoint-7"]
 
 
+def test_a_launch_whose_processes_would_train_alone_is_refused(workspace, tmp_path, capsys, monkeypatch):
+    # As torchrun leaves a CPU-only rank without --use_cpu: WORLD_SIZE=2, but a Trainer world of one.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    argv = _argv(workspace, tmp_path / "run")
+    at = argv.index("--use_cpu")
+    del argv[at : at + 2]
+    assert main(argv) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("distillens train: error: launched as 2 processes, but each would train alone")
+    assert "--use_cpu true" in line
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
     assert main(_argv(workspace, tmp_path / "run", teacher="teacher_padded")) == 0, capsys.readouterr().err
     student = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run")

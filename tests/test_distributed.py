@@ -242,6 +242,7 @@ def _env() -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     env.pop("ACCELERATE_USE_DEEPSPEED", None)
+    env["PYTHONFAULTHANDLER"] = "1"  # a worker that crashes prints every thread's Python stack into the log
     return env
 
 

@@ -258,6 +258,23 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
     return teacher.to(device) if device is not None else teacher
 
 
+# --------------------------------------------------------------------------------------------- launch
+def check_launched_world_size(trainer_args: Any) -> None:
+    """Refuse a launch whose processes would each train alone.
+
+    A launcher (torchrun, ``deepspeed``, ``accelerate launch``) sets ``WORLD_SIZE``; on a machine without a
+    GPU, ``TrainingArguments`` only joins the processes with ``use_cpu=True`` (DDP over gloo) and otherwise
+    gives each a world of one, so N copies of the same run would write the same ``output_dir``.
+    """
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and trainer_args.world_size == 1:
+        raise ValueError(
+            f"launched as {launched} processes, but each would train alone (no GPU backend joined them) into the "
+            "same output_dir: on a CPU-only machine pass --use_cpu true (DDP over gloo, without --deepspeed), "
+            "or launch on GPUs."
+        )
+
+
 # --------------------------------------------------------------------------------------------- shutdown
 def end_process_group(*, wait_for_peers: bool) -> None:
     """Destroy the default process group that a launcher (torchrun, ``deepspeed``, ``accelerate launch``) made.
@@ -276,6 +293,7 @@ def end_process_group(*, wait_for_peers: bool) -> None:
 
 
 __all__ = [
+    "check_launched_world_size",
     "deepspeed_config_of",
     "end_process_group",
     "is_fsdp_enabled",

@@ -13,6 +13,7 @@ from transformers import PreTrainedModel, TrainerCallback
 
 from .config import DistillLensConfig
 from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
+from .distributed import check_launched_world_size
 from .files import check_output_dir, write_json_atomic
 from .layer_map import resolve_student_layers
 from .limits import check_fits_context
@@ -225,6 +226,7 @@ def run_training(
         allowed=model_args.overwrite_output_dir or bool(training_args.resume_from_checkpoint),
         how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
     )
+    check_launched_world_size(training_args)
     check_models_before_loading(model_args, data_args, training_args)
     tokenizer = load_tokenizer(
         model_args.tokenizer_name_or_path or model_args.model_name_or_path,
