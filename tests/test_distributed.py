@@ -207,11 +207,53 @@ def _fail(argv):
 def test_cli_ends_the_process_group_before_exiting(
     process_group, barriers, monkeypatch, run, exit_code, barrier_calls
 ):
-    # Left to interpreter shutdown, gloo's threads now and then abort a finished rank (SIGABRT).
     monkeypatch.setitem(cli.COMMANDS, "train", cli.Command(run, "stand-in"))
     assert cli.main(["train"]) == exit_code
     assert not torch.distributed.is_initialized()
     assert len(barriers) == barrier_calls  # an error path does not wait for peers that may never come
+
+
+# A script that reports what ran: an atexit handler, buffered output, and an object whose __del__ runs only
+# if the interpreter shuts down. ``{call}`` ends it.
+_EXIT_SCRIPT = """
+import atexit, sys
+import torch
+atexit.register(lambda: print("atexit handler ran", flush=True))
+
+class _Marker:
+    def __del__(self):
+        print("interpreter shut down", flush=True)
+
+marker = _Marker()
+print("buffered output", end="")
+{call}
+"""
+
+
+def _run_exit_script(call: str, world_size: int) -> subprocess.CompletedProcess:
+    env = {**_env(), "WORLD_SIZE": str(world_size)}
+    script = _EXIT_SCRIPT.format(call=call)
+    return subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
+    )
+
+
+def test_exit_launched_process_runs_atexit_and_flushes_but_skips_interpreter_shutdown():
+    # Interpreter shutdown is where a gloo worker thread taking the GIL aborts a finished rank (SIGABRT).
+    call = "from distillens_trainer.distributed import exit_launched_process\nexit_launched_process(3)"
+    done = _run_exit_script(call, world_size=2)
+    assert done.returncode == 3, done.stderr
+    assert "buffered output" in done.stdout and "atexit handler ran" in done.stdout
+    assert "interpreter shut down" not in done.stdout
+
+
+@pytest.mark.parametrize(("world_size", "shuts_down"), [(1, True), (2, False)])
+def test_the_distillens_command_skips_interpreter_shutdown_only_in_a_launched_rank(world_size, shuts_down):
+    call = "sys.argv = ['distillens', 'train', '--no_such_flag']\nfrom distillens_trainer.cli import entry_point\n"
+    done = _run_exit_script(call + "entry_point()", world_size=world_size)
+    assert done.returncode == 2, done.stderr  # the usage error's exit code, either way
+    assert "distillens train: error:" in done.stderr and "atexit handler ran" in done.stdout
+    assert ("interpreter shut down" in done.stdout) == shuts_down
 
 
 # --------------------------------------------------------------------------------------------- multi-process

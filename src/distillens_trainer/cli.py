@@ -320,5 +320,17 @@ def _one_line(error: BaseException) -> str:
     return " ".join(str(error).split())
 
 
+def entry_point() -> NoReturn:
+    """The ``distillens`` command (and ``python -m distillens_trainer.cli``): :func:`main`, then exit with its
+    code; a rank of a launched run leaves through :func:`distributed.exit_launched_process`."""
+    exit_code = main()
+    if "torch" in sys.modules:
+        from .distributed import exit_launched_process, launched_world_size
+
+        if launched_world_size() > 1:
+            exit_launched_process(exit_code)
+    sys.exit(exit_code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry_point()

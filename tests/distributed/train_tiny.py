@@ -17,7 +17,6 @@ import argparse
 import importlib
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -364,8 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     from distillens_trainer.distributed import end_process_group
 
-    end_process_group(wait_for_peers=True)  # as the CLI does: gloo left to exit may abort a finished rank
+    end_process_group(wait_for_peers=True)  # as the CLI does
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
+    from distillens_trainer.distributed import exit_launched_process, launched_world_size
+
+    if launched_world_size() > 1:  # as the CLI does: interpreter shutdown may abort a finished gloo rank
+        exit_launched_process(0)
