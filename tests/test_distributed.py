@@ -1,4 +1,5 @@
-"""Teacher placement (distributed.py) and multi-process DeepSpeed ZeRO-2/3 runs on the CPU.
+"""Teacher placement and the end of a launched rank (distributed.py); multi-process DeepSpeed ZeRO-2/3 runs on
+the CPU.
 
 The ``distributed`` tests launch ``tests/distributed/train_tiny.py`` on 2 CPU processes (gloo) with
 torchrun (``examples/deepspeed/zero2.json``, ``zero3.json``) and with accelerate
