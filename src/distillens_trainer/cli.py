@@ -303,17 +303,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 130
-    finally:
-        _end_process_group(wait_for_peers=exit_code == 0)
-
-
-def _end_process_group(*, wait_for_peers: bool) -> None:
-    """Destroy the process group of a run under torchrun, ``deepspeed`` or ``accelerate launch`` before exiting
-    (see :func:`distributed.end_process_group`); a command that never imported torch has none."""
-    if "torch" in sys.modules:
+    finally:  # under a launcher: after an error, without waiting for peers that may never arrive
         from .distributed import end_process_group
 
-        end_process_group(wait_for_peers=wait_for_peers)
+        end_process_group(wait_for_peers=exit_code == 0)
 
 
 def _one_line(error: BaseException) -> str:
@@ -323,12 +316,11 @@ def _one_line(error: BaseException) -> str:
 def entry_point() -> NoReturn:
     """The ``distillens`` command (and ``python -m distillens_trainer.cli``): :func:`main`, then exit with its
     code; a rank of a launched run leaves through :func:`distributed.exit_launched_process`."""
-    exit_code = main()
-    if "torch" in sys.modules:
-        from .distributed import exit_launched_process, launched_world_size
+    from .distributed import exit_launched_process, launched_world_size
 
-        if launched_world_size() > 1:
-            exit_launched_process(exit_code)
+    exit_code = main()
+    if launched_world_size() > 1:
+        exit_launched_process(exit_code)
     sys.exit(exit_code)
 
 
