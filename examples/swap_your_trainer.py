@@ -28,7 +28,7 @@ from distillens_trainer.data import (
     format_alpaca_prompt,
     tokenize_prompt_completion,
 )
-from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 
 TASKS = ["copy_text", "compare_numbers", "letter_facts"]
 

@@ -1,8 +1,27 @@
-"""Shared fixtures: tiny random causal LMs and token datasets (no network, CPU, seconds)."""
+"""Shared fixtures: tiny random causal LMs and token datasets (no network, CPU, seconds).
+
+Tests that read ``../shared`` (the GPT-2 tokenizer and the MiniLLM data kept beside the checkout, read-only)
+carry the ``needs_shared`` marker and reach their files through :func:`shared_path` (or a fixture that
+does), never by testing ``Path.exists()`` themselves. One mechanism decides what happens:
+
+* ``../shared`` absent (a clean clone): every ``needs_shared`` test is skipped before its fixtures run, all
+  with the same reason from the same place, so the run reports it once (a report-header line and one
+  folded ``SKIPPED [n]`` line), not once per test.
+* ``../shared`` present but a file a test asks for missing: with the environment variable ``CI`` set (as
+  ``.ci/run`` does) the test FAILS; otherwise it is skipped naming the file, and the end of the run says
+  so in a ``needs_shared`` section: never silently.
+* a test that calls :func:`shared_path` without the marker fails, so a clean clone cannot break.
+
+``DISTILLENS_SHARED_DIR`` overrides where ``shared`` is looked for (default: ``../shared`` beside the
+checkout); point it at a folder that does not exist to see what a clean clone sees, e.g.
+``DISTILLENS_SHARED_DIR=/nonexistent python -m pytest -q tests/test_data.py``, or at a copy with a file
+removed, plus ``CI=true``, to see the failure.
+"""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 import random
 import sys
 from pathlib import Path
@@ -11,9 +30,67 @@ import pytest
 import torch
 import transformers
 
-SHARED_DIR = Path(__file__).resolve().parents[2] / "shared"
+SHARED_DIR = Path(
+    os.environ.get("DISTILLENS_SHARED_DIR") or Path(__file__).resolve().parents[2] / "shared"
+).resolve()
 GPT2_TOKENIZER_DIR = SHARED_DIR / "tokenizers" / "gpt2"
 DATA_DIR = SHARED_DIR / "data"
+
+NEEDS_SHARED = "needs_shared"
+SHARED_ABSENT_REASON = (
+    f"{NEEDS_SHARED}: {SHARED_DIR} does not exist (a clean clone); "
+    "put the shared tokenizers and data there or set DISTILLENS_SHARED_DIR"
+)
+SHARED_FILE_MISSING = "is missing although"  # in the skip reason of a test whose shared file is missing
+_running: list[pytest.Item] = []  # [the test being set up or run], for shared_path()
+
+
+def in_ci() -> bool:
+    """``CI`` is set (``.ci/run`` and most CI services set ``CI=true``)."""
+    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+
+
+def shared_path(path: Path | str) -> Path:
+    """``path`` (absolute, or relative to the shared folder) for a ``needs_shared`` test: returned when it
+    exists, otherwise skipped or failed as the module docstring says."""
+    path = Path(path) if Path(path).is_absolute() else SHARED_DIR / path
+    test = _running[0] if _running else None
+    if test is not None and test.get_closest_marker(NEEDS_SHARED) is None:
+        pytest.fail(f"{test.nodeid} reads {path}: mark it @pytest.mark.{NEEDS_SHARED}", pytrace=False)
+    if path.exists():
+        return path
+    if not SHARED_DIR.is_dir():  # not a marked test's setup or call: the hook below skips those first
+        pytest.fail(f"{path}: {SHARED_DIR} is absent; only {NEEDS_SHARED} tests may read it", pytrace=False)
+    if in_ci():
+        pytest.fail(f"{NEEDS_SHARED}: {path} is missing although {SHARED_DIR} exists (CI)", pytrace=False)
+    pytest.skip(f"{NEEDS_SHARED}: {path} {SHARED_FILE_MISSING} {SHARED_DIR} exists")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    _running[:] = [item]
+    if item.get_closest_marker(NEEDS_SHARED) is not None and not SHARED_DIR.is_dir():
+        pytest.skip(SHARED_ABSENT_REASON)  # one place, one reason: folded into one line by `-ra`
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    state = "present" if SHARED_DIR.is_dir() else f"ABSENT: tests marked {NEEDS_SHARED} are skipped"
+    return f"shared resources: {SHARED_DIR} ({state}){'; CI is set' if in_ci() else ''}"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """Skips for a file missing from a present shared folder are said again at the end, loudly."""
+    reasons = [
+        report.longrepr[2].removeprefix("Skipped: ")
+        for report in terminalreporter.stats.get("skipped", [])
+        if isinstance(report.longrepr, tuple) and SHARED_FILE_MISSING in report.longrepr[2]
+    ]
+    if reasons:
+        terminalreporter.section(f"{NEEDS_SHARED}: files missing from {SHARED_DIR}", sep="-", yellow=True)
+        terminalreporter.line(f"{len(reasons)} test(s) skipped; with CI set they fail instead:", yellow=True)
+        for reason in sorted(set(reasons)):
+            terminalreporter.line(f"  {reason}", yellow=True)
+
 
 TINY_TRAINING_SCRIPT = Path(__file__).resolve().parent / "distributed" / "train_tiny.py"
 
@@ -77,9 +154,8 @@ def pad_batch(
 
 @pytest.fixture
 def gpt2_tokenizer():
-    if not GPT2_TOKENIZER_DIR.is_dir():
-        pytest.skip("the shared GPT-2 tokenizer is not available beside the checkout")
-    return transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))
+    """The shared GPT-2 tokenizer: for tests marked ``needs_shared``."""
+    return transformers.AutoTokenizer.from_pretrained(str(shared_path(GPT2_TOKENIZER_DIR)))
 
 
 def import_script(path: Path, name: str):

@@ -13,7 +13,7 @@ import torch
 import transformers
 
 from distillens_trainer.cli import main
-from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
+from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 
 from conftest import tiny_llama
 
@@ -184,12 +184,13 @@ def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
 def test_a_too_shallow_student_is_refused_before_any_weights_are_read(
     workspace, tmp_path, capsys, monkeypatch
 ):
-    from distillens_trainer import pipeline, teacher
+    from distillens_trainer import teacher
+    from distillens_trainer.commands import train
 
     def no_loading(*args, **kwargs):
         raise AssertionError("model weights were read before the student's depth was checked")
 
-    monkeypatch.setattr(pipeline, "load_student", no_loading)
+    monkeypatch.setattr(train, "load_student", no_loading)
     monkeypatch.setattr(teacher, "load_teacher", no_loading)
     assert main(_argv(workspace, tmp_path / "run", "--lens_num_layers", "5")) == 1
     assert "too shallow for lens_num_layers=5" in capsys.readouterr().err

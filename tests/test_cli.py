@@ -10,16 +10,16 @@ import pytest
 import torch
 import transformers
 
-from distillens_trainer.cli import main, parse_command
+from distillens_trainer.cli import main
+from distillens_trainer.commands.parsing import parse_command
+from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME, TRAIN_ARGUMENTS
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.data import DataArguments
 from distillens_trainer.layer_map import resolve_layer_map
-from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME, ModelArguments
+from distillens_trainer.loading import ModelArguments
 
-from conftest import DATA_DIR, GPT2_TOKENIZER_DIR
+from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
-TRAIN_TYPES = (ModelArguments, DataArguments, DistillLensConfig)
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:
@@ -34,8 +34,8 @@ def test_config_file_values_are_overridden_by_flags(tmp_path):
         "model_name_or_path: s\noutput_dir: out\nlearning_rate: 1.0e-3\nlens_student_layers: [2, 4]\n"
         "lens_teacher_layers: [8, 16]\nlens_final_norm: false\nuse_cpu: true\n"
     )
-    model_args, _, config = parse_command(
-        TRAIN_TYPES, [str(recipe), "--learning_rate", "1e-4"], "distillens train"
+    model_args, _, _, config, _ = parse_command(
+        TRAIN_ARGUMENTS, [str(recipe), "--learning_rate", "1e-4"], "distillens train"
     )
     assert model_args.model_name_or_path == "s"
     assert config.learning_rate == 1e-4
@@ -48,7 +48,7 @@ def test_json_config_files_work_too(tmp_path):
     recipe.write_text(
         json.dumps({"model_name_or_path": "s", "output_dir": "o", "kd_divergence": "skl", "use_cpu": True})
     )
-    _, _, config = parse_command(TRAIN_TYPES, [str(recipe)], "distillens train")
+    config = parse_command(TRAIN_ARGUMENTS, [str(recipe)], "distillens train")[3]
     assert config.kd_divergence == "skl"
 
 
@@ -61,7 +61,7 @@ def test_help_lists_every_distillens_field(capsys):
         f.name for f in dataclasses.fields(transformers.TrainingArguments)
     }
     data_and_model_fields = {
-        f.name for cls in (DataArguments, ModelArguments) for f in dataclasses.fields(cls)
+        f.name for cls in TRAIN_ARGUMENTS if cls is not DistillLensConfig for f in dataclasses.fields(cls)
     }
     for name in sorted(own_fields | data_and_model_fields):
         assert f"--{name}" in text, name
@@ -120,8 +120,8 @@ def test_a_non_empty_output_dir_is_refused_and_left_untouched(tmp_path, capsys):
 # --------------------------------------------------------------------------------------- recipes
 @pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])
 def test_each_recipe_parses_and_validates(recipe):
-    model_args, data_args, config = parse_command(
-        TRAIN_TYPES, [str(recipe), "--use_cpu", "true"], "distillens train"
+    model_args, _, data_args, config, _ = parse_command(
+        TRAIN_ARGUMENTS, [str(recipe), "--use_cpu", "true"], "distillens train"
     )
     assert model_args.model_name_or_path and config.output_dir.startswith("runs/")
     assert data_args.max_length == 512 and data_args.max_prompt_length == 256
@@ -135,7 +135,9 @@ def test_each_recipe_parses_and_validates(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[recipe.stem for recipe in RECIPES])
 def test_each_recipe_trains_on_minillm_train_validates_on_dev_and_drops_test_prompts(recipe):
-    _, data_args, config = parse_command(TRAIN_TYPES, [str(recipe), "--use_cpu", "true"], "distillens train")
+    _, _, data_args, config, _ = parse_command(
+        TRAIN_ARGUMENTS, [str(recipe), "--use_cpu", "true"], "distillens train"
+    )
     assert data_args.dataset_name is None and data_args.validation_split_percentage == 0
     assert data_args.train_file == "data/dolly/train_11435.jsonl"
     assert data_args.validation_file == "data/dolly/dev_1000.jsonl"
@@ -146,12 +148,11 @@ def test_each_recipe_trains_on_minillm_train_validates_on_dev_and_drops_test_pro
         assert "lens_final_norm: true" in text and "--lens_final_norm false" in text
 
 
+@pytest.mark.needs_shared
 def test_recipe_data_files_are_minillms_dolly_splits():
     sizes = {"train_11435.jsonl": 11435, "dev_1000.jsonl": 1000, "test_500.jsonl": 500}
     for name, rows in sizes.items():
-        path = DATA_DIR / "dolly" / name
-        if not path.is_file():
-            pytest.skip(f"shared data not available: {path}")
+        path = shared_path(DATA_DIR / "dolly" / name)
         assert sum(1 for line in path.open(encoding="utf-8") if line.strip()) == rows
 
 
@@ -169,10 +170,9 @@ def test_recipes_cover_the_papers_runs_and_baselines():
 # --------------------------------------------------------------------------------------- end to end
 @pytest.fixture(scope="module")
 def tiny_gpt2_dirs(tmp_path_factory):
-    if not GPT2_TOKENIZER_DIR.is_dir() or not (DATA_DIR / "dolly" / "dev_1000.jsonl").is_file():
-        pytest.skip("the shared GPT-2 tokenizer or Dolly data is not available beside the checkout")
+    """For tests marked ``needs_shared``."""
     root = tmp_path_factory.mktemp("models")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(GPT2_TOKENIZER_DIR))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_path(GPT2_TOKENIZER_DIR)))
     for name, layers in (("teacher_init", 4), ("student_init", 2)):
         torch.manual_seed(0)
         config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=len(tokenizer))
@@ -182,9 +182,10 @@ def tiny_gpt2_dirs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@pytest.mark.needs_shared
 def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp_path, capsys):
     common = [
-        "--train_file", str(DATA_DIR / "dolly" / "dev_1000.jsonl"), "--max_train_samples", "16",
+        "--train_file", str(shared_path(DATA_DIR / "dolly" / "dev_1000.jsonl")), "--max_train_samples", "16",
         "--max_length", "64", "--max_prompt_length", "48", "--per_device_train_batch_size", "4",
         "--max_steps", "2", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no",
     ]  # fmt: skip
@@ -207,7 +208,8 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp
     student = transformers.AutoModelForCausalLM.from_pretrained(student_dir)
     assert student.config.n_layer == 2
 
-    eval_files = [str(DATA_DIR / "dolly" / "test_500.jsonl"), str(DATA_DIR / "sinst" / "test_11_1694.jsonl")]
+    eval_names = ("dolly/test_500.jsonl", "sinst/test_11_1694.jsonl")
+    eval_files = [str(shared_path(DATA_DIR / name)) for name in eval_names]
     code, err = _run(
         capsys, "eval", "--model_name_or_path", str(student_dir), "--eval_files", *eval_files,
         "--output_dir", str(eval_dir), "--max_eval_samples", "3", "--seeds", "10", "20", "--max_new_tokens", "8",
@@ -225,21 +227,20 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp
 
 def test_use_peft_loads_a_lora_student(tmp_path):
     pytest.importorskip("peft")
-    from distillens_trainer.pipeline import load_student
+    from distillens_trainer.loading import LoraArguments, load_student
 
     from conftest import tiny_llama
 
     tiny_llama(num_layers=2).save_pretrained(tmp_path / "student")
-    args = ModelArguments(model_name_or_path=str(tmp_path / "student"), use_peft=True, lora_r=2)
-    student = load_student(args)
+    args = ModelArguments(model_name_or_path=str(tmp_path / "student"))
+    student = load_student(args, LoraArguments(use_peft=True, lora_r=2))
     trainable = [name for name, p in student.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in name for name in trainable)
 
 
+@pytest.mark.needs_shared
 def test_rouge_l_of_a_real_reference_against_itself_is_100():
-    path = DATA_DIR / "dolly" / "test_500.jsonl"
-    if not path.is_file():
-        pytest.skip("the shared Dolly data is not available beside the checkout")
+    path = shared_path(DATA_DIR / "dolly" / "test_500.jsonl")
     from distillens_trainer.evaluation import rouge_l
 
     references = [json.loads(line)["output"] for line in path.read_text().splitlines()[:20]]

@@ -10,7 +10,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.objective import ObjectiveSpec
+from distillens_trainer.objective_spec import ObjectiveSpec
 
 DISTILLENS_FIELDS = sorted(
     {f.name for f in dataclasses.fields(DistillLensConfig)}
@@ -22,10 +22,15 @@ def make_config(tmp_path, **kwargs) -> DistillLensConfig:
     return DistillLensConfig(output_dir=str(tmp_path), **kwargs)
 
 
-def test_is_a_training_arguments_subclass(tmp_path):
-    config = make_config(tmp_path)
-    assert isinstance(config, TrainingArguments)
+def test_training_arguments_options_and_checks_still_apply(tmp_path):
+    # The config stands in for TrainingArguments: inherited options keep their meaning, and the inherited
+    # __post_init__ checks still run (an isinstance check would pass even if they were skipped).
+    config = make_config(tmp_path, learning_rate=1e-4, gradient_accumulation_steps=2, eval_strategy="steps")
     assert config.output_dir == str(tmp_path)
+    assert config.learning_rate == 1e-4 and config.gradient_accumulation_steps == 2
+    assert config.eval_steps == config.logging_steps  # filled in by TrainingArguments.__post_init__
+    with pytest.raises(ValueError, match="load_best_model_at_end"):
+        make_config(tmp_path, load_best_model_at_end=True, eval_strategy="steps", save_strategy="epoch")
 
 
 def test_distillens_fields_include_the_objective_and_lens_settings():
@@ -69,7 +74,7 @@ def test_defaults_are_the_papers(tmp_path):
 
 
 def test_objective_mirrors_the_defaults(tmp_path):
-    objective = make_config(tmp_path).objective
+    objective = make_config(tmp_path).objective_spec
     assert isinstance(objective, ObjectiveSpec)
     assert objective == ObjectiveSpec(
         ce_weight=0.0,
@@ -85,7 +90,7 @@ def test_objective_mirrors_the_defaults(tmp_path):
 
 def test_objective_copies_every_spec_field_from_the_config(tmp_path):
     config = make_config(tmp_path, ce_weight=0.3, kd_divergence="tvd", jsd_beta=0.7, temperature=1.5)
-    objective = config.objective
+    objective = config.objective_spec
     for spec_field in dataclasses.fields(ObjectiveSpec):
         assert getattr(objective, spec_field.name) == getattr(config, spec_field.name), spec_field.name
 
@@ -101,7 +106,7 @@ def test_objective_mirrors_custom_values(tmp_path):
         jsd_beta=0.2,
         temperature=2.0,
     )
-    assert config.objective == ObjectiveSpec(
+    assert config.objective_spec == ObjectiveSpec(
         ce_weight=0.5,
         kd_weight=2.0,
         kd_divergence="fkl",
@@ -111,7 +116,7 @@ def test_objective_mirrors_custom_values(tmp_path):
         temperature=2.0,
     )
     with pytest.raises(dataclasses.FrozenInstanceError):
-        config.objective.kd_weight = 3.0  # type: ignore[misc]
+        config.objective_spec.kd_weight = 3.0  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(
@@ -227,7 +232,7 @@ def test_hf_argument_parser_parses_distillens_flags(tmp_path):
     assert config.lens_final_norm is False
     # Untouched fields keep the paper's defaults.
     assert config.lens_divergence == "jsd"
-    assert config.objective.kd_divergence == "skl"
+    assert config.objective_spec.kd_divergence == "skl"
 
 
 def test_hf_argument_parser_parses_numbers_and_dtype(tmp_path):

@@ -13,7 +13,6 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import AutoTokenizer, HfArgumentParser, PreTrainedTokenizerFast, TrainingArguments
 
 from distillens_trainer.data import (
-    IGNORE_INDEX,
     DataArguments,
     DataCollatorForCompletionOnly,
     build_datasets,
@@ -24,10 +23,9 @@ from distillens_trainer.data import (
     to_prompt_completion,
     tokenize_prompt_completion,
 )
+from distillens_trainer.model_facts import IGNORE_INDEX
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-GPT2_DIR = SHARED / "tokenizers" / "gpt2"
-DATA_DIR = SHARED / "data"
+from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
 
 SIMPLE_CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}\n{% endfor %}"
@@ -79,12 +77,6 @@ def read_jsonl(path: Path, limit: int | None = None) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def require(path: Path) -> Path:
-    if not path.exists():
-        pytest.skip(f"shared data not available: {path}")
-    return path
-
-
 @pytest.fixture(autouse=True)
 def private_datasets_cache(tmp_path, monkeypatch):
     """Keep the `datasets` Arrow cache of these tests out of the user's cache folder."""
@@ -98,7 +90,8 @@ def tok() -> PreTrainedTokenizerFast:
 
 @pytest.fixture(scope="module")
 def gpt2():
-    tokenizer = AutoTokenizer.from_pretrained(require(GPT2_DIR))
+    """The shared GPT-2 tokenizer with a small chat template: for tests marked ``needs_shared``."""
+    tokenizer = AutoTokenizer.from_pretrained(shared_path(GPT2_TOKENIZER_DIR))
     tokenizer.chat_template = SIMPLE_CHAT_TEMPLATE
     return tokenizer
 
@@ -123,8 +116,9 @@ def test_alpaca_template_is_exact_with_and_without_input():
     assert format_alpaca_prompt("Do X.", "") == expected_no_input
 
 
+@pytest.mark.needs_shared
 def test_alpaca_prompts_match_minillm_reference_prompts():
-    rows = read_jsonl(require(DATA_DIR / "dolly" / "raw" / "minillm_valid.jsonl"), limit=50)
+    rows = read_jsonl(shared_path(DATA_DIR / "dolly" / "raw" / "minillm_valid.jsonl"), limit=50)
     assert any(row["input"] for row in rows) and any(not row["input"] for row in rows)
     for row in rows:
         assert format_alpaca_prompt(row["instruction"], row["input"]) == row["prompt"]
@@ -156,6 +150,7 @@ def test_bos_is_prepended_once_when_the_tokenizer_adds_one():
         assert example["labels"][:3] == [IGNORE_INDEX] * 3
 
 
+@pytest.mark.needs_shared
 def test_gpt2_gets_no_bos(gpt2):
     tokenized, _ = tokenize_prompt_completion(pairs(("Hello", " world")), gpt2, 32, 16)
     assert tokenized[0]["input_ids"] == gpt2("Hello world")["input_ids"] + [gpt2.eos_token_id]
@@ -238,6 +233,7 @@ def test_prompt_completion_schema_plain_is_kept_verbatim_and_alpaca_wraps_it(tok
     assert alpaca[0]["prompt"] == format_alpaca_prompt("Q: 2+2?\nA:")
 
 
+@pytest.mark.needs_shared
 def test_messages_schema_uses_the_chat_template_and_last_assistant_turn(gpt2):
     conversation = [
         {"role": "system", "content": "Be brief."},
@@ -259,6 +255,7 @@ def test_messages_schema_uses_the_chat_template_and_last_assistant_turn(gpt2):
     assert gpt2.decode(response) == "4<|endoftext|>"
 
 
+@pytest.mark.needs_shared
 def test_instruction_schema_with_chat_template_joins_instruction_and_input(gpt2):
     formatted = to_prompt_completion(
         datasets.Dataset.from_list(ROWS), gpt2, DataArguments(prompt_template="chat")
@@ -323,6 +320,7 @@ def test_references_list_is_kept_for_evaluation(tok):
     assert formatted[0]["outputs"] == ["A", "B"]
 
 
+@pytest.mark.needs_shared
 def test_build_prompt_formats_generation_prompts(gpt2):
     assert build_prompt({"instruction": "Do X.", "input": "ctx"}, None, "alpaca") == format_alpaca_prompt(
         "Do X.", "ctx"
@@ -467,8 +465,9 @@ def test_build_datasets_without_eval_source_returns_no_eval_set(tmp_path, tok):
     assert len(train) == 2 and evaluation is None
 
 
+@pytest.mark.needs_shared
 def test_dolly_test_set_end_to_end_with_gpt2(gpt2):
-    path = require(DATA_DIR / "dolly" / "test_500.jsonl")
+    path = shared_path(DATA_DIR / "dolly" / "test_500.jsonl")
     args = DataArguments(train_file=str(path), validation_split_percentage=10)
     train, evaluation = build_datasets(args, gpt2)
     assert (
@@ -486,8 +485,9 @@ def test_dolly_test_set_end_to_end_with_gpt2(gpt2):
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
 
 
+@pytest.mark.needs_shared
 def test_sinst_references_survive_formatting(gpt2):
-    raw = load_raw_dataset(str(require(DATA_DIR / "sinst" / "test_11_1694.jsonl")))
+    raw = load_raw_dataset(str(shared_path(DATA_DIR / "sinst" / "test_11_1694.jsonl")))
     formatted = to_prompt_completion(raw.select(range(50)), gpt2, DataArguments())
     assert all(row["outputs"][0] == row["completion"] for row in formatted)
 
@@ -623,8 +623,9 @@ def test_a_missing_decontamination_file_is_named(tmp_path, tok):
         build_datasets(args, tok)
 
 
+@pytest.mark.needs_shared
 def test_minillm_dolly_train_overlaps_the_test_set_and_decontamination_removes_it(gpt2):
-    files = [require(DATA_DIR / "dolly" / name) for name in ("train_11435.jsonl", "test_500.jsonl")]
+    files = [shared_path(DATA_DIR / "dolly" / name) for name in ("train_11435.jsonl", "test_500.jsonl")]
     args = DataArguments(
         train_file=str(files[0]), decontaminate_files=[str(files[1])], max_train_samples=None
     )

@@ -13,6 +13,7 @@ import torch
 import transformers
 
 from distillens_trainer import cli
+from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
 from distillens_trainer.data import DataCollatorForCompletionOnly
 from distillens_trainer.demo import (
     FIGURE_NAMES,
@@ -38,7 +39,6 @@ from distillens_trainer.demo.suite import format_example, generate_examples, tra
 from distillens_trainer.demo.training import QuarterProgress, explicit_lens_layers, tokenize_examples
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.model_info import recorded_prompt_template
-from distillens_trainer.pipeline import RESOLVED_CONFIG_NAME
 
 from conftest import tiny_llama
 

@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from distillens_trainer import cli
-from distillens_trainer.distributed import (
-    end_process_group,
+from distillens_trainer.commands.process import end_process_group
+from distillens_trainer.teacher_placement import (
     is_fsdp_enabled,
     is_zero3_enabled,
     prepare_teacher,
@@ -241,7 +241,7 @@ def _run_exit_script(call: str, world_size: int) -> subprocess.CompletedProcess:
 
 def test_exit_launched_process_runs_atexit_and_flushes_but_skips_interpreter_shutdown():
     # Interpreter shutdown is where a gloo worker thread taking the GIL aborts a finished rank (SIGABRT).
-    call = "from distillens_trainer.distributed import exit_launched_process\nexit_launched_process(3)"
+    call = "from distillens_trainer.commands.process import exit_launched_process\nexit_launched_process(3)"
     done = _run_exit_script(call, world_size=2)
     assert done.returncode == 3, done.stderr
     assert "buffered output" in done.stdout and "atexit handler ran" in done.stdout

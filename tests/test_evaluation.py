@@ -12,7 +12,6 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from distillens_trainer.cli import main as cli_main
-from distillens_trainer.data import IGNORE_INDEX
 from distillens_trainer.evaluation import (
     EvalArguments,
     GenerationSettings,
@@ -24,14 +23,14 @@ from distillens_trainer.evaluation import (
     normalize_answer,
     rouge_l,
     run_evaluation,
-    truncate_left,
     unique_file_names,
 )
+from distillens_trainer.model_facts import IGNORE_INDEX, truncate_left
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-TOKENIZER_DIR = SHARED / "tokenizers" / "gpt2"
-DOLLY_TEST = SHARED / "data" / "dolly" / "test_500.jsonl"
-SINST_TEST = SHARED / "data" / "sinst" / "test_11_1694.jsonl"
+from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
+
+DOLLY_TEST = DATA_DIR / "dolly" / "test_500.jsonl"
+SINST_TEST = DATA_DIR / "sinst" / "test_11_1694.jsonl"
 
 PROMPTS = [
     "Below is an instruction. Name three primary colours.",
@@ -41,13 +40,6 @@ PROMPTS = [
     "Summarise the plot of a novel in which a detective solves a case.",
     "Translate 'good morning' into French.",
 ]
-
-
-def _require(path: Path) -> Path:
-    """Skip the test when a shared resource is missing."""
-    if not path.exists():
-        pytest.skip(f"shared resource not available: {path}")
-    return path
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -63,7 +55,7 @@ def _single_torch_thread():
 def tokenizer():
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(_require(TOKENIZER_DIR))
+    return AutoTokenizer.from_pretrained(shared_path(GPT2_TOKENIZER_DIR))
 
 
 def _tiny_gpt2(tokenizer) -> GPT2LMHeadModel:
@@ -247,6 +239,7 @@ def test_truncate_left_keeps_the_prompt_end_and_a_leading_bos():
 # ------------------------------------------------------------------------------------------ generation
 
 
+@pytest.mark.needs_shared
 def test_generation_returns_one_response_per_prompt_in_the_original_order(tiny_model, tokenizer):
     responses = _greedy(tiny_model, tokenizer, PROMPTS)
     reversed_responses = _greedy(tiny_model, tokenizer, PROMPTS[::-1])
@@ -255,12 +248,14 @@ def test_generation_returns_one_response_per_prompt_in_the_original_order(tiny_m
     assert reversed_responses == responses[::-1]
 
 
+@pytest.mark.needs_shared
 def test_greedy_generation_is_deterministic_and_batch_size_invariant(tiny_model, tokenizer):
     batched = _greedy(tiny_model, tokenizer, PROMPTS, batch_size=4)
     assert _greedy(tiny_model, tokenizer, PROMPTS, batch_size=4) == batched
     assert _greedy(tiny_model, tokenizer, PROMPTS, batch_size=1) == batched
 
 
+@pytest.mark.needs_shared
 def test_generation_leaves_tokenizer_and_training_mode_unchanged(tokenizer):
     model = _tiny_gpt2(tokenizer)
     assert model.config.pad_token_id is None and tokenizer.pad_token is None
@@ -272,6 +267,7 @@ def test_generation_leaves_tokenizer_and_training_mode_unchanged(tokenizer):
     assert model.training
 
 
+@pytest.mark.needs_shared
 def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(tiny_model, tokenizer):
     first = _greedy(tiny_model, tokenizer, PROMPTS, do_sample=True, top_k=0, seed=10)
     again = _greedy(tiny_model, tokenizer, PROMPTS, do_sample=True, top_k=0, seed=10)
@@ -280,6 +276,7 @@ def test_sampling_is_reproducible_per_seed_and_differs_across_seeds(tiny_model, 
     assert first != other
 
 
+@pytest.mark.needs_shared
 def test_long_prompts_are_left_truncated_to_max_prompt_length(tiny_model, tokenizer):
     ending = " and then answer the question in one sentence please"
     prompts = ["A completely different opening" + ending, "Some other start of a prompt here" + ending]
@@ -294,7 +291,7 @@ def test_long_prompts_are_left_truncated_to_max_prompt_length(tiny_model, tokeni
 def _real_eval_files(tmp_path: Path) -> list[Path]:
     """4 real Dolly rows and 4 real S-NI rows copied into tmp_path."""
     files = []
-    for source in (_require(DOLLY_TEST), _require(SINST_TEST)):
+    for source in (shared_path(DOLLY_TEST), shared_path(SINST_TEST)):
         lines = source.read_text(encoding="utf-8").splitlines()[:4]
         target = tmp_path / source.name
         target.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -302,6 +299,7 @@ def _real_eval_files(tmp_path: Path) -> list[Path]:
     return files
 
 
+@pytest.mark.needs_shared
 def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)
     args = _eval_args(tmp_path, files)
@@ -334,6 +332,7 @@ def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, toke
     assert not list(output_dir.glob("*.tmp"))
 
 
+@pytest.mark.needs_shared
 def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
     report = evaluate_files(tiny_model, tokenizer, _eval_args(tmp_path, files, do_sample=False))
@@ -341,6 +340,7 @@ def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer
     assert len(rouge["per_seed"]) == 1 and rouge["std"] == 0.0
 
 
+@pytest.mark.needs_shared
 def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
     args = _eval_args(tmp_path, files, do_sample=False, max_eval_samples=2)
@@ -357,6 +357,7 @@ def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, tiny_mode
     assert json.loads(report_path.read_text())["results"][0]["num_examples"] == 2
 
 
+@pytest.mark.needs_shared
 def test_command_line_evaluation_loads_a_saved_model_and_tokenizer(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
     model_dir = tmp_path / "model"
@@ -405,10 +406,11 @@ class _TokenizedRows(torch.utils.data.Dataset):
         return self.rows[index]
 
 
+@pytest.mark.needs_shared
 def test_rouge_callback_drives_best_checkpoint_selection_in_trainer(tmp_path, tokenizer):
     from transformers import Trainer, TrainingArguments
 
-    examples = load_eval_examples(_require(DOLLY_TEST), 12)
+    examples = load_eval_examples(shared_path(DOLLY_TEST), 12)
     callback = RougeEvalCallback(tokenizer, examples[8:], num_samples=3, max_new_tokens=8, batch_size=4)
     training_args = TrainingArguments(
         output_dir=str(tmp_path / "run"),
@@ -446,8 +448,9 @@ def test_rouge_callback_drives_best_checkpoint_selection_in_trainer(tmp_path, to
     assert "eval_exact_match" in metrics
 
 
+@pytest.mark.needs_shared
 def test_rouge_callback_reads_a_jsonl_path_and_limits_samples(tokenizer):
-    callback = RougeEvalCallback(tokenizer, _require(SINST_TEST), num_samples=5)
+    callback = RougeEvalCallback(tokenizer, shared_path(SINST_TEST), num_samples=5)
     assert len(callback.prompts) == 5
     assert callback.references[0] == json.loads(SINST_TEST.open().readline())["outputs"]
 
@@ -455,6 +458,7 @@ def test_rouge_callback_reads_a_jsonl_path_and_limits_samples(tokenizer):
 # ------------------------------------------------------------------------------------------ protocol and context
 
 
+@pytest.mark.needs_shared
 def test_a_checkpoints_generation_config_adds_nothing_to_the_protocol(tokenizer):
     prompts = ["Name three colours.", "What is the capital of France? Answer briefly."]
     settings = {"do_sample": True, "max_new_tokens": 8, "seed": 3}
@@ -466,6 +470,7 @@ def test_a_checkpoints_generation_config_adds_nothing_to_the_protocol(tokenizer)
     assert model.generation_config.to_dict() == saved  # the model's own config is put back
 
 
+@pytest.mark.needs_shared
 def test_a_prompt_and_new_tokens_beyond_the_context_stop_before_generating(tokenizer):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(
@@ -497,6 +502,7 @@ def test_generation_settings_default_to_the_paper_protocol_and_check_their_field
         settings.with_overrides(beams=4)
 
 
+@pytest.mark.needs_shared
 def test_eval_arguments_and_the_callback_hold_one_generation_settings_object(tmp_path, tokenizer):
     args = EvalArguments(
         model_name_or_path="m", output_dir=str(tmp_path), eval_files=["a.jsonl"], top_k=5, max_new_tokens=7

@@ -15,8 +15,15 @@ import pytest
 import torch
 import transformers
 
-from distillens_trainer import DistillLensConfig, DistillLensTrainer, distributed
-from distillens_trainer.cli import given_fields, main
+from distillens_trainer import DistillLensConfig, DistillLensTrainer
+from distillens_trainer.cli import main
+from distillens_trainer.commands import process
+from distillens_trainer.commands.parsing import given_fields
+from distillens_trainer.commands.train import (
+    check_reporting_integrations,
+    output_summary,
+    turn_off_pin_memory_without_accelerator,
+)
 from distillens_trainer.evaluation import EvalArguments
 from distillens_trainer.evaluation import output_summary as eval_summary
 from distillens_trainer.model_info import (
@@ -24,11 +31,6 @@ from distillens_trainer.model_info import (
     choose_prompt_template,
     recorded_prompt_template,
     write_model_info,
-)
-from distillens_trainer.pipeline import (
-    check_reporting_integrations,
-    output_summary,
-    turn_off_pin_memory_without_accelerator,
 )
 
 from conftest import tiny_llama
@@ -94,12 +96,12 @@ def test_a_run_without_deepspeed_or_cuda_tells_deepspeed_to_use_the_cpu_quietly(
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    distributed.quiet_deepspeed_accelerator_detection(uses_deepspeed=True)
+    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=True)
     assert "DS_ACCELERATOR" not in os.environ
-    distributed.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
+    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
     assert os.environ["DS_ACCELERATOR"] == "cpu"
     monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # a user's choice is kept
-    distributed.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
+    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
     assert os.environ["DS_ACCELERATOR"] == "xpu"
 
 
@@ -120,11 +122,11 @@ def test_an_explicit_pin_memory_flag_is_kept(monkeypatch, tmp_path):
     _on_device(monkeypatch, "cpu")
     seen = []
 
-    def fake_run_training(model_args, data_args, training_args):
+    def fake_run_training(model_args, data_args, training_args, **kwargs):
         seen.append(training_args.dataloader_pin_memory)
         raise ValueError("stop here")
 
-    monkeypatch.setattr("distillens_trainer.pipeline.run_training", fake_run_training)
+    monkeypatch.setattr("distillens_trainer.commands.train.run_training", fake_run_training)
     argv = ["train", "--model_name_or_path", "s", "--output_dir", str(tmp_path), "--ce_weight", "1",
             "--kd_weight", "0", "--lens_weight", "0"]  # fmt: skip
     assert main(argv) == 1 and main([*argv, "--dataloader_pin_memory"]) == 1
@@ -202,10 +204,10 @@ def test_train_uses_the_recorded_prompt_format_unless_the_flag_is_given(monkeypa
     write_model_info(tmp_path / "teacher", prompt_template="plain")
     seen = []
     monkeypatch.setattr(
-        "distillens_trainer.pipeline.run_training",
-        lambda model_args, data_args, training_args: seen.append(data_args.prompt_template),
+        "distillens_trainer.commands.train.run_training",
+        lambda model_args, data_args, training_args, **kwargs: seen.append(data_args.prompt_template),
     )
-    monkeypatch.setattr("distillens_trainer.pipeline.output_summary", lambda *args, **kwargs: "done")
+    monkeypatch.setattr("distillens_trainer.commands.train.output_summary", lambda *args, **kwargs: "done")
     argv = ["train", "--model_name_or_path", "s", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true",
             "--teacher_model_name_or_path", str(tmp_path / "teacher")]  # fmt: skip
     assert main(argv) == 0 and main([*argv, "--prompt_template", "alpaca"]) == 0

@@ -12,19 +12,37 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.divergences import token_divergence
-from distillens_trainer.fused import (
-    FusedJob,
-    LinearHead,
-    fused_divergence_sum,
-    fused_head_loss,
-    fused_output_terms,
-)
+from distillens_trainer.fused import FusedJob, fused_head_loss
 from distillens_trainer.fused_math import divergence_chunk, postprocess
+from distillens_trainer.heads import LinearHead
 from distillens_trainer.lens import LogitLens
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
 N, D_S, D_T, V = 37, 8, 6, 50  # tokens, student / teacher head input sizes, shared vocabulary
+
+
+def fused_divergence_sum(
+    student_input, teacher_input, student_head, teacher_head, *, divergence, vocab_size, **settings
+):
+    """Σ over tokens of one divergence through the fused head: one job, its sum named ``divergence``."""
+    job = FusedJob(student_input, teacher_input, teacher_head, divergence, 1.0)
+    total, sums = fused_head_loss(student_head, [job], vocab_size=vocab_size, **settings)
+    torch.testing.assert_close(sums["job0"], total.detach())
+    return total
+
+
+def fused_output_terms(
+    student_input, teacher_input, targets, student_head, teacher_head, *, kd_divergence, ce_weight, kd_weight,
+    vocab_size, **settings,
+):  # fmt: skip
+    """The output term's job (KD against the teacher and CE on ``targets``): weighted total and named sums."""
+    job = FusedJob(
+        student_input, teacher_input, teacher_head, kd_divergence, kd_weight, targets, ce_weight,
+        name="kd_loss", ce_name="ce_loss",
+    )  # fmt: skip
+    total, sums = fused_head_loss(student_head, [job], vocab_size=vocab_size, **settings)
+    return total, sums
 
 
 def _heads(
@@ -219,16 +237,18 @@ def test_output_terms_share_one_head_product_and_match_ce_plus_kd(label_smoothin
         chunk_size=10,
         label_smoothing=label_smoothing,
     )
-    torch.testing.assert_close(out.ce, ce.detach())
-    torch.testing.assert_close(out.kd, kd.detach())
-    assert not out.ce.requires_grad and not out.kd.requires_grad
-    _assert_same(out.weighted, 0.3 * ce + 0.7 * kd, student_input, student_head)
+    weighted, sums = out
+    assert set(sums) == {"ce_loss", "kd_loss"}
+    torch.testing.assert_close(sums["ce_loss"], ce.detach())
+    torch.testing.assert_close(sums["kd_loss"], kd.detach())
+    assert not sums["ce_loss"].requires_grad and not sums["kd_loss"].requires_grad
+    _assert_same(weighted, 0.3 * ce + 0.7 * kd, student_input, student_head)
     sft = fused_output_terms(
         student_input, None, targets, student_head, None, kd_divergence="rkl", ce_weight=1.0, kd_weight=0.0,
         vocab_size=V, chunk_size=16, label_smoothing=label_smoothing,
     )  # fmt: skip
-    assert sft.kd is None
-    _assert_same(sft.weighted, ce, student_input, student_head)
+    assert set(sft[1]) == {"ce_loss"}  # no teacher: no KD sum
+    _assert_same(sft[0], ce, student_input, student_head)
 
 
 def test_bf16_inputs_run_fp32_math_and_match_at_bf16_tolerance():
@@ -340,7 +360,7 @@ def test_a_training_step_is_the_same_chunked_or_not(tmp_path, models, objective)
     batch = pad_batch(token_rows(4, seed=3))
     reference = _step(tmp_path, student, teacher, batch, 0, **OBJECTIVES[objective])
     fused = _step(tmp_path, student, teacher, batch, 5, **OBJECTIVES[objective])
-    assert fused[3].distillens_objective.fuses_output
+    assert fused[3].objective.fuses_output
     torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-6)
     assert fused[1].keys() == reference[1].keys()
     for name, value in reference[1].items():
@@ -377,13 +397,11 @@ def test_a_last_hidden_state_that_is_not_the_head_input_switches_the_fused_outpu
         lens_chunk_size=5,
     )
     trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
-    head = trainer.distillens_objective.student_head
-    trainer.distillens_objective.student_head = LinearHead(
-        head.weight, scale=2.0
-    )  # not what the model computes
+    head = trainer.objective.student_head
+    trainer.objective.student_head = LinearHead(head.weight, scale=2.0)  # not what the model computes
     with caplog.at_level("WARNING"):
         loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
-    assert not trainer.distillens_objective.fuses_output
+    assert not trainer.objective.fuses_output
     assert any("does not reproduce its logits" in record.message for record in caplog.records)
     assert torch.isfinite(loss)
 

@@ -8,7 +8,7 @@ import transformers
 from torch import nn
 
 from distillens_trainer import LogitLens
-from distillens_trainer.lens import unwrap_model
+from distillens_trainer.model_facts import unwrap_model
 
 VOCAB = 101
 _COMMON = {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": VOCAB}

@@ -12,13 +12,13 @@ import torch
 from datasets import Dataset
 
 from distillens_trainer.cli import main
+from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.diagnostics.figures import figure_pixels
 from distillens_trainer.diagnostics.profile import LensProfileAccumulator
 from distillens_trainer.diagnostics.report import SCHEMA, profile_models
 from distillens_trainer.divergences import token_divergence
 from distillens_trainer.lens import LogitLens
-from distillens_trainer.tasks import format_example, generate_examples, train_suite_tokenizer
-from distillens_trainer.terms import response_mask, select_response
+from distillens_trainer.response_tokens import response_mask, select_response
 
 from conftest import PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 

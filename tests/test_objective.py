@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillens_trainer.fused import DEFAULT_CHUNK_SIZE
 from distillens_trainer.lens import LogitLens
-from distillens_trainer.objective import DistillLensObjective, ObjectiveSpec, lens_term_name
+from distillens_trainer.objective import DistillLensObjective
+from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, lens_term_name
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 

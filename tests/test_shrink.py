@@ -154,6 +154,7 @@ def qwen2_folder(tmp_path, gpt2_tokenizer) -> Path:
     return tmp_path / "teacher"
 
 
+@pytest.mark.needs_shared
 def test_the_command_writes_a_loadable_model_with_tokenizer_and_recorded_blocks(
     qwen2_folder, tmp_path, capsys
 ):
@@ -171,6 +172,7 @@ def test_the_command_writes_a_loadable_model_with_tokenizer_and_recorded_blocks(
     torch.testing.assert_close(student(IDS).logits, _hand_built(teacher, [0, 3, 5])(IDS).logits)
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize(
     ("recorded", "chat_template", "expected"),
     [
@@ -195,6 +197,7 @@ def test_the_shrunk_model_inherits_the_prompt_format(
     assert (out / MODEL_INFO_NAME).is_file() == (expected is not None)
 
 
+@pytest.mark.needs_shared
 @pytest.mark.parametrize(
     ("extra", "code", "words"),
     [
@@ -224,6 +227,7 @@ def test_a_model_it_cannot_cut_is_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.needs_shared
 def test_a_non_empty_output_dir_is_refused_and_kept(qwen2_folder, tmp_path, capsys):
     out = tmp_path / "student"
     out.mkdir()

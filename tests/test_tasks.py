@@ -11,10 +11,9 @@ from collections.abc import Callable
 import pytest
 
 from distillens_trainer.data import format_alpaca_prompt
-from distillens_trainer.tasks import (
+from distillens_trainer.demo.suite import (
     EOS_TOKEN,
     PAD_TOKEN,
-    TASK_FAMILIES,
     build_suite_tokenizer,
     format_example,
     generate_examples,
@@ -24,6 +23,7 @@ from distillens_trainer.tasks import (
     train_suite_tokenizer,
     write_task_suite,
 )
+from distillens_trainer.demo.tasks import TASK_FAMILIES
 
 FIELDS = {"instruction", "input", "output", "task"}
 SAMPLES_PER_FAMILY = 150

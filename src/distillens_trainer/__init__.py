@@ -4,10 +4,10 @@ from .config import DistillLensConfig
 from .divergences import token_divergence
 from .layer_map import resolve_layer_map
 from .lens import LogitLens
-from .objective import DistillLensObjective, ObjectiveSpec, distillens_loss
-from .trainer import DistillLensTrainer
-
-__version__ = "0.1.0"
+from .objective import DistillLensObjective, distillens_loss
+from .objective_spec import ObjectiveSpec
+from .trainer.distillens_trainer import DistillLensTrainer
+from .version import __version__
 
 __all__ = [
     "DistillLensConfig",

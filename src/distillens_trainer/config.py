@@ -8,13 +8,10 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .divergences import DIVERGENCE_NAMES, check_divergence_name
-from .fused import DEFAULT_CHUNK_SIZE
+from .divergences import DIVERGENCE_NAMES
 from .layer_map import LAYER_MAPS
-from .modeling import DTYPE_NAMES, check_dtype_name
-from .objective import ObjectiveSpec
-
-TEACHER_DTYPES: tuple[str, ...] = DTYPE_NAMES
+from .model_facts import DTYPE_NAMES, check_dtype_name
+from .objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
 
 
 @dataclass
@@ -46,7 +43,7 @@ class DistillLensConfig(TrainingArguments):
         metadata={
             "help": "dtype of the frozen teacher: 'auto' follows mixed precision (bf16/fp16 when that flag is "
             "set, else the checkpoint's dtype), or one of bfloat16, float16, float32.",
-            "choices": list(TEACHER_DTYPES),
+            "choices": list(DTYPE_NAMES),
         },
     )
     ce_weight: float = field(
@@ -155,20 +152,7 @@ class DistillLensConfig(TrainingArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("ce_weight", "kd_weight", "lens_weight", "feature_weight"):
-            value = getattr(self, name)
-            if not value >= 0:
-                raise ValueError(f"{name}={value} is negative; loss weights must be >= 0.")
-        if self.ce_weight == self.kd_weight == self.lens_weight == self.feature_weight == 0:
-            raise ValueError(
-                "ce_weight, kd_weight, lens_weight and feature_weight are all 0: set at least one to a positive value."
-            )
-        check_divergence_name(self.kd_divergence, "kd_divergence")
-        check_divergence_name(self.lens_divergence, "lens_divergence")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
-        if not self.temperature > 0:
-            raise ValueError(f"temperature={self.temperature} must be > 0.")
+        _ = self.objective_spec  # building the spec validates the weights, divergences, temperature and β
         check_dtype_name("teacher_dtype", self.teacher_dtype)
         if self.lens_layer_map not in LAYER_MAPS:
             raise ValueError(
@@ -179,10 +163,7 @@ class DistillLensConfig(TrainingArguments):
                 "lens_layer_map='shrunk' derives the teacher layers: drop lens_teacher_layers, or use "
                 "lens_layer_map='paper' with explicit layers."
             )
-        if not (isinstance(self.lens_chunk_size, int) and self.lens_chunk_size >= 0):
-            raise ValueError(
-                f"lens_chunk_size={self.lens_chunk_size} must be an integer >= 0 (0 = no chunking)."
-            )
+        check_chunk_size(self.lens_chunk_size)
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
         if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
@@ -206,7 +187,7 @@ class DistillLensConfig(TrainingArguments):
                 )
 
     @property
-    def objective(self) -> ObjectiveSpec:
+    def objective_spec(self) -> ObjectiveSpec:
         """The loss settings as an immutable :class:`ObjectiveSpec`."""
         return ObjectiveSpec(
             ce_weight=self.ce_weight,

@@ -1,10 +1,12 @@
-"""Writing results safely: atomic file writes and refusing to reuse a non-empty output directory."""
+"""Writing results safely: atomic file writes and refusing to reuse a non-empty output directory (and the
+``overwrite_output_dir`` field every command declares through :func:`overwrite_output_dir_field`)."""
 
 from __future__ import annotations
 
 import json
 import os
 import tempfile
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -39,3 +41,10 @@ def check_output_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_t
         raise ValueError(
             f"output_dir={str(output_dir)!r} is not empty: {how_to_allow}, or choose another directory."
         )
+
+
+def overwrite_output_dir_field(what_happens: str) -> Any:
+    """The ``overwrite_output_dir`` dataclass field of a command; ``what_happens`` to the folder's files if set."""
+    return field(
+        default=False, metadata={"help": f"Allow writing into a non-empty output_dir ({what_happens})."}
+    )

@@ -21,46 +21,15 @@ import functools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 
 from .divergences import check_divergence_name
 from .fused_math import cross_entropy_chunk, divergence_chunk, postprocess, postprocess_backward
+from .heads import LinearHead
+from .objective_spec import DEFAULT_CHUNK_SIZE, check_temperature_and_beta
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_CHUNK_SIZE = 512  # tokens; chunk × V fp32 logits: 64 MiB at V=32k, 256 MiB at V=128k
-
-
-@dataclass(frozen=True)
-class LinearHead:
-    """A plain linear LM head and the model's logit post-processing: ``z = c·tanh(scale·(x Wᵀ + b) / c)``.
-
-    Attributes:
-        weight: ``[V_full, d]`` (possibly padded beyond the real vocabulary; possibly a ZeRO-3 parameter).
-        bias: ``[V_full]`` or None.
-        scale: one multiplier folding Granite's ``1/logits_scaling`` and Cohere's ``logit_scale``; None = 1.
-        softcap: Gemma-2's ``final_logit_softcapping``; None = off.
-    """
-
-    weight: torch.Tensor
-    bias: torch.Tensor | None = None
-    scale: float | None = None
-    softcap: float | None = None
-
-    def raw_logits(self, head_input: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """``[n, d] -> [n, vocab_size]`` head product in the weight's dtype (before post-processing)."""
-        bias = self.bias[:vocab_size] if self.bias is not None else None
-        return F.linear(head_input.to(self.weight.dtype), self.weight[:vocab_size], bias)
-
-    def logits(self, head_input: torch.Tensor, vocab_size: int) -> torch.Tensor:
-        """``[n, d] -> [n, vocab_size]`` fp32 post-processed logits."""
-        return postprocess(self.raw_logits(head_input, vocab_size), self.scale, self.softcap)
-
-    def parameters(self) -> list[torch.Tensor]:
-        return [p for p in (self.weight, self.bias) if p is not None]
 
 
 @dataclass(frozen=True)
@@ -75,6 +44,9 @@ class FusedJob:
         weight: multiplier of Σ_tokens D in the weighted total (0: computed for its value only).
         targets: ``[N]`` next-token ids for the cross-entropy, or None.
         ce_weight: multiplier of Σ_tokens CE in the weighted total.
+        name: the key of this job's divergence sum among the returned sums (a term name such as ``kd_loss``);
+            None: ``job{index}``.
+        ce_name: the key of its cross-entropy sum (when ``targets`` are given); None: ``job{index}_ce``.
     """
 
     student_input: torch.Tensor
@@ -84,6 +56,12 @@ class FusedJob:
     weight: float = 1.0
     targets: torch.Tensor | None = None
     ce_weight: float = 0.0
+    name: str | None = None
+    ce_name: str | None = None
+
+    @property
+    def has_teacher(self) -> bool:
+        return self.teacher_input is not None and self.teacher_head is not None
 
 
 @dataclass(frozen=True)
@@ -94,15 +72,6 @@ class _Settings:
     chunk_size: int
     label_smoothing: float
     compile: bool = False
-
-
-class OutputTermSums(NamedTuple):
-    """Sums over tokens of the output terms. ``weighted`` = ce_weight·ce + kd_weight·kd carries the gradient;
-    ``ce`` and ``kd`` are detached fp32 scalars (``kd`` None without a teacher)."""
-
-    weighted: torch.Tensor
-    ce: torch.Tensor
-    kd: torch.Tensor | None
 
 
 # --------------------------------------------------------------------------------------------- torch.compile
@@ -155,7 +124,7 @@ def _run_jobs(
     bias_grad = torch.zeros(vocab, device=device, dtype=math_dtype) if grad_bias else None
     input_grads: list[torch.Tensor | None] = []
     for index, (job, need_input_grad) in enumerate(zip(jobs, grad_inputs)):
-        has_teacher = job.teacher_input is not None and job.teacher_head is not None
+        has_teacher = job.has_teacher
         need_grad = need_input_grad or grad_weight or grad_bias
         kd_grad = need_grad and has_teacher and job.weight != 0
         ce_grad = need_grad and job.targets is not None and job.ce_weight != 0
@@ -257,17 +226,12 @@ def gathered(heads: Sequence[LinearHead | None]) -> Iterator[None]:
         yield
 
 
-def _check(
-    jobs: Sequence[FusedJob], vocab_size: int, chunk_size: int, temperature: float, beta: float
-) -> None:
+def _check(jobs: Sequence[FusedJob], chunk_size: int, temperature: float, beta: float) -> None:
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
-    if not temperature > 0:
-        raise ValueError(f"temperature={temperature} must be > 0.")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta={beta} must lie in [0, 1].")
+    check_temperature_and_beta(temperature, beta)
     for job in jobs:
-        if job.teacher_input is not None:
+        if job.has_teacher:
             check_divergence_name(job.divergence)
             if job.teacher_input.shape[0] != job.student_input.shape[0]:
                 raise ValueError("student and teacher head inputs must hold the same number of tokens.")
@@ -283,16 +247,17 @@ def fused_head_loss(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     label_smoothing: float = 0.0,
     compile_math: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every job against one student head in a single fused pass (one shared weight-gradient accumulator).
 
     Returns:
         the weighted total Σ_jobs (weight·Σ D + ce_weight·Σ CE), a scalar fp32 with gradient w.r.t. every
-        ``student_input`` and the head's weight and bias; and ``[J, 2]`` detached fp32 per-job sums
-        (divergence, CE). ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls
-        back to eager, with one warning, when compilation fails).
+        ``student_input`` and the head's weight and bias; and the detached fp32 sums over tokens keyed by
+        name: ``job.name`` -> Σ D for a job with a teacher, ``job.ce_name`` -> Σ CE for a job with targets.
+        ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls back to eager, with
+        one warning, when compilation fails).
     """
-    _check(jobs, vocab_size, chunk_size, temperature, beta)
+    _check(jobs, chunk_size, temperature, beta)
     settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, compile_math)
     heads = [student_head, *(job.teacher_head for job in jobs)]
     bias = student_head.bias
@@ -302,76 +267,20 @@ def fused_head_loss(
         if not needs_grad:
             with torch.no_grad():
                 total, values, *_ = _run_jobs(student_head, jobs, settings, [False] * len(jobs), False, False)
-            return total, values
-        return _FusedHeadLoss.apply(student_head, jobs, settings, *tensors)
+        else:
+            total, values = _FusedHeadLoss.apply(student_head, jobs, settings, *tensors)
+    return total, _named_sums(jobs, values)
 
 
-def fused_divergence_sum(
-    student_input: torch.Tensor,
-    teacher_input: torch.Tensor,
-    student_head: LinearHead,
-    teacher_head: LinearHead,
-    *,
-    divergence: str,
-    vocab_size: int,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    compile_math: bool = False,
-) -> torch.Tensor:
-    """Σ over N tokens of D(softmax(student_head(x_s)[:, :V]/T) ‖ teacher's), scalar fp32.
-
-    Args:
-        student_input: ``[N, d_s]`` student head input (gradients flow to it and to the head).
-        teacher_input: ``[N, d_t]`` teacher head input (no grad).
-    """
-    job = FusedJob(student_input, teacher_input, teacher_head, divergence, 1.0)
-    total, _ = fused_head_loss(
-        student_head,
-        [job],
-        vocab_size=vocab_size,
-        temperature=temperature,
-        beta=beta,
-        chunk_size=chunk_size,
-        compile_math=compile_math,
-    )
-    return total
-
-
-def fused_output_terms(
-    student_input: torch.Tensor,
-    teacher_input: torch.Tensor | None,
-    targets: torch.Tensor,
-    student_head: LinearHead,
-    teacher_head: LinearHead | None,
-    *,
-    kd_divergence: str,
-    ce_weight: float,
-    kd_weight: float,
-    vocab_size: int,
-    temperature: float = 1.0,
-    beta: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
-    label_smoothing: float = 0.0,
-    compile_math: bool = False,
-) -> OutputTermSums:
-    """CE and output KD sums from the last hidden state, one student head product per chunk.
-
-    Args:
-        student_input: ``[N, d_s]`` the student's last (already normed) hidden state at response positions.
-        teacher_input: ``[N, d_t]`` the teacher's, or None (CE only).
-        targets: ``[N]`` next-token ids.
-    """
-    job = FusedJob(student_input, teacher_input, teacher_head, kd_divergence, kd_weight, targets, ce_weight)
-    total, values = fused_head_loss(
-        student_head,
-        [job],
-        vocab_size=vocab_size,
-        temperature=temperature,
-        beta=beta,
-        chunk_size=chunk_size,
-        label_smoothing=label_smoothing,
-        compile_math=compile_math,
-    )
-    kd = values[0, 0] if teacher_input is not None and teacher_head is not None else None
-    return OutputTermSums(total, values[0, 1], kd)
+def _named_sums(jobs: Sequence[FusedJob], values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``[J, 2]`` (divergence, CE) per job -> the sums each job computed, keyed by its names."""
+    sums: dict[str, torch.Tensor] = {}
+    for index, (job, (divergence, ce)) in enumerate(zip(jobs, values)):
+        named = [(job.has_teacher, job.name or f"job{index}", divergence)]
+        named.append((job.targets is not None, job.ce_name or f"job{index}_ce", ce))
+        for computed, name, value in named:
+            if computed:
+                if name in sums:
+                    raise ValueError(f"two fused jobs name a sum {name!r}: give each job its own name.")
+                sums[name] = value
+    return sums

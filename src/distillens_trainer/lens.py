@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .fused import LinearHead
-from .modeling import config_num_layers, num_hidden_layers, text_config, unwrap_model
+from .fused_math import postprocess
+from .heads import LinearHead, output_linear_head
+from .model_facts import logit_postprocessing, num_hidden_layers, text_config, unwrap_model
 
 # Attribute paths (from the causal-LM wrapper) of the final norm, most common first.
 _FINAL_NORM_PATHS: tuple[str, ...] = (
@@ -30,45 +31,6 @@ def _get_path(root: nn.Module, path: str) -> object | None:
         if obj is None:
             return None
     return obj
-
-
-def linear_head_refusal(head: nn.Module | None) -> str | None:
-    """Why an LM head cannot be fused (one line), or None when it is a plain floating-point ``nn.Linear``."""
-    if type(head) is not nn.Linear:
-        return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
-    if not head.weight.is_floating_point():
-        return f"the LM head's weight is {head.weight.dtype}, not floating point"
-    return None
-
-
-def output_linear_head(model: nn.Module) -> LinearHead | None:
-    """The model's LM head and logit post-processing as a :class:`LinearHead`; None when it cannot be fused.
-
-    Post-processing, in the model's order: Granite divides by ``logits_scaling``, Cohere multiplies by
-    ``logit_scale`` (folded into one ``scale``), Gemma-2 soft-caps with ``final_logit_softcapping``.
-    """
-    model = unwrap_model(model)
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if linear_head_refusal(head) is not None:
-        return None
-    scale, softcap = logit_postprocessing(model)
-    return LinearHead(head.weight, head.bias, scale, softcap)
-
-
-def logit_postprocessing(model: nn.Module) -> tuple[float | None, float | None]:
-    """``(scale, softcap)`` the model applies to its head's output, None where it applies none.
-
-    ``scale`` folds Granite's division by ``logits_scaling`` and Cohere's ``logit_scale``; ``softcap`` is
-    Gemma-2's ``final_logit_softcapping`` (``z = c·tanh(scale·a / c)``).
-    """
-    config = text_config(unwrap_model(model).config)
-    scale = 1.0
-    if getattr(config, "logits_scaling", None):
-        scale /= config.logits_scaling
-    if getattr(config, "logit_scale", None):
-        scale *= config.logit_scale
-    softcap = getattr(config, "final_logit_softcapping", None)
-    return (None if scale == 1.0 else scale), (softcap or None)
 
 
 class LogitLens:
@@ -129,13 +91,8 @@ class LogitLens:
         return hidden_state
 
     def head_logits(self, head_input: torch.Tensor) -> torch.Tensor:
-        """``[..., d_head_in] -> [..., V]``: the LM head and the model's logit post-processing."""
-        logits = self.head(head_input)
-        if self.logit_scale is not None:
-            logits = logits * self.logit_scale
-        if self.logit_softcap is not None:
-            logits = torch.tanh(logits / self.logit_softcap) * self.logit_softcap
-        return logits
+        """``[..., d_head_in] -> [..., V]`` fp32: the LM head and the model's logit post-processing."""
+        return postprocess(self.head(head_input), self.logit_scale, self.logit_softcap)
 
     def linear_head(self) -> LinearHead | None:
         """The head as a :class:`LinearHead` for the fused path, or None when it is not a plain ``nn.Linear``.
@@ -148,15 +105,3 @@ class LogitLens:
     def __call__(self, hidden_state: torch.Tensor, layer_index: int) -> torch.Tensor:
         """``[..., d_model] -> [..., V]`` logits of ``hidden_states[layer_index]``."""
         return self.head_logits(self.to_head_input(hidden_state, layer_index))
-
-
-# Model facts read here live in :mod:`.modeling`; these names stay importable from ``lens`` too.
-__all__ = [
-    "LogitLens",
-    "config_num_layers",
-    "linear_head_refusal",
-    "logit_postprocessing",
-    "num_hidden_layers",
-    "output_linear_head",
-    "unwrap_model",
-]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from .files import write_json_atomic
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -25,8 +26,6 @@ DEFAULT_PROMPT_TEMPLATE = "alpaca"
 
 def write_model_info(model_dir: str | os.PathLike[str], *, prompt_template: str) -> Path:
     """Write ``<model_dir>/distillens.json`` recording the prompt format the model was trained on."""
-    from . import __version__
-
     info = {"prompt_template": prompt_template, "written_by": f"distillens-trainer {__version__}"}
     return write_json_atomic(Path(model_dir) / MODEL_INFO_NAME, info)
 

@@ -14,28 +14,52 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused import FusedJob, LinearHead, fused_head_loss
+from .feature_baseline import FeatureProjector, feature_pair_sum
+from .fused import FusedJob, fused_head_loss, gathered
+from .heads import LinearHead, linear_head_refusal, output_linear_head
 from .layer_map import LayerPair
-from .lens import LogitLens, linear_head_refusal, output_linear_head
-from .objective_spec import ObjectiveOutput, ObjectiveSpec
-from .terms import (
-    IGNORE_INDEX,
-    FeatureProjector,
-    divergence_sum,
-    feature_pair_sum,
-    lens_pair_sum,
-    lens_term_name,
-    response_mask,
-    select_response,
-    shared_columns,
-)
+from .lens import LogitLens
+from .model_facts import forward_accepts, unwrap_model
+from .objective_spec import ObjectiveOutput, ObjectiveSpec, check_chunk_size, lens_term_name
+from .reference import divergence_sum, lens_pair_sum, shared_columns
+from .response_tokens import response_mask, select_response
 
 logger = logging.getLogger(__name__)
+
+HEAD_PROBE_TOKENS = 8  # tokens of the one-off forward that checks the fused output heads
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    """What the objective needs from the two forwards of one micro-batch (see
+    :meth:`DistillLensObjective.forward_request`).
+
+    Attributes:
+        hidden_states: the teacher must return ``hidden_states`` (the lens or feature term reads them).
+        fused_output: the output CE/KD term is computed from ``hidden_states[-1]`` through the fused head, so
+            both models return hidden states and, where their forward takes it, logits for one position only.
+        student_keeps_logits / teacher_keeps_logits: the model's forward takes ``logits_to_keep``.
+    """
+
+    hidden_states: bool
+    fused_output: bool
+    student_keeps_logits: bool = False
+    teacher_keeps_logits: bool = False
+
+    def forward_kwargs(self, role: str) -> dict[str, Any]:
+        """Keyword arguments for the ``role`` (``"student"`` or ``"teacher"``) model's forward."""
+        keeps_logits = self.student_keeps_logits if role == "student" else self.teacher_keeps_logits
+        kwargs: dict[str, Any] = {"output_hidden_states": self.hidden_states or self.fused_output}
+        if self.fused_output and keeps_logits:
+            kwargs["logits_to_keep"] = 1
+        return kwargs
 
 
 def distillens_loss(
@@ -119,8 +143,7 @@ class DistillLensObjective:
         teacher_head: LinearHead | None = None,
         compile_math: bool = False,
     ) -> None:
-        if chunk_size < 0:
-            raise ValueError(f"lens_chunk_size={chunk_size} must be >= 0 (0 = no chunking).")
+        check_chunk_size(chunk_size)
         self.spec = spec
         self.vocab_size = vocab_size
         self.student_lens = student_lens
@@ -131,16 +154,23 @@ class DistillLensObjective:
         self.compile_math = compile_math
         self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
         self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
-        self.output_fusable = True  # switched off by the trainer if the heads do not reproduce the logits
+        self.output_fusable = True  # off when the heads do not reproduce the models' logits
+        self._models: dict[str, nn.Module] = {}  # role -> model whose forward this objective reads
+        self._heads_checked = False
         self._logged: set[str] = set()
 
     @classmethod
     def for_models(
         cls, spec: ObjectiveSpec, student: nn.Module, teacher: nn.Module | None, **kwargs
     ) -> DistillLensObjective:
-        """An objective whose fused output term uses the models' own heads."""
+        """An objective for these models: its fused output term uses their own heads, and
+        :meth:`forward_request` asks their forwards for what it reads (checking the heads once)."""
         teacher_head = output_linear_head(teacher) if teacher is not None else None
-        return cls(spec, student_head=output_linear_head(student), teacher_head=teacher_head, **kwargs)
+        objective = cls(spec, student_head=output_linear_head(student), teacher_head=teacher_head, **kwargs)
+        objective._models = {"student": unwrap_model(student)}
+        if teacher is not None:
+            objective._models["teacher"] = unwrap_model(teacher)
+        return objective
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:
@@ -171,6 +201,83 @@ class DistillLensObjective:
                 + _refusal(self.student_lens, self.teacher_lens)
             )
             return False
+        return True
+
+    # ----------------------------------------------------------------------------------------- the forward contract
+    def forward_request(self, *, full_logits: bool = False) -> ForwardRequest:
+        """What the next forwards must return: hidden states, and logits for one position only when the output
+        term runs fused. ``full_logits`` keeps the student's full logits (for a caller that returns them).
+
+        The first request that would fuse the output term checks, with a short probe forward of each model, that
+        its head applied to ``hidden_states[-1]`` reproduces its logits; if not, the output term uses the full
+        logits from then on (one warning).
+        """
+        fused_output = self.fuses_output and not full_logits
+        if fused_output and not self._heads_checked:
+            self._heads_checked = True
+            fused_output = self._output_heads_match()
+        roles = self._models
+        return ForwardRequest(
+            hidden_states=self.spec.uses_hidden_states and "teacher" in roles,
+            fused_output=fused_output,
+            student_keeps_logits="student" in roles and forward_accepts(roles["student"], "logits_to_keep"),
+            teacher_keeps_logits="teacher" in roles and forward_accepts(roles["teacher"], "logits_to_keep"),
+        )
+
+    def loss(
+        self,
+        labels: torch.Tensor,
+        student_outputs: Any,
+        teacher_outputs: Any | None,
+        request: ForwardRequest,
+        *,
+        num_items_in_batch: int | torch.Tensor | None = None,
+    ) -> ObjectiveOutput:
+        """The weighted loss from the two models' outputs (HF ``ModelOutput`` with ``logits`` and, as
+        ``request`` asked, ``hidden_states``), computed as ``request`` planned: see :meth:`__call__`."""
+        fused = request.fused_output
+        with_teacher = teacher_outputs is not None
+        return self(
+            labels,
+            student_logits=None if fused else student_outputs.logits,
+            teacher_logits=teacher_outputs.logits if with_teacher and not fused else None,
+            student_hidden_states=student_outputs.hidden_states,
+            teacher_hidden_states=teacher_outputs.hidden_states if with_teacher else None,
+            num_items_in_batch=num_items_in_batch,
+            with_teacher=with_teacher,
+        )
+
+    @torch.no_grad()
+    def _output_heads_match(self) -> bool:
+        """Once: does each model's fused head on ``hidden_states[-1]`` reproduce its own logits?
+
+        Guards the fused output term against a model whose last hidden state is not its head's input (e.g. an
+        extra transform before the head): a probe forward of a few tokens per model, in eval mode (no dropout,
+        no random numbers drawn). On a mismatch the fused output term is switched off for good, with a warning.
+        """
+        heads = {"student": self.student_head, "teacher": self.teacher_head}
+        for role, model in self._models.items():
+            head = heads[role]
+            device = next(model.parameters()).device
+            probe = torch.arange(min(HEAD_PROBE_TOKENS, self.vocab_size), device=device)[None]
+            was_training = model.training
+            model.eval()
+            try:
+                outputs = model(input_ids=probe, output_hidden_states=True, use_cache=False)
+            finally:
+                model.train(was_training)
+            own = outputs.logits[0, :, : self.vocab_size].float()
+            with gathered([head]):
+                recomputed = head.logits(outputs.hidden_states[-1][0], self.vocab_size)
+            tolerance = 1e-3 + 2e-2 * float(own.abs().amax())
+            if not bool(((recomputed - own).abs() <= tolerance).all()):
+                logger.warning(
+                    "DistillLens: the %s's LM head applied to its last hidden state does not reproduce its logits; "
+                    "the output term uses the full logits instead of the fused head.",
+                    role,
+                )
+                self.output_fusable = False
+                return False
         return True
 
     def __call__(
@@ -205,7 +312,6 @@ class DistillLensObjective:
         terms: dict[str, torch.Tensor] = {}
         total: torch.Tensor = torch.zeros((), device=labels.device)
         jobs: list[FusedJob] = []
-        names: list[tuple[str, int]] = []  # (term name, column of the fused values) per fused output
 
         if student_logits is None:
             if student_hidden_states is None or (with_teacher and teacher_hidden_states is None):
@@ -222,9 +328,10 @@ class DistillLensObjective:
                     spec.kd_weight,
                     targets,
                     spec.ce_weight,
+                    name="kd_loss",
+                    ce_name="ce_loss",
                 )
             )
-            names += [("ce_loss", 1)] + ([("kd_loss", 0)] if with_teacher else [])
         else:
             total = self._output_terms(student_logits, teacher_logits, mask, targets, terms)
 
@@ -234,14 +341,14 @@ class DistillLensObjective:
                 raise ValueError("the lens term needs both models' hidden_states and their LogitLens.")
             if self.fuses_lens:
                 jobs += self._lens_jobs(student_hidden_states, teacher_hidden_states, mask)
-                lens_pairs = [lens_term_name(s, t) for s, t in self.layer_map]
+                lens_pairs = [job.name for job in jobs[-len(self.layer_map) :]]
             else:
                 total = total + self._straightforward_lens(
                     student_hidden_states, teacher_hidden_states, mask, terms
                 )
 
         if jobs:
-            fused_total, values = fused_head_loss(
+            fused_total, sums = fused_head_loss(
                 self.student_head,
                 jobs,
                 vocab_size=vocab_size,
@@ -252,12 +359,9 @@ class DistillLensObjective:
                 compile_math=self.compile_math,
             )
             total = total + fused_total
-            for name, column in names:
-                terms[name] = values[0, column]
+            terms.update(sums)
             if lens_pairs:
-                pair_values = values[len(jobs) - len(lens_pairs) :, 0]
-                terms.update(zip(lens_pairs, pair_values))
-                terms["lens_loss"] = pair_values.mean()
+                terms["lens_loss"] = torch.stack([sums[name] for name in lens_pairs]).mean()
 
         if spec.feature_weight > 0 and self.layer_map:
             total = total + self._feature_term(student_hidden_states, teacher_hidden_states, mask, terms)
@@ -311,7 +415,14 @@ class DistillLensObjective:
                     select_response(teacher_hidden_states[teacher_layer], mask), teacher_layer
                 )
             jobs.append(
-                FusedJob(student_input, teacher_input, self.teacher_head, self.spec.lens_divergence, weight)
+                FusedJob(
+                    student_input,
+                    teacher_input,
+                    self.teacher_head,
+                    self.spec.lens_divergence,
+                    weight,
+                    name=lens_term_name(student_layer, teacher_layer),
+                )
             )
         return jobs
 
@@ -367,18 +478,3 @@ def _refusal(student_lens: LogitLens | None, teacher_lens: LogitLens | None) -> 
         if reason is not None:
             reasons.append(f"{role}: {reason}")
     return "; ".join(reasons) or "no plain linear head"
-
-
-__all__ = [
-    "IGNORE_INDEX",
-    "DistillLensObjective",
-    "FeatureProjector",
-    "ObjectiveOutput",
-    "ObjectiveSpec",
-    "distillens_loss",
-    "feature_pair_sum",
-    "lens_pair_sum",
-    "lens_term_name",
-    "response_mask",
-    "select_response",
-]

@@ -1,11 +1,37 @@
-"""What the DistillLens objective is asked to compute (:class:`ObjectiveSpec`) and what it returns
-(:class:`ObjectiveOutput`); the computation itself is :class:`~distillens_trainer.objective.DistillLensObjective`."""
+"""What the DistillLens objective is asked to compute (:class:`ObjectiveSpec`, validated here: the one place
+each loss setting is checked) and what it returns (:class:`ObjectiveOutput`, its terms named by
+:func:`lens_term_name` and :data:`TERM_NAMES`); the computation itself is
+:class:`~distillens_trainer.objective.DistillLensObjective`."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import torch
+
+from .divergences import check_divergence_name
+
+DEFAULT_CHUNK_SIZE = 512  # tokens; chunk × V fp32 logits: 64 MiB at V=32k, 256 MiB at V=128k
+WEIGHT_NAMES: tuple[str, ...] = ("ce_weight", "kd_weight", "lens_weight", "feature_weight")
+
+
+def lens_term_name(student_layer: int, teacher_layer: int) -> str:
+    """The logged name of one layer pair's lens term: ``lens/s{i}_t{j}``."""
+    return f"lens/s{student_layer}_t{teacher_layer}"
+
+
+def check_temperature_and_beta(temperature: float, beta: float) -> None:
+    """ValueError naming the field when the softmax temperature or the JSD β is out of range."""
+    if not temperature > 0:
+        raise ValueError(f"temperature={temperature} must be > 0.")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"jsd_beta={beta} must lie in [0, 1].")
+
+
+def check_chunk_size(chunk_size: int) -> None:
+    """ValueError unless ``lens_chunk_size`` is an integer >= 0 (0 = the straightforward computation)."""
+    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 0):
+        raise ValueError(f"lens_chunk_size={chunk_size} must be an integer >= 0 (0 = no chunking).")
 
 
 @dataclass(frozen=True)
@@ -21,6 +47,19 @@ class ObjectiveSpec:
     temperature: float = 1.0
     feature_weight: float = 0.0
     label_smoothing_factor: float = 0.0  # smooths the CE term, as in Trainer
+
+    def __post_init__(self) -> None:
+        for name in WEIGHT_NAMES:
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name}={value} is negative; loss weights must be >= 0.")
+        if all(getattr(self, name) == 0 for name in WEIGHT_NAMES):
+            raise ValueError(
+                "ce_weight, kd_weight, lens_weight and feature_weight are all 0: set at least one to a positive value."
+            )
+        check_divergence_name(self.kd_divergence, "kd_divergence")
+        check_divergence_name(self.lens_divergence, "lens_divergence")
+        check_temperature_and_beta(self.temperature, self.jsd_beta)
 
     @property
     def term_weights(self) -> dict[str, float]:

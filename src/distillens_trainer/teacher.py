@@ -9,8 +9,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling import DTYPES, freeze, model_vocab_size
-from .models import load_causal_lm, load_tokenizer_from
+from .loading import load_causal_lm, load_tokenizer_from
+from .model_facts import DTYPES, model_vocab_size
 
 if TYPE_CHECKING:
     from .config import DistillLensConfig
@@ -157,16 +157,3 @@ def shared_vocab_size(
             shared,
         )
     return shared
-
-
-# ``freeze`` and ``model_vocab_size`` live in :mod:`.modeling`; they stay importable from here.
-__all__ = [
-    "freeze",
-    "has_vocabulary",
-    "load_teacher",
-    "load_teacher_tokenizer",
-    "model_vocab_size",
-    "resolve_teacher",
-    "resolve_teacher_dtype",
-    "shared_vocab_size",
-]

@@ -247,8 +247,8 @@ def train(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distillens_trainer import DistillLensTrainer
-    from distillens_trainer.distributed import is_zero3_enabled
-    from distillens_trainer.teacher import model_vocab_size
+    from distillens_trainer.model_facts import model_vocab_size
+    from distillens_trainer.teacher_placement import is_zero3_enabled
 
     out = Path(out)
     models_dir = Path(models_dir)
@@ -305,7 +305,7 @@ def train(
     if zero3:
         result["teacher_lens_check"] = lens_gather_check(trainer.teacher_lens)
     trainer.train()
-    objective = trainer.distillens_objective
+    objective = trainer.objective
     result["fused"] = {"lens": objective.fuses_lens, "output": objective.fuses_output}
     result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result["log_history"] = trainer.state.log_history
@@ -361,14 +361,14 @@ def main(argv: list[str] | None = None) -> None:
         teacher_object=options.teacher_object,
         teacher_dtype=options.teacher_dtype,
     )
-    from distillens_trainer.distributed import end_process_group
+    from distillens_trainer.commands.process import end_process_group
 
     end_process_group(wait_for_peers=True)  # as the CLI does
 
 
 if __name__ == "__main__":
     main()
-    from distillens_trainer.distributed import exit_launched_process, launched_world_size
+    from distillens_trainer.commands.process import exit_launched_process, launched_world_size
 
     if launched_world_size() > 1:  # as the CLI does: interpreter shutdown may abort a finished gloo rank
         exit_launched_process(0)

@@ -20,7 +20,6 @@ The pipeline, one public step per stage so evaluation code can reuse the pieces:
 
 from __future__ import annotations
 
-from ..modeling import IGNORE_INDEX, resolve_pad_token_id, tokenizer_adds_bos
 from .arguments import LONG_PROMPT_STRATEGIES, PROMPT_TEMPLATES, DataArguments
 from .building import build_datasets, decontaminate, evaluation_prompt_set
 from .collation import DataCollatorForCompletionOnly
@@ -48,7 +47,6 @@ __all__ = [
     "ALPACA_PROMPT_NO_INPUT",
     "ALPACA_PROMPT_WITH_INPUT",
     "FILE_BUILDERS",
-    "IGNORE_INDEX",
     "LONG_PROMPT_STRATEGIES",
     "PROMPT_TEMPLATES",
     "REFERENCES_COLUMN",
@@ -66,10 +64,8 @@ __all__ = [
     "load_raw_dataset",
     "load_raw_splits",
     "render_messages_as_text",
-    "resolve_pad_token_id",
     "split_at_prompt",
     "split_messages",
     "to_prompt_completion",
     "tokenize_prompt_completion",
-    "tokenizer_adds_bos",
 ]

@@ -10,45 +10,10 @@ LONG_PROMPT_STRATEGIES: tuple[str, ...] = ("drop", "truncate_left")
 
 
 @dataclass
-class DataArguments:
-    """Where the instruction data lives, how it is formatted and how long sequences may be.
+class PromptFormatArguments:
+    """How a row becomes prompt and response tokens: template, columns and length limits. Shared by every command
+    that tokenises instruction data (``train``, ``lens``), so they all read a row the same way."""
 
-    Parsed by ``transformers.HfArgumentParser`` next to the training arguments (no field names collide).
-    """
-
-    train_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Training data: a local .json/.jsonl/.csv/.parquet file or a datasets.save_to_disk "
-            "folder (then --train_split picks the split)."
-        },
-    )
-    validation_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluation data, same formats as --train_file; for a save_to_disk folder the split is "
-            "--validation_split (default 'validation')."
-        },
-    )
-    dataset_name: str | None = field(
-        default=None,
-        metadata={
-            "help": "A hub dataset id or a local datasets.save_to_disk folder, instead of --train_file."
-        },
-    )
-    dataset_config_name: str | None = field(
-        default=None, metadata={"help": "Configuration (subset) name of --dataset_name."}
-    )
-    train_split: str = field(
-        default="train",
-        metadata={"help": "Split of --dataset_name (or of a save_to_disk folder) to train on."},
-    )
-    validation_split: str | None = field(
-        default=None,
-        metadata={
-            "help": "Split of --dataset_name (or of a save_to_disk folder) to evaluate on; none by default."
-        },
-    )
     prompt_template: str = field(
         default="alpaca",
         metadata={
@@ -94,6 +59,54 @@ class DataArguments:
             "choices": list(LONG_PROMPT_STRATEGIES),
         },
     )
+
+    def __post_init__(self) -> None:
+        check_choice("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
+        check_choice("long_prompt_strategy", self.long_prompt_strategy, LONG_PROMPT_STRATEGIES)
+        check_lengths(self.max_length, self.max_prompt_length)
+
+
+@dataclass
+class DataArguments(PromptFormatArguments):
+    """Where the instruction data lives, how it is formatted (:class:`PromptFormatArguments`) and how much of it
+    is used.
+
+    Parsed by ``transformers.HfArgumentParser`` next to the training arguments (no field names collide).
+    """
+
+    train_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Training data: a local .json/.jsonl/.csv/.parquet file or a datasets.save_to_disk "
+            "folder (then --train_split picks the split)."
+        },
+    )
+    validation_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Evaluation data, same formats as --train_file; for a save_to_disk folder the split is "
+            "--validation_split (default 'validation')."
+        },
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={
+            "help": "A hub dataset id or a local datasets.save_to_disk folder, instead of --train_file."
+        },
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata={"help": "Configuration (subset) name of --dataset_name."}
+    )
+    train_split: str = field(
+        default="train",
+        metadata={"help": "Split of --dataset_name (or of a save_to_disk folder) to train on."},
+    )
+    validation_split: str | None = field(
+        default=None,
+        metadata={
+            "help": "Split of --dataset_name (or of a save_to_disk folder) to evaluate on; none by default."
+        },
+    )
     max_train_samples: int | None = field(
         default=None,
         metadata={"help": "Keep only the first N training rows (before length filtering), for quick runs."},
@@ -121,9 +134,7 @@ class DataArguments:
     )
 
     def __post_init__(self) -> None:
-        check_choice("prompt_template", self.prompt_template, PROMPT_TEMPLATES)
-        check_choice("long_prompt_strategy", self.long_prompt_strategy, LONG_PROMPT_STRATEGIES)
-        check_lengths(self.max_length, self.max_prompt_length)
+        super().__post_init__()
         for name in ("max_train_samples", "max_eval_samples", "preprocessing_num_workers"):
             value = getattr(self, name)
             if value is not None and value < 1:

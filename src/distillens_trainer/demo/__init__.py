@@ -64,10 +64,18 @@ profile), :mod:`.plots` (the figures) and :mod:`.run` (:func:`run_demo`, the tab
 from __future__ import annotations
 
 from .arguments import CACHE_DIRNAME, FIGURE_NAMES, INIT_NAME, METHODS, PRESETS, RESULTS_NAME, DemoArguments
-from .cache import get_student_init, get_teacher
+from .cache import TrainingRun
 from .run import configure_logging, output_summary, run_demo, set_threads
 from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
-from .training import Suite, TrainingRun, count_parameters, prepare_suite, train_model, train_student
+from .training import (
+    Suite,
+    count_parameters,
+    get_student_init,
+    get_teacher,
+    prepare_suite,
+    train_model,
+    train_student,
+)
 
 __all__ = [
     "CACHE_DIRNAME",

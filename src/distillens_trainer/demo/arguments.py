@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data import PROMPT_TEMPLATES
+from ..data.arguments import PROMPT_TEMPLATES
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..layer_map import paper_student_layers, resolve_layer_map
 from .suite import DEFAULT_VOCAB_SIZE

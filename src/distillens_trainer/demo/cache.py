@@ -1,5 +1,6 @@
 """The on-disk cache of the demo's SFT teacher and of the warmed-up initial student, one folder per setting
-under ``<cache_dir>``, keyed by a hash of everything the model depends on."""
+under ``<cache_dir>``, keyed by a hash of everything the model depends on, and :class:`TrainingRun`, the record of
+a training run that each entry keeps. Training a missing entry is :mod:`.training`'s job."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,54 @@ import torch
 
 from ..files import write_json_atomic
 from ..model_info import write_model_info
-from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, TEACHER_OBJECTIVE, DemoArguments
-from .training import Suite, build_model, prepare_suite, suite_key, train_model
+from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, DemoArguments
 
 logger = logging.getLogger(__name__)
 
 
-def _stable_hash(payload: Mapping[str, Any]) -> str:
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training run of :func:`train_model` reports (the model itself is trained in place).
+
+    ``objective`` holds the run's loss fields (weights, divergences, ``lens_num_layers``), ``layer_map`` its
+    (student, teacher) lens pairs, ``log_history`` the Trainer's logs, and ``final_*`` the mean of the last
+    three logged values of each term (None when it was not logged).
+    """
+
+    train_time_s: float
+    max_steps: int
+    objective: dict[str, Any]
+    layer_map: list[list[int]]
+    log_history: list[dict[str, Any]]
+    final_loss: float | None = None
+    final_ce_loss: float | None = None
+    final_kd_loss: float | None = None
+    final_lens_loss: float | None = None
+    final_feature_loss: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as JSON-ready values (what a cache entry's info records)."""
+        return asdict(self)
+
+    def summary(self) -> dict[str, Any]:
+        """Every field but the log history (what ``results.json`` records per model)."""
+        return {key: value for key, value in self.as_dict().items() if key != "log_history"}
+
+
+def suite_key(args: DemoArguments) -> dict[str, Any]:
+    """What determines the data and the tokenizer."""
+    return {
+        "tasks": list(args.tasks),
+        "num_train": args.num_train,
+        "num_eval": args.num_eval,
+        "num_test": args.num_test,
+        "data_seed": args.data_seed,
+        "vocab_size": args.vocab_size,
+        "prompt_template": args.prompt_template,
+    }
+
+
+def stable_hash(payload: Mapping[str, Any]) -> str:
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:16]
 
@@ -47,7 +90,7 @@ def teacher_key(args: DemoArguments) -> dict[str, Any]:
 
 def teacher_cache_path(args: DemoArguments) -> Path:
     """``<cache_dir>/teacher-<hash of teacher_key>``."""
-    return args.resolved_cache_dir / f"teacher-{_stable_hash(teacher_key(args))}"
+    return args.resolved_cache_dir / f"teacher-{stable_hash(teacher_key(args))}"
 
 
 def load_cached_model(path: Path) -> tuple[Any, Any, dict[str, Any]] | None:
@@ -89,88 +132,3 @@ def store_model(
         shutil.rmtree(staging, ignore_errors=True)
         if info is None or not (path / TEACHER_INFO_NAME).is_file():  # another run may have won the race
             raise
-
-
-def get_teacher(args: DemoArguments, data_dir: Path, work_dir: Path) -> tuple[Any, Suite, dict[str, Any]]:
-    """The SFT teacher and the suite: loaded from the cache when present, else trained and cached.
-
-    Returns ``(teacher, suite, info)``; ``info["cached"]`` says whether the cache was used.
-    """
-    path = teacher_cache_path(args)
-    cached = load_cached_model(path)
-    if cached is not None:
-        teacher, tokenizer, info = cached
-        logger.info("[demo] reusing the cached teacher %s", path)
-        suite = prepare_suite(args, data_dir, tokenizer)
-        tokenizer.save_pretrained(str(data_dir.parent / "tokenizer"))
-        return teacher, suite, {**info, "cached": True, "path": str(path)}
-
-    logger.info("[demo] no cached teacher at %s: training one", path)
-    suite = prepare_suite(args, data_dir)
-    teacher = build_model(suite.tokenizer, args.teacher_layers, args.teacher_hidden_size, args.teacher_seed)
-    run = train_model(
-        teacher,
-        suite,
-        objective=TEACHER_OBJECTIVE,
-        output_dir=work_dir / "teacher",
-        max_steps=args.teacher_max_steps,
-        learning_rate=args.teacher_learning_rate,
-        batch_size=args.batch_size,
-        seed=args.teacher_seed,
-        logging_steps=args.logging_steps,
-        description="the teacher (SFT)",
-    )
-    info = {**run.as_dict(), "key": teacher_key(args)}
-    store_model(path, teacher, suite.tokenizer, info, prompt_template=args.prompt_template)
-    logger.info("[demo] cached the teacher at %s", path)
-    return teacher, suite, {**info, "cached": False, "path": str(path)}
-
-
-def student_init_key(args: DemoArguments, seed: int) -> dict[str, Any]:
-    """Everything the warm-started initial student depends on (the data and tokenizer, not the teacher)."""
-    return {
-        "format": CACHE_FORMAT,
-        "suite": suite_key(args),
-        "layers": args.student_layers,
-        "hidden_size": args.student_hidden_size,
-        "warmup_steps": args.student_warmup_steps,
-        "learning_rate": args.student_warmup_learning_rate,
-        "batch_size": args.batch_size,
-        "seed": seed,
-    }
-
-
-def get_student_init(
-    args: DemoArguments, suite: Suite, work_dir: Path, seed: int | None = None
-) -> tuple[Any, dict[str, Any]]:
-    """The initial student every method starts from: random weights (seeded), then, unless
-    ``student_warmup_steps`` is 0, that many SFT steps; the warmed-up student is cached like the teacher.
-
-    Returns ``(student, info)``; ``info`` holds ``warmup_steps``, ``cached`` and the warm-up's losses.
-    """
-    seed = args.seed if seed is None else seed
-    student = build_model(suite.tokenizer, args.student_layers, args.student_hidden_size, seed)
-    if args.student_warmup_steps == 0:
-        return student, {"warmup_steps": 0, "cached": False, "seed": seed}
-    key = student_init_key(args, seed)
-    path = args.resolved_cache_dir / f"student-init-{_stable_hash(key)}"
-    cached = load_cached_model(path)
-    if cached is not None:
-        logger.info("[demo] reusing the cached warmed-up student %s", path)
-        student, _, info = cached
-        return student, {**info, "cached": True, "path": str(path)}
-    run = train_model(
-        student,
-        suite,
-        objective=TEACHER_OBJECTIVE,
-        output_dir=work_dir / f"student-init-{seed}",
-        max_steps=args.student_warmup_steps,
-        learning_rate=args.student_warmup_learning_rate,
-        batch_size=args.batch_size,
-        seed=seed,
-        logging_steps=args.logging_steps,
-        description=f"the initial student (SFT warm-up, seed {seed})",
-    )
-    info = {**run.as_dict(), "key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
-    store_model(path, student, suite.tokenizer, info, prompt_template=args.prompt_template)
-    return student, {**info, "cached": False, "path": str(path)}

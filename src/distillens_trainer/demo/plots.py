@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from .arguments import INIT_NAME
 
 if TYPE_CHECKING:
-    from .training import TrainingRun
+    from .cache import TrainingRun
 
 logger = logging.getLogger(__name__)
 

@@ -30,10 +30,10 @@ from .arguments import (
     SMOKE_NOTE,
     DemoArguments,
 )
-from .cache import get_student_init, get_teacher, store_model
+from .cache import TrainingRun, store_model
 from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
 from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
-from .training import TrainingRun, count_parameters, train_student
+from .training import count_parameters, get_student_init, get_teacher, train_student
 
 logger = logging.getLogger(__name__)
 

@@ -11,8 +11,7 @@ from typing import Any
 import torch
 
 from .arguments import LENS_EVAL_DIVERGENCE
-from .suite import score_answer
-from .training import prompt_of
+from .suite import prompt_of, score_answer
 
 
 def default_max_new_tokens(examples: Sequence[Mapping[str, str]], tokenizer: Any) -> int:
@@ -31,7 +30,8 @@ def evaluate_generation(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """Greedy answers to ``examples`` scored with exact match and ROUGE-L (both 0-100), overall and per task."""
-    from ..evaluation import generate_responses, rouge_l
+    from ..evaluation.generation import generate_responses
+    from ..evaluation.metrics import rouge_l
 
     prompts = [prompt_of(example, prompt_template) for example in examples]
     answers = generate_responses(
@@ -92,11 +92,13 @@ def lens_divergence_profile(
     Returns ``{"pairs": [[s, t], ...], "divergence": [...], "final": ..., "student_ce": ..., "teacher_ce": ...}``;
     the last pair is the two models' final layers, i.e. the divergence of their output distributions.
     """
-    from ..data import DataCollatorForCompletionOnly
+    from ..data.collation import DataCollatorForCompletionOnly
     from ..diagnostics.profile import same_depth_pairs
     from ..lens import LogitLens
-    from ..objective import DistillLensObjective, ObjectiveSpec, lens_term_name
-    from ..teacher import model_vocab_size, shared_vocab_size
+    from ..model_facts import model_vocab_size
+    from ..objective import DistillLensObjective
+    from ..objective_spec import ObjectiveSpec, lens_term_name
+    from ..teacher import shared_vocab_size
 
     student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
     pairs = same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers)

@@ -10,11 +10,11 @@ import json
 import random
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..data import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
+from ..data.prompts import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
 from .tasks import TASK_FAMILIES, Example, describe_task, resolve_tasks
 
 if TYPE_CHECKING:
@@ -298,3 +298,10 @@ def build_suite_tokenizer(
     tokenizer = train_suite_tokenizer((format_example(example) for example in examples), vocab_size)
     tokenizer.save_pretrained(str(output_dir))
     return tokenizer
+
+
+def prompt_of(example: Mapping[str, str], template: str) -> str:
+    """The prompt a model is trained on and generates from."""
+    from ..data.prompts import build_prompt
+
+    return build_prompt(example, None, template)

@@ -9,15 +9,24 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import TrainerCallback
 
-from .arguments import HEAD_DIM, METHODS, DemoArguments
-from .suite import read_jsonl
+from .arguments import CACHE_FORMAT, HEAD_DIM, METHODS, TEACHER_OBJECTIVE, DemoArguments
+from .cache import (
+    TrainingRun,
+    load_cached_model,
+    stable_hash,
+    store_model,
+    suite_key,
+    teacher_cache_path,
+    teacher_key,
+)
+from .suite import prompt_of, read_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -30,19 +39,6 @@ class Suite:
     tokenizer: Any = None
     train_dataset: Any = None
     eval_dataset: Any = None
-
-
-def suite_key(args: DemoArguments) -> dict[str, Any]:
-    """What determines the data and the tokenizer."""
-    return {
-        "tasks": list(args.tasks),
-        "num_train": args.num_train,
-        "num_eval": args.num_eval,
-        "num_test": args.num_test,
-        "data_seed": args.data_seed,
-        "vocab_size": args.vocab_size,
-        "prompt_template": args.prompt_template,
-    }
 
 
 def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
@@ -60,18 +56,11 @@ def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str,
     return {split: read_jsonl(paths[split]) for split in ("train", "validation", "test")}
 
 
-def prompt_of(example: Mapping[str, str], template: str) -> str:
-    """The prompt a model is trained on and generates from."""
-    from ..data import build_prompt
-
-    return build_prompt(example, None, template)
-
-
 def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, template: str):
     """Tokenised ``input_ids``/``attention_mask``/``labels`` rows (prompt masked) as a ``datasets.Dataset``."""
     import datasets
 
-    from ..data import tokenize_prompt_completion
+    from ..data.tokenization import tokenize_prompt_completion
 
     raw = datasets.Dataset.from_list(
         [{"prompt": prompt_of(example, template), "completion": example["output"]} for example in examples]
@@ -127,35 +116,6 @@ def count_parameters(model: torch.nn.Module) -> int:
     return sum(parameter.numel() for parameter in {id(p): p for p in model.parameters()}.values())
 
 
-@dataclass(frozen=True)
-class TrainingRun:
-    """What one training run of :func:`train_model` reports (the model itself is trained in place).
-
-    ``objective`` holds the run's loss fields (weights, divergences, ``lens_num_layers``), ``layer_map`` its
-    (student, teacher) lens pairs, ``log_history`` the Trainer's logs, and ``final_*`` the mean of the last
-    three logged values of each term (None when it was not logged).
-    """
-
-    train_time_s: float
-    max_steps: int
-    objective: dict[str, Any]
-    layer_map: list[list[int]]
-    log_history: list[dict[str, Any]]
-    final_loss: float | None = None
-    final_ce_loss: float | None = None
-    final_kd_loss: float | None = None
-    final_lens_loss: float | None = None
-    final_feature_loss: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field, as JSON-ready values (what a cache entry's info records)."""
-        return asdict(self)
-
-    def summary(self) -> dict[str, Any]:
-        """Every field but the log history (what ``results.json`` records per model)."""
-        return {key: value for key, value in self.as_dict().items() if key != "log_history"}
-
-
 def _final_logged(log_history: Sequence[Mapping[str, Any]], key: str, last: int = 3) -> float | None:
     """Mean of the last ``last`` logged values of ``key`` (training logs only)."""
     values = [entry[key] for entry in log_history if key in entry and "train_runtime" not in entry]
@@ -184,8 +144,8 @@ def train_model(
     ``config_overrides`` are further :class:`DistillLensConfig` fields (e.g. ``bf16``, ``lens_layer_map``).
     """
     from ..config import DistillLensConfig
-    from ..data import DataCollatorForCompletionOnly
-    from ..trainer import DistillLensTrainer
+    from ..data.collation import DataCollatorForCompletionOnly
+    from ..trainer.distillens_trainer import DistillLensTrainer
 
     config = DistillLensConfig(
         output_dir=str(output_dir),
@@ -208,7 +168,7 @@ def train_model(
         **objective,
         **(config_overrides or {}),
     )
-    needs_teacher = config.objective.needs_teacher
+    needs_teacher = config.objective_spec.needs_teacher
     trainer = DistillLensTrainer(
         model=model,
         args=config,
@@ -317,3 +277,89 @@ def train_student(
         description=f"student '{method}'",
     )
     return student, run
+
+
+# --------------------------------------------------------------------------------------------- cached or trained
+def get_teacher(args: DemoArguments, data_dir: Path, work_dir: Path) -> tuple[Any, Suite, dict[str, Any]]:
+    """The SFT teacher and the suite: loaded from the cache when present, else trained and cached.
+
+    Returns ``(teacher, suite, info)``; ``info["cached"]`` says whether the cache was used.
+    """
+    path = teacher_cache_path(args)
+    cached = load_cached_model(path)
+    if cached is not None:
+        teacher, tokenizer, info = cached
+        logger.info("[demo] reusing the cached teacher %s", path)
+        suite = prepare_suite(args, data_dir, tokenizer)
+        tokenizer.save_pretrained(str(data_dir.parent / "tokenizer"))
+        return teacher, suite, {**info, "cached": True, "path": str(path)}
+
+    logger.info("[demo] no cached teacher at %s: training one", path)
+    suite = prepare_suite(args, data_dir)
+    teacher = build_model(suite.tokenizer, args.teacher_layers, args.teacher_hidden_size, args.teacher_seed)
+    run = train_model(
+        teacher,
+        suite,
+        objective=TEACHER_OBJECTIVE,
+        output_dir=work_dir / "teacher",
+        max_steps=args.teacher_max_steps,
+        learning_rate=args.teacher_learning_rate,
+        batch_size=args.batch_size,
+        seed=args.teacher_seed,
+        logging_steps=args.logging_steps,
+        description="the teacher (SFT)",
+    )
+    info = {**run.as_dict(), "key": teacher_key(args)}
+    store_model(path, teacher, suite.tokenizer, info, prompt_template=args.prompt_template)
+    logger.info("[demo] cached the teacher at %s", path)
+    return teacher, suite, {**info, "cached": False, "path": str(path)}
+
+
+def student_init_key(args: DemoArguments, seed: int) -> dict[str, Any]:
+    """Everything the warm-started initial student depends on (the data and tokenizer, not the teacher)."""
+    return {
+        "format": CACHE_FORMAT,
+        "suite": suite_key(args),
+        "layers": args.student_layers,
+        "hidden_size": args.student_hidden_size,
+        "warmup_steps": args.student_warmup_steps,
+        "learning_rate": args.student_warmup_learning_rate,
+        "batch_size": args.batch_size,
+        "seed": seed,
+    }
+
+
+def get_student_init(
+    args: DemoArguments, suite: Suite, work_dir: Path, seed: int | None = None
+) -> tuple[Any, dict[str, Any]]:
+    """The initial student every method starts from: random weights (seeded), then, unless
+    ``student_warmup_steps`` is 0, that many SFT steps; the warmed-up student is cached like the teacher.
+
+    Returns ``(student, info)``; ``info`` holds ``warmup_steps``, ``cached`` and the warm-up's losses.
+    """
+    seed = args.seed if seed is None else seed
+    student = build_model(suite.tokenizer, args.student_layers, args.student_hidden_size, seed)
+    if args.student_warmup_steps == 0:
+        return student, {"warmup_steps": 0, "cached": False, "seed": seed}
+    key = student_init_key(args, seed)
+    path = args.resolved_cache_dir / f"student-init-{stable_hash(key)}"
+    cached = load_cached_model(path)
+    if cached is not None:
+        logger.info("[demo] reusing the cached warmed-up student %s", path)
+        student, _, info = cached
+        return student, {**info, "cached": True, "path": str(path)}
+    run = train_model(
+        student,
+        suite,
+        objective=TEACHER_OBJECTIVE,
+        output_dir=work_dir / f"student-init-{seed}",
+        max_steps=args.student_warmup_steps,
+        learning_rate=args.student_warmup_learning_rate,
+        batch_size=args.batch_size,
+        seed=seed,
+        logging_steps=args.logging_steps,
+        description=f"the initial student (SFT warm-up, seed {seed})",
+    )
+    info = {**run.as_dict(), "key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
+    store_model(path, student, suite.tokenizer, info, prompt_template=args.prompt_template)
+    return student, {**info, "cached": False, "path": str(path)}

@@ -16,13 +16,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..divergences import divergence_from_log_probs, log_probs
 from ..layer_map import LayerPair, proportional_teacher_layer
 from ..lens import LogitLens
-from ..terms import response_mask, select_response
+from ..model_facts import forward_accepts, with_position_ids
+from ..response_tokens import response_mask, select_response
 
 DEFAULT_CHUNK_SIZE = 32
 
@@ -229,7 +231,6 @@ def _add_layer_sums(sums: ModelLayerSums, layer_lp: torch.Tensor, jsd_beta: floa
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """The ``hidden_states`` tuple of one forward pass (no grad, no cache) on a collated batch, on the model's device."""
-    from ..modeling import forward_accepts, with_position_ids  # the trainer's own forward conventions
 
     device = next(model.parameters()).device
     inputs = {key: value.to(device) for key, value in batch.items() if key != "labels"}
@@ -261,3 +262,43 @@ def accumulate_batches(
         if progress is not None:
             progress.update(added)
     return accumulator
+
+
+# --------------------------------------------------------------------------------------------- during training
+@torch.no_grad()
+def evaluation_lens_profile(trainer: Any, dataloader: Any, prefix: str = "eval") -> dict[str, float]:
+    """The per-layer metrics of a :class:`~distillens_trainer.DistillLensTrainer` on ``dataloader`` (``lens_eval_profile``).
+
+    ``{prefix}_lens_profile/s{i}``: the student's layer ``i`` against the teacher layer at the same relative depth,
+    in the training's ``lens_divergence``; ``{prefix}_lens_entropy/s{i}`` / ``/t{j}``: entropy in nats of each
+    layer's lens distribution; per response token of the evaluation set, summed across processes. One extra
+    forward pass of both models over the evaluation set.
+    """
+    args = trainer.args
+    student_lens = trainer.student_lens or LogitLens(trainer.model, final_norm=args.lens_final_norm)
+    teacher_lens = trainer.teacher_lens or LogitLens(trainer.teacher_model, final_norm=args.lens_final_norm)
+    accumulator = LensProfileAccumulator(
+        student_lens,
+        teacher_lens,
+        trainer.vocab_size,
+        pairs=same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers),
+        divergences=[args.lens_divergence],
+        jsd_beta=args.jsd_beta,
+    )
+    was_training = trainer.model.training
+    trainer.model.eval()
+    try:
+        batches = (trainer._prepare_inputs(batch) for batch in dataloader)
+        accumulate_batches(accumulator, trainer.model, trainer.teacher_model, batches)
+    finally:
+        trainer.model.train(was_training)
+    accumulator.reduce_(lambda flat: trainer.accelerator.reduce(flat, reduction="sum"))
+    means = accumulator.means()
+    metrics = {
+        f"{prefix}_lens_profile/s{s}": value
+        for (s, _), value in zip(accumulator.pairs, means["pairs"][args.lens_divergence])
+    }
+    for side, letter in (("student", "s"), ("teacher", "t")):
+        for layer, value in enumerate(means[side]["entropy"]):
+            metrics[f"{prefix}_lens_entropy/{letter}{layer}"] = value
+    return metrics

@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..data import DataCollatorForCompletionOnly
+from ..data.collation import DataCollatorForCompletionOnly
 from ..layer_map import LayerPair
 from ..lens import LogitLens
 from .profile import DEFAULT_CHUNK_SIZE, LensProfileAccumulator, accumulate_batches, same_depth_pairs

@@ -23,7 +23,6 @@ One module per job: :mod:`.metrics` (scoring), :mod:`.examples` (JSONL files), :
 
 from __future__ import annotations
 
-from ..modeling import truncate_left
 from .arguments import PAPER_SEEDS, EvalArguments
 from .callback import RougeEvalCallback
 from .examples import load_eval_examples, references_of, unique_file_names
@@ -82,6 +81,5 @@ __all__ = [
     "rouge_l",
     "run_evaluation",
     "score_responses",
-    "truncate_left",
     "unique_file_names",
 ]

@@ -5,8 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from ..data import PROMPT_TEMPLATES
-from ..modeling import DTYPE_NAMES
+from ..data.arguments import PROMPT_TEMPLATES
+from ..model_facts import DTYPE_NAMES
 from .generation import GenerationSettings, require
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from ..data import PROMPT_TEMPLATES, build_prompt
+from ..data.arguments import PROMPT_TEMPLATES
+from ..data.prompts import build_prompt
 from .examples import check_example, load_eval_examples, references_of
 from .generation import GenerationSettings, generate_responses
 from .metrics import score_responses

@@ -12,8 +12,7 @@ import transformers
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from ..limits import check_fits_context
-from ..modeling import resolve_pad_token_id, tokenizer_adds_bos, truncate_left
+from ..model_facts import check_fits_context, resolve_pad_token_id, tokenizer_adds_bos, truncate_left
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,9 @@ from typing import Any
 
 import torch
 
-from ..data import build_prompt
+from ..data.prompts import build_prompt
 from ..files import check_output_dir, write_text_atomic
-from ..limits import check_fits_context
-from ..modeling import torch_dtype
+from ..model_facts import check_fits_context, torch_dtype
 from .arguments import EvalArguments
 from .examples import load_eval_examples, references_of, unique_file_names
 from .generation import generate_responses
@@ -128,7 +127,7 @@ def run_evaluation(args: EvalArguments) -> dict[str, Any]:
     Runs in a single process on the first CUDA device when one is available, else on the CPU.
     """
     refuse_existing_report(args)
-    from ..models import load_causal_lm, load_tokenizer_from, read_config
+    from ..loading import load_causal_lm, load_tokenizer_from, read_config
 
     check_fits_context(  # before any weights are read
         args.max_prompt_length + args.max_new_tokens,

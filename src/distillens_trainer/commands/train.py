@@ -1,26 +1,29 @@
-"""The training workflow behind ``distillens train``: load models and data, distil, save."""
+"""``distillens train``: load the student and the data, distil (or SFT), save the model, its prompt format and its
+model card."""
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
 
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import TrainerCallback
 
-from .config import DistillLensConfig
-from .data import DataArguments, DataCollatorForCompletionOnly, build_datasets
-from .distributed import check_launched_world_size
-from .files import check_output_dir, write_json_atomic
-from .layer_map import resolve_student_layers
-from .limits import check_fits_context
-from .model_info import MODEL_INFO_NAME, write_model_info
-from .modeling import DTYPE_NAMES, check_dtype_name, config_num_layers, torch_dtype
-from .models import load_causal_lm, load_tokenizer_from, read_config
-from .trainer import DistillLensTrainer
+from ..config import DistillLensConfig
+from ..data.arguments import DataArguments
+from ..data.building import build_datasets
+from ..data.collation import DataCollatorForCompletionOnly
+from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic
+from ..layer_map import resolve_student_layers
+from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
+from ..model_facts import check_fits_context, config_num_layers
+from ..model_info import MODEL_INFO_NAME, choose_prompt_template, write_model_info
+from ..trainer.distillens_trainer import DistillLensTrainer
+from .parsing import given_fields, parse_command
+from .process import check_launched_world_size, quiet_deepspeed_accelerator_detection
 
 logger = logging.getLogger(__name__)
 
@@ -28,51 +31,11 @@ RESOLVED_CONFIG_NAME = "distillens_config.json"
 
 
 @dataclass
-class ModelArguments:
-    """The student (and how to load it); the teacher is part of :class:`DistillLensConfig`."""
+class OutputArguments:
+    """What ``distillens train`` may do to an existing ``output_dir`` (its other output settings are
+    ``TrainingArguments``')."""
 
-    model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
-    gguf_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Load the student from this GGUF file inside model_name_or_path (de-quantised; the "
-            "tokenizer too unless tokenizer_name_or_path is given). Needs the gguf extra."
-        },
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
-    )
-    model_dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype the student is loaded in (auto = the checkpoint's).",
-            "choices": list(DTYPE_NAMES),
-        },
-    )
-    attn_implementation: str | None = field(
-        default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2."}
-    )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the hub."}
-    )
-    use_peft: bool = field(
-        default=False, metadata={"help": "Train a LoRA adapter instead of the whole student."}
-    )
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: list[str] | None = field(
-        default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture)."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow training into a non-empty output_dir (its files may be replaced)."},
-    )
-
-    def __post_init__(self) -> None:
-        check_dtype_name("model_dtype", self.model_dtype)
-        if self.use_peft and self.lora_r < 1:
-            raise ValueError(f"lora_r={self.lora_r} must be >= 1.")
+    overwrite_output_dir: bool = overwrite_output_dir_field("its files may be replaced")
 
 
 # The pip package behind each report_to integration, where its name differs.
@@ -139,8 +102,10 @@ def resolved_config(
     data_args: DataArguments,
     training_args: DistillLensConfig,
     data_stats: dict[str, int] | None = None,
+    lora_args: LoraArguments | None = None,
 ) -> dict:
-    config = {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()}
+    model = asdict(model_args) | (asdict(lora_args) if lora_args is not None else {})
+    config = {"model": model, "data": asdict(data_args), "training": training_args.to_dict()}
     if data_stats:
         config["data_stats"] = dict(data_stats)
     return config
@@ -155,7 +120,7 @@ def check_models_before_loading(
     (a longer example would end in an IndexError from the position embedding mid-training).
     """
     fix = "pass --max_length {limit} or less (and --max_prompt_length below it)"
-    objective = training_args.objective
+    objective = training_args.objective_spec
     student = read_config(
         model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
     )
@@ -175,64 +140,24 @@ def check_models_before_loading(
         check_fits_context(data_args.max_length, config, model=name, setting="--max_length", fix=fix)
 
 
-def load_student(model_args: ModelArguments) -> PreTrainedModel:
-    """The student causal LM, optionally wrapped with a LoRA adapter."""
-    kwargs: dict[str, Any] = {
-        "dtype": torch_dtype(model_args.model_dtype),
-        "trust_remote_code": model_args.trust_remote_code,
-    }
-    if model_args.attn_implementation:
-        kwargs["attn_implementation"] = model_args.attn_implementation
-    model = load_causal_lm(model_args.model_name_or_path, gguf_file=model_args.gguf_file, **kwargs)
-    if model_args.use_peft:
-        try:
-            import peft
-        except ImportError as error:
-            raise ValueError(
-                "use_peft needs the peft package: pip install 'distillens-trainer[peft]'."
-            ) from error
-        lora = peft.LoraConfig(
-            r=model_args.lora_r,
-            lora_alpha=model_args.lora_alpha,
-            lora_dropout=model_args.lora_dropout,
-            target_modules=model_args.lora_target_modules,
-            task_type="CAUSAL_LM",
-        )
-        model = peft.get_peft_model(model, lora)
-    return model
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None):
-    try:
-        tokenizer = load_tokenizer_from(name_or_path, gguf_file, trust_remote_code=trust_remote_code)
-    except OSError as error:
-        raise ValueError(
-            f"no tokenizer could be loaded from {name_or_path!r}: pass --tokenizer_name_or_path."
-        ) from error
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
 def run_training(
     model_args: ModelArguments,
     data_args: DataArguments,
     training_args: DistillLensConfig,
     callbacks: list | None = None,
+    *,
+    lora_args: LoraArguments | None = None,
+    overwrite_output_dir: bool = False,
 ) -> DistillLensTrainer:
     """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``."""
     check_output_dir(
         training_args.output_dir,
-        allowed=model_args.overwrite_output_dir or bool(training_args.resume_from_checkpoint),
+        allowed=overwrite_output_dir or bool(training_args.resume_from_checkpoint),
         how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
     )
     check_launched_world_size(training_args)
     check_models_before_loading(model_args, data_args, training_args)
-    tokenizer = load_tokenizer(
-        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
-        model_args.trust_remote_code,
-        gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
-    )
+    tokenizer = load_student_tokenizer(model_args)
     data_stats: dict[str, int] = {}
     train_dataset, eval_dataset = build_datasets(
         data_args,
@@ -242,7 +167,7 @@ def run_training(
     )
     if train_dataset is None:
         raise ValueError("no training data: pass --train_file or --dataset_name.")
-    student = load_student(model_args)
+    student = load_student(model_args, lora_args)
     trainer = DistillLensTrainer(
         model=student,
         args=training_args,
@@ -255,12 +180,17 @@ def run_training(
     if trainer.is_world_process_zero():
         write_json_atomic(
             Path(training_args.output_dir) / RESOLVED_CONFIG_NAME,
-            resolved_config(model_args, data_args, training_args, data_stats),
+            resolved_config(model_args, data_args, training_args, data_stats, lora_args),
         )
     result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
         write_model_info(training_args.output_dir, prompt_template=data_args.prompt_template)
+    trainer.create_model_card(
+        model_name=Path(training_args.output_dir).name,
+        finetuned_from=model_args.model_name_or_path,
+        dataset=data_args.train_file or data_args.dataset_name,
+    )
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -269,3 +199,35 @@ def run_training(
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
     return trainer
+
+
+# What `distillens train` parses its command line (and config file) into, in this order.
+TRAIN_ARGUMENTS = (ModelArguments, LoraArguments, DataArguments, DistillLensConfig, OutputArguments)
+
+
+def main(argv: Sequence[str]) -> int:
+    """``distillens train [CONFIG] --field value ...``."""
+    model_args, lora_args, data_args, training_args, output_args = parse_command(
+        TRAIN_ARGUMENTS, argv, "distillens train"
+    )
+    given = given_fields(argv)
+    check_reporting_integrations(training_args.report_to)
+    quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
+    if "dataloader_pin_memory" not in given:
+        turn_off_pin_memory_without_accelerator(training_args)
+    teacher = training_args.teacher_model_name_or_path if training_args.objective_spec.needs_teacher else None
+    data_args.prompt_template = choose_prompt_template(
+        data_args.prompt_template if "prompt_template" in given else None,
+        [("teacher", teacher), ("student", model_args.model_name_or_path)],
+    )
+    run_training(
+        model_args,
+        data_args,
+        training_args,
+        lora_args=lora_args,
+        overwrite_output_dir=output_args.overwrite_output_dir,
+    )
+    summary = output_summary(training_args, data_args.prompt_template, output_dir_given="output_dir" in given)
+    if training_args.process_index == 0:  # one line for the run, not one per rank
+        print(summary)
+    return 0

@@ -1,4 +1,5 @@
-"""Facts about a causal LM and its tokenizer, read in one place: unwrapping, config, sizes, dtypes, padding, BOS.
+"""Facts about a causal LM and its tokenizer, read in one place: unwrapping, config, sizes, dtypes, padding, BOS,
+the context length, and the logit post-processing its config asks for.
 
 Every other module asks these helpers instead of reading ``model.config`` or a tokenizer's special ids itself.
 """
@@ -143,3 +144,53 @@ def with_position_ids(inputs: dict[str, Any], accepts_position_ids: bool) -> dic
     attention_mask = inputs["attention_mask"]
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # [B, T]
     return {**inputs, "position_ids": position_ids}
+
+
+# --------------------------------------------------------------------------------------------- context length
+# Config attributes that hold the number of positions, most common first (GPT-2 maps n_positions itself).
+_CONTEXT_ATTRIBUTES: tuple[str, ...] = (
+    "max_position_embeddings",
+    "n_positions",
+    "max_sequence_length",
+    "seq_length",
+    "n_ctx",
+)
+
+
+def context_length(config: Any) -> int | None:
+    """Positions the model can attend over (its text config's), or None when the config does not say."""
+    config = text_config(config)
+    for name in _CONTEXT_ATTRIBUTES:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_fits_context(length: int, config: Any, *, model: str, setting: str, fix: str) -> None:
+    """ValueError when `length` tokens (what `setting` allows) exceed the context of `model`'s `config`.
+
+    Example message: ``--max_length (512) exceeds the student's context of 128 positions: pass
+    --max_length 128 or less.``
+    """
+    limit = context_length(config)
+    if limit is not None and length > limit:
+        raise ValueError(
+            f"{setting} ({length}) exceeds the {model}'s context of {limit} positions: {fix.format(limit=limit)}."
+        )
+
+
+def logit_postprocessing(model: nn.Module) -> tuple[float | None, float | None]:
+    """``(scale, softcap)`` the model applies to its head's output, None where it applies none.
+
+    ``scale`` folds Granite's division by ``logits_scaling`` and Cohere's ``logit_scale``; ``softcap`` is
+    Gemma-2's ``final_logit_softcapping`` (``z = c·tanh(scale·a / c)``).
+    """
+    config = text_config(unwrap_model(model).config)
+    scale = 1.0
+    if getattr(config, "logits_scaling", None):
+        scale /= config.logits_scaling
+    if getattr(config, "logit_scale", None):
+        scale *= config.logit_scale
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return (None if scale == 1.0 else scale), (softcap or None)

@@ -8,24 +8,18 @@
   device, in the resolved teacher dtype (ZeRO-1/2 shard only optimizer states and gradients, which a
   frozen teacher does not have).
 * FSDP: refused; shard a large teacher with DeepSpeed ZeRO-3 instead.
-
-:func:`end_process_group` and :func:`exit_launched_process` end a launched rank (the CLI does both).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import copy
 import logging
-import os
-import sys
-from typing import Any, NoReturn
+from typing import Any
 
 import torch
 from torch import nn
 
-from .modeling import freeze, hidden_size
+from .model_facts import freeze, hidden_size
 from .teacher import resolve_teacher_dtype
 
 logger = logging.getLogger(__name__)
@@ -38,22 +32,6 @@ _HIDDEN_SIZE_KEYS: tuple[str, ...] = (
 
 
 # --------------------------------------------------------------------------------------------- detection
-def quiet_deepspeed_accelerator_detection(uses_deepspeed: bool) -> None:
-    """Spare a run that does not use DeepSpeed its "Setting accelerator to CPU" warning.
-
-    ``accelerate`` imports DeepSpeed, when it is installed, to unwrap any model, and DeepSpeed then warns on
-    every machine without CUDA. For a run without DeepSpeed and without CUDA this sets ``DS_ACCELERATOR=cpu``,
-    the accelerator DeepSpeed falls back to anyway; a value already set, or a run that uses DeepSpeed, is left
-    alone.
-    """
-    if uses_deepspeed or "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
-        return
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
-        return
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
-
 def _deepspeed_plugin(accelerator: Any) -> Any | None:
     state = getattr(accelerator, "state", None)
     return getattr(state, "deepspeed_plugin", None) if state is not None else None
@@ -258,73 +236,3 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
     if dtype is not None:
         return teacher.to(device=device, dtype=dtype)
     return teacher.to(device) if device is not None else teacher
-
-
-# --------------------------------------------------------------------------------------------- launch
-def launched_world_size() -> int:
-    """How many processes a launcher (torchrun, ``deepspeed``, ``accelerate launch``) started: ``WORLD_SIZE``."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
-def check_launched_world_size(trainer_args: Any) -> None:
-    """Refuse a launch whose processes would each train alone.
-
-    On a machine without a GPU, ``TrainingArguments`` only joins the processes with ``use_cpu=True`` (DDP over
-    gloo) and otherwise gives each a world of one, so N copies of the same run would write the same
-    ``output_dir``.
-    """
-    launched = launched_world_size()
-    if launched > 1 and trainer_args.world_size == 1:
-        raise ValueError(
-            f"launched as {launched} processes, but each would train alone (no GPU backend joined them) into the "
-            "same output_dir: on a CPU-only machine pass --use_cpu true (DDP over gloo, without --deepspeed), "
-            "or launch on GPUs."
-        )
-
-
-# --------------------------------------------------------------------------------------------- shutdown
-def end_process_group(*, wait_for_peers: bool) -> None:
-    """Destroy the default process group that a launcher (torchrun, ``deepspeed``, ``accelerate launch``) made.
-
-    ``wait_for_peers`` first meets the other ranks at a barrier, so that no rank leaves while another is still
-    in its last collective; pass False on an error path, where a peer may never arrive. Without a process group
-    this does nothing. A launched script then leaves with :func:`exit_launched_process`.
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return
-    if wait_for_peers:
-        torch.distributed.barrier()
-    torch.distributed.destroy_process_group()
-
-
-def exit_launched_process(exit_code: int) -> NoReturn:
-    """End a launched rank after :func:`end_process_group`, without interpreter shutdown.
-
-    gloo runs each collective on a worker thread, which lets go of the collective's tensors, and so takes the
-    GIL, only after the caller has moved on. A thread that takes the GIL once interpreter shutdown has begun is
-    killed inside a ``noexcept`` destructor and the process aborts (``terminate called without an active
-    exception``, SIGABRT) after a run that finished and saved everything; destroying the process group does not
-    stop those threads while DeepSpeed still holds the group. So this runs the ``atexit`` handlers (loggers,
-    trackers, temporary files) and flushes stdout and stderr while the interpreter is whole, then leaves with
-    ``os._exit``.
-    """
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, OSError, ValueError):  # closed, replaced or None
-            stream.flush()
-    os._exit(exit_code)
-
-
-__all__ = [
-    "check_launched_world_size",
-    "deepspeed_config_of",
-    "end_process_group",
-    "exit_launched_process",
-    "is_fsdp_enabled",
-    "is_partitioned",
-    "is_zero3_enabled",
-    "launched_world_size",
-    "prepare_teacher",
-    "teacher_zero3_config",
-    "wrap_teacher_zero3",
-]

@@ -5,15 +5,9 @@ from __future__ import annotations
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
-
-from conftest import import_script
-
-quality = import_script(
-    Path(__file__).resolve().parents[1] / "benchmarks" / "quality.py", "distillens_quality"
-)
+import quality  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
 
 
 def _run(method: str, seed: int, exact_match: float, rouge: float = 50.0) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,12 +13,14 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .config import DistillLensConfig
-from .distributed import prepare_teacher
-from .fused import gathered
-from .layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
-from .lens import LogitLens
-from .modeling import (
+from ..config import DistillLensConfig
+from ..diagnostics.profile import evaluation_lens_profile
+from ..feature_baseline import FeatureProjector
+from ..layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
+from ..lens import LogitLens
+from ..loading import drop_gguf_quantization
+from ..model_card import model_card_text, summary_from_config, write_model_card
+from ..model_facts import (
     forward_accepts,
     hidden_size,
     model_vocab_size,
@@ -25,10 +28,12 @@ from .modeling import (
     unwrap_model,
     with_position_ids,
 )
-from .models import drop_gguf_quantization
-from .objective import DistillLensObjective, FeatureProjector, ObjectiveOutput
-from .teacher import resolve_teacher, shared_vocab_size
-from .trainer_compat import (
+from ..objective import DistillLensObjective, ForwardRequest
+from ..objective_spec import ObjectiveOutput
+from ..teacher import resolve_teacher, shared_vocab_size
+from ..teacher_placement import prepare_teacher
+from ..version import __version__
+from .inputs import (
     refuse_compute_loss_func,
     token_count,
     tokenizer_of,
@@ -76,16 +81,19 @@ class DistillLensTrainer(Trainer):
                 "kd_weight=..., ...), which keeps its TrainingArguments fields and drops the others (such as "
                 "SFTConfig's max_length: apply those when you tokenise)."
             )
-        self.objective = args.objective
+        self.objective_spec = args.objective_spec
         refuse_compute_loss_func(trainer_args, trainer_kwargs)
-        if self.objective.label_smoothing_factor > 0 and self.objective.ce_weight == 0:
+        if self.objective_spec.label_smoothing_factor > 0 and self.objective_spec.ce_weight == 0:
             logger.warning(
                 "label_smoothing_factor smooths the CE term, which ce_weight=0 leaves out: no effect."
             )
         if model is not None:
             self._check_student_before_loading(model, args)
+        self._teacher_name = (
+            teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
+        )
         teacher_model, teacher_processing_class = resolve_teacher(
-            args, teacher_model, teacher_processing_class, needs_teacher=self.objective.needs_teacher
+            args, teacher_model, teacher_processing_class, needs_teacher=self.objective_spec.needs_teacher
         )
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
@@ -104,7 +112,7 @@ class DistillLensTrainer(Trainer):
                 tokenizer_of(self.processing_class),
                 tokenizer_of(teacher_processing_class),
             )
-            if self.objective.uses_hidden_states:
+            if self.objective_spec.uses_hidden_states:
                 self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
                 self.teacher_lens = LogitLens(self.teacher_model, final_norm=args.lens_final_norm)
                 self.layer_map = resolve_layer_map(
@@ -116,14 +124,14 @@ class DistillLensTrainer(Trainer):
                     kept_layers=self._kept_layers(args),
                 )
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
-            if self.objective.feature_weight > 0:
+            if self.objective_spec.feature_weight > 0:
                 self.feature_projector = self._build_feature_projector()
         self._student_takes_position_ids = forward_accepts(self.model, "position_ids")
         self._teacher_takes_position_ids = self.teacher_model is not None and forward_accepts(
             self.teacher_model, "position_ids"
         )
-        self.distillens_objective = DistillLensObjective.for_models(
-            self.objective,
+        self.objective = DistillLensObjective.for_models(
+            self.objective_spec,
             self.model,
             self.teacher_model,
             vocab_size=self.vocab_size or model_vocab_size(self.model),
@@ -134,14 +142,6 @@ class DistillLensTrainer(Trainer):
             chunk_size=args.lens_chunk_size,
             compile_math=args.lens_compile,
         )
-        # The fused output term reads the last hidden states; the models then need logits for one position only.
-        self._student_keeps_logits = forward_accepts(self.model, "logits_to_keep")
-        self._teacher_keeps_logits = self.teacher_model is not None and forward_accepts(
-            self.teacher_model, "logits_to_keep"
-        )
-        self._output_heads_checked = False
-        self._eval_needs_logits = False
-
         # compute_loss normalises by the accumulation window's response-token count (num_items_in_batch), counted
         # over shifted labels, so the Trainer must neither rescale by the accumulation steps nor count position 0.
         self.model_accepts_loss_kwargs = True
@@ -159,7 +159,7 @@ class DistillLensTrainer(Trainer):
 
     def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
         """Checks that need only the student, run before the teacher loads: lens depth and master weights."""
-        if self.objective.needs_teacher and self.objective.uses_hidden_states:
+        if self.objective_spec.needs_teacher and self.objective_spec.uses_hidden_states:
             resolve_student_layers(num_hidden_layers(model), args.lens_student_layers, args.lens_num_layers)
         if (args.bf16 or args.fp16) and not args.deepspeed:
             converted = upcast_half_trainable_parameters(model)
@@ -199,6 +199,49 @@ class DistillLensTrainer(Trainer):
         projector = FeatureProjector(self.layer_map, hidden_size(self.teacher_model), hidden_size(self.model))
         return projector.to(self.args.device)
 
+    # ----------------------------------------------------------------------------------------- model card
+    def create_model_card(
+        self,
+        language: str | None = None,
+        license: str | None = None,
+        tags: str | list[str] | None = None,
+        model_name: str | None = None,
+        finetuned_from: str | None = None,
+        tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None,
+        dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:
+        """Write the distilled student's model card (``README.md`` in ``output_dir``): the teacher, the objective
+        (weights, divergences, layer map), the data and the paper's citation, tagged ``distillation`` and
+        ``distillens``. ``push_to_hub`` calls it, so the tags reach the hub. ``tasks``, ``dataset_tags`` and
+        ``dataset_args`` are accepted for ``Trainer`` compatibility and not used."""
+        if not self.is_world_process_zero():
+            return
+        student_name = getattr(unwrap_model(self.model).config, "_name_or_path", "") or "student"
+        teacher_name = self._teacher_name
+        if teacher_name is None and self.teacher_model is not None:
+            teacher_name = getattr(unwrap_model(self.teacher_model).config, "_name_or_path", None) or None
+        summary = summary_from_config(
+            self.args,
+            student=student_name,
+            teacher=teacher_name if self.teacher_model is not None else None,
+            layer_map=self.layer_map,
+            datasets=dataset or (),
+            version=__version__,
+            training_steps=self.state.global_step or None,
+        )
+        text = model_card_text(
+            summary,
+            model_name=model_name or Path(self.args.output_dir).name,
+            base_model=finetuned_from or student_name,
+            tags=tags,
+            hub_model_id=self.args.hub_model_id,
+            license=license,
+            language=language,
+        )
+        write_model_card(self.args.output_dir, text)
+
     def create_optimizer(self, *args: Any, **kwargs: Any):
         optimizer = super().create_optimizer(*args, **kwargs)
         if self.feature_projector is not None and not getattr(self, "_feature_params_added", False):
@@ -223,14 +266,10 @@ class DistillLensTrainer(Trainer):
             )
 
     @torch.no_grad()
-    def _teacher_forward(self, model_inputs: dict[str, Any], fused_output: bool = False) -> Any:
+    def _teacher_forward(self, model_inputs: dict[str, Any], request: ForwardRequest) -> Any:
         self.teacher_model.eval()  # stays in eval mode whatever was called on the student
         inputs = with_position_ids(model_inputs, self._teacher_takes_position_ids)
-        if fused_output and self._teacher_keeps_logits:
-            inputs = {**inputs, "logits_to_keep": 1}
-        return self.teacher_model(
-            **inputs, output_hidden_states=self.objective.uses_hidden_states or fused_output, use_cache=False
-        )
+        return self.teacher_model(**inputs, **request.forward_kwargs("teacher"), use_cache=False)
 
     # ----------------------------------------------------------------------------------------- loss
     def compute_loss(
@@ -240,84 +279,30 @@ class DistillLensTrainer(Trainer):
         return_outputs: bool = False,
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
-        labels = inputs["labels"]
-        num_items_in_batch = token_count(
-            num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
-        )
+        """The DistillLens objective on one micro-batch; with ``return_outputs`` also the student's full logits."""
+        request = self.objective.forward_request(full_logits=return_outputs)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
-        fused_output = self.distillens_objective.fuses_output and not (
-            return_outputs and self._eval_needs_logits
-        )
-        uses_hidden = self.teacher_model is not None and self.objective.uses_hidden_states
         student_inputs = with_position_ids(model_inputs, self._student_takes_position_ids)
-        if fused_output and self._student_keeps_logits:
-            student_inputs = {**student_inputs, "logits_to_keep": 1}
-        student_outputs = model(
-            **student_inputs, output_hidden_states=uses_hidden or fused_output, use_cache=False
-        )
+        student_outputs = model(**student_inputs, **request.forward_kwargs("student"), use_cache=False)
         teacher_outputs = None
         if self.teacher_model is not None:
-            teacher_outputs = self._teacher_forward(model_inputs, fused_output)
-        if fused_output and not self._output_heads_checked:
-            self._output_heads_checked = True
-            if not self._output_heads_match(student_outputs, teacher_outputs):
-                return self.compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        result = self.distillens_objective(
-            labels,
-            student_logits=None if fused_output else student_outputs.logits,
-            teacher_logits=None if fused_output or teacher_outputs is None else teacher_outputs.logits,
-            student_hidden_states=student_outputs.hidden_states if uses_hidden or fused_output else None,
-            teacher_hidden_states=teacher_outputs.hidden_states if teacher_outputs is not None else None,
-            num_items_in_batch=num_items_in_batch,
-            with_teacher=teacher_outputs is not None,
+            teacher_outputs = self._teacher_forward(model_inputs, request)
+        window_tokens = token_count(
+            num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
         )
-        loss = result.loss
+        result = self.objective.loss(
+            inputs["labels"], student_outputs, teacher_outputs, request, num_items_in_batch=window_tokens
+        )
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
         # data-parallel gradient averaging so every device's tokens weigh the same.
         scale = 1
-        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+        if self.args.average_tokens_across_devices and window_tokens is not None:
             scale = self.accelerator.num_processes
-            loss = loss * scale
+        loss = result.loss * scale if scale != 1 else result.loss
         self._record_terms(result, training=model.training, scale=scale)
         if return_outputs:
             return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
         return loss
-
-    @torch.no_grad()
-    def _output_heads_match(self, student_outputs: Any, teacher_outputs: Any) -> bool:
-        """Once: do the fused heads on ``hidden_states[-1]`` reproduce the models' own last-position logits?
-
-        Guards the fused output term against a model whose last hidden state is not its head's input
-        (e.g. an extra transform before the head); on a mismatch it is switched off for good, with a warning.
-        """
-        objective = self.distillens_objective
-        pairs = [("student", student_outputs, objective.student_head)]
-        if teacher_outputs is not None:
-            pairs.append(("teacher", teacher_outputs, objective.teacher_head))
-        for role, outputs, head in pairs:
-            vocab = outputs.logits.shape[-1]
-            with gathered([head]):
-                recomputed = head.logits(outputs.hidden_states[-1][:, -1], vocab)
-            own = outputs.logits[:, -1, :vocab].float()
-            tolerance = 1e-3 + 2e-2 * float(own.abs().amax())
-            if not bool(((recomputed - own).abs() <= tolerance).all()):
-                logger.warning(
-                    "DistillLens: the %s's LM head applied to its last hidden state does not reproduce its logits; "
-                    "the output term uses the full logits instead of the fused head.",
-                    role,
-                )
-                objective.output_fusable = False
-                return False
-        return True
-
-    def prediction_step(
-        self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, *args: Any, **kwargs: Any
-    ):
-        self._eval_needs_logits = not prediction_loss_only  # compute_loss keeps full logits only then
-        try:
-            return super().prediction_step(model, inputs, prediction_loss_only, *args, **kwargs)
-        finally:
-            self._eval_needs_logits = False
 
     # ----------------------------------------------------------------------------------------- logging
     def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:
@@ -357,7 +342,7 @@ class DistillLensTrainer(Trainer):
         self._eval_term_sums.clear()
         self._eval_tokens.zero_()
         means = {name: value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
-        weights = self.objective.term_weights
+        weights = self.objective_spec.term_weights
         means["loss"] = sum(
             weights[name] * value for name, value in means.items() if weights.get(name, 0) > 0
         )
@@ -380,8 +365,6 @@ class DistillLensTrainer(Trainer):
         prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
         output.metrics.update(self._pop_eval_terms(prefix))
         if self.args.lens_eval_profile and self.teacher_model is not None:
-            from .diagnostics.training import evaluation_lens_profile
-
             dataloader = kwargs.get("dataloader", args[0] if args else None)
             output.metrics.update(evaluation_lens_profile(self, dataloader, prefix))
         return output

@@ -1,37 +1,42 @@
-"""Model and tokenizer facts read in one place (``distillens_trainer.modeling``)."""
+"""Model and tokenizer facts read in one place (``distillens_trainer.model_facts``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import pytest
 import torch
 from torch import nn
 
-from distillens_trainer import modeling
-from distillens_trainer.config import TEACHER_DTYPES
-from distillens_trainer.data import IGNORE_INDEX as DATA_IGNORE_INDEX
-from distillens_trainer.evaluation import EvalArguments
-from distillens_trainer.terms import IGNORE_INDEX as TERMS_IGNORE_INDEX
+from distillens_trainer import model_facts as modeling
+from distillens_trainer.commands.shrink import ShrinkArguments
+from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.evaluation.arguments import EvalArguments
+from distillens_trainer.loading import ModelArguments
 
 from conftest import tiny_llama
 
 
-def test_every_command_accepts_the_same_dtype_names():
+def test_every_command_names_its_dtype_field_dtype_and_accepts_the_same_names():
     assert modeling.DTYPE_NAMES == ("auto", "bfloat16", "float16", "float32")
-    assert TEACHER_DTYPES == modeling.DTYPE_NAMES
-    choices = EvalArguments.__dataclass_fields__["dtype"].metadata["choices"]
-    assert tuple(choices) == modeling.DTYPE_NAMES
+    for arguments in (ModelArguments, EvalArguments, ShrinkArguments, DistillLensConfig):
+        fields = {item.name: item for item in dataclasses.fields(arguments) if "dtype" in item.name}
+        expected = {"teacher_dtype"} if arguments is DistillLensConfig else {"dtype"}
+        assert set(fields) == expected, arguments.__name__
+        for item in fields.values():
+            assert tuple(item.metadata["choices"]) == modeling.DTYPE_NAMES, (arguments.__name__, item.name)
     assert modeling.torch_dtype("bfloat16") is torch.bfloat16
     assert modeling.torch_dtype("auto") == "auto"
-    with pytest.raises(
-        ValueError, match=r"^model_dtype='fp8' must be one of auto, bfloat16, float16, float32\.$"
-    ):
-        modeling.check_dtype_name("model_dtype", "fp8")
+    with pytest.raises(ValueError, match=r"^dtype='fp8' must be one of auto, bfloat16, float16, float32\.$"):
+        modeling.check_dtype_name("dtype", "fp8")
 
 
-def test_the_ignore_index_is_one_value_everywhere():
-    assert modeling.IGNORE_INDEX == DATA_IGNORE_INDEX == TERMS_IGNORE_INDEX == -100
+def test_the_ignore_index_is_the_one_torch_and_transformers_skip_in_the_cross_entropy():
+    assert torch.nn.CrossEntropyLoss().ignore_index == modeling.IGNORE_INDEX
+    logits, labels = torch.randn(3, 5), torch.tensor([1, modeling.IGNORE_INDEX, 2])
+    kept = torch.nn.functional.cross_entropy(logits[[0, 2]], labels[[0, 2]])
+    torch.testing.assert_close(torch.nn.functional.cross_entropy(logits, labels), kept)
 
 
 def test_model_sizes_are_read_through_wrappers_and_text_configs():

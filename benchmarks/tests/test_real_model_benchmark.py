@@ -6,12 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-
-from conftest import import_script
-
-real_model = import_script(
-    Path(__file__).resolve().parents[1] / "benchmarks" / "real_model.py", "distillens_real_model"
-)
+import real_model  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
 
 
 def _args(tmp_path: Path, **overrides) -> real_model.RealModelArguments:

@@ -9,54 +9,40 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..data import DataArguments, build_datasets
+from ..data.arguments import DataArguments, PromptFormatArguments
+from ..data.building import build_datasets
+from ..diagnostics.figures import write_figures
+from ..diagnostics.profile import DEFAULT_CHUNK_SIZE
+from ..diagnostics.report import profile_models
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
-from ..files import check_output_dir, write_json_atomic
+from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic
 from ..layer_map import LayerPair, resolve_layer_map
-from ..modeling import DTYPE_NAMES, check_dtype_name, freeze, num_hidden_layers
-from ..pipeline import ModelArguments, load_student, load_tokenizer
+from ..loading import ModelArguments, load_student, load_student_tokenizer
+from ..model_facts import freeze, num_hidden_layers
+from ..model_info import choose_prompt_template
+from ..objective_spec import check_temperature_and_beta
 from ..teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
-from .figures import write_figures
-from .profile import DEFAULT_CHUNK_SIZE
-from .report import profile_models
+from .parsing import given_fields, parse_command
 
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "lens.json"
-DTYPES = DTYPE_NAMES
 DEFAULT_NUM_PAIRS = 5  # the paper's K
-# DataArguments fields that say how rows become prompt + response tokens: shared with `distillens train`.
-_FORMAT_FIELDS = (
-    "prompt_template",
-    "instruction_column",
-    "input_column",
-    "output_column",
-    "prompt_column",
-    "completion_column",
-    "messages_column",
-    "max_length",
-    "max_prompt_length",
-    "long_prompt_strategy",
-)
-_DATA_FIELDS = {data_field.name: data_field for data_field in dataclasses.fields(DataArguments)}
-
-
-def _data_field(name: str) -> Any:
-    """The same default and help as ``DataArguments.<name>``: one place for each fact."""
-    return field(default=_DATA_FIELDS[name].default, metadata=dict(_DATA_FIELDS[name].metadata))
 
 
 @dataclass
 class LensArguments:
-    """What ``distillens lens`` profiles, on which data, and where the results go."""
+    """What ``distillens lens`` profiles against the student (:class:`~distillens_trainer.loading.ModelArguments`),
+    on which data (read with :class:`~distillens_trainer.data.arguments.PromptFormatArguments`), and where the
+    results go."""
 
-    model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
     data_file: str = field(
         metadata={
             "help": "Data: a .json/.jsonl/.csv/.parquet file or a save_to_disk folder, as for training."
@@ -67,19 +53,9 @@ class LensArguments:
         default=None,
         metadata={"help": "Teacher model (folder or hub id); without it the student is profiled alone."},
     )
-    gguf_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Profile the model in this GGUF file inside model_name_or_path (de-quantised; the tokenizer "
-            "too unless tokenizer_name_or_path is given). Needs the gguf extra."
-        },
-    )
     teacher_gguf_file: str | None = field(
         default=None,
         metadata={"help": "The teacher's GGUF file inside teacher_model_name_or_path (de-quantised)."},
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
     )
     max_samples: int = field(default=256, metadata={"help": "Use the first N rows of the data file."})
     max_tokens: int = field(
@@ -119,33 +95,10 @@ class LensArguments:
     lens_teacher_layers: list[int] | None = field(
         default=None, metadata={"help": "Explicit teacher layers, one per student layer."}
     )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "dtype both models are loaded in (auto = each checkpoint's).",
-            "choices": list(DTYPES),
-        },
-    )
     device: str | None = field(
         default=None, metadata={"help": "Device, e.g. cuda:0 or cpu (default: cuda if any)."}
     )
-    trust_remote_code: bool = field(
-        default=False, metadata={"help": "Allow custom modelling code from the hub."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={"help": "Allow writing into a non-empty output_dir (its lens files are replaced)."},
-    )
-    prompt_template: str = _data_field("prompt_template")
-    instruction_column: str = _data_field("instruction_column")
-    input_column: str = _data_field("input_column")
-    output_column: str = _data_field("output_column")
-    prompt_column: str = _data_field("prompt_column")
-    completion_column: str = _data_field("completion_column")
-    messages_column: str = _data_field("messages_column")
-    max_length: int = _data_field("max_length")
-    max_prompt_length: int = _data_field("max_prompt_length")
-    long_prompt_strategy: str = _data_field("long_prompt_strategy")
+    overwrite_output_dir: bool = overwrite_output_dir_field("its lens files are replaced")
 
     def __post_init__(self) -> None:
         for name in ("max_samples", "max_tokens", "batch_size", "token_chunk_size"):
@@ -156,21 +109,19 @@ class LensArguments:
             raise ValueError("divergences is empty: give at least one, e.g. --divergences jsd.")
         for name in self.divergences:
             check_divergence_name(name, "divergences")
-        if not 0.0 <= self.jsd_beta <= 1.0:
-            raise ValueError(f"jsd_beta={self.jsd_beta} must lie in [0, 1].")
-        check_dtype_name("dtype", self.dtype)
+        check_temperature_and_beta(1.0, self.jsd_beta)
         if self.teacher_model_name_or_path is None and (self.lens_student_layers or self.lens_teacher_layers):
             raise ValueError("lens_student_layers/lens_teacher_layers need --teacher_model_name_or_path.")
         if self.teacher_model_name_or_path is None and self.teacher_gguf_file:
             raise ValueError(
                 "teacher_gguf_file needs --teacher_model_name_or_path (the folder that holds it)."
             )
-        self.data_arguments()  # the formatting fields are checked where training checks them
 
-    def data_arguments(self) -> DataArguments:
+    def data_arguments(self, prompt_format: PromptFormatArguments) -> DataArguments:
         """The ``distillens train`` data settings that read ``data_file`` the same way."""
-        formatting = {name: getattr(self, name) for name in _FORMAT_FIELDS}
-        return DataArguments(train_file=self.data_file, max_train_samples=self.max_samples, **formatting)
+        return DataArguments(
+            train_file=self.data_file, max_train_samples=self.max_samples, **dataclasses.asdict(prompt_format)
+        )
 
     def resolved_device(self) -> torch.device:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -194,45 +145,37 @@ def mapped_layer_pairs(
     )
 
 
-def _load_models(args: LensArguments, tokenizer: Any) -> tuple[torch.nn.Module, torch.nn.Module | None, int]:
-    """Student, teacher (or None) on the device, frozen, and the vocabulary size they share."""
+def _load_models(
+    model_args: ModelArguments, args: LensArguments, tokenizer: Any
+) -> tuple[torch.nn.Module, torch.nn.Module | None, int]:
+    """Student, teacher (or None, in the student's ``dtype``) on the device, frozen, and their shared vocabulary."""
     device = args.resolved_device()
-    student = load_student(
-        ModelArguments(
-            model_name_or_path=args.model_name_or_path,
-            gguf_file=args.gguf_file,
-            model_dtype=args.dtype,
-            trust_remote_code=args.trust_remote_code,
-        )
-    )
-    student = freeze(student).to(device)
+    student = freeze(load_student(model_args)).to(device)
     if args.teacher_model_name_or_path is None:
         return student, None, shared_vocab_size(student, student, tokenizer, tokenizer)
     teacher = load_teacher(
         args.teacher_model_name_or_path,
-        resolve_teacher_dtype(args.dtype),
+        resolve_teacher_dtype(model_args.dtype),
         gguf_file=args.teacher_gguf_file,
-        trust_remote_code=args.trust_remote_code,
+        trust_remote_code=model_args.trust_remote_code,
     )
     teacher = freeze(teacher).to(device)
     teacher_tokenizer = load_teacher_tokenizer(args.teacher_model_name_or_path, args.teacher_gguf_file)
     return student, teacher, shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
 
 
-def run_lens(args: LensArguments) -> dict[str, Any]:
+def run_lens(
+    model_args: ModelArguments, prompt_format: PromptFormatArguments, args: LensArguments
+) -> dict[str, Any]:
     """Profile, write ``lens.json`` and the figures; returns the report (with ``figures`` added)."""
     check_output_dir(
         args.output_dir,
         allowed=args.overwrite_output_dir,
         how_to_allow="pass --overwrite_output_dir true to replace its lens files",
     )
-    tokenizer = load_tokenizer(
-        args.tokenizer_name_or_path or args.model_name_or_path,
-        args.trust_remote_code,
-        gguf_file=None if args.tokenizer_name_or_path else args.gguf_file,
-    )
-    dataset, _ = build_datasets(args.data_arguments(), tokenizer)
-    student, teacher, vocab_size = _load_models(args, tokenizer)
+    tokenizer = load_student_tokenizer(model_args)
+    dataset, _ = build_datasets(args.data_arguments(prompt_format), tokenizer)
+    student, teacher, vocab_size = _load_models(model_args, args, tokenizer)
     mapped = (
         mapped_layer_pairs(args, num_hidden_layers(student), num_hidden_layers(teacher))
         if teacher is not None
@@ -251,10 +194,13 @@ def run_lens(args: LensArguments) -> dict[str, Any]:
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         chunk_size=args.token_chunk_size,
-        student_name=Path(args.gguf_file or args.model_name_or_path).name or args.model_name_or_path,
+        student_name=Path(model_args.gguf_file or model_args.model_name_or_path).name
+        or model_args.model_name_or_path,
         teacher_name=Path(args.teacher_gguf_file or args.teacher_model_name_or_path or "teacher").name,
     )
-    report["settings"] = dataclasses.asdict(args)
+    report["settings"] = (
+        dataclasses.asdict(model_args) | dataclasses.asdict(prompt_format) | dataclasses.asdict(args)
+    )
     output_dir = Path(args.output_dir)
     write_json_atomic(output_dir / REPORT_NAME, report)
     figures = write_figures(report, output_dir)
@@ -287,3 +233,16 @@ def summary_lines(report: dict[str, Any]) -> list[str]:
         f"(prompt format {report['settings']['prompt_template']!r})."
     )
     return lines
+
+
+def main(argv: Sequence[str]) -> int:
+    """``distillens lens [CONFIG] --model_name_or_path S --teacher_model_name_or_path T --data_file F ...``."""
+    model_args, prompt_format, lens_args = parse_command(
+        (ModelArguments, PromptFormatArguments, LensArguments), argv, "distillens lens"
+    )
+    prompt_format.prompt_template = choose_prompt_template(
+        prompt_format.prompt_template if "prompt_template" in given_fields(argv) else None,
+        [("student", model_args.model_name_or_path), ("teacher", lens_args.teacher_model_name_or_path)],
+    )
+    print("\n".join(summary_lines(run_lens(model_args, prompt_format, lens_args))))
+    return 0

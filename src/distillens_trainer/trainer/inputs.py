@@ -1,4 +1,5 @@
-"""What a script written for ``transformers.Trainer`` hands the trainer, made to fit the DistillLens objective.
+"""The trainer's input adapters: what a script written for ``transformers.Trainer`` hands the trainer, made to fit
+the DistillLens objective.
 
 - ``num_items_in_batch`` as ``nn.DataParallel`` delivers it (a ``[n_gpu, 1]`` tensor) -> one token count;
 - a half-precision student under mixed precision -> fp32 master weights (else AdamW updates round away);

@@ -4,17 +4,10 @@ by hand on made-up measurements (no timing, no subprocess)."""
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
+import lens_memory  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
 import pytest
-
-from conftest import import_script
-
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
-sys.path.insert(0, str(BENCHMARKS))  # the scripts import their shared helpers as `_measure`
-lens_memory = import_script(BENCHMARKS / "lens_memory.py", "distillens_lens_memory")
-trainer_steps = import_script(BENCHMARKS / "trainer_steps.py", "distillens_trainer_steps")
+import trainer_steps
 
 
 def _memory_point(tokens: int, fused_mib: float, straightforward_mib: float | None) -> dict:

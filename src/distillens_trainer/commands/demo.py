@@ -1,0 +1,19 @@
+"""``distillens demo``: the offline end-to-end comparison on the built-in task suite (:mod:`distillens_trainer.demo`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..demo.arguments import DemoArguments
+from ..demo.run import output_summary, run_demo
+from .parsing import parse_command
+from .process import quiet_deepspeed_accelerator_detection
+
+
+def main(argv: Sequence[str]) -> int:
+    """``distillens demo [CONFIG] [--output_dir runs/demo] [--preset smoke] ...``."""
+    (demo_args,) = parse_command((DemoArguments,), argv, "distillens demo")
+    quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
+    results = run_demo(demo_args)
+    print(output_summary(demo_args, results))
+    return 0

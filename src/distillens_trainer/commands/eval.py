@@ -1,0 +1,27 @@
+"""``distillens eval``: generate answers for instruction JSONL files and score ROUGE-L and exact match."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..evaluation.arguments import EvalArguments
+from ..evaluation.runner import output_summary, run_evaluation
+from ..model_info import choose_prompt_template
+from .parsing import given_fields, parse_command
+
+
+def main(argv: Sequence[str]) -> int:
+    """``distillens eval [CONFIG] --model_name_or_path M --eval_files F ... --output_dir O``."""
+    (eval_args,) = parse_command((EvalArguments,), argv, "distillens eval")
+    eval_args.prompt_template = choose_prompt_template(
+        eval_args.prompt_template if "prompt_template" in given_fields(argv) else None,
+        [("model", eval_args.model_name_or_path)],
+    )
+    report = run_evaluation(eval_args)
+    for result in report["results"]:
+        print(
+            f"{result['name']}: n={result['num_examples']} rougeL={result['rougeL']['mean']:.2f}"
+            f"±{result['rougeL']['std']:.2f} exact_match={result['exact_match']['mean']:.2f}"
+        )
+    print(output_summary(eval_args, report))
+    return 0
