@@ -6,7 +6,7 @@ does), never by testing ``Path.exists()`` themselves. One mechanism decides what
 
 * ``../shared`` absent (a clean clone): every ``needs_shared`` test is skipped before its fixtures run, all
   with the same reason from the same place, so the run reports it once (a report-header line and one
-  folded ``SKIPPED [n]`` line), not once per test.
+  folded ``SKIPPED [n]`` line), not once per test. With ``CI`` set they fail instead: CI has the folder.
 * ``../shared`` present but a file a test asks for missing: with the environment variable ``CI`` set (as
   ``.ci/run`` does) the test FAILS; otherwise it is skipped naming the file, and the end of the run says
   so in a ``needs_shared`` section: never silently.
@@ -70,6 +70,8 @@ def shared_path(path: Path | str) -> Path:
 def pytest_runtest_setup(item: pytest.Item) -> None:
     _running[:] = [item]
     if item.get_closest_marker(NEEDS_SHARED) is not None and not SHARED_DIR.is_dir():
+        if in_ci():  # CI has the shared folder beside its clone: a test skipped there would hide a failure
+            pytest.fail(f"{SHARED_ABSENT_REASON} (CI is set: it must be there)", pytrace=False)
         pytest.skip(SHARED_ABSENT_REASON)  # one place, one reason: folded into one line by `-ra`
 
 

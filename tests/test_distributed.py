@@ -522,6 +522,8 @@ def test_cli_train_under_torchrun_finishes_cleanly_and_reports_once(models, tmp_
     log = tmp_path / "launch.log"
     _run_logged(command, log)
     assert (out / "model.safetensors").exists()
+    card = (out / "README.md").read_text(encoding="utf-8")  # the model card, written by the main process
+    assert "distillens" in card and str(models / "teacher") in card and str(train_file) in card
     state = json.loads((out / "trainer_state.json").read_text())
     assert (state["global_step"], state["epoch"]) == (2, 1.0)  # 2 ranks x 2 rows: the 8 rows in 2 steps
     summaries = [line for line in log.read_text().splitlines() if line.startswith("distillens train:")]

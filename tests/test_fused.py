@@ -448,3 +448,50 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch,
         _assert_same(value, eager, student_input, student_head)
     warnings = [record.message for record in caplog.records if "torch.compile" in record.message]
     assert len(warnings) == 1 and "no C++ compiler here" in warnings[0]
+
+
+class _RecordingForward:
+    """Wraps a model's forward to record the keyword arguments of each call."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.calls: list[dict] = []
+        self._forward = model.forward
+        model.forward = self
+
+    def __call__(self, *args, **kwargs):
+        self.calls.append(kwargs)
+        return self._forward(*args, **kwargs)
+
+
+def test_the_objective_asks_both_forwards_for_one_position_of_logits_when_the_output_term_is_fused(tmp_path):
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, lens_chunk_size=5
+    )
+    trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
+    student_calls = _RecordingForward(trainer.model).calls
+    teacher_calls = _RecordingForward(trainer.teacher_model).calls
+    batch = pad_batch(token_rows(4, seed=3))
+    trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
+    # the first request probes each model once (full logits of a few tokens), then the step itself
+    assert [call.get("logits_to_keep") for call in student_calls] == [None, 1]
+    assert [call.get("logits_to_keep") for call in teacher_calls] == [None, 1]
+    assert all(call["output_hidden_states"] for call in student_calls + teacher_calls)
+    trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
+    assert len(student_calls) == 3 and student_calls[-1]["logits_to_keep"] == 1  # probed once only
+
+
+def test_return_outputs_always_gives_the_students_full_logits_and_the_same_loss(tmp_path):
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    batch = pad_batch(token_rows(4, seed=3))
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, lens_chunk_size=5
+    )
+    trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
+    fused_loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
+    loss, outputs = trainer.compute_loss(
+        trainer.model, batch, return_outputs=True, num_items_in_batch=torch.tensor(17)
+    )
+    assert outputs.logits.shape == (*batch["input_ids"].shape, TINY_VOCAB)
+    torch.testing.assert_close(loss, fused_loss, rtol=1e-5, atol=1e-6)
+    assert trainer.objective.fuses_output  # full logits for the caller did not switch the fused path off

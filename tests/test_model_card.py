@@ -388,3 +388,27 @@ def test_replacing_a_card_leaves_no_temp_files(tmp_path):
 
     assert (tmp_path / "README.md").read_text(encoding="utf-8") == text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["README.md", "config.json"]
+
+
+def test_a_distilled_students_card_names_its_teacher_objective_and_layer_map(tmp_path):
+    import copy
+
+    from distillens_trainer import DistillLensConfig, DistillLensTrainer
+
+    from conftest import tiny_llama
+
+    teacher_dir = tmp_path / "teacher"
+    tiny_llama(num_layers=4, seed=2).save_pretrained(teacher_dir)
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "student-out"), use_cpu=True, report_to=[], lens_num_layers=2,
+        teacher_model_name_or_path=str(teacher_dir), kd_divergence="skl",
+    )  # fmt: skip
+    trainer = DistillLensTrainer(model=copy.deepcopy(tiny_llama(num_layers=3, seed=1)), args=args)
+    trainer.create_model_card(dataset="dolly/train.jsonl", tags=["my-tag"])
+    card = (tmp_path / "student-out" / "README.md").read_text(encoding="utf-8")
+    front = yaml.safe_load(card.split("---")[1])
+    assert {"distillation", "distillens", "my-tag"} <= set(front["tags"])
+    assert str(teacher_dir) in card and "dolly/train.jsonl" in card and "2602.13567" in card
+    assert "skl" in card or "Jeffreys" in card
+    for student_layer, teacher_layer in trainer.layer_map:
+        assert f"({student_layer}, {teacher_layer})" in card

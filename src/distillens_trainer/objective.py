@@ -156,6 +156,7 @@ class DistillLensObjective:
         self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
         self.output_fusable = True  # off when the heads do not reproduce the models' logits
         self._models: dict[str, nn.Module] = {}  # role -> model whose forward this objective reads
+        self._keeps_logits: dict[str, bool] = {}  # role -> its forward takes logits_to_keep
         self._heads_checked = False
         self._logged: set[str] = set()
 
@@ -170,6 +171,9 @@ class DistillLensObjective:
         objective._models = {"student": unwrap_model(student)}
         if teacher is not None:
             objective._models["teacher"] = unwrap_model(teacher)
+        objective._keeps_logits = {
+            role: forward_accepts(model, "logits_to_keep") for role, model in objective._models.items()
+        }
         return objective
 
     def _log_once(self, message: str) -> None:
@@ -216,12 +220,11 @@ class DistillLensObjective:
         if fused_output and not self._heads_checked:
             self._heads_checked = True
             fused_output = self._output_heads_match()
-        roles = self._models
         return ForwardRequest(
-            hidden_states=self.spec.uses_hidden_states and "teacher" in roles,
+            hidden_states=self.spec.uses_hidden_states and "teacher" in self._models,
             fused_output=fused_output,
-            student_keeps_logits="student" in roles and forward_accepts(roles["student"], "logits_to_keep"),
-            teacher_keeps_logits="teacher" in roles and forward_accepts(roles["teacher"], "logits_to_keep"),
+            student_keeps_logits=self._keeps_logits.get("student", False),
+            teacher_keeps_logits=self._keeps_logits.get("teacher", False),
         )
 
     def loss(
