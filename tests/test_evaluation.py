@@ -25,6 +25,7 @@ from distillens_trainer.evaluation import (
     run_evaluation,
     unique_file_names,
 )
+from distillens_trainer.loading import ModelArguments
 from distillens_trainer.model_facts import IGNORE_INDEX, truncate_left
 
 from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
@@ -82,9 +83,11 @@ def _greedy(model, tokenizer, prompts, **overrides):
     return generate_responses(model, tokenizer, prompts, **settings)
 
 
+TINY_MODEL_ARGS = ModelArguments(model_name_or_path="tiny-gpt2")
+
+
 def _eval_args(tmp_path: Path, files: list[Path], **overrides) -> EvalArguments:
     settings = {
-        "model_name_or_path": "tiny-gpt2",
         "output_dir": str(tmp_path / "eval"),
         "eval_files": [str(f) for f in files],
         "seeds": [10, 20],
@@ -166,9 +169,10 @@ def test_exact_match_is_0_for_different_answers_and_max_over_references():
 
 
 def test_eval_arguments_parse_from_the_command_line_with_paper_defaults():
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(
+    model_args, args = HfArgumentParser((ModelArguments, EvalArguments)).parse_args_into_dataclasses(
         ["--model_name_or_path", "m", "--output_dir", "o", "--eval_files", "a.jsonl", "b.jsonl"]
     )
+    assert (model_args.model_name_or_path, model_args.dtype) == ("m", "auto")
     assert args.eval_files == ["a.jsonl", "b.jsonl"]
     assert args.seeds == [10, 20, 30, 40, 50]
     assert (args.do_sample, args.temperature, args.top_p, args.top_k) == (True, 1.0, 1.0, 0)
@@ -177,7 +181,7 @@ def test_eval_arguments_parse_from_the_command_line_with_paper_defaults():
 
 
 def test_greedy_evaluation_runs_a_single_seed():
-    args = EvalArguments(model_name_or_path="m", output_dir="o", eval_files=["a.jsonl"], do_sample=False)
+    args = EvalArguments(output_dir="o", eval_files=["a.jsonl"], do_sample=False)
     assert args.effective_seeds == [10]
 
 
@@ -196,13 +200,23 @@ def test_greedy_evaluation_runs_a_single_seed():
         ("max_prompt_length", 0),
         ("batch_size", 0),
         ("prompt_template", "vicuna"),
-        ("dtype", "int8"),
     ],
 )
 def test_eval_arguments_reject_invalid_values_naming_the_field(field_name, value):
-    settings = {"model_name_or_path": "m", "output_dir": "o", "eval_files": ["a.jsonl"], field_name: value}
+    settings = {"output_dir": "o", "eval_files": ["a.jsonl"], field_name: value}
     with pytest.raises(ValueError, match=f"^{field_name}:"):
         EvalArguments(**settings)
+
+
+def test_eval_takes_the_model_fields_from_model_arguments_and_rejects_a_bad_dtype(capsys):
+    model_fields = {"model_name_or_path", "gguf_file", "tokenizer_name_or_path", "dtype"}
+    assert not model_fields & {item.name for item in dataclasses.fields(EvalArguments)}
+    with pytest.raises(ValueError, match=r"^dtype='int8' must be one of"):
+        ModelArguments(model_name_or_path="m", dtype="int8")
+    argv = ["--model_name_or_path", "m", "--eval_files", "a.jsonl", "--output_dir", "o", "--dtype", "int8"]
+    assert cli_main(["eval", *argv]) == 2  # a dtype outside the choices is a usage error
+    err = capsys.readouterr().err
+    assert "--dtype" in err and "invalid choice" in err and len(err.splitlines()) == 1
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -303,13 +317,14 @@ def _real_eval_files(tmp_path: Path) -> list[Path]:
 def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)
     args = _eval_args(tmp_path, files)
-    report = evaluate_files(tiny_model, tokenizer, args)
+    report = evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
 
     output_dir = Path(args.output_dir)
     assert json.loads((output_dir / "report.json").read_text()) == report
     assert report["model"] == "tiny-gpt2"
     assert report["protocol"]["seeds"] == [10, 20]
     assert report["protocol"]["top_k"] == 0
+    assert report["protocol"]["dtype"] == "auto"  # from ModelArguments
     assert [entry["name"] for entry in report["results"]] == ["test_500", "test_11_1694"]
     for entry, path in zip(report["results"], files):
         assert entry["file"] == str(path)
@@ -335,7 +350,9 @@ def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, toke
 @pytest.mark.needs_shared
 def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
-    report = evaluate_files(tiny_model, tokenizer, _eval_args(tmp_path, files, do_sample=False))
+    report = evaluate_files(
+        tiny_model, tokenizer, TINY_MODEL_ARGS, _eval_args(tmp_path, files, do_sample=False)
+    )
     rouge = report["results"][0]["rougeL"]
     assert len(rouge["per_seed"]) == 1 and rouge["std"] == 0.0
 
@@ -348,12 +365,12 @@ def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, tiny_mode
     report_path.parent.mkdir(parents=True)
     report_path.write_text("{}")
     with pytest.raises(ValueError, match="overwrite_output_dir"):
-        evaluate_files(tiny_model, tokenizer, args)
+        evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
     with pytest.raises(ValueError, match="overwrite_output_dir"):
-        run_evaluation(args)  # refuses before trying to load the (nonexistent) model
+        run_evaluation(TINY_MODEL_ARGS, args)  # refuses before trying to load the (nonexistent) model
     assert report_path.read_text() == "{}"
     args.overwrite_output_dir = True
-    evaluate_files(tiny_model, tokenizer, args)
+    evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
     assert json.loads(report_path.read_text())["results"][0]["num_examples"] == 2
 
 
@@ -504,9 +521,7 @@ def test_generation_settings_default_to_the_paper_protocol_and_check_their_field
 
 @pytest.mark.needs_shared
 def test_eval_arguments_and_the_callback_hold_one_generation_settings_object(tmp_path, tokenizer):
-    args = EvalArguments(
-        model_name_or_path="m", output_dir=str(tmp_path), eval_files=["a.jsonl"], top_k=5, max_new_tokens=7
-    )
+    args = EvalArguments(output_dir=str(tmp_path), eval_files=["a.jsonl"], top_k=5, max_new_tokens=7)
     assert args.generation_settings() == GenerationSettings(top_k=5, max_new_tokens=7)
     assert args.generation_kwargs() == dataclasses.asdict(GenerationSettings(top_k=5, max_new_tokens=7))
     example = {"instruction": "Say hi.", "output": "hi"}

@@ -224,9 +224,7 @@ def test_train_and_eval_end_with_where_their_output_went(tmp_path):
     args = DistillLensConfig(output_dir=None, use_cpu=True, report_to="none", save_strategy="no")
     line = output_summary(args, "alpaca", output_dir_given=False)
     assert "no checkpoints" in line and f"output went to {os.path.abspath('trainer_output')}" in line
-    eval_args = EvalArguments(
-        model_name_or_path="m", output_dir=str(tmp_path), eval_files=["a.jsonl", "b.jsonl"]
-    )
+    eval_args = EvalArguments(output_dir=str(tmp_path), eval_files=["a.jsonl", "b.jsonl"])
     report = {"results": [{"name": "a"}, {"name": "b"}]}
     assert eval_summary(eval_args, report) == (
         f"distillens eval: report in {tmp_path / 'report.json'}, generations in {tmp_path}/{{a,b}}.generations.jsonl "

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 
 from distillens_trainer.cli import main
@@ -107,6 +108,41 @@ def test_the_profile_matches_a_naive_full_tensor_reference():
         assert means[side]["top1_agreement"][-1] == 1.0
         to_final = [token_divergence("jsd", layer, logits[-1]).mean().item() for layer in logits]
         assert means[side]["divergence_to_final"]["jsd"] == pytest.approx(to_final, rel=1e-5, abs=1e-7)
+
+
+def test_the_final_ce_is_each_models_cross_entropy_on_the_response_targets():
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2, hidden=48)
+    batch = pad_batch(token_rows(5, seed=3))
+    max_tokens = 23  # cuts the batch inside a chunk
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        student_out = student(**inputs, output_hidden_states=True)
+        teacher_out = teacher(**inputs, output_hidden_states=True)
+    mask = response_mask(batch["labels"])
+    targets = batch["labels"][:, 1:][mask][:max_tokens]
+    expected = {
+        side: F.cross_entropy(select_response(out.logits, mask)[:max_tokens].float(), targets).item()
+        for side, out in (("student", student_out), ("teacher", teacher_out))
+    }
+    assert expected["student"] != pytest.approx(expected["teacher"], rel=1e-3)
+
+    accumulator = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), TINY_VOCAB, chunk_size=4)
+    accumulator.add(
+        student_out.hidden_states, teacher_out.hidden_states, batch["labels"], max_tokens=max_tokens
+    )
+    assert accumulator.means()["final_ce"] == pytest.approx(expected, rel=1e-5)
+    # the CE sums travel with the other sums in a cross-process reduction (num_tokens doubles too)
+    accumulator.reduce_(lambda flat: 2 * flat)
+    assert accumulator.means()["final_ce"] == pytest.approx(expected, rel=1e-5)
+
+    alone = LensProfileAccumulator(LogitLens(student), None, TINY_VOCAB, chunk_size=4)
+    alone.add(student_out.hidden_states, None, batch["labels"], max_tokens=max_tokens)
+    assert alone.means()["final_ce"]["student"] == pytest.approx(expected["student"], rel=1e-5)
+    assert alone.means()["final_ce"]["teacher"] is None
+
+    too_small = LensProfileAccumulator(LogitLens(student), None, int(targets.max()))
+    with pytest.raises(ValueError, match="outside the compared vocabulary"):
+        too_small.add(student_out.hidden_states, None, batch["labels"])
 
 
 def test_a_student_alone_is_compared_with_its_own_layers():

@@ -134,7 +134,9 @@ def load_tokenizer_from(name_or_path: str, gguf_file: str | None = None, **kwarg
 class ModelArguments:
     """The student model and how to load it (the teacher is part of ``DistillLensConfig``)."""
 
-    model_name_or_path: str = field(metadata={"help": "Student model: a local folder or a hub id."})
+    model_name_or_path: str = field(
+        metadata={"help": "The model (the student for train and lens): a local folder or a hub id."}
+    )
     gguf_file: str | None = field(
         default=None,
         metadata={

@@ -69,7 +69,7 @@ class _Parser(HfArgumentParser):
 
 GROUP_TITLES = {
     "DistillLensConfig": "distillation (DistillLensConfig: the teacher and the loss)",
-    "ModelArguments": "student model",
+    "ModelArguments": "model (the student, for train and lens)",
     "LoraArguments": "LoRA adapter",
     "DataArguments": "data",
     "PromptFormatArguments": "data format",

@@ -45,7 +45,8 @@ This package's public API is deliberately small; it is what ``distillens demo`` 
   :func:`get_teacher` and :func:`get_student_init` (cached), :func:`train_model` and :func:`train_student`
   (both return a :class:`TrainingRun`; the model is trained in place), :func:`evaluate_generation`,
   :func:`default_max_new_tokens`, :func:`lens_divergence_profile` (built on
-  :class:`~distillens_trainer.objective.DistillLensObjective`, the trainer's own objective) and
+  :class:`~distillens_trainer.diagnostics.profile.LensProfileAccumulator`, the profile ``distillens lens`` and
+  ``lens_eval_profile`` use too) and
   :func:`count_parameters`;
 - the names a caller needs to read its outputs: :data:`INIT_NAME`, :data:`METHODS`, :data:`PRESETS`,
   :data:`CACHE_DIRNAME`, :data:`RESULTS_NAME`, :data:`FIGURE_NAMES`.

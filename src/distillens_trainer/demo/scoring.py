@@ -89,67 +89,52 @@ def lens_divergence_profile(
     """Mean per-token divergence, on response tokens, between each student layer and the teacher layer at the
     same relative depth, both read through their own logit lens (final norm + LM head).
 
-    Returns ``{"pairs": [[s, t], ...], "divergence": [...], "final": ..., "student_ce": ..., "teacher_ce": ...}``;
-    the last pair is the two models' final layers, i.e. the divergence of their output distributions.
+    Computed by the profile library behind ``distillens lens`` and ``lens_eval_profile``
+    (:class:`~distillens_trainer.diagnostics.profile.LensProfileAccumulator` on the same-depth pairs).
+    Returns ``{"divergence_name", "pairs": [[s, t], ...], "divergence": [...], "final", "student_ce",
+    "teacher_ce", "num_tokens"}``; the last pair is the two models' final layers, so ``final`` is the divergence
+    of their output distributions; ``student_ce`` / ``teacher_ce`` are each model's mean cross-entropy of the
+    reference response tokens.
     """
     from ..data.collation import DataCollatorForCompletionOnly
-    from ..diagnostics.profile import same_depth_pairs
+    from ..diagnostics.profile import LensProfileAccumulator, accumulate_batches, same_depth_pairs
     from ..lens import LogitLens
-    from ..model_facts import model_vocab_size
-    from ..objective import DistillLensObjective
-    from ..objective_spec import ObjectiveSpec, lens_term_name
     from ..teacher import shared_vocab_size
 
     student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
     pairs = same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers)
-    spec = ObjectiveSpec(
-        ce_weight=1.0, kd_weight=1.0, kd_divergence=divergence, lens_weight=1.0, lens_divergence=divergence
-    )
-    objective = DistillLensObjective(
-        spec,
-        vocab_size=shared_vocab_size(student, teacher, tokenizer),
-        student_lens=student_lens,
-        teacher_lens=teacher_lens,
-        layer_map=pairs,
-    )
-    teacher_ce = DistillLensObjective(
-        ObjectiveSpec(ce_weight=1.0, kd_weight=0.0, lens_weight=0.0), vocab_size=model_vocab_size(teacher)
+    accumulator = LensProfileAccumulator(
+        student_lens,
+        teacher_lens,
+        shared_vocab_size(student, teacher, tokenizer),
+        pairs=pairs,
+        divergences=[divergence],
     )
     collator = DataCollatorForCompletionOnly(tokenizer)
+    device = next(student.parameters()).device
+    batches = (
+        {key: value.to(device) for key, value in collator(rows).items()}
+        for rows in (
+            [dataset[index] for index in range(start, min(start + batch_size, len(dataset)))]
+            for start in range(0, len(dataset), batch_size)
+        )
+    )
     was_training = student.training, teacher.training
     student.eval()
     teacher.eval()
-    device = next(student.parameters()).device
-    sums: dict[str, float] = {}
-    teacher_ce_sum, num_tokens = 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        batch = collator([dataset[index] for index in range(start, min(start + batch_size, len(dataset)))])
-        batch = {key: value.to(device) for key, value in batch.items()}
-        inputs = {key: value for key, value in batch.items() if key != "labels"}
-        student_out = student(**inputs, output_hidden_states=True, use_cache=False)
-        teacher_out = teacher(**inputs, output_hidden_states=True, use_cache=False)
-        result = objective(
-            batch["labels"],
-            student_logits=student_out.logits,
-            teacher_logits=teacher_out.logits,
-            student_hidden_states=student_out.hidden_states,
-            teacher_hidden_states=teacher_out.hidden_states,
-        )
-        teacher_ce_sum += float(
-            teacher_ce(batch["labels"], student_logits=teacher_out.logits).term_sums["ce_loss"]
-        )
-        for name, value in result.term_sums.items():
-            sums[name] = sums.get(name, 0.0) + float(value)
-        num_tokens += result.num_tokens
-    student.train(was_training[0])
-    teacher.train(was_training[1])
-    tokens = max(num_tokens, 1)
+    try:
+        accumulate_batches(accumulator, student, teacher, batches)
+    finally:
+        student.train(was_training[0])
+        teacher.train(was_training[1])
+    means = accumulator.means()
+    per_pair = [round(value, 5) for value in means["pairs"][divergence]]
     return {
         "divergence_name": divergence,
         "pairs": [list(pair) for pair in pairs],
-        "divergence": [round(sums[lens_term_name(s, t)] / tokens, 5) for s, t in pairs],
-        "final": round(sums["kd_loss"] / tokens, 5),
-        "student_ce": round(sums["ce_loss"] / tokens, 5),
-        "teacher_ce": round(teacher_ce_sum / tokens, 5),
-        "num_tokens": num_tokens,
+        "divergence": per_pair,
+        "final": per_pair[-1],  # the pair (L_S, L_T): the two models' output distributions
+        "student_ce": round(means["final_ce"]["student"], 5),
+        "teacher_ce": round(means["final_ce"]["teacher"], 5),
+        "num_tokens": means["num_tokens"],
     }

@@ -5,7 +5,9 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
 
 - the divergence between chosen (student layer, teacher layer) pairs — every pair for the heatmap;
 - each layer's entropy (nats) and whether its top-1 token equals the model's final top-1 token;
-- each layer's divergence from the model's own final distribution.
+- each layer's divergence from the model's own final distribution;
+- each model's cross-entropy of the target (response) token under its final layer, i.e. its own output
+  distribution over the shared vocabulary (read from the same log-probabilities, at no extra cost).
 
 Work is done per chunk of ``chunk_size`` tokens, so at most ``[L + 1, chunk_size, V]`` log-probabilities
 per model exist at a time. Layer indices follow the ``hidden_states`` convention (0 = embedding output,
@@ -51,21 +53,28 @@ def layer_log_probs(lens: LogitLens, hidden_states: Sequence[torch.Tensor], voca
 
 @dataclass
 class ModelLayerSums:
-    """Per-layer sums over tokens for one model: each field is ``[L + 1]``."""
+    """Sums over tokens for one model: each per-layer field is ``[L + 1]``; ``final_ce`` is a scalar, the sum of
+    ``-log p_final(target)`` (the model's cross-entropy on the response tokens)."""
 
     entropy: torch.Tensor
     top1_agreement: torch.Tensor
     divergence_to_final: dict[str, torch.Tensor]
+    final_ce: torch.Tensor
 
     @classmethod
     def zeros(cls, num_layers: int, divergences: Sequence[str], device: torch.device) -> ModelLayerSums:
-        def zero() -> torch.Tensor:
-            return torch.zeros(num_layers + 1, dtype=torch.float64, device=device)
+        def zero(size: tuple[int, ...] = (num_layers + 1,)) -> torch.Tensor:
+            return torch.zeros(size, dtype=torch.float64, device=device)
 
-        return cls(zero(), zero(), {name: zero() for name in divergences})
+        return cls(zero(), zero(), {name: zero() for name in divergences}, zero(()))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.entropy, self.top1_agreement, *self.divergence_to_final.values()]
+        return [
+            self.entropy,
+            self.top1_agreement,
+            *self.divergence_to_final.values(),
+            self.final_ce.reshape(1),
+        ]
 
 
 @dataclass
@@ -133,9 +142,16 @@ class LensProfileAccumulator:
         Args:
             student_hidden_states / teacher_hidden_states: HF ``hidden_states`` tuples, each ``[B, T, d]``
                 (the teacher's is ignored, and may be None, when profiling the student alone).
-            labels: ``[B, T]`` unshifted, -100 outside the responses.
+            labels: ``[B, T]`` unshifted, -100 outside the responses; the targets of ``final_ce``, which must lie
+                in the compared vocabulary ``[0, vocab_size)``.
         """
         mask = response_mask(labels)
+        targets = labels[:, 1:][mask]  # [N], the token each response position predicts
+        if targets.numel() and bool(((targets < 0) | (targets >= self.vocab_size)).any()):
+            raise ValueError(
+                f"a response label lies outside the compared vocabulary [0, {self.vocab_size}): "
+                "check vocab_size (the shared real vocabulary) against the tokenizer."
+            )
         student_tokens = [select_response(hidden, mask) for hidden in student_hidden_states]  # [N, d_s] each
         teacher_tokens = (
             [select_response(hidden, mask) for hidden in teacher_hidden_states]
@@ -150,22 +166,27 @@ class LensProfileAccumulator:
             self._add_chunk(
                 [hidden[start:stop] for hidden in student_tokens],
                 [hidden[start:stop] for hidden in teacher_tokens] if teacher_tokens is not None else None,
+                targets[start:stop],
             )
         self.num_tokens += num_tokens
         return num_tokens
 
     @torch.no_grad()
     def _add_chunk(
-        self, student_hidden: list[torch.Tensor], teacher_hidden: list[torch.Tensor] | None
+        self,
+        student_hidden: list[torch.Tensor],
+        teacher_hidden: list[torch.Tensor] | None,
+        targets: torch.Tensor,
     ) -> None:
         student_lp = layer_log_probs(self.student_lens, student_hidden, self.vocab_size)  # [L_S + 1, c, V]
-        _add_layer_sums(self.student, student_lp, self.jsd_beta)
+        targets = targets.to(student_lp.device)  # [c]
+        _add_layer_sums(self.student, student_lp, targets, self.jsd_beta)
         if teacher_hidden is None:
             teacher_lp = student_lp
         else:
             teacher_lp = layer_log_probs(self.teacher_lens, teacher_hidden, self.vocab_size)
             teacher_lp = teacher_lp.to(student_lp.device)  # [L_T + 1, c, V], beside the student's
-            _add_layer_sums(self.teacher, teacher_lp, self.jsd_beta)
+            _add_layer_sums(self.teacher, teacher_lp, targets, self.jsd_beta)
         for student_layer, (positions, teacher_layers) in self._rows.items():
             partners = teacher_lp[teacher_layers]  # [P, c, V]
             for name in self.divergences:
@@ -189,11 +210,13 @@ class LensProfileAccumulator:
             offset += tensor.numel()
 
     def means(self) -> dict:
-        """Per-token means as plain lists: ``{"num_tokens", "student", "teacher", "pairs"}``.
+        """Per-token means as plain lists: ``{"num_tokens", "student", "teacher", "pairs", "final_ce"}``.
 
         ``student``/``teacher``: ``{"entropy", "top1_agreement", "divergence_to_final": {name: [...]}}``,
         one value per layer 0..L (``teacher`` is None when profiling the student alone);
-        ``pairs``: ``{name: [...]}``, one value per entry of ``self.pairs``.
+        ``pairs``: ``{name: [...]}``, one value per entry of ``self.pairs``;
+        ``final_ce``: ``{"student": ..., "teacher": ...}``, each model's mean cross-entropy (nats) of the
+        response tokens under its own output distribution over the shared vocabulary (``teacher`` None alone).
         """
         count = max(float(self.num_tokens), 1.0)
 
@@ -216,17 +239,25 @@ class LensProfileAccumulator:
             "student": model(self.student),
             "teacher": model(self.teacher),
             "pairs": {name: per_token(value) for name, value in self.pair_sums.items()},
+            "final_ce": {
+                "student": float(self.student.final_ce) / count,
+                "teacher": float(self.teacher.final_ce) / count if self.teacher is not None else None,
+            },
         }
 
 
-def _add_layer_sums(sums: ModelLayerSums, layer_lp: torch.Tensor, jsd_beta: float) -> None:
-    """Add one chunk's entropy, top-1 agreement and divergence-to-final sums; ``layer_lp`` is ``[L + 1, c, V]``."""
+def _add_layer_sums(
+    sums: ModelLayerSums, layer_lp: torch.Tensor, targets: torch.Tensor, jsd_beta: float
+) -> None:
+    """Add one chunk's entropy, top-1 agreement, divergence-to-final and final-layer CE sums; ``layer_lp`` is
+    ``[L + 1, c, V]``, ``targets`` ``[c]``."""
     sums.entropy += -(layer_lp.exp() * layer_lp).sum(dim=-1).sum(dim=-1).double()
     top1 = layer_lp.argmax(dim=-1)  # [L + 1, c]
     sums.top1_agreement += (top1 == top1[-1:]).sum(dim=-1).double()
     final = layer_lp[-1:]
     for name, total in sums.divergence_to_final.items():
         total += divergence_from_log_probs(name, layer_lp, final, beta=jsd_beta).sum(dim=-1).double()
+    sums.final_ce -= layer_lp[-1].gather(-1, targets[:, None]).sum().double()
 
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -6,7 +6,6 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from ..data.arguments import PROMPT_TEMPLATES
-from ..model_facts import DTYPE_NAMES
 from .generation import GenerationSettings, require
 
 PAPER_SEEDS = (10, 20, 30, 40, 50)
@@ -18,22 +17,15 @@ class EvalArguments:
 
     The defaults are the paper's protocol (MiniLLM): sampling at temperature 1.0 with top-p 1.0,
     top-k 0 (disabled), no-repeat-ngram 6, five seeds, 256 new tokens, 256-token prompts.
+
+    The model to evaluate and how it is loaded (model_name_or_path, gguf_file, tokenizer_name_or_path, dtype,
+    attn_implementation, trust_remote_code) are :class:`distillens_trainer.loading.ModelArguments`, which
+    ``distillens eval`` parses alongside.
     """
 
-    model_name_or_path: str = field(metadata={"help": "Model directory or name to evaluate (causal LM)."})
     output_dir: str = field(metadata={"help": "Directory for report.json and <name>.generations.jsonl."})
     eval_files: list[str] = field(
         metadata={"help": "One or more JSONL files with `instruction`, optional `input`, `output`/`outputs`."}
-    )
-    gguf_file: str | None = field(
-        default=None,
-        metadata={
-            "help": "Evaluate the model in this GGUF file inside model_name_or_path (de-quantised; the "
-            "tokenizer too unless tokenizer_name_or_path is given). Needs the gguf extra."
-        },
-    )
-    tokenizer_name_or_path: str | None = field(
-        default=None, metadata={"help": "Tokenizer directory or name; defaults to model_name_or_path."}
     )
     max_eval_samples: int | None = field(
         default=None, metadata={"help": "Evaluate only the first N examples of each file (default: all)."}
@@ -80,13 +72,6 @@ class EvalArguments:
             "choices": list(PROMPT_TEMPLATES),
         },
     )
-    dtype: str = field(
-        default="auto",
-        metadata={
-            "help": "Model weights dtype: auto, float32, bfloat16 or float16.",
-            "choices": list(DTYPE_NAMES),
-        },
-    )
     overwrite_output_dir: bool = field(
         default=False, metadata={"help": "Replace an existing report.json in output_dir."}
     )
@@ -111,8 +96,6 @@ class EvalArguments:
             raise ValueError(
                 f"prompt_template: got {self.prompt_template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}"
             )
-        if self.dtype not in DTYPE_NAMES:
-            raise ValueError(f"dtype: got {self.dtype!r}; choose one of {', '.join(DTYPE_NAMES)}")
 
     @property
     def effective_seeds(self) -> list[int]:

@@ -6,17 +6,20 @@ import json
 import logging
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..data.prompts import build_prompt
 from ..files import check_output_dir, write_text_atomic
-from ..model_facts import check_fits_context, torch_dtype
+from ..model_facts import check_fits_context
 from .arguments import EvalArguments
 from .examples import load_eval_examples, references_of, unique_file_names
 from .generation import generate_responses
 from .metrics import EXACT_MATCH_DESCRIPTION, ROUGE_DESCRIPTION, mean_and_std, score_responses
+
+if TYPE_CHECKING:
+    from ..loading import ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,8 @@ def refuse_existing_report(args: EvalArguments) -> None:
     )
 
 
-def protocol_of(args: EvalArguments) -> dict[str, Any]:
-    """The generation and scoring settings recorded in the report."""
+def protocol_of(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
+    """The generation and scoring settings recorded in the report (with the model's dtype)."""
     return {
         "do_sample": args.do_sample,
         "temperature": args.temperature if args.do_sample else None,
@@ -48,7 +51,7 @@ def protocol_of(args: EvalArguments) -> dict[str, Any]:
         "batch_size": args.batch_size,
         "prompt_template": args.prompt_template,
         "max_eval_samples": args.max_eval_samples,
-        "dtype": args.dtype,
+        "dtype": model_args.dtype,
         "rougeL": ROUGE_DESCRIPTION,
         "exact_match": EXACT_MATCH_DESCRIPTION,
         "std": "population standard deviation over seeds",
@@ -99,8 +102,11 @@ def evaluate_file(
     return entry, records
 
 
-def evaluate_files(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str, Any]:
-    """Evaluate `model` on every file of `args.eval_files` and write the report and generations.
+def evaluate_files(
+    model: Any, tokenizer: Any, model_args: ModelArguments, args: EvalArguments
+) -> dict[str, Any]:
+    """Evaluate `model` (loaded as `model_args` says) on every file of `args.eval_files`; write the report
+    and generations.
 
     Writes `<output_dir>/<name>.generations.jsonl` after each file (one line per example per seed)
     and `<output_dir>/report.json` at the end, both atomically. Returns the report dict.
@@ -116,33 +122,40 @@ def evaluate_files(model: Any, tokenizer: Any, args: EvalArguments) -> dict[str,
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         write_text_atomic(output_dir / f"{name}{GENERATIONS_SUFFIX}", lines)
         results.append(entry)
-    report = {"model": args.model_name_or_path, "protocol": protocol_of(args), "results": results}
+    report = {
+        "model": model_args.model_name_or_path,
+        "protocol": protocol_of(model_args, args),
+        "results": results,
+    }
     write_text_atomic(output_dir / REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
-def run_evaluation(args: EvalArguments) -> dict[str, Any]:
-    """Load the model and tokenizer named in `args`, evaluate every file, and return the report.
+def run_evaluation(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
+    """Load the model and tokenizer as `model_args` says, evaluate every file of `args`, return the report.
 
-    Runs in a single process on the first CUDA device when one is available, else on the CPU.
+    The model is loaded like a student (:func:`~distillens_trainer.loading.load_student`: dtype, GGUF file,
+    attn_implementation, trust_remote_code). Runs in a single process on the first CUDA device when one is
+    available, else on the CPU.
     """
     refuse_existing_report(args)
-    from ..loading import load_causal_lm, load_tokenizer_from, read_config
+    from ..loading import load_student, load_student_tokenizer, read_config
 
     check_fits_context(  # before any weights are read
         args.max_prompt_length + args.max_new_tokens,
-        read_config(args.model_name_or_path, args.gguf_file),
+        read_config(
+            model_args.model_name_or_path,
+            model_args.gguf_file,
+            trust_remote_code=model_args.trust_remote_code,
+        ),
         model="model",
         setting=f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens}",
         fix="pass a --max_prompt_length and --max_new_tokens that sum to at most {limit}",
     )
-    if args.tokenizer_name_or_path:
-        tokenizer = load_tokenizer_from(args.tokenizer_name_or_path)
-    else:
-        tokenizer = load_tokenizer_from(args.model_name_or_path, args.gguf_file)
-    model = load_causal_lm(args.model_name_or_path, gguf_file=args.gguf_file, dtype=torch_dtype(args.dtype))
+    tokenizer = load_student_tokenizer(model_args)
+    model = load_student(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_files(model, tokenizer, args)
+    return evaluate_files(model, tokenizer, model_args, args)
 
 
 def output_summary(args: EvalArguments, report: dict[str, Any]) -> str:
