@@ -54,7 +54,7 @@ def test_train_help_shows_the_distillation_fields_first_in_their_own_group(capsy
     text = "\n".join(lines)
     distillation = text.index(titles[1])
     for flag in ("--teacher_model_name_or_path", "--kd_weight", "--lens_weight", "--lens_num_layers"):
-        assert distillation < text.index(flag) < text.index("student model:"), flag
+        assert distillation < text.index(flag) < text.index("model (the student, for train and lens):"), flag
     assert text.index("--learning_rate") > text.index(titles[-1])
     assert len(lines[0]) < 80  # the usage line is one short line, not every flag
 
