@@ -150,6 +150,38 @@ class DistillLensConfig(TrainingArguments):
         },
     )
 
+    lmbda: float = field(
+        default=0.0,
+        metadata={
+            "help": "On-policy share: the probability that an optimizer window trains on completions the student "
+            "samples for the window's prompts (GKD's lmbda; 0 = off-policy, the paper's setting; 1 = always "
+            "on-policy). The lens and output terms are then means over the generated tokens."
+        },
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={
+            "help": "Off-policy windows train on completions the teacher samples instead of the dataset's "
+            "responses (sequence-level KD, GKD's seq_kd). Needs a teacher."
+        },
+    )
+    max_new_tokens: int = field(
+        default=128,
+        metadata={"help": "Most tokens sampled per completion on on-policy (and seq_kd) windows."},
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={
+            "help": "Sampling temperature of those completions (the loss's softmax temperature is `temperature`)."
+        },
+    )
+    generation_top_p: float = field(
+        default=1.0, metadata={"help": "Nucleus sampling mass of those completions, in (0, 1]; 1 = off."}
+    )
+    generation_top_k: int = field(
+        default=0, metadata={"help": "Top-k sampling of those completions; 0 = off (untruncated sampling)."}
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         _ = self.objective_spec  # building the spec validates the weights, divergences, temperature and β
@@ -164,10 +196,34 @@ class DistillLensConfig(TrainingArguments):
                 "lens_layer_map='paper' with explicit layers."
             )
         check_chunk_size(self.lens_chunk_size)
+        self._check_generation()
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
         if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
         self._check_layer_lists()
+
+    def _check_generation(self) -> None:
+        """The on-policy settings: ``lmbda``, ``seq_kd`` and the sampling of completions."""
+        if not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda={self.lmbda} must lie in [0, 1] (0 = off-policy, 1 = always on-policy).")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1.")
+        if not self.generation_temperature > 0:
+            raise ValueError(f"generation_temperature={self.generation_temperature} must be > 0.")
+        if not 0.0 < self.generation_top_p <= 1.0:
+            raise ValueError(f"generation_top_p={self.generation_top_p} must lie in (0, 1] (1 = off).")
+        if self.generation_top_k < 0:
+            raise ValueError(f"generation_top_k={self.generation_top_k} must be >= 0 (0 = off).")
+        if self.seq_kd and not self.objective_spec.needs_teacher:
+            raise ValueError(
+                "seq_kd=True samples completions from the teacher, but kd_weight, lens_weight and feature_weight "
+                "are 0 (no teacher): set seq_kd=False, or give the objective a teacher term."
+            )
+
+    @property
+    def generates_completions(self) -> bool:
+        """Whether some windows train on sampled completions (``lmbda > 0`` or ``seq_kd``)."""
+        return self.lmbda > 0 or self.seq_kd
 
     def _check_layer_lists(self) -> None:
         student, teacher = self.lens_student_layers, self.lens_teacher_layers
@@ -188,17 +244,9 @@ class DistillLensConfig(TrainingArguments):
 
     @property
     def objective_spec(self) -> ObjectiveSpec:
-        """The loss settings as an immutable :class:`ObjectiveSpec`."""
+        """The loss settings as an immutable :class:`ObjectiveSpec` (each of its fields is a field of this config)."""
         return ObjectiveSpec(
-            ce_weight=self.ce_weight,
-            kd_weight=self.kd_weight,
-            kd_divergence=self.kd_divergence,
-            lens_weight=self.lens_weight,
-            lens_divergence=self.lens_divergence,
-            jsd_beta=self.jsd_beta,
-            temperature=self.temperature,
-            feature_weight=self.feature_weight,
-            label_smoothing_factor=self.label_smoothing_factor,
+            **{item.name: getattr(self, item.name) for item in dataclasses.fields(ObjectiveSpec)}
         )
 
     @classmethod

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from ..lens import LogitLens
 from ..loading import drop_gguf_quantization
 from ..model_card import model_card_text, summary_from_config, write_model_card
 from ..model_facts import (
+    context_length,
     forward_accepts,
     hidden_size,
     model_vocab_size,
@@ -30,9 +33,17 @@ from ..model_facts import (
 )
 from ..objective import DistillLensObjective, ForwardRequest
 from ..objective_spec import ObjectiveOutput
+from ..on_policy import (
+    completion_batch,
+    completion_until_eos,
+    has_responses,
+    prompts_of,
+    window_is_on_policy,
+)
 from ..teacher import resolve_teacher, shared_vocab_size
 from ..teacher_placement import prepare_teacher
 from ..version import __version__
+from .generation import SamplingSettings, sample_completions
 from .inputs import (
     refuse_compute_loss_func,
     token_count,
@@ -156,6 +167,10 @@ class DistillLensTrainer(Trainer):
             lambda: torch.zeros((), device=self.args.device)
         )
         self._eval_tokens = torch.zeros((), device=self.args.device)
+        self._window_stats: dict[str, float] = defaultdict(float)
+        self.sampling: SamplingSettings | None = None
+        if args.generates_completions:
+            self.sampling = self._sampling_settings(args, trainer_args, trainer_kwargs)
 
     def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
         """Checks that need only the student, run before the teacher loads: lens depth and master weights."""
@@ -198,6 +213,114 @@ class DistillLensTrainer(Trainer):
 
         projector = FeatureProjector(self.layer_map, hidden_size(self.teacher_model), hidden_size(self.model))
         return projector.to(self.args.device)
+
+    # ----------------------------------------------------------------------------------------- on-policy windows
+    def _sampling_settings(
+        self, args: DistillLensConfig, trainer_args: tuple[Any, ...], trainer_kwargs: dict[str, Any]
+    ) -> SamplingSettings:
+        """How completions are sampled, checked once: a teacher for ``seq_kd``, an EOS token, responses in the
+        data unless every window is on-policy."""
+        if args.seq_kd and self.teacher_model is None:
+            raise ValueError(
+                "seq_kd=True samples completions from the teacher: pass teacher_model=... as well."
+            )
+        tokenizer = tokenizer_of(self.processing_class)
+        generation_config = getattr(unwrap_model(self.model), "generation_config", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        if eos is None:
+            eos = getattr(generation_config, "eos_token_id", None)
+        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+        if not eos_ids:
+            raise ValueError(
+                "lmbda > 0 (or seq_kd) samples completions that end at the EOS token, but the tokenizer has none: "
+                "set tokenizer.eos_token (and pass the tokenizer as processing_class)."
+            )
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is None:
+            pad = getattr(generation_config, "pad_token_id", None)
+        columns = getattr(self.train_dataset, "column_names", None) or []
+        if args.lmbda < 1 and not args.seq_kd and columns and "labels" not in columns:
+            raise ValueError(
+                f"the training data has no labels (prompt-only rows), so the off-policy windows of lmbda={args.lmbda} "
+                "have nothing to train on: set lmbda=1 (every window on-policy) or seq_kd=True."
+            )
+        return SamplingSettings(
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.generation_temperature,
+            top_p=args.generation_top_p,
+            top_k=args.generation_top_k,
+            pad_token_id=eos_ids[0] if pad is None else pad,
+            eos_token_ids=eos_ids,
+            batch_size=args.per_device_train_batch_size,
+        )
+
+    def get_batch_samples(
+        self, epoch_iterator: Iterator, num_batches: int, device: torch.device
+    ) -> tuple[list, torch.Tensor | int | None]:
+        """The micro-batches of one optimizer window and their response-token count; on an on-policy window (or a
+        ``seq_kd`` one) their rows are the prompts completed by the student (teacher), decided and generated once
+        for the whole window, and the count is recounted from the generated tokens (across ranks as well)."""
+        batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.sampling is None or not batches:
+            return batches, num_items_in_batch
+        on_policy = window_is_on_policy(self.args.lmbda, self.args.seed, self.state.global_step)
+        self._window_stats["windows"] += 1
+        self._window_stats["on_policy_windows"] += on_policy
+        if not on_policy and not self.args.seq_kd:
+            if not all(has_responses(batch) for batch in batches):
+                raise ValueError(
+                    "an off-policy window holds rows without responses (prompt-only data): set lmbda=1 (every "
+                    "window on-policy) or seq_kd=True."
+                )
+            return batches, num_items_in_batch
+        started = time.perf_counter()
+        generator = self.model if on_policy else self.teacher_model
+        prompts = [prompts_of(batch) for batch in batches]
+        flat = [prompt for batch_prompts in prompts for prompt in batch_prompts]
+        self._check_room_for_completions(flat)
+        eos_ids = self.sampling.eos_token_ids
+        completions = iter(
+            completion_until_eos(tokens, eos_ids) for tokens in self.generate_completions(generator, flat)
+        )
+        batches = [
+            completion_batch(
+                batch_prompts, [next(completions) for _ in batch_prompts], self.sampling.pad_token_id
+            )
+            for batch_prompts in prompts
+        ]
+        self._window_stats["generation_seconds"] += time.perf_counter() - started
+        self._window_stats["completions"] += len(flat)
+        self._window_stats["completion_tokens"] += sum(int(b["attention_mask"].sum()) for b in batches) - sum(
+            len(prompt) for prompt in flat
+        )
+        return batches, self._get_num_items_in_batch(batches, device)
+
+    def _check_room_for_completions(self, prompts: list[torch.Tensor]) -> None:
+        limit = context_length(unwrap_model(self.model).config)
+        longest = max(len(prompt) for prompt in prompts)
+        if limit is not None and longest + self.sampling.max_new_tokens > limit:
+            raise ValueError(
+                f"a prompt of {longest} tokens plus max_new_tokens={self.sampling.max_new_tokens} exceeds the "
+                f"student's context of {limit} positions: lower max_new_tokens or max_prompt_length."
+            )
+
+    def generate_completions(self, model: nn.Module, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``model``'s continuation of each prompt ``[P_i]`` (token ids), sampled with :attr:`sampling`. The seam for
+        on-policy training: override it to make completions another way (a deterministic stand-in in tests, a
+        server elsewhere). The window trains on what it returns up to and including the first EOS token."""
+        return sample_completions(model, prompts, self.sampling, self.args.gradient_checkpointing_kwargs)
+
+    def _pop_window_stats(self) -> dict[str, float]:
+        """On-policy share, mean completion length and generation seconds per window since the last log."""
+        stats = self._window_stats
+        if not stats.get("windows"):
+            return {}
+        logs = {"on_policy_fraction": stats["on_policy_windows"] / stats["windows"]}
+        if stats.get("completions"):
+            logs["completion_length"] = stats["completion_tokens"] / stats["completions"]
+            logs["generation_seconds_per_window"] = stats["generation_seconds"] / stats["windows"]
+        stats.clear()
+        return logs
 
     # ----------------------------------------------------------------------------------------- model card
     def create_model_card(
@@ -351,11 +474,13 @@ class DistillLensTrainer(Trainer):
     def train(self, *args: Any, **kwargs: Any):
         self._train_term_totals.clear()  # terms of an earlier, unlogged tail must not leak into this run
         self._train_steps_seen.clear()
+        self._window_stats.clear()
         return super().train(*args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
             logs.update(self._pop_train_terms())
+            logs.update(self._pop_window_stats())
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):

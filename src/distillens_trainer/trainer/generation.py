@@ -1,0 +1,104 @@
+"""Sampling completions during training (on-policy and ``seq_kd`` windows): the model in generation mode, and
+``generate`` over a window's prompts in batches."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..model_facts import unwrap_model
+from ..on_policy import left_padded
+from ..teacher_placement import is_partitioned
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How completions are sampled: untruncated sampling at temperature 1 by default (what makes them on-policy).
+
+    Attributes:
+        max_new_tokens: most tokens per completion.
+        temperature / top_p / top_k: the sampling distribution (``top_k`` 0 and ``top_p`` 1 are off).
+        pad_token_id: the id prompts are left-padded with.
+        eos_token_ids: ids that end a completion (generation stops there).
+        batch_size: prompts per ``generate`` call.
+    """
+
+    max_new_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    pad_token_id: int
+    eos_token_ids: tuple[int, ...]
+    batch_size: int
+
+    def generate_kwargs(self) -> dict:
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": True,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k > 0 else None,
+            "pad_token_id": self.pad_token_id,
+            "eos_token_id": list(self.eos_token_ids),
+            "use_cache": True,
+        }
+
+
+@contextlib.contextmanager
+def generation_mode(
+    model: nn.Module, checkpointing_kwargs: dict | None = None
+) -> Iterator[tuple[nn.Module, bool]]:
+    """The causal LM inside ``model`` ready to ``generate``: eval mode, no gradients, gradient checkpointing off,
+    and under ZeRO-3 its parameters gathered once for the whole block; everything is restored after (gradient
+    checkpointing with ``checkpointing_kwargs``, the Trainer's ``gradient_checkpointing_kwargs``).
+
+    Yields ``(module, synced_gpus)``: pass ``synced_gpus`` to ``generate`` so ranks stay in step under ZeRO-3.
+    """
+    module = unwrap_model(model)
+    was_training = module.training
+    checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
+    partitioned = is_partitioned(module)
+    gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
+    if partitioned:
+        import deepspeed
+
+        gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    if checkpointing:
+        module.gradient_checkpointing_disable()
+    module.eval()
+    try:
+        with torch.no_grad(), gathered:
+            yield module, partitioned
+    finally:
+        module.train(was_training)
+        if checkpointing:
+            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+
+
+def sample_completions(
+    model: nn.Module,
+    prompts: Sequence[torch.Tensor],
+    settings: SamplingSettings,
+    checkpointing_kwargs: dict | None = None,
+) -> list[torch.Tensor]:
+    """``model``'s sampled continuation of each prompt ``[P_i]``: its ``[max_new_tokens]`` generated tokens (a row
+    that ended early is padded after its EOS). Prompts are generated ``settings.batch_size`` at a time
+    (left-padded, KV cache on)."""
+    completions: list[torch.Tensor] = []
+    with generation_mode(model, checkpointing_kwargs) as (module, synced_gpus):
+        device = next(module.parameters()).device
+        for start in range(0, len(prompts), settings.batch_size):
+            chunk = [prompt.to(device) for prompt in prompts[start : start + settings.batch_size]]
+            input_ids, attention_mask = left_padded(chunk, settings.pad_token_id)
+            output = module.generate(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                synced_gpus=synced_gpus,
+                **settings.generate_kwargs(),
+            )
+            completions.extend(output[:, input_ids.shape[1] :])
+    return completions
