@@ -306,7 +306,7 @@ def test_a_model_without_an_eos_token_cannot_sample_completions(tmp_path):
     args = DistillLensConfig(
         output_dir=str(tmp_path), use_cpu=True, report_to=[], lmbda=1.0, lens_num_layers=2
     )
-    with pytest.raises(ValueError, match="tokenizer has none: set tokenizer.eos_token"):
+    with pytest.raises(ValueError, match=r"tokenizer has none: set tokenizer\.eos_token"):
         DistillLensTrainer(model=student, teacher_model=tiny_llama(num_layers=4, seed=2), args=args)
 
 
