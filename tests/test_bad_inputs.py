@@ -113,6 +113,28 @@ CASES = [
         1,
         "--max_length (256) exceeds the student's context of 128 positions",
     ),
+    ("lmbda_out_of_range", ["--lmbda", "2"], {}, 1, "lmbda=2.0 must lie in [0, 1]"),
+    (
+        "max_new_tokens_zero",
+        ["--lmbda", "1", "--max_new_tokens", "0"],
+        {},
+        1,
+        "max_new_tokens=0 must be >= 1",
+    ),
+    (
+        "seq_kd_without_a_teacher",
+        ["--seq_kd", "true", "--ce_weight", "1", "--kd_weight", "0", "--lens_weight", "0"],
+        {"teacher": None},
+        1,
+        "seq_kd=True samples completions from the teacher",
+    ),
+    (
+        "completions_beyond_the_context",
+        ["--lmbda", "1", "--max_length", "64", "--max_prompt_length", "60", "--max_new_tokens", "100"],
+        {"student": "short_context_student"},
+        1,
+        "--max_prompt_length + --max_new_tokens (160) exceeds the student's context of 128 positions",
+    ),
     (
         "missing_decontamination_file",
         ["--decontaminate_files", "nowhere.jsonl"],

@@ -116,8 +116,9 @@ def check_models_before_loading(
 ) -> None:
     """Checks that need only the models' configs, run before any data or weights are loaded.
 
-    The student must be deep enough for the lens layers, and ``--max_length`` must fit both models' context
-    (a longer example would end in an IndexError from the position embedding mid-training).
+    The student must be deep enough for the lens layers, and ``--max_length`` (and, with sampled completions,
+    ``--max_prompt_length + --max_new_tokens``) must fit both models' context (a longer example would end in an
+    IndexError from the position embedding mid-training).
     """
     fix = "pass --max_length {limit} or less (and --max_prompt_length below it)"
     objective = training_args.objective_spec
@@ -138,6 +139,13 @@ def check_models_before_loading(
         )
     for name, config in (("student", student), ("teacher", teacher)):
         check_fits_context(data_args.max_length, config, model=name, setting="--max_length", fix=fix)
+    if training_args.generates_completions:  # a prompt and its sampled completion must fit as well
+        generated = data_args.max_prompt_length + training_args.max_new_tokens
+        for name, config in (("student", student), ("teacher", teacher)):
+            check_fits_context(
+                generated, config, model=name, setting="--max_prompt_length + --max_new_tokens",
+                fix="lower --max_new_tokens or --max_prompt_length so that they add up to {limit} or less",
+            )  # fmt: skip
 
 
 def run_training(
