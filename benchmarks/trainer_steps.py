@@ -9,6 +9,9 @@ the first half of every row prompt), each in its own subprocess, with the Traine
 - ``distillens`` / ``distillens_fused`` / ``distillens_compiled``: KD + JSD lens on 5 pairs, straightforward /
   fused / fused with ``lens_compile=True`` (the per-chunk math under ``torch.compile``);
 - ``gkd``: TRL's ``GKDTrainer`` off-policy (``lmbda=0``, ``beta=1``: reverse KL, the same objective as ``kd``);
+- ``kd_onpolicy`` / ``distillens_onpolicy``: ``kd_fused`` / ``distillens_fused`` with ``lmbda=1`` (every window
+  trains on the student's own completions of the prompts, ``max_new_tokens`` = the dataset's response length, so
+  the trained sequences are as long); each window's generation is timed through the ``generate_completions`` seam;
 - ``floor``: not a trainer, the lens's matrix products timed alone on the same shapes (per pair: teacher head,
   student head, and the two gradient products), the least any exact lens can cost.
 
@@ -55,6 +58,8 @@ VARIANTS = (
     "distillens",
     "distillens_fused",
     "distillens_compiled",
+    "kd_onpolicy",
+    "distillens_onpolicy",
 )
 LABELS = {
     "trainer": "plain `transformers.Trainer` (CE)",
@@ -65,6 +70,8 @@ LABELS = {
     "distillens": "DistillLens 5 pairs, `lens_chunk_size=0`",
     "distillens_fused": "DistillLens 5 pairs, fused (default chunk)",
     "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
+    "kd_onpolicy": "KD only, fused, on-policy (`lmbda=1`)",
+    "distillens_onpolicy": "DistillLens 5 pairs, fused, on-policy (`lmbda=1`)",
 }
 WEIGHTS = {
     "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
@@ -73,7 +80,11 @@ WEIGHTS = {
     "distillens": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_chunk_size": 0},
     "distillens_fused": {"kd_weight": 1.0, "lens_weight": 1.0},
     "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
+    "kd_onpolicy": {"kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 1.0},
+    "distillens_onpolicy": {"kd_weight": 1.0, "lens_weight": 1.0, "lmbda": 1.0},
 }
+# on-policy variant -> the off-policy variant it is compared with (same models, same sequence length)
+ON_POLICY_BASELINES = {"kd_onpolicy": "kd_fused", "distillens_onpolicy": "distillens_fused"}
 REAL_KEEP = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 
 
@@ -173,6 +184,8 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
             self.ends: list[tuple[float, float]] = []
+            self.generation: list[float] = []  # seconds per on-policy window
+            self.generated: list[float] = []  # mean generated tokens per completion, per window
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.ends.append((time.perf_counter(), time.process_time()))
@@ -221,12 +234,27 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             )
         else:
             weights = dict(WEIGHTS[variant])
+            if weights.get(
+                "lmbda"
+            ):  # completions as long as the dataset's responses: the same trained length
+                weights["max_new_tokens"] = opts.seq - round(opts.prompt_frac * opts.seq)
             if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
                 if variant.endswith(("_fused", "_compiled")):
                     raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
                 weights.pop("lens_chunk_size", None)
             args = DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights)
-            trainer = DistillLensTrainer(
+
+            class TimedGeneration(DistillLensTrainer):
+                """Times each window's generation through the trainer's seam."""
+
+                def generate_completions(self, model, prompts):
+                    started = time.perf_counter()
+                    completions = super().generate_completions(model, prompts)
+                    timer.generation.append(time.perf_counter() - started)
+                    timer.generated.append(sum(len(c) for c in completions) / len(completions))
+                    return completions
+
+            trainer = TimedGeneration(
                 model=student,
                 teacher_model=teacher,
                 args=args,
@@ -237,6 +265,9 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             extra["layer_map"] = [list(pair) for pair in trainer.layer_map]
             extra["lens_chunk_size"] = getattr(args, "lens_chunk_size", None)
         output = trainer.train()
+    if timer.generation:
+        extra["generation_s"] = timer.generation[opts.warmup_steps :]
+        extra["generated_tokens"] = timer.generated[opts.warmup_steps :]
     return {
         "load_at_start": load_at_start,
         "train_loss": output.training_loss,
@@ -292,6 +323,8 @@ def run(opts: argparse.Namespace) -> dict:
                 continue
             samples[variant]["wall"] += result["step_wall_s"]
             samples[variant]["cpu"] += result["step_cpu_s"]
+            samples[variant].setdefault("generation", []).extend(result.get("generation_s", []))
+            samples[variant].setdefault("generated", []).extend(result.get("generated_tokens", []))
             info[variant].update({k: v for k, v in result.items() if not k.startswith("step_")})
     floor = run_child(SCRIPT, opts.argv, "floor", opts.threads)
     samples["floor"] = {"wall": floor.get("step_wall_s", []), "cpu": floor.get("step_cpu_s", [])}
@@ -310,6 +343,9 @@ def run(opts: argparse.Namespace) -> dict:
             "layer_map": info[variant].get("layer_map"),
             "lens_chunk_size": info[variant].get("lens_chunk_size"),
         }
+        if clocks.get("generation"):
+            out[variant]["generation_wall_s"] = summarize(clocks["generation"])
+            out[variant]["generated_tokens"] = summarize(clocks["generated"])
     return out
 
 
@@ -327,6 +363,15 @@ def goals(variants: dict) -> dict:
             out[f"{name}_vs_gkd"] = median(name) / median("gkd")
     if median("sft") and median("trainer"):
         out["sft_vs_trainer"] = median("sft") / median("trainer")
+    for name, baseline in ON_POLICY_BASELINES.items():  # goal: <= generation + 1.1 x the off-policy step
+        generation = variants.get(name, {}).get("generation_wall_s", {}).get("median")
+        if generation is None or not median(baseline):
+            continue
+        step = variants[name]["step_wall_s"]["median"]  # wall clock, as the generation is timed
+        out[f"{name}_vs_generation_plus_1.1x_{baseline}"] = step / (
+            generation + 1.1 * variants[baseline]["step_wall_s"]["median"]
+        )
+        out[f"{name}_generation_share"] = generation / step
     return out
 
 
@@ -360,7 +405,25 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {wall:.3f} s | {rss} | {loss} |"
         )
-    lines += ["", "Goals (ratios; DistillLens ≤ 1.15 × (KD + floor), KD ≤ GKD, SFT ≤ 1.05 × Trainer):", ""]
+    on_policy = [name for name in ON_POLICY_BASELINES if "generation_wall_s" in variants.get(name, {})]
+    if on_policy:
+        lines += [
+            "",
+            "| on-policy variant | generation s / window (median) | generated tokens / completion | share of the step |",
+            "|---|---|---|---|",
+        ]
+        for name in on_policy:
+            v = variants[name]
+            share = v["generation_wall_s"]["median"] / v["step_wall_s"]["median"]
+            lines.append(
+                f"| {LABELS[name]} | {v['generation_wall_s']['median']:.3f} s | {v['generated_tokens']['median']:.1f} | {share:.0%} |"
+            )
+    lines += [
+        "",
+        "Goals (ratios; DistillLens ≤ 1.15 × (KD + floor), KD ≤ GKD, SFT ≤ 1.05 × Trainer, on-policy step ≤ "
+        "generation + 1.1 × its off-policy step in wall seconds, i.e. `*_vs_generation_plus_1.1x_*` ≤ 1):",
+        "",
+    ]
     lines += [f"- `{key}`: {value:.3f}" for key, value in results["goals"].items()]
     lines.append("")
     return "\n".join(lines)

@@ -336,3 +336,25 @@ def test_seq_kd_trains_off_policy_windows_on_the_teachers_completions(tmp_path):
         tmp_path, "seq", _rows_with_prompts(8), trainer_class=Which, seq_kd=True, max_steps=2
     )
     assert trainer.generators == [True, True]  # lmbda=0: every window off-policy, completed by the teacher
+
+
+def test_a_resumed_run_continues_the_same_sequence_of_window_decisions(tmp_path):
+    rows = _rows_with_prompts(24)
+    full, _, _ = _train(tmp_path, "full", rows, trainer_class=ScriptedTrainer, lmbda=0.5, max_steps=6)
+    decisions = [entry["on_policy_fraction"] for entry in full.state.log_history if "loss" in entry]
+    assert 0 < sum(decisions) < 6  # both kinds of window, so the test can tell them apart
+    _train(tmp_path, "first", rows, trainer_class=ScriptedTrainer, lmbda=0.5, max_steps=6, save_strategy="steps",
+           save_steps=3)  # fmt: skip
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    args = DistillLensConfig(
+        output_dir=str(tmp_path / "first"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6,
+        logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, lens_num_layers=2, seed=0,
+        disable_tqdm=True, ce_weight=0.5, lens_chunk_size=5, lmbda=0.5,
+    )  # fmt: skip
+    resumed = ScriptedTrainer(
+        model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),
+        data_collator=pad_batch,
+    )  # fmt: skip
+    resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
+    after = [entry["on_policy_fraction"] for entry in resumed.state.log_history if "loss" in entry]
+    assert after[-3:] == decisions[3:]

@@ -69,6 +69,12 @@ METHODS: dict[str, dict[str, Any]] = {
     "distillens": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd"},
     "distillens_skl": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "skl"},
     "feature": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0, "feature_weight": 1.0},
+    # On-policy (GKD-style): every optimizer window trains on completions the student samples for its prompts
+    # (lmbda=1), or half of them (lmbda=0.5, the mixed ablation); see training.method_objective for their length.
+    "kd_onpolicy": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 1.0},
+    "distillens_onpolicy": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd", "lmbda": 1.0},
+    "kd_mixed": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 0.5},
+    "distillens_mixed": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd", "lmbda": 0.5},
 }
 DEMO_METHODS = ("sft", "kd", "distillens")
 INIT_NAME = "init"
@@ -80,6 +86,10 @@ METHOD_DESCRIPTIONS = {
     "distillens": "student, reverse KL + JSD logit lens",
     "distillens_skl": "student, reverse KL + symmetric-KL logit lens",
     "feature": "student, reverse KL + MSE feature matching",
+    "kd_onpolicy": "student, reverse KL on the final logits, on its own sampled completions (lmbda 1)",
+    "distillens_onpolicy": "student, reverse KL + JSD logit lens, on its own sampled completions (lmbda 1)",
+    "kd_mixed": "student, reverse KL on the final logits, half the windows on its own completions (lmbda 0.5)",
+    "distillens_mixed": "student, reverse KL + JSD logit lens, half the windows on its own completions (lmbda 0.5)",
 }
 TEACHER_OBJECTIVE = {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0}
 # The suite tokenizer has no chat template: the demo offers the library's prompt formats that need none.
@@ -153,7 +163,9 @@ class DemoArguments:
         metadata={
             "help": "Student objectives to compare, from the same initial weights: sft (cross-entropy), kd "
             "(reverse KL on the final logits), distillens (kd + JSD logit lens), distillens_skl (kd + "
-            "symmetric-KL logit lens), feature (kd + the paper's MSE feature baseline).",
+            "symmetric-KL logit lens), feature (kd + the paper's MSE feature baseline); kd_onpolicy and "
+            "distillens_onpolicy train on completions the student samples for the training prompts (lmbda=1), "
+            "kd_mixed and distillens_mixed on half of the optimizer windows (lmbda=0.5).",
             "choices": list(METHODS),
         },
     )
@@ -254,7 +266,10 @@ class DemoArguments:
     eval_batch_size: int = field(default=64, metadata={"help": "Prompts per generate() call."})
     max_new_tokens: int | None = field(
         default=None,
-        metadata={"help": "Tokens generated per answer; default: the longest test answer plus 4."},
+        metadata={
+            "help": "Tokens generated per test answer (greedy scoring); default: the longest test answer plus 4. "
+            "The on-policy methods' training completions get the longest training answer plus 4."
+        },
     )
     num_threads: int | None = field(
         default=None,

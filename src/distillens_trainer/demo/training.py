@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from .cache import (
     teacher_cache_path,
     teacher_key,
 )
+from .scoring import default_max_new_tokens
 from .suite import prompt_of, read_jsonl
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,12 @@ class Suite:
     tokenizer: Any = None
     train_dataset: Any = None
     eval_dataset: Any = None
+
+    @cached_property
+    def completion_max_new_tokens(self) -> int:
+        """Most tokens an on-policy method samples per training completion: the longest reference answer of the
+        training split plus 4, as :func:`default_max_new_tokens` gives the test answers (computed once)."""
+        return default_max_new_tokens(self.splits["train"], self.tokenizer)
 
 
 def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
@@ -122,6 +130,30 @@ def _final_logged(log_history: Sequence[Mapping[str, Any]], key: str, last: int 
     return round(statistics.fmean(values[-last:]), 5) if values else None
 
 
+def on_policy_means(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """A run's share of on-policy windows and mean sampled completion length (tokens, EOS included), from the
+    trainer's ``on_policy_fraction`` and ``completion_length`` logs, each a mean since the previous training log:
+    the share weighted by the optimizer steps a log covers, the length by the on-policy windows among them (one
+    completion per row, the same rows per window). None for a run that logged neither (off-policy)."""
+    steps_total = on_policy_total = length_total = 0.0
+    previous = 0
+    for entry in log_history:
+        if "loss" not in entry or "step" not in entry:  # not a training log (the final summary, an evaluation)
+            continue
+        steps, previous = entry["step"] - previous, entry["step"]
+        if "on_policy_fraction" not in entry:
+            continue
+        on_policy = steps * entry["on_policy_fraction"]
+        steps_total += steps
+        on_policy_total += on_policy
+        if "completion_length" in entry:
+            length_total += on_policy * entry["completion_length"]
+    return {
+        "on_policy_fraction": round(on_policy_total / steps_total, 5) if steps_total else None,
+        "completion_length": round(length_total / on_policy_total, 3) if on_policy_total else None,
+    }
+
+
 def train_model(
     model: torch.nn.Module,
     suite: Suite,
@@ -192,7 +224,10 @@ def train_model(
     return TrainingRun(
         train_time_s=round(train_time, 2),
         max_steps=max_steps,
-        objective={key: getattr(config, key) for key in _OBJECTIVE_FIELDS},
+        objective={
+            key: getattr(config, key)
+            for key in (*_OBJECTIVE_FIELDS, *(_GENERATION_FIELDS if config.generates_completions else ()))
+        },
         layer_map=[list(pair) for pair in trainer.layer_map],
         log_history=history,
         final_loss=_final_logged(history, "loss"),
@@ -236,17 +271,23 @@ def explicit_lens_layers(
 
 _OBJECTIVE_FIELDS = (
     "ce_weight", "kd_weight", "kd_divergence", "lens_weight", "lens_divergence", "feature_weight",
-    "lens_num_layers",
+    "lens_num_layers", "lmbda",
 )  # fmt: skip
+_GENERATION_FIELDS = ("max_new_tokens",)  # recorded too when the run samples completions
 
 
-def method_objective(method: str, args: DemoArguments) -> dict[str, Any]:
-    """The DistillLensConfig loss fields of a student method."""
+def method_objective(method: str, args: DemoArguments, suite: Suite | None = None) -> dict[str, Any]:
+    """The DistillLensConfig fields of a student method: its loss and, for an on-policy method (``lmbda > 0``),
+    the length of its sampled completions, :attr:`Suite.completion_max_new_tokens` of ``suite`` (needed then)."""
     objective = dict(METHODS[method])
     if objective.get("kd_weight", 0) > 0:
         objective.setdefault("kd_divergence", args.kd_divergence)
     if method.startswith("distillens"):
         objective["lens_weight"] = args.lens_weight
+    if objective.get("lmbda", 0) > 0:
+        if suite is None:
+            raise ValueError(f"method {method!r} samples completions: pass the suite to size them.")
+        objective["max_new_tokens"] = suite.completion_max_new_tokens
     return objective
 
 
@@ -264,7 +305,7 @@ def train_student(
     run = train_model(
         student,
         suite,
-        objective=method_objective(method, args),
+        objective=method_objective(method, args, suite),
         output_dir=output_dir,
         max_steps=args.student_max_steps,
         learning_rate=args.student_learning_rate,
