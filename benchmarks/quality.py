@@ -7,16 +7,25 @@ one student initialisation distilled with every method from that same initialisa
 - ``kd``: reverse KL on the final logits only;
 - ``distillens``: reverse KL + Jensen-Shannon logit lens (the paper's defaults);
 - ``distillens_skl``: reverse KL + symmetric-KL logit lens;
-- ``feature``: reverse KL + the paper's MSE feature baseline (learned projection of teacher hidden states).
+- ``feature``: reverse KL + the paper's MSE feature baseline (learned projection of teacher hidden states);
+- ``kd_onpolicy`` / ``distillens_onpolicy``: ``kd`` / ``distillens`` on completions the student samples for the
+  training prompts (``lmbda=1``, GKD-style), at most the longest training answer plus 4 tokens each;
+- ``kd_mixed`` / ``distillens_mixed``: the same with half of the optimizer windows on-policy (``lmbda=0.5``).
+
+The default run is the five off-policy methods; the on-policy ones are opt-in with ``--methods`` (they sample
+completions every step, which makes their runs several times longer).
 
 Every student is scored with greedy exact match and ROUGE-L on the test split, and with the per-layer
 logit-lens JSD to the teacher on the validation split. The report gives mean ± sample std over seeds per
-method, and paired per-seed differences (same initialisation, same data order) with a 95% t interval.
+method, and paired per-seed differences (same initialisation, same data order) with a 95% t interval. An
+on-policy run also records its share of on-policy windows and its mean sampled completion length.
 
 Run from the repository root::
 
     PYTHONPATH=src python benchmarks/quality.py                      # default preset, seeds 0 1 2, 5 methods
     PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --student_max_steps 600 --tag long
+    PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --methods kd kd_onpolicy distillens \
+        distillens_onpolicy kd_mixed distillens_mixed --num_threads 1 --tag onpolicy   # add --resume after a stop
 
 Every ``distillens demo`` field is accepted (sizes, steps, tasks, ``--lens_weight``, ``--lens_num_layers``,
 ...); ``--output_dir`` is where ``quality[_TAG].json`` and ``quality[_TAG].md`` go (default
@@ -41,21 +50,36 @@ from typing import Any
 from transformers import HfArgumentParser
 
 from distillens_trainer import demo
+from distillens_trainer.demo.training import on_policy_means
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("distillens_trainer.benchmarks.quality")
 
-ALL_METHODS = ("sft", "kd", "distillens", "distillens_skl", "feature")
+# Every method the benchmark knows (the demo's); a run trains DEFAULT_METHODS unless --methods says otherwise.
+ALL_METHODS = (
+    "sft", "kd", "distillens", "distillens_skl", "feature",
+    "kd_onpolicy", "distillens_onpolicy", "kd_mixed", "distillens_mixed",
+)  # fmt: skip
+DEFAULT_METHODS = ALL_METHODS[:5]  # the off-policy methods: the on-policy ones sample completions every step
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
-# (method, baseline) pairs whose per-seed differences are reported; the first is the headline.
+# (method, baseline) pairs whose per-seed differences are reported when both methods ran, in this order: the first
+# reported is the headline (on-policy DistillLens - on-policy KD when both ran, else DistillLens - KD).
 COMPARISONS = (
+    ("distillens_onpolicy", "kd_onpolicy"),
     ("distillens", "kd"),
     ("distillens_skl", "kd"),
     ("feature", "kd"),
     ("kd", "sft"),
     ("distillens", "sft"),
+    ("kd_onpolicy", "kd"),
+    ("distillens_onpolicy", "distillens"),
+    ("distillens_mixed", "kd_mixed"),
+    ("kd_mixed", "kd"),
+    ("distillens_mixed", "distillens"),
 )
 METRICS = ("exact_match", "rougeL")
+# Per-run statistics of the methods that sample completions (None for the others), averaged over seeds too.
+ON_POLICY_STATS = ("on_policy_fraction", "completion_length")
 # Two-sided 95% quantiles t_{0.975, df} of Student's t distribution, used when scipy is not installed.
 T_975 = {
     1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
@@ -84,6 +108,14 @@ class QualityArguments:
         metadata={
             "help": "Path of an existing quality*.json report: rewrite its Markdown table beside it and stop "
             "(no training)."
+        },
+    )
+    resume: bool = field(
+        default=False,
+        metadata={
+            "help": "Continue the report quality[_TAG].json an interrupted run left (same settings, seeds and "
+            "methods): its finished (method, seed) runs are kept, the others trained. Without the file, a "
+            "fresh run."
         },
     )
 
@@ -150,6 +182,10 @@ def summarise(runs: list[dict[str, Any]], methods: list[str], seeds: list[int]) 
                 key: mean_std([row[key] for row in rows])
                 for key in (*METRICS, "mean_lens_jsd", "output_jsd", "train_time_s")
             }
+            for key in ON_POLICY_STATS:  # only for a method whose every run sampled completions
+                values = [row.get(key) for row in rows]
+                if all(value is not None for value in values):
+                    summary[method][key] = mean_std(values)
     comparisons: dict[str, Any] = {}
     for method, baseline in COMPARISONS:
         if method not in methods or baseline not in methods:
@@ -198,14 +234,33 @@ def markdown_report(report: dict[str, Any]) -> str:
         "",
         f"Teacher: exact match {teacher['exact_match']:.1f}, ROUGE-L {teacher['rougeL']:.1f}.",
         "",
-        "| method | exact match | ROUGE-L | mean lens JSD | output JSD | train s |",
-        "|---|---|---|---|---|---|",
+    ]
+    on_policy = any("completion_length" in stats for stats in summary["methods"].values())
+    if on_policy:
+        lines[-1:-1] = [
+            "",
+            "On-policy methods: each optimizer window trains, with probability lmbda, on completions the student "
+            f"samples for the window's prompts (temperature 1, untruncated, at most "
+            f"{report['completion_max_new_tokens']} tokens: the longest training answer plus 4). Columns "
+            "`on-policy` (share of on-policy windows) and `completion tokens` (mean sampled length, EOS included); "
+            "`train s` includes the sampling.",
+        ]
+    extra = " on-policy | completion tokens |" if on_policy else ""
+    lines += [
+        "| method | exact match | ROUGE-L | mean lens JSD | output JSD | train s |" + extra,
+        "|---|---|---|---|---|---|" + ("---|---|" if on_policy else ""),
     ]
     for method, stats in summary["methods"].items():
-        lines.append(
+        row = (
             f"| {method} | {_fmt(stats['exact_match'])} | {_fmt(stats['rougeL'])} | "
             f"{_fmt(stats['mean_lens_jsd'], 4)} | {_fmt(stats['output_jsd'], 4)} | {_fmt(stats['train_time_s'], 0)} |"
         )
+        if on_policy:
+            row += "".join(
+                f" {_fmt(stats[key], digits)} |" if key in stats else " - |"
+                for key, digits in zip(ON_POLICY_STATS, (2, 1))
+            )
+        lines.append(row)
     lines += [
         "",
         "Mean ± sample standard deviation over seeds. Paired differences (same seed = same initial weights and",
@@ -266,19 +321,56 @@ def _record(
         "final_kd_loss": run.get("final_kd_loss"),
         "final_lens_loss": run.get("final_lens_loss"),
         "per_task": {task: value["exact_match"] for task, value in evaluation["per_task"].items()},
+        **{key: run.get(key) for key in ON_POLICY_STATS},
     }
 
 
-def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str) -> dict[str, Any]:
-    """Train and score every (seed, method) student; write and return the report."""
+def report_paths(bench: QualityArguments, args: demo.DemoArguments) -> tuple[Path, Path]:
+    """``quality[_TAG].json`` and ``.md`` in ``args.output_dir``."""
+    stem = f"quality_{bench.tag}" if bench.tag else "quality"
+    results_dir = Path(args.output_dir)
+    return results_dir / f"{stem}.json", results_dir / f"{stem}.md"
+
+
+def resumable_report(bench: QualityArguments, args: demo.DemoArguments) -> dict[str, Any] | None:
+    """With ``--resume``, the report an earlier run of the same benchmark left (None without one); a report of
+    other settings, seeds or methods is an error, so runs of different protocols never mix."""
+    json_path, _ = report_paths(bench, args)
+    if not bench.resume or not json_path.is_file():
+        return None
+    previous = json.loads(json_path.read_text(encoding="utf-8"))
+    mine = {"settings": args.settings(), "seeds": bench.seeds, "methods": args.methods}
+    for key, value in mine.items():
+        if previous.get(key) != value:
+            differing = key
+            if key == "settings" and isinstance(previous.get(key), dict):
+                names = [name for name in value if previous[key].get(name, object()) != value[name]]
+                differing = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "") or key
+            raise ValueError(
+                f"resume: {json_path} was written with other {key} ({differing}); rerun with the same "
+                "settings, or drop --resume (the report is then replaced)."
+            )
+    return previous
+
+
+def run_quality(
+    bench: QualityArguments,
+    args: demo.DemoArguments,
+    command: str,
+    previous: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train and score every (seed, method) student; write and return the report. The runs of ``previous`` (the
+    report of an interrupted run, see :func:`resumable_report`) are kept instead of trained again."""
     demo.configure_logging()
     threads = demo.set_threads(args.num_threads)
     start = time.perf_counter()
-    results_dir = Path(args.output_dir)
-    stem = f"quality_{bench.tag}" if bench.tag else "quality"
-    json_path, md_path = results_dir / f"{stem}.json", results_dir / f"{stem}.md"
+    json_path, md_path = report_paths(bench, args)
+    done = {(run["method"], run["seed"]): run for run in (previous or {}).get("runs", [])}
+    elapsed_before = float((previous or {}).get("total_time_s", 0.0)) if done else 0.0
+    if done:
+        logger.info("[quality] resuming %s: %d finished runs kept", json_path, len(done))
     report: dict[str, Any] = {
-        "command": command,
+        "command": previous["command"] if done else command,
         "seeds": bench.seeds,
         "methods": args.methods,
         "torch_threads": threads,
@@ -291,6 +383,8 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
         teacher, suite, teacher_info = demo.get_teacher(args, work / "data", work / "models")
         tokenizer = suite.tokenizer
         max_new_tokens = args.max_new_tokens or demo.default_max_new_tokens(suite.splits["test"], tokenizer)
+        if any(demo.METHODS[method].get("lmbda", 0) > 0 for method in args.methods):
+            report["completion_max_new_tokens"] = suite.completion_max_new_tokens
         evaluate = {
             "prompt_template": args.prompt_template,
             "batch_size": args.eval_batch_size,
@@ -312,23 +406,32 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
             teacher_eval["exact_match"],
             teacher_eval["rougeL"],
         )
+        if previous and previous.get("lens_layer_map"):
+            report["lens_layer_map"] = previous["lens_layer_map"]
         for seed in bench.seeds:
             initial, init_info = demo.get_student_init(args, suite, work, seed=seed)
             report["student_params"] = demo.count_parameters(initial)
-            init_eval = demo.evaluate_generation(initial, tokenizer, suite.splits["test"], **evaluate)
-            init_profile = demo.lens_divergence_profile(
-                initial, teacher, tokenizer, suite.eval_dataset, batch_size=args.eval_batch_size
-            )
-            report["runs"].append(
-                _record(
-                    demo.INIT_NAME,
-                    seed,
-                    init_eval,
-                    init_profile,
-                    {"train_time_s": init_info.get("train_time_s")},
+            if (demo.INIT_NAME, seed) in done:
+                report["runs"].append(done[(demo.INIT_NAME, seed)])
+            else:
+                init_eval = demo.evaluate_generation(initial, tokenizer, suite.splits["test"], **evaluate)
+                init_profile = demo.lens_divergence_profile(
+                    initial, teacher, tokenizer, suite.eval_dataset, batch_size=args.eval_batch_size
                 )
-            )
+                report["runs"].append(
+                    _record(
+                        demo.INIT_NAME,
+                        seed,
+                        init_eval,
+                        init_profile,
+                        {"train_time_s": init_info.get("train_time_s")},
+                    )
+                )
             for method in args.methods:
+                if (method, seed) in done:
+                    logger.info("[quality] seed %d, method %s: kept from the earlier run", seed, method)
+                    report["runs"].append(done[(method, seed)])
+                    continue
                 logger.info("[quality] seed %d, method %s", seed, method)
                 student, run = demo.train_student(
                     method, initial, teacher, suite, args, work / f"{method}-{seed}", seed=seed
@@ -339,7 +442,9 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
                 )
                 if run.layer_map:
                     report["lens_layer_map"] = run.layer_map
-                record = _record(method, seed, evaluation, profile, run.summary())
+                record = _record(
+                    method, seed, evaluation, profile, run.summary() | on_policy_means(run.log_history)
+                )
                 report["runs"].append(record)
                 logger.info(
                     "[quality] seed %d %s: exact match %.1f, ROUGE-L %.1f, mean lens JSD %.4f (%.0f s)",
@@ -350,12 +455,14 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
                     record["mean_lens_jsd"],
                     record["train_time_s"],
                 )
-                report["total_time_s"] = round(time.perf_counter() - start, 1)
-                write_json_atomic(json_path, report)  # partial results, for polling
+                report["total_time_s"] = round(elapsed_before + time.perf_counter() - start, 1)
+                # partial results, for polling and --resume: the finished runs, then those of the earlier run
+                partial = {**report, "runs": report["runs"] + _pending(done, report["runs"])}
+                write_json_atomic(json_path, partial)
     report.setdefault("lens_layer_map", [])
     report["summary"] = summarise(report["runs"], [demo.INIT_NAME, *args.methods], bench.seeds)
     report["complete"] = True
-    report["total_time_s"] = round(time.perf_counter() - start, 1)
+    report["total_time_s"] = round(elapsed_before + time.perf_counter() - start, 1)
     write_json_atomic(json_path, report)
     markdown = markdown_report(report)
     write_text_atomic(md_path, markdown)
@@ -363,11 +470,17 @@ def run_quality(bench: QualityArguments, args: demo.DemoArguments, command: str)
     return report
 
 
+def _pending(done: dict[tuple[str, int], dict[str, Any]], runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The earlier run's records not yet placed in ``runs`` (kept in a partial report so a second stop loses none)."""
+    placed = {(run["method"], run["seed"]) for run in runs}
+    return [run for key, run in done.items() if key not in placed]
+
+
 def parse(argv: list[str]) -> tuple[QualityArguments, demo.DemoArguments]:
     defaults = [
         "--output_dir", str(DEFAULT_RESULTS_DIR),
         "--cache_dir", str(Path(tempfile.gettempdir()) / demo.CACHE_DIRNAME),
-        "--methods", *ALL_METHODS,
+        "--methods", *DEFAULT_METHODS,
         "--no_save_models",
     ]  # fmt: skip
     parser = HfArgumentParser((QualityArguments, demo.DemoArguments))
@@ -382,11 +495,12 @@ def main(argv: list[str] | None = None) -> int:
         if bench.render is not None:
             print(render_markdown(Path(bench.render)))
             return 0
+        previous = resumable_report(bench, args)
     except (ValueError, KeyError) as error:  # json.JSONDecodeError is a ValueError
         print(f"quality.py: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 1
     command = shlex.join(["PYTHONPATH=src", "python", "benchmarks/quality.py", *argv])
-    run_quality(bench, args, command)
+    run_quality(bench, args, command, previous)
     return 0
 
 

@@ -29,14 +29,24 @@ from distillens_trainer.demo.arguments import (
     BENCHMARK_SEEDS,
     DEMO_MARKER_NAME,
     DEMO_METHODS,
+    METHOD_DESCRIPTIONS,
+    METHODS,
     RUN_ONLY_FIELDS,
     SMOKE_NOTE,
     TEACHER_INFO_NAME,
 )
 from distillens_trainer.demo.cache import teacher_cache_path
 from distillens_trainer.demo.run import _reading_notes, check_demo_output_dir
+from distillens_trainer.demo.scoring import default_max_new_tokens
 from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
-from distillens_trainer.demo.training import QuarterProgress, explicit_lens_layers, tokenize_examples
+from distillens_trainer.demo.training import (
+    QuarterProgress,
+    Suite,
+    explicit_lens_layers,
+    method_objective,
+    on_policy_means,
+    tokenize_examples,
+)
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.model_info import recorded_prompt_template
 
@@ -45,6 +55,7 @@ from conftest import tiny_llama
 REPO = Path(__file__).resolve().parents[1]
 
 MODELS = ("teacher", "sft", "kd", "distillens")
+ON_POLICY_METHODS = ("kd_onpolicy", "distillens_onpolicy")
 
 
 def _demo(output_dir: Path, cache_dir: Path, *extra: str) -> int:
@@ -184,6 +195,76 @@ def test_the_demo_ends_with_where_everything_went_and_how_to_read_it(smoke_runs)
         f"distillens demo: models in {output_dir / 'models'}/{{teacher,init,sft,kd,distillens}}"
     )
     assert f"metrics in {output_dir / RESULTS_NAME}" in line and str(smoke_runs["cache"]["dir"]) in line
+
+
+@pytest.fixture(scope="module")
+def on_policy_run(smoke_runs) -> dict:
+    """A smoke demo of the two on-policy methods, with the smoke runs' cached teacher."""
+    output_dir = smoke_runs["cache"]["dir"].parent / "onpolicy"
+    assert _demo(output_dir, smoke_runs["cache"]["dir"], "--methods", *ON_POLICY_METHODS) == 0
+    return {
+        "dir": output_dir,
+        "results": json.loads((output_dir / RESULTS_NAME).read_text(encoding="utf-8")),
+        "logs": json.loads((output_dir / "training_logs.json").read_text(encoding="utf-8")),
+    }
+
+
+@pytest.mark.slow
+def test_the_on_policy_methods_train_on_sampled_completions_and_are_reported(on_policy_run):
+    results, logs = on_policy_run["results"], on_policy_run["logs"]
+    assert list(results["models"]) == ["teacher", *ON_POLICY_METHODS]
+    assert results["teacher_cached"] is True
+    train = [
+        json.loads(line) for line in (on_policy_run["dir"] / "data" / "train.jsonl").read_text().splitlines()
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(on_policy_run["dir"] / "tokenizer")
+    longest = default_max_new_tokens(train, tokenizer)  # the longest training answer + 4
+    for method in ON_POLICY_METHODS:
+        entry = results["models"][method]
+        assert 0 <= entry["exact_match"] <= 100 and math.isfinite(entry["final_loss"])
+        assert entry["objective"]["lmbda"] == 1.0 and entry["objective"]["max_new_tokens"] == longest
+        assert entry["objective"]["kd_weight"] == 1 and entry["description"] == METHOD_DESCRIPTIONS[method]
+        training = [row for row in logs[method] if "loss" in row]
+        assert training and all("completion_length" in row for row in training)
+        assert all(1 <= row["completion_length"] <= longest for row in training)
+        assert all(row["on_policy_fraction"] == 1.0 for row in training)
+        assert on_policy_means(logs[method])["on_policy_fraction"] == 1.0
+    assert results["models"]["distillens_onpolicy"]["objective"]["lens_weight"] == 1
+    assert results["models"]["kd_onpolicy"]["objective"]["lens_weight"] == 0
+    assert results["models"]["distillens_onpolicy"]["final_lens_loss"] is not None
+
+
+def test_the_on_policy_methods_are_kd_and_distillens_with_lmbda_and_completions_sized_from_training(tmp_path):
+    assert DEMO_METHODS == ("sft", "kd", "distillens")  # the demo's default stays off-policy
+    assert set(METHOD_DESCRIPTIONS) == {"teacher", INIT_NAME, *METHODS}
+    examples = generate_examples(40, seed=0)
+    tokenizer = train_suite_tokenizer([format_example(example) for example in examples], vocab_size=300)
+    suite = Suite(splits={"train": examples[:30], "test": examples[30:]}, tokenizer=tokenizer)
+    args = DemoArguments(output_dir=str(tmp_path), preset="smoke")
+    longest = default_max_new_tokens(examples[:30], tokenizer)
+    for name, base, lmbda in [
+        ("kd_onpolicy", "kd", 1.0), ("distillens_onpolicy", "distillens", 1.0),
+        ("kd_mixed", "kd", 0.5), ("distillens_mixed", "distillens", 0.5),
+    ]:  # fmt: skip
+        objective = method_objective(name, args, suite)
+        assert objective == method_objective(base, args) | {"lmbda": lmbda, "max_new_tokens": longest}
+    assert "lmbda" not in method_objective("kd", args, suite)  # off-policy: no completions to size
+    with pytest.raises(ValueError, match="suite"):
+        method_objective("kd_onpolicy", args)
+    suite.splits["train"] = []  # computed once: a later change of the split is not seen
+    assert suite.completion_max_new_tokens == longest
+
+
+def test_on_policy_means_weight_each_log_by_the_windows_it_covers():
+    history = [
+        {"loss": 1.0, "step": 1, "on_policy_fraction": 1.0, "completion_length": 10.0},
+        {"loss": 1.0, "step": 5, "on_policy_fraction": 0.5, "completion_length": 20.0},  # 2 of 4 windows
+        {"loss": 1.0, "step": 9, "on_policy_fraction": 0.0},  # no completion in this interval
+        {"train_runtime": 1.0, "step": 9, "train_loss": 1.0},
+    ]
+    assert on_policy_means(history) == {"on_policy_fraction": round(3 / 9, 5), "completion_length": 16.667}
+    off_policy = [{"loss": 1.0, "step": 5}, {"train_runtime": 1.0, "step": 5}]
+    assert on_policy_means(off_policy) == {"on_policy_fraction": None, "completion_length": None}
 
 
 def test_a_folder_holding_an_earlier_demo_is_reused_but_not_a_foreign_one(tmp_path):

@@ -27,6 +27,7 @@ from torch import nn
 
 from distillens_trainer import cli
 from distillens_trainer.commands.process import end_process_group
+from distillens_trainer.on_policy import window_is_on_policy
 from distillens_trainer.teacher_placement import (
     is_fsdp_enabled,
     is_zero3_enabled,
@@ -528,3 +529,95 @@ def test_cli_train_under_torchrun_finishes_cleanly_and_reports_once(models, tmp_
     assert (state["global_step"], state["epoch"]) == (2, 1.0)  # 2 ranks x 2 rows: the 8 rows in 2 steps
     summaries = [line for line in log.read_text().splitlines() if line.startswith("distillens train:")]
     assert len(summaries) == 1, summaries  # the main process speaks for the run
+
+
+# --------------------------------------------------------------------------------------------- on-policy
+# --scripted: deterministic completions (train_tiny.scripted_completion), the same whatever the world size.
+SCRIPTED = ["--lmbda", "1", "--max-new-tokens", "8", "--scripted"]
+MIXED_SEED = 4  # window_is_on_policy(0.5, 4, step) for steps 0-3: off, on, on, off
+
+
+def _rank_results(out: Path) -> list[dict]:
+    return [json.loads((out / f"result_rank{rank}.json").read_text()) for rank in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single_on_policy(models, tmp_path_factory) -> tuple[dict, Path]:
+    out = tmp_path_factory.mktemp("single_on_policy")
+    on_policy = {"lmbda": 1.0, "max_new_tokens": 8, "scripted": True}  # as SCRIPTED
+    tiny.train(models, out, per_device_batch=4, steps=4, lens_chunk_size=0, **on_policy)
+    return json.loads((out / "result.json").read_text()), out
+
+
+@distributed
+def test_both_ranks_draw_the_same_on_policy_window_decisions(models, tmp_path):
+    extra = ["--lmbda", "0.5", "--max-new-tokens", "8", "--scripted", "--seed", str(MIXED_SEED)]
+    result = _torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *extra)
+    assert result["world_size"] == 2
+    expected = [window_is_on_policy(0.5, MIXED_SEED, step) for step in range(4)]
+    assert True in expected and False in expected  # the seed gives both kinds of window
+    ranks = _rank_results(tmp_path)
+    for rank in ranks:
+        windows = rank["windows"]
+        assert [window["step"] for window in windows] == [0, 1, 2, 3]
+        assert [window["generated"] for window in windows] == expected, f"rank {rank['rank']}"
+        assert [window["prompts"] for window in windows] == [2 if on else 0 for on in expected]
+        assert rank["on_policy_fraction"] == [float(on) for on in expected]
+    # The window's token count is the global one (summed across ranks), on- and off-policy alike.
+    counts = [[window["num_items_in_batch"] for window in rank["windows"]] for rank in ranks]
+    assert counts[0] == counts[1]
+
+
+@distributed
+def test_ddp_on_policy_normalisation_equals_the_single_process_one(models, single_on_policy, tmp_path):
+    # 2 ranks x 2 rows vs 1 x 4 rows, the same scripted completions: the window's loss is normalised by the
+    # generated tokens of all 4 rows only if each rank's recount is summed across ranks.
+    result = _torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *SCRIPTED)
+    reference, single_out = single_on_policy
+    assert result["world_size"] == 2
+    want_counts = [window["num_items_in_batch"] for window in reference["windows"]]
+    for rank in _rank_results(tmp_path):
+        assert [window["prompts"] for window in rank["windows"]] == [2, 2, 2, 2]
+        assert [window["num_items_in_batch"] for window in rank["windows"]] == want_counts
+    got, want = _steps(result), _steps(reference)
+    assert len(got) == len(want) == 4
+    for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
+        assert got_step["on_policy_fraction"] == want_step["on_policy_fraction"] == 1.0
+        for key in STEP_KEYS:
+            assert got_step[key] == pytest.approx(want_step[key], rel=STEP_RTOL), f"step {step} {key}"
+    # The final student (as saved) against the single-process one, as in test_saved_student_loads_and_matches.
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = student(input_ids=tiny.probe_batch()).logits
+    torch.testing.assert_close(logits, torch.load(tmp_path / "probe_logits.pt"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, torch.load(single_out / "probe_logits.pt"), rtol=1e-4, atol=1e-4)
+
+
+@distributed
+@needs_deepspeed
+def test_zero3_on_policy_run_samples_trains_and_saves(models, tmp_path):
+    # Real sampling under ZeRO-3: the student's partitioned weights gathered once per window, generate with
+    # synced_gpus on both ranks (a rank out of step would hang: _run_logged ends it and fails).
+    deepspeed = str(ROOT / "examples" / "deepspeed" / "zero3.json")
+    extra = ["--deepspeed", deepspeed, "--per-device-batch", "2", "--steps", "3"]
+    result = _torchrun(tmp_path, models, *extra, "--lmbda", "1", "--max-new-tokens", "4")
+    assert result["world_size"] == 2 and result["zero3"] is True
+    steps = _steps(result)
+    assert [entry["step"] for entry in steps] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor([entry["loss"] for entry in steps])))
+    assert all(entry["on_policy_fraction"] == 1.0 and entry["completion_length"] > 0 for entry in steps)
+    ranks = _rank_results(tmp_path)
+    for rank in ranks:
+        assert [window["prompts"] for window in rank["windows"]] == [2, 2, 2]
+        assert all(0 < length <= 4 for length in rank["completion_length"])
+        # Each of the 4 completions holds 1 to 4 tokens, counted over both ranks.
+        assert all(4 <= window["num_items_in_batch"] <= 16 for window in rank["windows"])
+    assert ranks[0]["windows"] == ranks[1]["windows"]
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = student(input_ids=tiny.probe_batch()).logits
+    torch.testing.assert_close(logits, torch.load(tmp_path / "probe_logits.pt"), rtol=0, atol=1e-6)

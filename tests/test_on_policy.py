@@ -14,7 +14,7 @@ from distillens_trainer.on_policy import (
     window_is_on_policy,
 )
 
-from conftest import EOS_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
+from conftest import EOS_ID, PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
 
 # --------------------------------------------------------------------------------------------- the helpers
@@ -358,3 +358,24 @@ def test_a_resumed_run_continues_the_same_sequence_of_window_decisions(tmp_path)
     resumed.train(resume_from_checkpoint=str(tmp_path / "first" / "checkpoint-3"))
     after = [entry["on_policy_fraction"] for entry in resumed.state.log_history if "loss" in entry]
     assert after[-3:] == decisions[3:]
+
+
+def test_sampling_has_its_own_seeded_stream_per_rank_and_window_and_leaves_the_training_rng_alone():
+    from distillens_trainer.on_policy import sampling_seed
+    from distillens_trainer.trainer.generation import SamplingSettings, sample_completions
+
+    model = tiny_llama(num_layers=2, seed=1)
+    settings = SamplingSettings(
+        max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=PAD_ID, eos_token_ids=(EOS_ID,),
+        batch_size=4,
+    )  # fmt: skip
+    prompts = [torch.tensor([5, 6, 7]), torch.tensor([8, 9])]
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    first = sample_completions(model, prompts, settings, seed=sampling_seed(0, 3, 0))
+    assert torch.equal(torch.random.get_rng_state(), before)  # dropout and data order see no sampling
+    again = sample_completions(model, prompts, settings, seed=sampling_seed(0, 3, 0))
+    other_rank = sample_completions(model, prompts, settings, seed=sampling_seed(0, 3, 1))
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not all(torch.equal(a, b) for a, b in zip(first, other_rank))
+    assert len({sampling_seed(0, window, rank) for window in range(50) for rank in range(4)}) == 200

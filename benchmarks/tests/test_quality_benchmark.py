@@ -134,3 +134,82 @@ def test_a_tiny_run_writes_both_reports_and_render_reproduces_the_table(tmp_path
     capsys.readouterr()
     assert quality.main(["--render", str(json_path)]) == 0
     assert md_path.read_text(encoding="utf-8") == table
+
+
+def test_the_benchmark_knows_every_demo_method_and_runs_the_off_policy_ones_by_default():
+    assert set(quality.ALL_METHODS) == set(quality.demo.METHODS)
+    assert quality.DEFAULT_METHODS == ("sft", "kd", "distillens", "distillens_skl", "feature")
+    for method, baseline in quality.COMPARISONS:
+        assert method in quality.ALL_METHODS and baseline in quality.ALL_METHODS
+
+
+def test_on_policy_distillens_is_paired_with_on_policy_kd_first_and_only_when_both_ran():
+    on_policy = {"on_policy_fraction": 1.0, "completion_length": 12.0}
+    runs = [_run(method, seed, 40.0 + seed) for method in ("kd", "distillens") for seed in (0, 1)]
+    runs += [_run("kd_onpolicy", seed, 50.0 + seed) | on_policy for seed in (0, 1)]
+    runs += [_run("distillens_onpolicy", seed, 52.0 + 3 * seed) | on_policy for seed in (0, 1)]
+    methods = ["kd", "distillens", "kd_onpolicy", "distillens_onpolicy"]
+    summary = quality.summarise(runs, methods, [0, 1])
+    paired = summary["paired"]
+    assert next(iter(paired)) == "distillens_onpolicy - kd_onpolicy"  # the headline
+    assert paired["distillens_onpolicy - kd_onpolicy"]["exact_match"]["per_seed"] == [2.0, 4.0]
+    assert paired["kd_onpolicy - kd"]["exact_match"]["per_seed"] == [10.0, 10.0]
+    assert paired["distillens_onpolicy - distillens"]["exact_match"]["mean"] == 13.0
+    assert not any("mixed" in name for name in paired)  # neither mixed method ran
+    assert summary["methods"]["kd_onpolicy"]["completion_length"]["mean"] == 12.0
+    assert summary["methods"]["kd_onpolicy"]["on_policy_fraction"]["mean"] == 1.0
+    assert "completion_length" not in summary["methods"]["kd"]
+    off_policy = quality.summarise(runs, ["kd", "distillens", "kd_onpolicy"], [0, 1])
+    assert (
+        next(iter(off_policy["paired"])) == "distillens - kd"
+    )  # without on-policy distillens: the old headline
+    assert "kd_onpolicy - kd" in off_policy["paired"]
+
+
+def test_resuming_a_report_of_other_settings_is_a_one_line_error(tmp_path, capsys):
+    other = {"complete": False, "settings": {}, "seeds": [0, 1], "methods": ["kd"], "runs": []}
+    (tmp_path / "quality_r.json").write_text(json.dumps(other), encoding="utf-8")
+    argv = ["--preset", "smoke", "--seeds", "0", "1", "--methods", "kd", "--tag", "r", "--resume"]
+    assert quality.main([*argv, "--output_dir", str(tmp_path), "--cache_dir", str(tmp_path / "cache")]) == 1
+    error = capsys.readouterr().err.strip()
+    assert "resume" in error and "settings" in error and len(error.splitlines()) == 1
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_a_tiny_on_policy_run_reports_both_methods_and_resumes_a_stopped_run(tmp_path, capsys):
+    methods = ("kd_onpolicy", "distillens_onpolicy")
+    argv = ["--preset", "smoke", "--seeds", "0", "1", "--methods", *methods, "--tag", "onpolicy"]
+    argv += ["--output_dir", str(tmp_path / "results"), "--cache_dir", str(tmp_path / "cache")]
+    assert quality.main(argv) == 0
+    json_path = tmp_path / "results" / "quality_onpolicy.json"
+    report = json.loads(json_path.read_text(encoding="utf-8"))
+    assert report["complete"] is True
+    assert [(run["method"], run["seed"]) for run in report["runs"]] == [
+        (method, seed) for seed in (0, 1) for method in ("init", *methods)
+    ]
+    assert report["completion_max_new_tokens"] > 4
+    for run in report["runs"]:
+        if run["method"] == "init":
+            assert run["completion_length"] is None and run["on_policy_fraction"] is None
+        else:
+            assert run["on_policy_fraction"] == 1.0
+            assert 1 <= run["completion_length"] <= report["completion_max_new_tokens"]
+            assert run["train_time_s"] > 0
+    summary = report["summary"]
+    assert list(summary["paired"]) == ["distillens_onpolicy - kd_onpolicy"]
+    assert summary["methods"]["distillens_onpolicy"]["completion_length"]["n"] == 2
+    table = (tmp_path / "results" / "quality_onpolicy.md").read_text(encoding="utf-8")
+    assert "| distillens_onpolicy - kd_onpolicy |" in table and "completion tokens |" in table
+
+    # a run stopped before its last (method, seed): --resume trains only that one and keeps the others
+    stopped = {**report, "complete": False, "runs": report["runs"][:-1]}
+    stopped.pop("summary")
+    json_path.write_text(json.dumps(stopped), encoding="utf-8")
+    capsys.readouterr()
+    assert quality.main([*argv, "--resume"]) == 0
+    resumed = json.loads(json_path.read_text(encoding="utf-8"))
+    assert resumed["complete"] is True and resumed["command"] == report["command"]
+    assert resumed["runs"][:-1] == report["runs"][:-1]
+    assert (resumed["runs"][-1]["method"], resumed["runs"][-1]["seed"]) == ("distillens_onpolicy", 1)
+    assert list(resumed["summary"]["paired"]) == ["distillens_onpolicy - kd_onpolicy"]

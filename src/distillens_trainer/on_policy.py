@@ -31,6 +31,12 @@ def window_is_on_policy(lmbda: float, seed: int, window: int) -> bool:
     return random.Random(f"distillens-on-policy:{seed}:{window}").random() < lmbda
 
 
+def sampling_seed(seed: int, window: int, rank: int) -> int:
+    """The seed a rank samples window ``window``'s completions with: reproducible, and different on every rank (so
+    ranks do not draw the same random numbers for their different prompts) and in every window."""
+    return random.Random(f"distillens-sampling:{seed}:{window}:{rank}").getrandbits(63)
+
+
 def has_responses(batch: Mapping[str, torch.Tensor]) -> bool:
     """Whether the batch holds any response token to train on (a ``labels`` entry that is not -100)."""
     labels = batch.get("labels")

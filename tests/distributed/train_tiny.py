@@ -9,6 +9,12 @@
 and under ZeRO-3 numerical checks that the logit lens gathers the partitioned norm and head weights.
 It also saves the student to ``OUT/student`` and the student's logits on a fixed probe batch to
 ``OUT/probe_logits.pt``.
+
+On-policy runs (``--lmbda``, ``--max-new-tokens``; ``--scripted`` replaces sampling with the deterministic
+:func:`scripted_completion`, so runs of any world size see the same completions): every rank also writes
+``OUT/result_rank{R}.json`` with its optimizer windows (whether each generated completions, how many prompts,
+its ``num_items_in_batch``) and its logged ``on_policy_fraction`` / ``completion_length`` per step.
+``--use-cpu`` runs a torchrun launch without DeepSpeed as DDP over gloo.
 """
 
 from __future__ import annotations
@@ -229,6 +235,57 @@ def lens_gather_check(lens) -> dict[str, Any]:
     return {**partitioned, "max_abs_diff": diffs}
 
 
+# --------------------------------------------------------------------------------------------- on-policy
+EOS_ID = 2  # "</s>"
+
+
+def scripted_completion(prompt: torch.Tensor) -> torch.Tensor:
+    """A deterministic stand-in for sampling (as tests/test_on_policy.py's): word tokens from the prompt; odd-length
+    prompts get an EOS after two tokens, followed by tokens that must not be trained on."""
+    first_word = len(SPECIAL_TOKENS)
+    base = int(prompt.sum())
+    tokens = [first_word + (base + 7 * k) % NUM_WORDS for k in range(2 + len(prompt) % 4)]
+    if len(prompt) % 2:
+        tokens = [*tokens[:2], EOS_ID, first_word, first_word + 1]
+    return torch.tensor(tokens)
+
+
+def recording_trainer_class(scripted: bool = False):
+    """``DistillLensTrainer`` that records each optimizer window it assembles: its step, whether it generated
+    completions (on-policy, without ``seq_kd``), how many prompts and its ``num_items_in_batch``. With
+    ``scripted`` the completions come from :func:`scripted_completion` (the trainer's generation seam)."""
+    from distillens_trainer import DistillLensTrainer
+
+    class RecordingTrainer(DistillLensTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.windows: list[dict[str, Any]] = []
+            self._window_prompts = 0
+
+        def get_batch_samples(self, epoch_iterator, num_batches, device):
+            self._window_prompts = 0
+            step = self.state.global_step
+            batches, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+            if batches:
+                self.windows.append(
+                    {
+                        "step": step,
+                        "generated": self._window_prompts > 0,
+                        "prompts": self._window_prompts,
+                        "num_items_in_batch": None if num_items_in_batch is None else int(num_items_in_batch),
+                    }
+                )
+            return batches, num_items_in_batch
+
+        def generate_completions(self, model, prompts):
+            self._window_prompts += len(prompts)
+            if scripted:
+                return [scripted_completion(prompt) for prompt in prompts]
+            return super().generate_completions(model, prompts)
+
+    return RecordingTrainer
+
+
 # --------------------------------------------------------------------------------------------- training
 def train(
     models_dir: str | os.PathLike[str],
@@ -242,11 +299,11 @@ def train(
     zero3_persistence_threshold: int | None = None,
     save_steps: int | None = None,
     teacher_object: bool = False,
+    scripted: bool = False,
     **config_overrides: Any,
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillens_trainer import DistillLensTrainer
     from distillens_trainer.model_facts import model_vocab_size
     from distillens_trainer.teacher_placement import is_zero3_enabled
 
@@ -284,7 +341,7 @@ def train(
                 tokenizer, rouge_examples(), prompt_template="plain", max_new_tokens=4, batch_size=2
             )
         )
-    trainer = DistillLensTrainer(
+    trainer = recording_trainer_class(scripted)(
         model=student,
         args=args,
         teacher_model=teacher,
@@ -309,6 +366,16 @@ def train(
     result["fused"] = {"lens": objective.fuses_lens, "output": objective.fuses_output}
     result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     result["log_history"] = trainer.state.log_history
+    result["windows"] = trainer.windows
+    steps = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
+    rank_result = {
+        "rank": int(trainer.args.process_index),
+        "windows": trainer.windows,
+        "on_policy_fraction": [entry.get("on_policy_fraction") for entry in steps],
+        "completion_length": [entry.get("completion_length") for entry in steps],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"result_rank{rank_result['rank']}.json").write_text(json.dumps(rank_result, indent=1))
     if zero3:
         result["student_lens_check"] = lens_gather_check(trainer.student_lens)
         result["teacher_lens_check_after"] = lens_gather_check(trainer.teacher_lens)
@@ -344,6 +411,11 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--save-steps", type=int)
     run.add_argument("--teacher-dtype", default="auto")
     run.add_argument("--teacher-object", action="store_true", help="pass the teacher as a loaded model")
+    run.add_argument("--use-cpu", action="store_true", help="DDP over gloo when launched without DeepSpeed")
+    run.add_argument("--seed", type=int, default=0, help="training seed (data_seed stays 0)")
+    run.add_argument("--lmbda", type=float, default=0.0, help="the on-policy share of optimizer windows")
+    run.add_argument("--max-new-tokens", type=int, help="most tokens per completion (default: the config's)")
+    run.add_argument("--scripted", action="store_true", help="scripted_completion instead of sampling")
     options = parser.parse_args(argv)
     if options.command == "make-models":
         make_models(options.models_dir)
@@ -360,6 +432,11 @@ def main(argv: list[str] | None = None) -> None:
         save_steps=options.save_steps,
         teacher_object=options.teacher_object,
         teacher_dtype=options.teacher_dtype,
+        scripted=options.scripted,
+        seed=options.seed,
+        lmbda=options.lmbda,
+        **({"use_cpu": True} if options.use_cpu else {}),
+        **({} if options.max_new_tokens is None else {"max_new_tokens": options.max_new_tokens}),
     )
     from distillens_trainer.commands.process import end_process_group
 

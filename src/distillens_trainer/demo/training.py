@@ -138,7 +138,7 @@ def on_policy_means(log_history: Sequence[Mapping[str, Any]]) -> dict[str, float
     steps_total = on_policy_total = length_total = 0.0
     previous = 0
     for entry in log_history:
-        if "loss" not in entry or "step" not in entry:  # not a training log (the final summary, an evaluation)
+        if "loss" not in entry or "step" not in entry:  # the final summary or an evaluation
             continue
         steps, previous = entry["step"] - previous, entry["step"]
         if "on_policy_fraction" not in entry:

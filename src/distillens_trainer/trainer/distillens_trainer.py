@@ -38,6 +38,7 @@ from ..on_policy import (
     completion_until_eos,
     has_responses,
     prompts_of,
+    sampling_seed,
     window_is_on_policy,
 )
 from ..teacher import resolve_teacher, shared_vocab_size
@@ -308,7 +309,10 @@ class DistillLensTrainer(Trainer):
         """``model``'s continuation of each prompt ``[P_i]`` (token ids), sampled with :attr:`sampling`. The seam for
         on-policy training: override it to make completions another way (a deterministic stand-in in tests, a
         server elsewhere). The window trains on what it returns up to and including the first EOS token."""
-        return sample_completions(model, prompts, self.sampling, self.args.gradient_checkpointing_kwargs)
+        seed = sampling_seed(self.args.seed, self.state.global_step, self.args.process_index)
+        return sample_completions(
+            model, prompts, self.sampling, self.args.gradient_checkpointing_kwargs, seed
+        )
 
     def _pop_window_stats(self) -> dict[str, float]:
         """On-policy share, mean completion length and generation seconds per window since the last log."""

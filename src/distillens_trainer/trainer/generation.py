@@ -84,12 +84,17 @@ def sample_completions(
     prompts: Sequence[torch.Tensor],
     settings: SamplingSettings,
     checkpointing_kwargs: dict | None = None,
+    seed: int | None = None,
 ) -> list[torch.Tensor]:
     """``model``'s sampled continuation of each prompt ``[P_i]``: its ``[max_new_tokens]`` generated tokens (a row
     that ended early is padded after its EOS). Prompts are generated ``settings.batch_size`` at a time
-    (left-padded, KV cache on)."""
+    (left-padded, KV cache on). With a ``seed`` the sampling draws from its own random stream, and the caller's
+    random state (dropout, data order) is left as it was."""
     completions: list[torch.Tensor] = []
-    with generation_mode(model, checkpointing_kwargs) as (module, synced_gpus):
+    with (
+        generation_mode(model, checkpointing_kwargs) as (module, synced_gpus),
+        _own_random_stream(module, seed),
+    ):
         device = next(module.parameters()).device
         for start in range(0, len(prompts), settings.batch_size):
             chunk = [prompt.to(device) for prompt in prompts[start : start + settings.batch_size]]
@@ -102,3 +107,16 @@ def sample_completions(
             )
             completions.extend(output[:, input_ids.shape[1] :])
     return completions
+
+
+@contextlib.contextmanager
+def _own_random_stream(module: nn.Module, seed: int | None) -> Iterator[None]:
+    """Inside: torch's random state seeded with ``seed`` (on the CPU and the module's CUDA device); after: as before."""
+    if seed is None:
+        yield
+        return
+    device = next(module.parameters()).device
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
