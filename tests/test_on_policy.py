@@ -231,7 +231,7 @@ def test_the_student_generates_in_eval_mode_with_gradient_checkpointing_off_and_
             original = module.generate
 
             def generate(*args, **kwargs):
-                states.append((module.training, module.is_gradient_checkpointing, kwargs["use_cache"]))
+                states.append((module.training, module.is_activation_checkpointing, kwargs["use_cache"]))
                 return original(*args, **kwargs)
 
             module.generate = generate
@@ -245,7 +245,7 @@ def test_the_student_generates_in_eval_mode_with_gradient_checkpointing_off_and_
         max_steps=2, gradient_checkpointing=True,
     )  # fmt: skip
     assert states == [(False, False, True)] * 2  # one generate call per window (4 prompts, batch size 4)
-    assert trainer.model.training and trainer.model.is_gradient_checkpointing
+    assert trainer.model.training and trainer.model.is_activation_checkpointing
 
 
 def test_prompt_only_rows_train_with_lmbda_one_through_the_python_api(tmp_path):

@@ -60,7 +60,7 @@ def generation_mode(
     """
     module = unwrap_model(model)
     was_training = module.training
-    checkpointing = bool(getattr(module, "is_gradient_checkpointing", False))
+    checkpointing = _activation_checkpointing(module)
     partitioned = is_partitioned(module)
     gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
     if partitioned:
@@ -68,7 +68,7 @@ def generation_mode(
 
         gathered = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     if checkpointing:
-        module.gradient_checkpointing_disable()
+        _set_activation_checkpointing(module, False)
     module.eval()
     try:
         with torch.no_grad(), gathered:
@@ -76,7 +76,7 @@ def generation_mode(
     finally:
         module.train(was_training)
         if checkpointing:
-            module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpointing_kwargs)
+            _set_activation_checkpointing(module, True, checkpointing_kwargs)
 
 
 def sample_completions(
@@ -120,3 +120,22 @@ def _own_random_stream(module: nn.Module, seed: int | None) -> Iterator[None]:
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
         yield
+
+
+def _activation_checkpointing(module: nn.Module) -> bool:
+    """Whether the model recomputes activations in backward (transformers 5's name, else the older one)."""
+    if hasattr(type(module), "is_activation_checkpointing"):
+        return bool(module.is_activation_checkpointing)
+    return bool(getattr(module, "is_gradient_checkpointing", False))
+
+
+def _set_activation_checkpointing(module: nn.Module, on: bool, kwargs: dict | None = None) -> None:
+    if hasattr(module, "activation_checkpointing_enable"):
+        if on:
+            module.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            module.activation_checkpointing_disable()
+    elif on:
+        module.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        module.gradient_checkpointing_disable()
