@@ -379,3 +379,36 @@ def test_sampling_has_its_own_seeded_stream_per_rank_and_window_and_leaves_the_t
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert not all(torch.equal(a, b) for a, b in zip(first, other_rank))
     assert len({sampling_seed(0, window, rank) for window in range(50) for rank in range(4)}) == 200
+
+
+def test_distillens_train_runs_on_policy_from_the_command_line(tmp_path, capsys):
+    import json
+
+    from distillens_trainer.cli import main
+    from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
+
+    examples = generate_examples(24, seed=0)
+    tokenizer = train_suite_tokenizer([format_example(e) for e in examples], vocab_size=300)
+    assert tokenizer.eos_token_id is not None
+    for name, layers in (("student", 2), ("teacher", 3)):
+        tiny_llama(num_layers=layers, vocab=len(tokenizer), seed=layers).save_pretrained(tmp_path / name)
+        tokenizer.save_pretrained(tmp_path / name)
+    rows = [{"instruction": e["instruction"], "input": e["input"], "output": e["output"]} for e in examples]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    out = tmp_path / "run"
+    argv = [
+        "train", "--model_name_or_path", str(tmp_path / "student"), "--teacher_model_name_or_path",
+        str(tmp_path / "teacher"), "--train_file", str(tmp_path / "train.jsonl"), "--output_dir", str(out),
+        "--lmbda", "1", "--max_new_tokens", "5", "--max_steps", "2", "--per_device_train_batch_size", "4",
+        "--lens_num_layers", "1", "--logging_steps", "1", "--report_to", "none", "--use_cpu", "true",
+        "--save_strategy", "no", "--prompt_template", "plain",
+    ]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    logged = [
+        entry
+        for entry in json.loads((out / "trainer_state.json").read_text())["log_history"]
+        if "loss" in entry
+    ]
+    assert len(logged) == 2
+    assert all(entry["on_policy_fraction"] == 1.0 and 0 < entry["completion_length"] <= 5 for entry in logged)
+    assert json.loads((out / "distillens_config.json").read_text())["training"]["lmbda"] == 1.0
