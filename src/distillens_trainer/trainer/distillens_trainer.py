@@ -171,7 +171,7 @@ class DistillLensTrainer(Trainer):
         self._window_stats: dict[str, float] = defaultdict(float)
         self.sampling: SamplingSettings | None = None
         if args.generates_completions:
-            self.sampling = self._sampling_settings(args, trainer_args, trainer_kwargs)
+            self.sampling = self._sampling_settings(args)
 
     def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
         """Checks that need only the student, run before the teacher loads: lens depth and master weights."""
@@ -216,9 +216,7 @@ class DistillLensTrainer(Trainer):
         return projector.to(self.args.device)
 
     # ----------------------------------------------------------------------------------------- on-policy windows
-    def _sampling_settings(
-        self, args: DistillLensConfig, trainer_args: tuple[Any, ...], trainer_kwargs: dict[str, Any]
-    ) -> SamplingSettings:
+    def _sampling_settings(self, args: DistillLensConfig) -> SamplingSettings:
         """How completions are sampled, checked once: a teacher for ``seq_kd``, an EOS token, responses in the
         data unless every window is on-policy."""
         if args.seq_kd and self.teacher_model is None:
