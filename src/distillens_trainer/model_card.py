@@ -202,17 +202,8 @@ def card_tags(summary: DistillationSummary, tags: str | Iterable[str] | None = (
 
 
 def _name(name: str) -> str:
-    """A model or dataset name in Markdown: a link for a hub id, else a code span."""
-    hub_id = as_hub_id(name)
-    if hub_id is not None:
-        return f"[{hub_id}](https://huggingface.co/{hub_id})"
-    return _code(name)
-
-
-def _dataset_name(name: str) -> str:
-    hub_id = as_hub_id(name)
-    if hub_id is not None and "/" in hub_id:
-        return f"[{hub_id}](https://huggingface.co/datasets/{hub_id})"
+    """A model or dataset name in Markdown, as a code span (the front matter's ``base_model`` / ``datasets`` are
+    what the hub links)."""
     return _code(name)
 
 
@@ -396,7 +387,7 @@ def model_card_text(
 
     lines += ["## Training data", ""]
     if summary.datasets:
-        lines += [f"- {_dataset_name(d)}" for d in summary.datasets]
+        lines += [f"- {_name(d)}" for d in summary.datasets]
     else:
         lines.append("The training data was not recorded.")
     lines.append("")
