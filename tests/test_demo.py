@@ -37,8 +37,12 @@ from distillens_trainer.demo.arguments import (
 )
 from distillens_trainer.demo.cache import teacher_cache_path
 from distillens_trainer.demo.run import _reading_notes, check_demo_output_dir
-from distillens_trainer.demo.scoring import default_max_new_tokens
-from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_trainer.demo.suite import (
+    default_max_new_tokens,
+    format_example,
+    generate_examples,
+    train_suite_tokenizer,
+)
 from distillens_trainer.demo.training import (
     QuarterProgress,
     Suite,

@@ -12,6 +12,7 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, HfArgumentParser
 
 from distillens_trainer.cli import main as cli_main
+from distillens_trainer.commands.parsing import parse_command
 from distillens_trainer.evaluation import (
     EvalArguments,
     GenerationSettings,
@@ -91,11 +92,14 @@ def _eval_args(tmp_path: Path, files: list[Path], **overrides) -> EvalArguments:
         "output_dir": str(tmp_path / "eval"),
         "eval_files": [str(f) for f in files],
         "seeds": [10, 20],
-        "max_new_tokens": 8,
-        "batch_size": 4,
     }
     settings.update(overrides)
     return EvalArguments(**settings)
+
+
+def _settings(**overrides) -> GenerationSettings:
+    """The tests' generation settings: the paper's protocol with short generations in batches of 4."""
+    return GenerationSettings(max_new_tokens=8, batch_size=4, **overrides)
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -169,20 +173,51 @@ def test_exact_match_is_0_for_different_answers_and_max_over_references():
 
 
 def test_eval_arguments_parse_from_the_command_line_with_paper_defaults():
-    model_args, args = HfArgumentParser((ModelArguments, EvalArguments)).parse_args_into_dataclasses(
+    parser = HfArgumentParser((ModelArguments, EvalArguments, GenerationSettings))
+    model_args, args, settings = parser.parse_args_into_dataclasses(
         ["--model_name_or_path", "m", "--output_dir", "o", "--eval_files", "a.jsonl", "b.jsonl"]
     )
     assert (model_args.model_name_or_path, model_args.dtype) == ("m", "auto")
     assert args.eval_files == ["a.jsonl", "b.jsonl"]
     assert args.seeds == [10, 20, 30, 40, 50]
-    assert (args.do_sample, args.temperature, args.top_p, args.top_k) == (True, 1.0, 1.0, 0)
-    assert (args.no_repeat_ngram_size, args.max_new_tokens, args.max_prompt_length) == (6, 256, 256)
-    assert args.effective_seeds == [10, 20, 30, 40, 50]
+    assert (settings.do_sample, settings.temperature, settings.top_p, settings.top_k) == (True, 1.0, 1.0, 0)
+    assert (settings.no_repeat_ngram_size, settings.max_new_tokens, settings.max_prompt_length) == (
+        6,
+        256,
+        256,
+    )
+    assert settings == GenerationSettings()
+    assert args.effective_seeds(settings) == [10, 20, 30, 40, 50]
 
 
 def test_greedy_evaluation_runs_a_single_seed():
-    args = EvalArguments(output_dir="o", eval_files=["a.jsonl"], do_sample=False)
-    assert args.effective_seeds == [10]
+    args = EvalArguments(output_dir="o", eval_files=["a.jsonl"])
+    assert args.effective_seeds(GenerationSettings(do_sample=False)) == [10]
+
+
+def test_eval_command_line_keeps_the_generation_flags_in_their_own_group(capsys):
+    argv = ["--output_dir", "o", "--eval_files", "a.jsonl", "--no_do_sample", "--top_k", "5", "--temperature"]
+    argv += ["0.5", "--top_p", "0.9", "--no_repeat_ngram_size", "3", "--max_new_tokens", "7"]
+    argv += ["--max_prompt_length", "32", "--batch_size", "2"]
+    args, settings = parse_command((EvalArguments, GenerationSettings), argv, "distillens eval")
+    assert args.eval_files == ["a.jsonl"]
+    assert settings == GenerationSettings(
+        do_sample=False,
+        temperature=0.5,
+        top_p=0.9,
+        top_k=5,
+        no_repeat_ngram_size=3,
+        max_new_tokens=7,
+        max_prompt_length=32,
+        batch_size=2,
+    )
+    generation_fields = {item.name for item in dataclasses.fields(GenerationSettings)}
+    assert not generation_fields & {item.name for item in dataclasses.fields(EvalArguments)}
+    with pytest.raises(SystemExit):
+        parse_command((EvalArguments, GenerationSettings), ["--help"], "distillens eval")
+    usage = capsys.readouterr().out
+    assert "\ngeneration:\n" in usage and "--no_do_sample" in usage
+    assert usage.index("\nevaluation:\n") < usage.index("\ngeneration:\n") < usage.index("--top_k")
 
 
 @pytest.mark.parametrize(
@@ -203,6 +238,10 @@ def test_greedy_evaluation_runs_a_single_seed():
     ],
 )
 def test_eval_arguments_reject_invalid_values_naming_the_field(field_name, value):
+    if field_name in {item.name for item in dataclasses.fields(GenerationSettings)}:
+        with pytest.raises(ValueError, match=f"^{field_name}:"):
+            GenerationSettings(**{field_name: value})
+        return
     settings = {"output_dir": "o", "eval_files": ["a.jsonl"], field_name: value}
     with pytest.raises(ValueError, match=f"^{field_name}:"):
         EvalArguments(**settings)
@@ -317,7 +356,7 @@ def _real_eval_files(tmp_path: Path) -> list[Path]:
 def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)
     args = _eval_args(tmp_path, files)
-    report = evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
+    report = evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args, _settings())
 
     output_dir = Path(args.output_dir)
     assert json.loads((output_dir / "report.json").read_text()) == report
@@ -351,7 +390,7 @@ def test_evaluate_files_writes_report_and_generations(tmp_path, tiny_model, toke
 def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
     report = evaluate_files(
-        tiny_model, tokenizer, TINY_MODEL_ARGS, _eval_args(tmp_path, files, do_sample=False)
+        tiny_model, tokenizer, TINY_MODEL_ARGS, _eval_args(tmp_path, files), _settings(do_sample=False)
     )
     rouge = report["results"][0]["rougeL"]
     assert len(rouge["per_seed"]) == 1 and rouge["std"] == 0.0
@@ -360,17 +399,20 @@ def test_greedy_report_has_one_seed_and_zero_std(tmp_path, tiny_model, tokenizer
 @pytest.mark.needs_shared
 def test_existing_report_is_not_overwritten_without_the_flag(tmp_path, tiny_model, tokenizer):
     files = _real_eval_files(tmp_path)[:1]
-    args = _eval_args(tmp_path, files, do_sample=False, max_eval_samples=2)
+    args = _eval_args(tmp_path, files, max_eval_samples=2)
+    settings = _settings(do_sample=False)
     report_path = Path(args.output_dir) / "report.json"
     report_path.parent.mkdir(parents=True)
     report_path.write_text("{}")
     with pytest.raises(ValueError, match="overwrite_output_dir"):
-        evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
+        evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args, settings)
     with pytest.raises(ValueError, match="overwrite_output_dir"):
-        run_evaluation(TINY_MODEL_ARGS, args)  # refuses before trying to load the (nonexistent) model
+        run_evaluation(
+            TINY_MODEL_ARGS, args, settings
+        )  # refuses before trying to load the (nonexistent) model
     assert report_path.read_text() == "{}"
     args.overwrite_output_dir = True
-    evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args)
+    evaluate_files(tiny_model, tokenizer, TINY_MODEL_ARGS, args, settings)
     assert json.loads(report_path.read_text())["results"][0]["num_examples"] == 2
 
 
@@ -521,9 +563,10 @@ def test_generation_settings_default_to_the_paper_protocol_and_check_their_field
 
 @pytest.mark.needs_shared
 def test_eval_arguments_and_the_callback_hold_one_generation_settings_object(tmp_path, tokenizer):
-    args = EvalArguments(output_dir=str(tmp_path), eval_files=["a.jsonl"], top_k=5, max_new_tokens=7)
-    assert args.generation_settings() == GenerationSettings(top_k=5, max_new_tokens=7)
-    assert args.generation_kwargs() == dataclasses.asdict(GenerationSettings(top_k=5, max_new_tokens=7))
+    argv = ["--output_dir", str(tmp_path), "--eval_files", "a.jsonl", "--top_k", "5", "--max_new_tokens", "7"]
+    _, settings = parse_command((EvalArguments, GenerationSettings), argv, "distillens eval")
+    assert settings == GenerationSettings(top_k=5, max_new_tokens=7)
+    assert dataclasses.asdict(settings) == dataclasses.asdict(GenerationSettings(top_k=5, max_new_tokens=7))
     example = {"instruction": "Say hi.", "output": "hi"}
     callback = RougeEvalCallback(tokenizer, [example], max_new_tokens=8)
     assert callback.settings == GenerationSettings(do_sample=False, max_new_tokens=8)

@@ -95,6 +95,11 @@ def model_vocab_size(model: nn.Module) -> int:
     return int(text_config(unwrap_model(model).config).vocab_size)
 
 
+def is_partitioned(module: nn.Module) -> bool:
+    """True when some parameter of ``module`` is a ZeRO-3 partitioned parameter."""
+    return any(hasattr(param, "ds_id") for param in module.parameters())
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients, in place."""
     model.eval()

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .model_facts import freeze, hidden_size
+from .model_facts import freeze, hidden_size, is_partitioned
 from .teacher import resolve_teacher_dtype
 
 logger = logging.getLogger(__name__)
@@ -73,11 +73,6 @@ def is_zero3_enabled(accelerator: Any) -> bool:
     from transformers.integrations import is_deepspeed_zero3_enabled
 
     return bool(is_deepspeed_zero3_enabled())
-
-
-def is_partitioned(module: nn.Module) -> bool:
-    """True when some parameter of ``module`` is a ZeRO-3 partitioned parameter."""
-    return any(hasattr(param, "ds_id") for param in module.parameters())
 
 
 # --------------------------------------------------------------------------------------------- ZeRO-3 config

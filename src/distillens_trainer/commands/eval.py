@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from ..evaluation.arguments import EvalArguments
+from ..evaluation.generation import GenerationSettings
 from ..evaluation.runner import output_summary, run_evaluation
 from ..loading import ModelArguments
 from ..model_info import choose_prompt_template
@@ -13,12 +14,14 @@ from .parsing import given_fields, parse_command
 
 def main(argv: Sequence[str]) -> int:
     """``distillens eval [CONFIG] --model_name_or_path M --eval_files F ... --output_dir O``."""
-    model_args, eval_args = parse_command((ModelArguments, EvalArguments), argv, "distillens eval")
+    model_args, eval_args, settings = parse_command(
+        (ModelArguments, EvalArguments, GenerationSettings), argv, "distillens eval"
+    )
     eval_args.prompt_template = choose_prompt_template(
         eval_args.prompt_template if "prompt_template" in given_fields(argv) else None,
         [("model", model_args.model_name_or_path)],
     )
-    report = run_evaluation(model_args, eval_args)
+    report = run_evaluation(model_args, eval_args, settings)
     for result in report["results"]:
         print(
             f"{result['name']}: n={result['num_examples']} rougeL={result['rougeL']['mean']:.2f}"

@@ -77,6 +77,7 @@ GROUP_TITLES = {
     "LensArguments": "lens profile",
     "ShrinkArguments": "shrink",
     "EvalArguments": "evaluation",
+    "GenerationSettings": "generation",
     "DemoArguments": "demo",
 }
 

@@ -67,7 +67,8 @@ from __future__ import annotations
 from .arguments import CACHE_DIRNAME, FIGURE_NAMES, INIT_NAME, METHODS, PRESETS, RESULTS_NAME, DemoArguments
 from .cache import TrainingRun
 from .run import configure_logging, output_summary, run_demo, set_threads
-from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
+from .scoring import evaluate_generation, lens_divergence_profile
+from .suite import default_max_new_tokens
 from .training import (
     Suite,
     count_parameters,

@@ -32,7 +32,8 @@ from .arguments import (
 )
 from .cache import TrainingRun, store_model
 from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
-from .scoring import default_max_new_tokens, evaluate_generation, lens_divergence_profile
+from .scoring import evaluate_generation, lens_divergence_profile
+from .suite import default_max_new_tokens
 from .training import count_parameters, get_student_init, get_teacher, train_student
 
 logger = logging.getLogger(__name__)

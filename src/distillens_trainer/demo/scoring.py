@@ -14,12 +14,6 @@ from .arguments import LENS_EVAL_DIVERGENCE
 from .suite import prompt_of, score_answer
 
 
-def default_max_new_tokens(examples: Sequence[Mapping[str, str]], tokenizer: Any) -> int:
-    """The longest reference answer in tokens, plus room for EOS and a little overshoot."""
-    lengths = [len(tokenizer(example["output"], add_special_tokens=False).input_ids) for example in examples]
-    return max(lengths, default=8) + 4
-
-
 def evaluate_generation(
     model: Any,
     tokenizer: Any,

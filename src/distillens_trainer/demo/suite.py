@@ -12,7 +12,7 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..data.prompts import ALPACA_PROMPT_NO_INPUT, ALPACA_PROMPT_WITH_INPUT, format_alpaca_prompt
 from .tasks import TASK_FAMILIES, Example, describe_task, resolve_tasks
@@ -305,3 +305,9 @@ def prompt_of(example: Mapping[str, str], template: str) -> str:
     from ..data.prompts import build_prompt
 
     return build_prompt(example, None, template)
+
+
+def default_max_new_tokens(examples: Sequence[Mapping[str, str]], tokenizer: Any) -> int:
+    """The longest reference answer in tokens, plus room for EOS and a little overshoot."""
+    lengths = [len(tokenizer(example["output"], add_special_tokens=False).input_ids) for example in examples]
+    return max(lengths, default=8) + 4

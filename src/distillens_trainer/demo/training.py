@@ -27,8 +27,7 @@ from .cache import (
     teacher_cache_path,
     teacher_key,
 )
-from .scoring import default_max_new_tokens
-from .suite import prompt_of, read_jsonl
+from .suite import default_max_new_tokens, prompt_of, read_jsonl
 
 logger = logging.getLogger(__name__)
 

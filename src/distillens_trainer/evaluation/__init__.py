@@ -15,8 +15,8 @@ Scoring follows MiniLLM's ``rouge_metric.py`` exactly:
 
 One module per job: :mod:`.metrics` (scoring), :mod:`.examples` (JSONL files), :mod:`.generation`
 (:class:`GenerationSettings`, the one place the generation settings live, and :func:`generate_responses`),
-:mod:`.arguments` (:class:`EvalArguments`), :mod:`.runner` (the file runner behind ``distillens eval``:
-:func:`run_evaluation`, :func:`evaluate_files`) and :mod:`.callback` (:class:`RougeEvalCallback`, which adds
+:mod:`.arguments` (:class:`EvalArguments`, parsed alongside a :class:`GenerationSettings`), :mod:`.runner`
+(the file runner behind ``distillens eval``: :func:`run_evaluation`, :func:`evaluate_files`) and :mod:`.callback` (:class:`RougeEvalCallback`, which adds
 ``eval_rougeL`` / ``eval_exact_match`` to the Trainer's evaluation metrics so they can drive
 ``metric_for_best_model``). ``python -m distillens_trainer.evaluation`` is ``distillens eval``.
 """

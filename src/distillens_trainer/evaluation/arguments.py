@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, fields
-from typing import Any
+from dataclasses import dataclass, field
 
 from ..data.arguments import PROMPT_TEMPLATES
 from .generation import GenerationSettings, require
@@ -15,12 +14,13 @@ PAPER_SEEDS = (10, 20, 30, 40, 50)
 class EvalArguments:
     """Settings of a generation-quality evaluation run, parseable with `transformers.HfArgumentParser`.
 
-    The defaults are the paper's protocol (MiniLLM): sampling at temperature 1.0 with top-p 1.0,
-    top-k 0 (disabled), no-repeat-ngram 6, five seeds, 256 new tokens, 256-token prompts.
+    The default seeds are the paper's protocol (MiniLLM): five seeds, 10 to 50.
 
-    The model to evaluate and how it is loaded (model_name_or_path, gguf_file, tokenizer_name_or_path, dtype,
-    attn_implementation, trust_remote_code) are :class:`distillens_trainer.loading.ModelArguments`, which
-    ``distillens eval`` parses alongside.
+    ``distillens eval`` parses two more dataclasses alongside: :class:`distillens_trainer.loading.ModelArguments`
+    (the model to evaluate and how it is loaded: model_name_or_path, gguf_file, tokenizer_name_or_path, dtype,
+    attn_implementation, trust_remote_code) and :class:`GenerationSettings` (how responses are generated:
+    do_sample, temperature, top_p, top_k, no_repeat_ngram_size, max_new_tokens, max_prompt_length, batch_size,
+    with the paper's protocol as defaults).
     """
 
     output_dir: str = field(metadata={"help": "Directory for report.json and <name>.generations.jsonl."})
@@ -35,34 +35,6 @@ class EvalArguments:
         metadata={
             "help": "Sampling seeds; scores are averaged over them. Greedy decoding uses the first only."
         },
-    )
-    do_sample: bool = field(
-        default=GenerationSettings.do_sample,
-        metadata={"help": "Sample (paper protocol); pass --no_do_sample for greedy decoding."},
-    )
-    temperature: float = field(
-        default=GenerationSettings.temperature, metadata={"help": "Sampling temperature (> 0)."}
-    )
-    top_p: float = field(
-        default=GenerationSettings.top_p,
-        metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 disables it."},
-    )
-    top_k: int = field(
-        default=GenerationSettings.top_k, metadata={"help": "Top-k sampling (>= 0); 0 disables it."}
-    )
-    no_repeat_ngram_size: int = field(
-        default=GenerationSettings.no_repeat_ngram_size,
-        metadata={"help": "Forbid repeating n-grams of this size (>= 0); 0 disables it."},
-    )
-    max_new_tokens: int = field(
-        default=GenerationSettings.max_new_tokens, metadata={"help": "Maximum number of generated tokens."}
-    )
-    max_prompt_length: int = field(
-        default=GenerationSettings.max_prompt_length,
-        metadata={"help": "Prompts longer than this many tokens keep only their last tokens."},
-    )
-    batch_size: int = field(
-        default=GenerationSettings.batch_size, metadata={"help": "Prompts per generate() call."}
     )
     prompt_template: str = field(
         default="alpaca",
@@ -91,23 +63,11 @@ class EvalArguments:
         require(
             self.max_eval_samples is None or self.max_eval_samples >= 1, "max_eval_samples", ">= 1 or unset"
         )
-        self.generation_settings()  # checks the generation fields
         if self.prompt_template not in PROMPT_TEMPLATES:
             raise ValueError(
                 f"prompt_template: got {self.prompt_template!r}; choose one of {', '.join(PROMPT_TEMPLATES)}"
             )
 
-    @property
-    def effective_seeds(self) -> list[int]:
-        """The seeds actually run: all of them when sampling, only the first for greedy decoding."""
-        return list(self.seeds) if self.do_sample else [self.seeds[0]]
-
-    def generation_settings(self) -> GenerationSettings:
-        """This run's generation settings (validated)."""
-        return GenerationSettings(
-            **{name.name: getattr(self, name.name) for name in fields(GenerationSettings)}
-        )
-
-    def generation_kwargs(self) -> dict[str, Any]:
-        """This run's generation settings as keyword arguments for :func:`generate_responses`."""
-        return asdict(self.generation_settings())
+    def effective_seeds(self, settings: GenerationSettings) -> list[int]:
+        """The seeds actually run with `settings`: all of them when sampling, only the first for greedy decoding."""
+        return list(self.seeds) if settings.do_sample else [self.seeds[0]]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -17,21 +17,29 @@ from ..model_facts import check_fits_context, resolve_pad_token_id, tokenizer_ad
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How responses are generated; the defaults are the paper's protocol (MiniLLM): sampling at temperature 1.0,
-    top-p 1.0, top-k 0 (disabled), no-repeat-ngram 6, 256 new tokens, prompts cut to their last 256 tokens.
+    """How responses are generated, parseable with `transformers.HfArgumentParser`; the defaults are the paper's
+    protocol (MiniLLM): sampling at temperature 1.0, top-p 1.0, top-k 0 (disabled), no-repeat-ngram 6,
+    256 new tokens, prompts cut to their last 256 tokens.
 
-    The one place these settings and their checks live: :class:`EvalArguments` builds one from its fields,
-    :class:`RougeEvalCallback` holds one (greedy by default), :func:`generate_responses` takes one.
+    The one place these settings and their checks live: ``distillens eval`` parses one alongside
+    :class:`EvalArguments`, :class:`RougeEvalCallback` holds one (greedy by default),
+    :func:`generate_responses` takes one.
     """
 
-    do_sample: bool = True
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    no_repeat_ngram_size: int = 6
-    max_new_tokens: int = 256
-    max_prompt_length: int = 256
-    batch_size: int = 8
+    do_sample: bool = field(
+        default=True, metadata={"help": "Sample (paper protocol); pass --no_do_sample for greedy decoding."}
+    )
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling mass in (0, 1]; 1.0 disables it."})
+    top_k: int = field(default=0, metadata={"help": "Top-k sampling (>= 0); 0 disables it."})
+    no_repeat_ngram_size: int = field(
+        default=6, metadata={"help": "Forbid repeating n-grams of this size (>= 0); 0 disables it."}
+    )
+    max_new_tokens: int = field(default=256, metadata={"help": "Maximum number of generated tokens."})
+    max_prompt_length: int = field(
+        default=256, metadata={"help": "Prompts longer than this many tokens keep only their last tokens."}
+    )
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call."})
 
     def __post_init__(self) -> None:
         """ValueError naming the field (and its command-line flag) when a value is out of range."""

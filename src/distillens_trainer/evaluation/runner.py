@@ -15,7 +15,7 @@ from ..files import check_output_dir, write_text_atomic
 from ..model_facts import check_fits_context
 from .arguments import EvalArguments
 from .examples import load_eval_examples, references_of, unique_file_names
-from .generation import generate_responses
+from .generation import GenerationSettings, generate_responses
 from .metrics import EXACT_MATCH_DESCRIPTION, ROUGE_DESCRIPTION, mean_and_std, score_responses
 
 if TYPE_CHECKING:
@@ -36,19 +36,21 @@ def refuse_existing_report(args: EvalArguments) -> None:
     )
 
 
-def protocol_of(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
+def protocol_of(
+    model_args: ModelArguments, args: EvalArguments, settings: GenerationSettings
+) -> dict[str, Any]:
     """The generation and scoring settings recorded in the report (with the model's dtype)."""
     return {
-        "do_sample": args.do_sample,
-        "temperature": args.temperature if args.do_sample else None,
-        "top_p": args.top_p if args.do_sample else None,
-        "top_k": args.top_k if args.do_sample else None,
-        "no_repeat_ngram_size": args.no_repeat_ngram_size,
-        "max_new_tokens": args.max_new_tokens,
-        "max_prompt_length": args.max_prompt_length,
+        "do_sample": settings.do_sample,
+        "temperature": settings.temperature if settings.do_sample else None,
+        "top_p": settings.top_p if settings.do_sample else None,
+        "top_k": settings.top_k if settings.do_sample else None,
+        "no_repeat_ngram_size": settings.no_repeat_ngram_size,
+        "max_new_tokens": settings.max_new_tokens,
+        "max_prompt_length": settings.max_prompt_length,
         "prompt_truncation": "left",
-        "seeds": args.effective_seeds,
-        "batch_size": args.batch_size,
+        "seeds": args.effective_seeds(settings),
+        "batch_size": settings.batch_size,
         "prompt_template": args.prompt_template,
         "max_eval_samples": args.max_eval_samples,
         "dtype": model_args.dtype,
@@ -65,16 +67,16 @@ def _summary(per_seed: list[float]) -> dict[str, Any]:
 
 
 def evaluate_file(
-    model: Any, tokenizer: Any, args: EvalArguments, path: str, name: str
+    model: Any, tokenizer: Any, args: EvalArguments, settings: GenerationSettings, path: str, name: str
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Generate and score one eval file for every seed; returns (report entry, generation records)."""
+    """Generate with `settings` and score one eval file for every seed; returns (report entry, generation
+    records)."""
     examples = load_eval_examples(path, args.max_eval_samples)
     prompts = [build_prompt(example, tokenizer, args.prompt_template) for example in examples]
     references = [references_of(example) for example in examples]
     records: list[dict[str, Any]] = []
     per_seed: dict[str, list[float]] = {"rougeL": [], "exact_match": []}
-    settings = args.generation_settings()
-    for seed in args.effective_seeds:
+    for seed in args.effective_seeds(settings):
         responses = generate_responses(model, tokenizer, prompts, settings, seed=seed)
         scores = score_responses(responses, references)
         for metric, values in per_seed.items():
@@ -103,10 +105,14 @@ def evaluate_file(
 
 
 def evaluate_files(
-    model: Any, tokenizer: Any, model_args: ModelArguments, args: EvalArguments
+    model: Any,
+    tokenizer: Any,
+    model_args: ModelArguments,
+    args: EvalArguments,
+    settings: GenerationSettings,
 ) -> dict[str, Any]:
-    """Evaluate `model` (loaded as `model_args` says) on every file of `args.eval_files`; write the report
-    and generations.
+    """Evaluate `model` (loaded as `model_args` says) on every file of `args.eval_files`, generating with
+    `settings`; write the report and generations.
 
     Writes `<output_dir>/<name>.generations.jsonl` after each file (one line per example per seed)
     and `<output_dir>/report.json` at the end, both atomically. Returns the report dict.
@@ -118,21 +124,24 @@ def evaluate_files(
     output_dir = Path(args.output_dir)
     results = []
     for path, name in zip(args.eval_files, names):
-        entry, records = evaluate_file(model, tokenizer, args, path, name)
+        entry, records = evaluate_file(model, tokenizer, args, settings, path, name)
         lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
         write_text_atomic(output_dir / f"{name}{GENERATIONS_SUFFIX}", lines)
         results.append(entry)
     report = {
         "model": model_args.model_name_or_path,
-        "protocol": protocol_of(model_args, args),
+        "protocol": protocol_of(model_args, args, settings),
         "results": results,
     }
     write_text_atomic(output_dir / REPORT_FILENAME, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     return report
 
 
-def run_evaluation(model_args: ModelArguments, args: EvalArguments) -> dict[str, Any]:
-    """Load the model and tokenizer as `model_args` says, evaluate every file of `args`, return the report.
+def run_evaluation(
+    model_args: ModelArguments, args: EvalArguments, settings: GenerationSettings
+) -> dict[str, Any]:
+    """Load the model and tokenizer as `model_args` says, evaluate every file of `args` generating with
+    `settings`, return the report.
 
     The model is loaded like a student (:func:`~distillens_trainer.loading.load_student`: dtype, GGUF file,
     attn_implementation, trust_remote_code). Runs in a single process on the first CUDA device when one is
@@ -142,20 +151,20 @@ def run_evaluation(model_args: ModelArguments, args: EvalArguments) -> dict[str,
     from ..loading import load_student, load_student_tokenizer, read_config
 
     check_fits_context(  # before any weights are read
-        args.max_prompt_length + args.max_new_tokens,
+        settings.max_prompt_length + settings.max_new_tokens,
         read_config(
             model_args.model_name_or_path,
             model_args.gguf_file,
             trust_remote_code=model_args.trust_remote_code,
         ),
         model="model",
-        setting=f"--max_prompt_length {args.max_prompt_length} + --max_new_tokens {args.max_new_tokens}",
+        setting=f"--max_prompt_length {settings.max_prompt_length} + --max_new_tokens {settings.max_new_tokens}",
         fix="pass a --max_prompt_length and --max_new_tokens that sum to at most {limit}",
     )
     tokenizer = load_student_tokenizer(model_args)
     model = load_student(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
-    return evaluate_files(model, tokenizer, model_args, args)
+    return evaluate_files(model, tokenizer, model_args, args, settings)
 
 
 def output_summary(args: EvalArguments, report: dict[str, Any]) -> str:

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..model_facts import unwrap_model
+from ..model_facts import is_partitioned, unwrap_model
 from ..on_policy import left_padded
-from ..teacher_placement import is_partitioned
 
 
 @dataclass(frozen=True)
