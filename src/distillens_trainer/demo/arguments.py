@@ -12,6 +12,7 @@ from typing import Any
 
 from ..data.arguments import PROMPT_TEMPLATES
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
+from ..files import overwrite_output_dir_field
 from ..layer_map import paper_student_layers, resolve_layer_map
 from .suite import DEFAULT_VOCAB_SIZE
 from .tasks import TASK_FAMILIES, resolve_tasks
@@ -145,11 +146,8 @@ class DemoArguments:
             "choices": list(PRESETS),
         },
     )
-    overwrite_output_dir: bool = field(
-        default=False,
-        metadata={
-            "help": "Allow a non-empty output_dir; the demo's files in it are replaced, others are kept."
-        },
+    overwrite_output_dir: bool = overwrite_output_dir_field(
+        "the demo's files in it are replaced, others are kept"
     )
     cache_dir: str | None = field(
         default=None,
