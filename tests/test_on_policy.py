@@ -231,7 +231,13 @@ def test_the_student_generates_in_eval_mode_with_gradient_checkpointing_off_and_
             original = module.generate
 
             def generate(*args, **kwargs):
-                states.append((module.training, module.is_activation_checkpointing, kwargs["use_cache"]))
+                states.append(
+                    (
+                        module.training,
+                        module.is_activation_checkpointing,
+                        kwargs["generation_config"].use_cache,
+                    )
+                )
                 return original(*args, **kwargs)
 
             module.generate = generate
@@ -412,3 +418,20 @@ def test_distillens_train_runs_on_policy_from_the_command_line(tmp_path, capsys)
     assert len(logged) == 2
     assert all(entry["on_policy_fraction"] == 1.0 and 0 < entry["completion_length"] <= 5 for entry in logged)
     assert json.loads((out / "distillens_config.json").read_text())["training"]["lmbda"] == 1.0
+
+
+def test_a_checkpoints_own_generation_defaults_do_not_bend_the_students_samples():
+    from distillens_trainer.trainer.generation import SamplingSettings, sample_completions
+
+    model = tiny_llama(num_layers=2, seed=1)
+    model.generation_config.suppress_tokens = list(range(3, TINY_VOCAB))  # would leave only special tokens
+    model.generation_config.repetition_penalty = 5.0
+    own = model.generation_config
+    settings = SamplingSettings(
+        max_new_tokens=6, temperature=1.0, top_p=1.0, top_k=0, pad_token_id=PAD_ID, eos_token_ids=(EOS_ID,),
+        batch_size=4,
+    )  # fmt: skip
+    prompts = [torch.tensor([5 + row, 6, 7]) for row in range(8)]
+    completions = sample_completions(model, prompts, settings, seed=0)
+    assert any(int(token) >= 3 for completion in completions for token in completion)
+    assert model.generation_config is own and own.repetition_penalty == 5.0  # put back afterwards

@@ -102,15 +102,3 @@ def completion_batch(
         attention_mask[row, :end] = 1
         labels[row, len(prompt) : end] = completion.to(device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-
-
-def left_padded(prompts: Sequence[torch.Tensor], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``B`` prompts ``[P_i]`` -> left-padded ``input_ids`` and ``attention_mask`` ``[B, max P_i]`` for ``generate``."""
-    length = max(len(prompt) for prompt in prompts)
-    device = prompts[0].device
-    input_ids = torch.full((len(prompts), length), pad_token_id, dtype=torch.long, device=device)
-    attention_mask = torch.zeros((len(prompts), length), dtype=torch.long, device=device)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, length - len(prompt) :] = prompt
-        attention_mask[row, length - len(prompt) :] = 1
-    return input_ids, attention_mask

@@ -62,16 +62,17 @@ def require(condition: bool, name: str, expectation: str) -> None:
         raise ValueError(f"{name}: must be {expectation}; fix the value passed for --{name}")
 
 
-def _eos_token_ids(model: Any, tokenizer: Any) -> list[int]:
-    """EOS ids from the model's generation config plus the tokenizer's EOS, in a stable order."""
+def eos_token_ids(model: Any, tokenizer: Any | None) -> list[int]:
+    """EOS ids from the model's generation config plus the tokenizer's EOS (if any), in a stable order."""
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
     if configured is None:
         configured = []
     elif isinstance(configured, int):
         configured = [configured]
     ids = list(configured)
-    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:
-        ids.append(tokenizer.eos_token_id)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and eos not in ids:
+        ids.append(eos)
     return ids
 
 
@@ -194,7 +195,7 @@ def generate_responses(
     if not prompts:
         return []
     pad_id = resolve_pad_token_id(tokenizer)
-    eos_ids = _eos_token_ids(model, tokenizer)
+    eos_ids = eos_token_ids(model, tokenizer)
     config = build_generation_config(
         max_new_tokens=settings.max_new_tokens,
         do_sample=settings.do_sample,

@@ -17,6 +17,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
+from ..evaluation.generation import eos_token_ids
 from ..feature_baseline import FeatureProjector
 from ..layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
 from ..lens import LogitLens
@@ -225,10 +226,7 @@ class DistillLensTrainer(Trainer):
             )
         tokenizer = tokenizer_of(self.processing_class)
         generation_config = getattr(unwrap_model(self.model), "generation_config", None)
-        eos = getattr(tokenizer, "eos_token_id", None)
-        if eos is None:
-            eos = getattr(generation_config, "eos_token_id", None)
-        eos_ids = tuple(eos) if isinstance(eos, list | tuple) else (() if eos is None else (eos,))
+        eos_ids = tuple(eos_token_ids(unwrap_model(self.model), tokenizer))
         if not eos_ids:
             raise ValueError(
                 "lmbda > 0 (or seq_kd) samples completions that end at the EOS token, but the tokenizer has none: "

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
+from ..evaluation.generation import build_generation_config, left_pad, only_generation_config
 from ..model_facts import is_partitioned, unwrap_model
-from ..on_policy import left_padded
 
 
 @dataclass(frozen=True)
@@ -34,17 +35,21 @@ class SamplingSettings:
     eos_token_ids: tuple[int, ...]
     batch_size: int
 
-    def generate_kwargs(self) -> dict:
-        return {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": True,
-            "temperature": self.temperature,
-            "top_p": self.top_p,
-            "top_k": self.top_k if self.top_k > 0 else None,
-            "pad_token_id": self.pad_token_id,
-            "eos_token_id": list(self.eos_token_ids),
-            "use_cache": True,
-        }
+    def generation_config(self) -> GenerationConfig:
+        """A clean ``GenerationConfig`` holding these values only: a checkpoint's own generation defaults
+        (``repetition_penalty``, ``suppress_tokens``, ``min_new_tokens``, ...) must not bend the student's samples."""
+        config = build_generation_config(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=True,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            no_repeat_ngram_size=0,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=list(self.eos_token_ids),
+        )
+        config.use_cache = True  # the KV cache, stated rather than left to the model's defaults
+        return config
 
 
 @contextlib.contextmanager
@@ -90,19 +95,21 @@ def sample_completions(
     (left-padded, KV cache on). With a ``seed`` the sampling draws from its own random stream, and the caller's
     random state (dropout, data order) is left as it was."""
     completions: list[torch.Tensor] = []
+    config = settings.generation_config()
     with (
         generation_mode(model, checkpointing_kwargs) as (module, synced_gpus),
         _own_random_stream(module, seed),
+        only_generation_config(module, config),
     ):
         device = next(module.parameters()).device
         for start in range(0, len(prompts), settings.batch_size):
-            chunk = [prompt.to(device) for prompt in prompts[start : start + settings.batch_size]]
-            input_ids, attention_mask = left_padded(chunk, settings.pad_token_id)
+            chunk = [prompt.tolist() for prompt in prompts[start : start + settings.batch_size]]
+            input_ids, attention_mask = (t.to(device) for t in left_pad(chunk, settings.pad_token_id))
             output = module.generate(
                 input_ids=input_ids,
                 attention_mask=attention_mask,
+                generation_config=config,
                 synced_gpus=synced_gpus,
-                **settings.generate_kwargs(),
             )
             completions.extend(output[:, input_ids.shape[1] :])
     return completions
