@@ -621,3 +621,82 @@ def test_zero3_on_policy_run_samples_trains_and_saves(models, tmp_path):
     with torch.no_grad():
         logits = student(input_ids=tiny.probe_batch()).logits
     torch.testing.assert_close(logits, torch.load(tmp_path / "probe_logits.pt"), rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------- teacher cache
+# An fp32 ``hidden`` cache of the tiny teacher (train_tiny.make_cache) holds the teacher's head inputs at every
+# response token, so a run that reads it computes the same objective as the online teacher: its per-step metrics
+# follow the single-process online run within the per-step tolerance above (measured on 2 CPU cores: <= 8e-7
+# relative per step, <= 7e-8 on the evaluation terms, for DDP and ZeRO-3 alike: fp32 reduction order).
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(models, tmp_path_factory) -> Path:
+    """The cache, built once by the script's ``make-cache`` command (one process, as a user would)."""
+    folder = tmp_path_factory.mktemp("teacher_cache") / "cache"
+    command = [sys.executable, str(HELPER), "make-cache", str(models), str(folder)]
+    command += ["--cache-mode", "hidden", "--cache-dtype", "float32"]
+    _run_logged(command, folder.parent / "make_cache.log")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["complete"] is True
+    assert manifest["num_rows"] == tiny.NUM_TRAIN + tiny.NUM_EVAL
+    return folder
+
+
+@pytest.fixture(scope="module")
+def student_only(models, tmp_path_factory) -> Path:
+    """A models folder without the teacher: a run that tried to load it would fail."""
+    directory = tmp_path_factory.mktemp("student_only")
+    (directory / "student").symlink_to(models / "student", target_is_directory=True)
+    return directory
+
+
+def _assert_cached_run_matches_online(result: dict, out: Path, single: tuple[dict, Path]) -> None:
+    reference, single_out = single
+    assert result["world_size"] == 2
+    assert result["teacher_type"] == "NoneType" and result["cached_teacher"] == "hidden"
+    assert result["layer_map"] == reference["layer_map"] and result["vocab_size"] == reference["vocab_size"]
+    for rank in _rank_results(out):  # both ranks read the cache
+        assert rank["cached_teacher"] == "hidden", f"rank {rank['rank']}"
+    got, want = _steps(result), _steps(reference)
+    assert len(got) == len(want) == 4
+    for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
+        for key in STEP_KEYS:
+            assert got_step[key] == pytest.approx(want_step[key], rel=STEP_RTOL), f"step {step} {key}"
+    metrics, want_metrics = result["eval_metrics"], reference["eval_metrics"]
+    for key in EVAL_KEYS:  # the evaluation rows come from the cache too
+        assert metrics[key] == pytest.approx(want_metrics[key], rel=STEP_RTOL), key
+    # The saved student against the single-process online one, as in test_saved_student_loads_and_matches.
+    from transformers import AutoModelForCausalLM
+
+    student = AutoModelForCausalLM.from_pretrained(out / "student", dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = student(input_ids=tiny.probe_batch()).logits
+    torch.testing.assert_close(logits, torch.load(out / "probe_logits.pt"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits, torch.load(single_out / "probe_logits.pt"), rtol=1e-4, atol=1e-4)
+
+
+@distributed
+def test_ddp_teacher_cache_run_follows_the_single_process_online_losses(
+    student_only, teacher_cache, single, tmp_path
+):
+    extra = ["--use-cpu", "--per-device-batch", "2", "--evaluate", "--teacher-cache", str(teacher_cache)]
+    result = _torchrun(tmp_path, student_only, *extra)
+    assert result["zero3"] is False
+    _assert_cached_run_matches_online(result, tmp_path, single)
+
+
+@distributed
+@needs_deepspeed
+def test_zero3_teacher_cache_run_follows_the_single_process_online_losses(
+    student_only, teacher_cache, single, tmp_path
+):
+    # Every student tensor partitioned (threshold 0); the cached teacher head is whole on each rank.
+    deepspeed = str(ROOT / "examples" / "deepspeed" / "zero3.json")
+    extra = ["--deepspeed", deepspeed, "--zero3-persistence-threshold", "0", "--per-device-batch", "2"]
+    extra += ["--evaluate", "--teacher-cache", str(teacher_cache)]
+    result = _torchrun(tmp_path, student_only, *extra)
+    assert result["zero3"] is True
+    assert result["student_lens_check"]["head_local_numel"] == 0  # the student's head really is partitioned
+    assert max(result["student_lens_check"]["max_abs_diff"].values()) <= 1e-6
+    _assert_cached_run_matches_online(result, tmp_path, single)

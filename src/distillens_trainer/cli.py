@@ -1,4 +1,4 @@
-"""``distillens``: the command line (``train``, ``eval``, ``demo``, ``shrink``, ``lens``).
+"""``distillens``: the command line (``train``, ``cache-teacher``, ``eval``, ``demo``, ``shrink``, ``lens``).
 
 Each subcommand takes an optional YAML/JSON config file first, then command-line overrides::
 
@@ -53,6 +53,12 @@ def _shrink(argv: Sequence[str]) -> int:
     return shrink(argv)
 
 
+def _cache_teacher(argv: Sequence[str]) -> int:
+    from .commands.cache_teacher import main as cache_teacher
+
+    return cache_teacher(argv)
+
+
 def _lens(argv: Sequence[str]) -> int:
     from .commands.lens import main as lens
 
@@ -62,6 +68,11 @@ def _lens(argv: Sequence[str]) -> int:
 COMMANDS: dict[str, Command] = {
     "train": Command(
         _train, "distil (or SFT) a student: distillens train [CONFIG] --model_name_or_path S ..."
+    ),
+    "cache-teacher": Command(
+        _cache_teacher,
+        "run the teacher once and keep its signals: cache-teacher --teacher_model_name_or_path T "
+        "--model_name_or_path S --train_file F --output_dir C",
     ),
     "eval": Command(_eval, "generate and score ROUGE-L / exact match on instruction JSONL files"),
     "demo": Command(_demo, "offline end-to-end demo on the built-in task suite"),
@@ -75,7 +86,7 @@ COMMANDS: dict[str, Command] = {
 
 def _usage() -> str:
     lines = [f"usage: distillens {{{','.join(COMMANDS)}}} [CONFIG] [--field value ...]", "", "commands:"]
-    lines += [f"  {name:6s} {command.help}" for name, command in COMMANDS.items()]
+    lines += [f"  {name:13s} {command.help}" for name, command in COMMANDS.items()]
     lines += ["", "Run 'distillens COMMAND --help' for every field of a command."]
     return "\n".join(lines)
 

@@ -38,6 +38,14 @@ class DistillLensConfig(TrainingArguments):
             "id), de-quantised; its tokenizer is read from the same file. Needs the gguf extra."
         },
     )
+    teacher_cache: str | None = field(
+        default=None,
+        metadata={
+            "help": "Distil from a teacher cache written by 'distillens cache-teacher' (its output_dir) instead of "
+            "running the teacher: no teacher model is built (a hidden cache loads only the teacher's LM head). Every "
+            "training and evaluation row must be in the cache, matched by content."
+        },
+    )
     teacher_dtype: str = field(
         default="auto",
         metadata={
@@ -197,6 +205,7 @@ class DistillLensConfig(TrainingArguments):
             )
         check_chunk_size(self.lens_chunk_size)
         self._check_generation()
+        self._check_teacher_cache()
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
         if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
@@ -218,6 +227,32 @@ class DistillLensConfig(TrainingArguments):
             raise ValueError(
                 "seq_kd=True samples completions from the teacher, but kd_weight, lens_weight and feature_weight "
                 "are 0 (no teacher): set seq_kd=False, or give the objective a teacher term."
+            )
+
+    def _check_teacher_cache(self) -> None:
+        """What a teacher cache cannot serve: tokens it has not seen, raw hidden states, a second teacher pass."""
+        if not self.teacher_cache:
+            return
+        refused = [
+            (
+                self.lmbda > 0,
+                f"lmbda={self.lmbda} (on-policy windows train on sampled tokens, which no cache holds)",
+            ),
+            (self.seq_kd, "seq_kd=True (the teacher samples the completions)"),
+            (
+                self.feature_weight > 0,
+                "feature_weight > 0 (the feature baseline reads the raw hidden states)",
+            ),
+            (self.lens_eval_profile, "lens_eval_profile=True (the profile runs the teacher's every layer)"),
+        ]
+        for refused_here, what in refused:
+            if refused_here:
+                raise ValueError(
+                    f"teacher_cache cannot serve {what}: drop teacher_cache to run the teacher online."
+                )
+        if not self.objective_spec.needs_teacher:
+            raise ValueError(
+                "teacher_cache is set but kd_weight and lens_weight are 0 (plain SFT): drop teacher_cache."
             )
 
     @property

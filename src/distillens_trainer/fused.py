@@ -28,6 +28,7 @@ from .divergences import check_divergence_name
 from .fused_math import cross_entropy_chunk, divergence_chunk, postprocess, postprocess_backward
 from .heads import LinearHead
 from .objective_spec import DEFAULT_CHUNK_SIZE, check_temperature_and_beta
+from .topk_divergence import TopKDistribution, topk_divergence_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -38,8 +39,10 @@ class FusedJob:
 
     Attributes:
         student_input: ``[N, d_s]`` student head input (with grad).
-        teacher_input: ``[N, d_t]`` teacher head input, or None (CE only).
-        teacher_head: the teacher's head, or None (CE only).
+        teacher_input: ``[N, d_t]`` teacher head input, or None (CE only, or a top-k teacher).
+        teacher_head: the teacher's head, or None (CE only, or a top-k teacher).
+        teacher_topk: the teacher as top-k buckets at the ``N`` positions (a ``topk`` cache) instead of
+            ``teacher_input`` and ``teacher_head``; the divergence is then over k + 1 buckets.
         divergence: divergence name between student and teacher (ignored without a teacher).
         weight: multiplier of Σ_tokens D in the weighted total (0: computed for its value only).
         targets: ``[N]`` next-token ids for the cross-entropy, or None.
@@ -58,10 +61,19 @@ class FusedJob:
     ce_weight: float = 0.0
     name: str | None = None
     ce_name: str | None = None
+    teacher_topk: TopKDistribution | None = None
 
     @property
     def has_teacher(self) -> bool:
-        return self.teacher_input is not None and self.teacher_head is not None
+        return (
+            self.teacher_input is not None and self.teacher_head is not None
+        ) or self.teacher_topk is not None
+
+    @property
+    def num_teacher_rows(self) -> int:
+        if self.teacher_topk is not None:
+            return int(self.teacher_topk.ids.shape[0])
+        return int(self.teacher_input.shape[0])
 
 
 @dataclass(frozen=True)
@@ -97,6 +109,32 @@ def _divergence_chunk(compile_math: bool, *args, **kwargs) -> tuple[torch.Tensor
                 str(error).splitlines()[0] if str(error) else "",
             )
     return divergence_chunk(*args, **kwargs)
+
+
+def _teacher_divergence_chunk(
+    job: FusedJob, logits: torch.Tensor, rows: slice, vocab: int, settings: _Settings, need_grad: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Σ D(student ‖ teacher) over the chunk's rows and its gradient w.r.t. the student's ``[n, V]`` logits."""
+    if job.teacher_topk is not None:
+        return topk_divergence_chunk(
+            job.divergence,
+            logits,
+            job.teacher_topk.rows(rows),
+            temperature=settings.temperature,
+            beta=settings.beta,
+            need_grad=need_grad,
+        )
+    with torch.no_grad():
+        teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
+    return _divergence_chunk(
+        settings.compile,
+        job.divergence,
+        logits,
+        teacher_logits,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        need_grad=need_grad,
+    )
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -138,18 +176,7 @@ def _run_jobs(
             del raw
             grad: torch.Tensor | None = None
             if has_teacher:
-                with torch.no_grad():
-                    teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
-                value, kd_grad_chunk = _divergence_chunk(
-                    settings.compile,
-                    job.divergence,
-                    logits,
-                    teacher_logits,
-                    temperature=settings.temperature,
-                    beta=settings.beta,
-                    need_grad=kd_grad,
-                )
-                del teacher_logits
+                value, kd_grad_chunk = _teacher_divergence_chunk(job, logits, rows, vocab, settings, kd_grad)
                 values[index, 0] += value
                 total += job.weight * value
                 if kd_grad_chunk is not None:
@@ -233,7 +260,7 @@ def _check(jobs: Sequence[FusedJob], chunk_size: int, temperature: float, beta: 
     for job in jobs:
         if job.has_teacher:
             check_divergence_name(job.divergence)
-            if job.teacher_input.shape[0] != job.student_input.shape[0]:
+            if job.num_teacher_rows != job.student_input.shape[0]:
                 raise ValueError("student and teacher head inputs must hold the same number of tokens.")
 
 

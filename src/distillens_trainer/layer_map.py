@@ -7,6 +7,7 @@ residual stream after block ``i``, and ``num_layers`` the last block's output (a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 LayerPair = tuple[int, int]
 
@@ -14,6 +15,20 @@ LAYER_MAPS: tuple[str, ...] = ("paper", "shrunk")
 KEPT_LAYERS_CONFIG_KEY = (
     "distillens_kept_layers"  # written by ``distillens shrink``: teacher block indices (0-based)
 )
+
+
+def shrunk_kept_layers(student_config: Any, lens_layer_map: str) -> list[int] | None:
+    """The teacher blocks a shrunk student was cut from (its config's record), for ``lens_layer_map='shrunk'``;
+    None for the paper's map. ValueError when the student was not written by ``distillens shrink``."""
+    if lens_layer_map != "shrunk":
+        return None
+    kept = getattr(student_config, KEPT_LAYERS_CONFIG_KEY, None)
+    if kept is None:
+        raise ValueError(
+            f"lens_layer_map='shrunk' needs a student written by 'distillens shrink' (its config records "
+            f"{KEPT_LAYERS_CONFIG_KEY}); this one has none: use lens_layer_map='paper'."
+        )
+    return list(kept)
 
 
 def paper_student_layers(student_num_layers: int, num_pairs: int) -> list[int]:

@@ -30,6 +30,8 @@ from .model_facts import forward_accepts, unwrap_model
 from .objective_spec import ObjectiveOutput, ObjectiveSpec, check_chunk_size, lens_term_name
 from .reference import divergence_sum, lens_pair_sum, shared_columns
 from .response_tokens import response_mask, select_response
+from .teacher_signals import TeacherSignals
+from .topk_divergence import TopKDistribution
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +128,10 @@ class DistillLensObjective:
         feature_projector: the learned maps of the feature baseline (``feature_weight > 0``).
         chunk_size: tokens per chunk of the fused path; 0 = straightforward.
         compile_math: run the fused per-chunk divergence through ``torch.compile`` (eager on failure).
-        student_head / teacher_head: the output heads for the fused output term (default: the lenses').
+        student_head / teacher_head: the output heads for the fused output term (default: the lenses'); for a
+            ``hidden`` teacher cache, ``teacher_head`` is the cached head.
+        cached_teacher: the teacher comes from a cache of this mode (``hidden`` or ``topk``; see
+            :class:`TeacherSignals`); a ``topk`` teacher needs no teacher head.
     """
 
     def __init__(
@@ -142,6 +147,7 @@ class DistillLensObjective:
         student_head: LinearHead | None = None,
         teacher_head: LinearHead | None = None,
         compile_math: bool = False,
+        cached_teacher: str | None = None,
     ) -> None:
         check_chunk_size(chunk_size)
         self.spec = spec
@@ -152,6 +158,7 @@ class DistillLensObjective:
         self.feature_projector = feature_projector
         self.chunk_size = chunk_size
         self.compile_math = compile_math
+        self.cached_teacher = cached_teacher
         self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
         self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
         self.output_fusable = True  # off when the heads do not reproduce the models' logits
@@ -164,9 +171,11 @@ class DistillLensObjective:
     def for_models(
         cls, spec: ObjectiveSpec, student: nn.Module, teacher: nn.Module | None, **kwargs
     ) -> DistillLensObjective:
-        """An objective for these models: its fused output term uses their own heads, and
+        """An objective for these models (``teacher=None`` with ``cached_teacher`` and, for a hidden cache, the
+        cached ``teacher_head``: a teacher read from a cache): its fused output term uses their own heads, and
         :meth:`forward_request` asks their forwards for what it reads (checking the heads once)."""
-        teacher_head = output_linear_head(teacher) if teacher is not None else None
+        cached_head = kwargs.pop("teacher_head", None)
+        teacher_head = output_linear_head(teacher) if teacher is not None else cached_head
         objective = cls(spec, student_head=output_linear_head(student), teacher_head=teacher_head, **kwargs)
         objective._models = {"student": unwrap_model(student)}
         if teacher is not None:
@@ -186,7 +195,7 @@ class DistillLensObjective:
         """True when the lens term runs fused (chunking on and both lens heads are plain linear heads)."""
         if self.chunk_size == 0 or not (self.spec.uses_lens and self.layer_map):
             return False
-        if self.student_head is None or self.teacher_head is None:
+        if self.student_head is None or (self.teacher_head is None and self.cached_teacher != "topk"):
             self._log_once(
                 "DistillLens: the lens term uses the straightforward computation: "
                 + _refusal(self.student_lens, self.teacher_lens)
@@ -199,7 +208,8 @@ class DistillLensObjective:
         """True when the output CE/KD term can be computed fused from the last hidden states."""
         if self.chunk_size == 0 or not self.output_fusable:
             return False
-        if self.student_head is None or (self.spec.needs_teacher and self.teacher_head is None):
+        needs_teacher_head = self.spec.needs_teacher and self.cached_teacher != "topk"
+        if self.student_head is None or (needs_teacher_head and self.teacher_head is None):
             self._log_once(
                 "DistillLens: the output term uses the models' full logits: "
                 + _refusal(self.student_lens, self.teacher_lens)
@@ -221,7 +231,8 @@ class DistillLensObjective:
             self._heads_checked = True
             fused_output = self._output_heads_match()
         return ForwardRequest(
-            hidden_states=self.spec.uses_hidden_states and "teacher" in self._models,
+            hidden_states=self.spec.uses_hidden_states
+            and ("teacher" in self._models or self.cached_teacher is not None),
             fused_output=fused_output,
             student_keeps_logits=self._keeps_logits.get("student", False),
             teacher_keeps_logits=self._keeps_logits.get("teacher", False),
@@ -235,19 +246,21 @@ class DistillLensObjective:
         request: ForwardRequest,
         *,
         num_items_in_batch: int | torch.Tensor | None = None,
+        teacher_signals: TeacherSignals | None = None,
     ) -> ObjectiveOutput:
         """The weighted loss from the two models' outputs (HF ``ModelOutput`` with ``logits`` and, as
-        ``request`` asked, ``hidden_states``), computed as ``request`` planned: see :meth:`__call__`."""
-        fused = request.fused_output
-        with_teacher = teacher_outputs is not None
+        ``request`` asked, ``hidden_states``), computed as ``request`` planned: see :meth:`__call__`. A teacher
+        read from a cache comes as ``teacher_signals`` (and ``teacher_outputs=None``)."""
+        online = teacher_outputs is not None
         return self(
             labels,
-            student_logits=None if fused else student_outputs.logits,
-            teacher_logits=teacher_outputs.logits if with_teacher and not fused else None,
+            student_logits=None if request.fused_output else student_outputs.logits,
+            teacher_logits=teacher_outputs.logits if online and not request.fused_output else None,
             student_hidden_states=student_outputs.hidden_states,
-            teacher_hidden_states=teacher_outputs.hidden_states if with_teacher else None,
+            teacher_hidden_states=teacher_outputs.hidden_states if online else None,
             num_items_in_batch=num_items_in_batch,
-            with_teacher=with_teacher,
+            with_teacher=online or teacher_signals is not None,
+            teacher_signals=teacher_signals,
         )
 
     @torch.no_grad()
@@ -293,6 +306,7 @@ class DistillLensObjective:
         teacher_hidden_states: Sequence[torch.Tensor] | None = None,
         num_items_in_batch: int | torch.Tensor | None = None,
         with_teacher: bool | None = None,
+        teacher_signals: TeacherSignals | None = None,
     ) -> ObjectiveOutput:
         """The weighted loss of one micro-batch.
 
@@ -302,14 +316,20 @@ class DistillLensObjective:
                 compute the output term fused from ``hidden_states[-1]`` (needs ``fuses_output``).
             student_hidden_states / teacher_hidden_states: HF ``hidden_states`` tuples of ``[B, T, d]``.
             num_items_in_batch: response tokens in the whole accumulation window (and across devices).
-            with_teacher: whether a teacher is present (default: teacher logits or hidden states given).
+            with_teacher: whether a teacher is present (default: teacher logits, hidden states or signals given).
+            teacher_signals: the teacher read from a cache, at this batch's response tokens, in place of
+                ``teacher_logits`` and ``teacher_hidden_states`` (a ``hidden`` cache also needs the teacher head
+                this objective was built with).
         """
         mask = response_mask(labels)
         num_tokens = int(mask.sum())
         denominator = float(num_items_in_batch) if num_items_in_batch is not None else float(num_tokens)
         denominator = max(denominator, 1.0)
         if with_teacher is None:
-            with_teacher = teacher_logits is not None or teacher_hidden_states is not None
+            with_teacher = any(
+                x is not None for x in (teacher_logits, teacher_hidden_states, teacher_signals)
+            )
+        teacher = _TeacherSide(self, teacher_logits, teacher_hidden_states, teacher_signals, mask)
         spec, vocab_size = self.spec, self.vocab_size
         targets = labels[:, 1:][mask]  # [N]
         terms: dict[str, torch.Tensor] = {}
@@ -317,38 +337,33 @@ class DistillLensObjective:
         jobs: list[FusedJob] = []
 
         if student_logits is None:
-            if student_hidden_states is None or (with_teacher and teacher_hidden_states is None):
+            if student_hidden_states is None or (with_teacher and not teacher.has_output_inputs):
                 raise ValueError("the fused output term needs both models' hidden_states.")
-            teacher_input = None
-            if with_teacher:
-                teacher_input = select_response(teacher_hidden_states[-1], mask).detach()
             jobs.append(
                 FusedJob(
                     select_response(student_hidden_states[-1], mask),
-                    teacher_input,
-                    self.teacher_head if with_teacher else None,
-                    spec.kd_divergence,
-                    spec.kd_weight,
-                    targets,
-                    spec.ce_weight,
+                    targets=targets,
+                    divergence=spec.kd_divergence,
+                    weight=spec.kd_weight,
+                    ce_weight=spec.ce_weight,
                     name="kd_loss",
                     ce_name="ce_loss",
+                    **(teacher.fused_fields(teacher.output_layer) if with_teacher else {}),
                 )
             )
         else:
-            total = self._output_terms(student_logits, teacher_logits, mask, targets, terms)
+            teacher_tokens = teacher.output_tokens() if with_teacher else None
+            total = self._output_terms(student_logits, teacher_tokens, mask, targets, terms)
 
         lens_pairs: list[str] = []
         if spec.uses_lens and self.layer_map:
-            if student_hidden_states is None or teacher_hidden_states is None or self.student_lens is None:
+            if student_hidden_states is None or not teacher.has_lens_inputs or self.student_lens is None:
                 raise ValueError("the lens term needs both models' hidden_states and their LogitLens.")
             if self.fuses_lens:
-                jobs += self._lens_jobs(student_hidden_states, teacher_hidden_states, mask)
+                jobs += self._lens_jobs(student_hidden_states, teacher, mask)
                 lens_pairs = [job.name for job in jobs[-len(self.layer_map) :]]
             else:
-                total = total + self._straightforward_lens(
-                    student_hidden_states, teacher_hidden_states, mask, terms
-                )
+                total = total + self._straightforward_lens(student_hidden_states, teacher, mask, terms)
 
         if jobs:
             fused_total, sums = fused_head_loss(
@@ -378,12 +393,13 @@ class DistillLensObjective:
     def _output_terms(
         self,
         student_logits: torch.Tensor,
-        teacher_logits: torch.Tensor | None,
+        teacher_tokens: torch.Tensor | TopKDistribution | None,
         mask: torch.Tensor,
         targets: torch.Tensor,
         terms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
-        """Straightforward CE and KD on full logits; fills ``terms``, returns their weighted sum."""
+        """Straightforward CE and KD on full student logits (the teacher as ``[N, V]`` logits or top-k buckets at
+        the response tokens); fills ``terms``, returns their weighted sum."""
         spec, vocab_size = self.spec, self.vocab_size
         student_selected = shared_columns(select_response(student_logits, mask), vocab_size)  # [N, V]
         ce_sum = F.cross_entropy(
@@ -391,20 +407,16 @@ class DistillLensObjective:
         )
         terms["ce_loss"] = ce_sum
         total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())
-        if teacher_logits is not None:
-            teacher_selected = shared_columns(select_response(teacher_logits, mask), vocab_size).detach()
+        if teacher_tokens is not None:
             with torch.set_grad_enabled(torch.is_grad_enabled() and spec.kd_weight > 0):
-                kd_sum = divergence_sum(spec.kd_divergence, student_selected, teacher_selected, spec)
+                kd_sum = divergence_sum(spec.kd_divergence, student_selected, teacher_tokens, spec)
             terms["kd_loss"] = kd_sum
             if spec.kd_weight > 0:
                 total = total + spec.kd_weight * kd_sum
         return total
 
     def _lens_jobs(
-        self,
-        student_hidden_states: Sequence[torch.Tensor],
-        teacher_hidden_states: Sequence[torch.Tensor],
-        mask: torch.Tensor,
+        self, student_hidden_states: Sequence[torch.Tensor], teacher: _TeacherSide, mask: torch.Tensor
     ) -> list[FusedJob]:
         """One fused job per layer pair, weighted lens_weight / K (the mean over pairs)."""
         weight = self.spec.lens_weight / len(self.layer_map)
@@ -413,18 +425,13 @@ class DistillLensObjective:
             student_input = self.student_lens.to_head_input(
                 select_response(student_hidden_states[student_layer], mask), student_layer
             )
-            with torch.no_grad():
-                teacher_input = self.teacher_lens.to_head_input(
-                    select_response(teacher_hidden_states[teacher_layer], mask), teacher_layer
-                )
             jobs.append(
                 FusedJob(
                     student_input,
-                    teacher_input,
-                    self.teacher_head,
-                    self.spec.lens_divergence,
-                    weight,
+                    divergence=self.spec.lens_divergence,
+                    weight=weight,
                     name=lens_term_name(student_layer, teacher_layer),
+                    **teacher.fused_fields(teacher_layer),
                 )
             )
         return jobs
@@ -432,22 +439,32 @@ class DistillLensObjective:
     def _straightforward_lens(
         self,
         student_hidden_states: Sequence[torch.Tensor],
-        teacher_hidden_states: Sequence[torch.Tensor],
+        teacher: _TeacherSide,
         mask: torch.Tensor,
         terms: dict[str, torch.Tensor],
     ) -> torch.Tensor:
         pair_sums = []
         for student_layer, teacher_layer in self.layer_map:
-            pair_sum = lens_pair_sum(
-                select_response(student_hidden_states[student_layer], mask),
-                select_response(teacher_hidden_states[teacher_layer], mask).detach(),
-                student_layer,
-                teacher_layer,
-                self.student_lens,
-                self.teacher_lens,
-                self.vocab_size,
-                self.spec,
-            )
+            student_hidden = select_response(student_hidden_states[student_layer], mask)
+            if teacher.signals is None:
+                pair_sum = lens_pair_sum(
+                    student_hidden,
+                    select_response(teacher.hidden_states[teacher_layer], mask).detach(),
+                    student_layer,
+                    teacher_layer,
+                    self.student_lens,
+                    self.teacher_lens,
+                    self.vocab_size,
+                    self.spec,
+                )
+            else:
+                student_logits = shared_columns(
+                    self.student_lens(student_hidden, student_layer), self.vocab_size
+                )
+                teacher_tokens = teacher.cached_tokens(teacher_layer)
+                pair_sum = divergence_sum(
+                    self.spec.lens_divergence, student_logits, teacher_tokens, self.spec
+                )
             terms[lens_term_name(student_layer, teacher_layer)] = pair_sum
             pair_sums.append(pair_sum)
         lens_sum = torch.stack(pair_sums).mean()
@@ -472,6 +489,79 @@ class DistillLensObjective:
         feature_sum = torch.stack(feature_sums).mean()
         terms["feature_loss"] = feature_sum
         return self.spec.feature_weight * feature_sum
+
+
+class _TeacherSide:
+    """The teacher's side of one micro-batch, online (model outputs) or cached (:class:`TeacherSignals`), as the
+    terms read it: head inputs and head for a fused job, ``[N, V]`` logits or top-k buckets otherwise."""
+
+    def __init__(
+        self,
+        objective: DistillLensObjective,
+        logits: torch.Tensor | None,
+        hidden_states: Sequence[torch.Tensor] | None,
+        signals: TeacherSignals | None,
+        mask: torch.Tensor,
+    ) -> None:
+        self.objective, self.logits, self.hidden_states, self.signals, self.mask = (
+            objective, logits, hidden_states, signals, mask,
+        )  # fmt: skip
+        if signals is not None:
+            lens_layers = (
+                {teacher_layer for _, teacher_layer in objective.layer_map}
+                if objective.spec.uses_lens
+                else set()
+            )
+            signals.check_layers(lens_layers | {signals.output_layer})
+
+    @property
+    def output_layer(self) -> int:
+        """The teacher ``hidden_states`` index the output term reads (its last, already normed)."""
+        return self.signals.output_layer if self.signals is not None else len(self.hidden_states) - 1
+
+    @property
+    def has_output_inputs(self) -> bool:
+        return self.signals is not None or self.hidden_states is not None
+
+    @property
+    def has_lens_inputs(self) -> bool:
+        return self.signals is not None or (
+            self.hidden_states is not None and self.objective.teacher_lens is not None
+        )
+
+    def fused_fields(self, layer: int) -> dict[str, Any]:
+        """``FusedJob`` fields for the teacher at ``hidden_states[layer]``: its head input and head, or its top-k."""
+        if self.signals is not None and layer in self.signals.topk:
+            return {"teacher_topk": self.signals.topk[layer]}
+        if self.signals is not None:
+            teacher_input = self.signals.head_inputs[layer]
+        else:
+            with torch.no_grad():
+                teacher_input = select_response(self.hidden_states[layer], self.mask).detach()
+                if layer != self.output_layer:
+                    teacher_input = self.objective.teacher_lens.to_head_input(teacher_input, layer)
+        return {"teacher_input": teacher_input, "teacher_head": self.objective.teacher_head}
+
+    def cached_tokens(self, layer: int) -> torch.Tensor | TopKDistribution:
+        """The cached teacher at ``hidden_states[layer]`` as ``[N, V]`` fp32 logits (hidden) or top-k buckets."""
+        if layer in self.signals.topk:
+            return self.signals.topk[layer]
+        if self.objective.teacher_head is None:
+            raise ValueError(
+                "a hidden teacher cache needs the cached teacher head: build the objective with it."
+            )
+        with torch.no_grad(), gathered([self.objective.teacher_head]):
+            return self.objective.teacher_head.logits(
+                self.signals.head_inputs[layer], self.objective.vocab_size
+            )
+
+    def output_tokens(self) -> torch.Tensor | TopKDistribution:
+        """The teacher at the output, for the straightforward output term: ``[N, V]`` logits or top-k buckets."""
+        if self.signals is not None:
+            return self.cached_tokens(self.output_layer)
+        if self.logits is None:
+            raise ValueError("the straightforward output term needs the teacher's logits.")
+        return shared_columns(select_response(self.logits, self.mask), self.objective.vocab_size).detach()
 
 
 def _refusal(student_lens: LogitLens | None, teacher_lens: LogitLens | None) -> str:

@@ -9,6 +9,7 @@ import torch
 
 from .divergences import token_divergence
 from .objective_spec import ObjectiveSpec
+from .topk_divergence import TopKDistribution, topk_divergence
 
 # A logit lens: ``(hidden [N, d], hidden_states index) -> logits [N, V]`` (``lens.LogitLens`` is one).
 Lens = Callable[[torch.Tensor, int], torch.Tensor]
@@ -20,11 +21,19 @@ def shared_columns(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
 
 
 def divergence_sum(
-    name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, spec: ObjectiveSpec
+    name: str,
+    student_logits: torch.Tensor,
+    teacher: torch.Tensor | TopKDistribution,
+    spec: ObjectiveSpec,
 ) -> torch.Tensor:
-    """Σ over the ``[N, V]`` rows of divergence ``name``, student first, at the spec's temperature and β."""
+    """Σ over the ``[N, V]`` rows of divergence ``name``, student first, at the spec's temperature and β; the
+    teacher as ``[N, V]`` logits, or as top-k buckets from a ``topk`` cache (then over k + 1 buckets)."""
+    if isinstance(teacher, TopKDistribution):
+        return topk_divergence(
+            name, student_logits, teacher, temperature=spec.temperature, beta=spec.jsd_beta
+        ).sum()
     return token_divergence(
-        name, student_logits, teacher_logits, temperature=spec.temperature, beta=spec.jsd_beta
+        name, student_logits, teacher, temperature=spec.temperature, beta=spec.jsd_beta
     ).sum()
 
 

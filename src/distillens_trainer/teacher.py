@@ -114,14 +114,26 @@ def shared_vocab_size(
     student_tokenizer: Any | None = None,
     teacher_tokenizer: Any | None = None,
 ) -> int:
-    """Logit columns that student and teacher share: the real vocabulary, without either model's padding.
+    """Logit columns that student and teacher share: the real vocabulary, without either model's padding
+    (see :func:`shared_vocab_size_of_rows`)."""
+    return shared_vocab_size_of_rows(
+        model_vocab_size(student), model_vocab_size(teacher), student_tokenizer, teacher_tokenizer
+    )
+
+
+def shared_vocab_size_of_rows(
+    student_rows: int,
+    teacher_rows: int,
+    student_tokenizer: Any | None = None,
+    teacher_tokenizer: Any | None = None,
+) -> int:
+    """Logit columns that student and teacher share, from their LM heads' rows: the real vocabulary.
 
     Qwen-style checkpoints pad the LM head differently (151936 vs 152064 rows) around one tokenizer;
     only the tokenizer's ``len()`` columns are real. Different tokenizers are an error. A teacher tokenizer
     without a vocabulary (a teacher folder without tokenizer files) is ignored with a note: then only the
     vocabulary sizes are checked.
     """
-    student_rows, teacher_rows = model_vocab_size(student), model_vocab_size(teacher)
     if teacher_tokenizer is not None and not has_vocabulary(teacher_tokenizer):
         logger.warning(
             "The teacher's tokenizer holds no vocabulary (its folder has no tokenizer files?): checking only that "

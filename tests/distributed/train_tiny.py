@@ -15,6 +15,15 @@ On-policy runs (``--lmbda``, ``--max-new-tokens``; ``--scripted`` replaces sampl
 ``OUT/result_rank{R}.json`` with its optimizer windows (whether each generated completions, how many prompts,
 its ``num_items_in_batch``) and its logged ``on_policy_fraction`` / ``completion_length`` per step.
 ``--use-cpu`` runs a torchrun launch without DeepSpeed as DDP over gloo.
+
+Teacher cache::
+
+    python tests/distributed/train_tiny.py make-cache MODELS_DIR CACHE_DIR --cache-mode hidden --cache-dtype float32
+    torchrun --nproc_per_node 2 tests/distributed/train_tiny.py train --models MODELS_DIR --out OUT \
+        --use-cpu --per-device-batch 2 --teacher-cache CACHE_DIR
+
+``make-cache`` writes a cache of the tiny teacher over the training and evaluation rows (one process); ``train
+--teacher-cache`` distils from it without building a teacher model.
 """
 
 from __future__ import annotations
@@ -170,6 +179,62 @@ def rouge_examples() -> list[dict[str, str]]:
     return [{"instruction": f"w{i} w{i + 1} w{i + 2}", "output": f"w{i + 3} w{i + 4}"} for i in range(3)]
 
 
+def cache_rows(dataset: TokenDataset) -> list[dict[str, list[int]]]:
+    """The dataset's rows without their right padding: the tokens a trainer's batch keys by (its attention mask
+    drops the padding), so the cache finds every row the trainer sees."""
+    rows = []
+    for row in dataset.rows:
+        real = row["attention_mask"].bool()
+        rows.append({"input_ids": row["input_ids"][real].tolist(), "labels": row["labels"][real].tolist()})
+    return rows
+
+
+def make_cache(
+    models_dir: str | os.PathLike[str],
+    cache_dir: str | os.PathLike[str],
+    *,
+    mode: str = "hidden",
+    dtype: str = "float32",
+    top_k: int = 32,
+    **config_overrides: Any,
+) -> dict[str, Any]:
+    """A teacher cache of the tiny teacher (fp32) over the training and evaluation rows, for the layer map a
+    :func:`train` run with the same ``config_overrides`` resolves; returns the manifest."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillens_trainer.layer_map import resolve_layer_map
+    from distillens_trainer.teacher import shared_vocab_size
+    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+
+    models_dir = Path(models_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)
+    student = AutoModelForCausalLM.from_pretrained(models_dir / "student", dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(models_dir / "student")
+    args = training_config(Path(cache_dir) / "unused", **config_overrides)
+    layer_map = resolve_layer_map(
+        student.config.num_hidden_layers,
+        teacher.config.num_hidden_layers,
+        args.lens_student_layers,
+        args.lens_teacher_layers,
+        args.lens_num_layers,
+    )
+    settings = teacher_cache_settings(
+        teacher,
+        mode=mode,
+        layer_map=layer_map,
+        vocab_size=shared_vocab_size(student, teacher, tokenizer),
+        dtype=dtype,
+        top_k=top_k,
+        temperature=args.temperature,
+        lens_final_norm=args.lens_final_norm,
+        tokenizer=tokenizer,
+    )
+    datasets = [cache_rows(TokenDataset(NUM_TRAIN, seed=0)), cache_rows(TokenDataset(NUM_EVAL, seed=1))]
+    return write_teacher_cache(
+        teacher, datasets, settings, cache_dir, pad_token_id=tokenizer.pad_token_id, show_progress=False
+    )
+
+
 def training_config(out: str | os.PathLike[str], **overrides: Any):
     """The DistillLensConfig shared by every run (overrides on top)."""
     from distillens_trainer import DistillLensConfig
@@ -300,6 +365,7 @@ def train(
     save_steps: int | None = None,
     teacher_object: bool = False,
     scripted: bool = False,
+    teacher_cache: str | os.PathLike[str] | None = None,
     **config_overrides: Any,
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -318,7 +384,10 @@ def train(
         # partitions every tensor, so the final norm read by the lens is partitioned too.
         deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] = zero3_persistence_threshold
     teacher: Any = str(models_dir / "teacher")
-    if teacher_object:  # a model object with full weights, loaded before DeepSpeed is configured
+    if teacher_cache is not None:  # distil from the cache: no teacher model at all
+        teacher = None
+        config_overrides["teacher_cache"] = str(teacher_cache)
+    elif teacher_object:  # a model object with full weights, loaded before DeepSpeed is configured
         teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     args = training_config(
@@ -350,16 +419,18 @@ def train(
         processing_class=tokenizer,
         callbacks=callbacks,
     )
+    online = trainer.teacher_model is not None  # else a teacher cache stands in for it
     result: dict[str, Any] = {
         "world_size": int(args.world_size),
         "teacher_type": type(trainer.teacher_model).__name__,
-        "teacher_vocab_size": model_vocab_size(trainer.teacher_model),
+        "teacher_vocab_size": model_vocab_size(trainer.teacher_model) if online else None,
+        "cached_teacher": None if trainer.cached_teacher is None else trainer.cached_teacher.mode,
         "vocab_size": trainer.vocab_size,
         "layer_map": [list(pair) for pair in trainer.layer_map],
     }
     zero3 = is_zero3_enabled(trainer.accelerator)
     result["zero3"] = zero3
-    if zero3:
+    if zero3 and trainer.teacher_lens is not None:
         result["teacher_lens_check"] = lens_gather_check(trainer.teacher_lens)
     trainer.train()
     objective = trainer.objective
@@ -370,6 +441,7 @@ def train(
     steps = [entry for entry in trainer.state.log_history if "loss" in entry and "train_runtime" not in entry]
     rank_result = {
         "rank": int(trainer.args.process_index),
+        "cached_teacher": None if trainer.cached_teacher is None else trainer.cached_teacher.mode,
         "windows": trainer.windows,
         "on_policy_fraction": [entry.get("on_policy_fraction") for entry in steps],
         "completion_length": [entry.get("completion_length") for entry in steps],
@@ -378,7 +450,8 @@ def train(
     (out / f"result_rank{rank_result['rank']}.json").write_text(json.dumps(rank_result, indent=1))
     if zero3:
         result["student_lens_check"] = lens_gather_check(trainer.student_lens)
-        result["teacher_lens_check_after"] = lens_gather_check(trainer.teacher_lens)
+        if trainer.teacher_lens is not None:
+            result["teacher_lens_check_after"] = lens_gather_check(trainer.teacher_lens)
     if evaluate:
         result["eval_metrics"] = trainer.evaluate()
     model = trainer.model_wrapped
@@ -399,6 +472,12 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-models")
     make.add_argument("models_dir")
+    cache = commands.add_parser("make-cache")
+    cache.add_argument("models_dir")
+    cache.add_argument("cache_dir")
+    cache.add_argument("--cache-mode", choices=["hidden", "topk"], default="hidden")
+    cache.add_argument("--cache-dtype", choices=["float32", "bfloat16"], default="float32")
+    cache.add_argument("--top-k", type=int, default=32)
     run = commands.add_parser("train")
     run.add_argument("--models", required=True)
     run.add_argument("--out", required=True)
@@ -416,9 +495,19 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--lmbda", type=float, default=0.0, help="the on-policy share of optimizer windows")
     run.add_argument("--max-new-tokens", type=int, help="most tokens per completion (default: the config's)")
     run.add_argument("--scripted", action="store_true", help="scripted_completion instead of sampling")
+    run.add_argument("--teacher-cache", help="distil from this cache (make-cache): no teacher model")
     options = parser.parse_args(argv)
     if options.command == "make-models":
         make_models(options.models_dir)
+        return
+    if options.command == "make-cache":
+        make_cache(
+            options.models_dir,
+            options.cache_dir,
+            mode=options.cache_mode,
+            dtype=options.cache_dtype,
+            top_k=options.top_k,
+        )
         return
     train(
         options.models,
@@ -433,6 +522,7 @@ def main(argv: list[str] | None = None) -> None:
         teacher_object=options.teacher_object,
         teacher_dtype=options.teacher_dtype,
         scripted=options.scripted,
+        teacher_cache=options.teacher_cache,
         seed=options.seed,
         lmbda=options.lmbda,
         **({"use_cpu": True} if options.use_cpu else {}),

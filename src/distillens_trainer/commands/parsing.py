@@ -74,6 +74,7 @@ GROUP_TITLES = {
     "DataArguments": "data",
     "PromptFormatArguments": "data format",
     "OutputArguments": "output folder",
+    "CacheArguments": "teacher cache",
     "LensArguments": "lens profile",
     "ShrinkArguments": "shrink",
     "EvalArguments": "evaluation",

@@ -21,6 +21,7 @@ from ..layer_map import resolve_student_layers
 from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_context, config_num_layers
 from ..model_info import MODEL_INFO_NAME, choose_prompt_template, write_model_info
+from ..teacher_cache.format import read_manifest
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command
 from .process import check_launched_world_size, quiet_deepspeed_accelerator_detection
@@ -209,6 +210,24 @@ def run_training(
     return trainer
 
 
+def adopt_cache_prompt_format(data_args: DataArguments, teacher_cache: str, given: set[str]) -> None:
+    """With ``--teacher_cache``: tokenise as the cache was made (its prompt template, columns and length limits
+    fill the fields not given); ValueError (one line) when a given field differs, since no row would match."""
+    manifest = read_manifest(teacher_cache) if Path(teacher_cache).is_dir() else None
+    if manifest is None:
+        return  # opening the cache says what is wrong with it
+    for name, value in manifest["settings"]["prompt_format"].items():
+        if name not in given:
+            setattr(data_args, name, value)
+        elif getattr(data_args, name) != value:
+            raise ValueError(
+                f"--{name} {getattr(data_args, name)} differs from the teacher cache {teacher_cache}, tokenised with "
+                f"{name}={value}: drop --{name} (the cache's is used), or rebuild the cache with distillens "
+                "cache-teacher."
+            )
+    data_args.__post_init__()
+
+
 # What `distillens train` parses its command line (and config file) into, in this order.
 TRAIN_ARGUMENTS = (ModelArguments, LoraArguments, DataArguments, DistillLensConfig, OutputArguments)
 
@@ -223,11 +242,16 @@ def main(argv: Sequence[str]) -> int:
     quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
     if "dataloader_pin_memory" not in given:
         turn_off_pin_memory_without_accelerator(training_args)
-    teacher = training_args.teacher_model_name_or_path if training_args.objective_spec.needs_teacher else None
-    data_args.prompt_template = choose_prompt_template(
-        data_args.prompt_template if "prompt_template" in given else None,
-        [("teacher", teacher), ("student", model_args.model_name_or_path)],
-    )
+    if training_args.teacher_cache:
+        adopt_cache_prompt_format(data_args, training_args.teacher_cache, given)
+    else:
+        teacher = (
+            training_args.teacher_model_name_or_path if training_args.objective_spec.needs_teacher else None
+        )
+        data_args.prompt_template = choose_prompt_template(
+            data_args.prompt_template if "prompt_template" in given else None,
+            [("teacher", teacher), ("student", model_args.model_name_or_path)],
+        )
     run_training(
         model_args,
         data_args,

@@ -19,7 +19,7 @@ from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
 from ..evaluation.generation import eos_token_ids
 from ..feature_baseline import FeatureProjector
-from ..layer_map import KEPT_LAYERS_CONFIG_KEY, LayerPair, resolve_layer_map, resolve_student_layers
+from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
 from ..lens import LogitLens
 from ..loading import drop_gguf_quantization
 from ..model_card import model_card_text, summary_from_config, write_model_card
@@ -45,6 +45,7 @@ from ..on_policy import (
 from ..teacher import resolve_teacher, shared_vocab_size
 from ..teacher_placement import prepare_teacher
 from ..version import __version__
+from .cached_teacher import CachedTeacher, open_cached_teacher
 from .generation import SamplingSettings, sample_completions
 from .inputs import (
     refuse_compute_loss_func,
@@ -105,9 +106,14 @@ class DistillLensTrainer(Trainer):
         self._teacher_name = (
             teacher_model if isinstance(teacher_model, str) else args.teacher_model_name_or_path
         )
-        teacher_model, teacher_processing_class = resolve_teacher(
-            args, teacher_model, teacher_processing_class, needs_teacher=self.objective_spec.needs_teacher
-        )
+        if args.teacher_cache and teacher_model is not None:
+            raise ValueError(
+                "pass either teacher_model or a teacher_cache in the config, not both: the cache replaces the teacher."
+            )
+        if not args.teacher_cache:
+            teacher_model, teacher_processing_class = resolve_teacher(
+                args, teacher_model, teacher_processing_class, needs_teacher=self.objective_spec.needs_teacher
+            )
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
@@ -118,6 +124,18 @@ class DistillLensTrainer(Trainer):
         self.layer_map: list[LayerPair] = []
         self.vocab_size: int | None = None
         self.feature_projector: FeatureProjector | None = None
+        self.cached_teacher: CachedTeacher | None = None
+        if args.teacher_cache:
+            self.cached_teacher = open_cached_teacher(
+                args,
+                self.model,
+                tokenizer_of(self.processing_class),
+                {"training": self.train_dataset, "evaluation": self.eval_dataset},
+                self.args.device,
+            )
+            self.vocab_size, self.layer_map = self.cached_teacher.vocab_size, self.cached_teacher.layer_map
+            if self.objective_spec.uses_lens:
+                self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
         if self.teacher_model is not None:
             self.vocab_size = shared_vocab_size(
                 self.model,
@@ -134,7 +152,7 @@ class DistillLensTrainer(Trainer):
                     args.lens_student_layers,
                     args.lens_teacher_layers,
                     args.lens_num_layers,
-                    kept_layers=self._kept_layers(args),
+                    kept_layers=shrunk_kept_layers(unwrap_model(self.model).config, args.lens_layer_map),
                 )
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
             if self.objective_spec.feature_weight > 0:
@@ -154,6 +172,8 @@ class DistillLensTrainer(Trainer):
             feature_projector=self.feature_projector,
             chunk_size=args.lens_chunk_size,
             compile_math=args.lens_compile,
+            teacher_head=self.cached_teacher.head if self.cached_teacher else None,
+            cached_teacher=self.cached_teacher.mode if self.cached_teacher else None,
         )
         # compute_loss normalises by the accumulation window's response-token count (num_items_in_batch), counted
         # over shifted labels, so the Trainer must neither rescale by the accumulation steps nor count position 0.
@@ -189,18 +209,6 @@ class DistillLensTrainer(Trainer):
                 )
 
     # ----------------------------------------------------------------------------------------- teacher
-    def _kept_layers(self, args: DistillLensConfig) -> list[int] | None:
-        """The teacher blocks the student was cut from, for ``lens_layer_map='shrunk'`` (else None)."""
-        if args.lens_layer_map != "shrunk":
-            return None
-        kept = getattr(unwrap_model(self.model).config, KEPT_LAYERS_CONFIG_KEY, None)
-        if kept is None:
-            raise ValueError(
-                f"lens_layer_map='shrunk' needs a student written by 'distillens shrink' (its config records "
-                f"{KEPT_LAYERS_CONFIG_KEY}); this one has none: use lens_layer_map='paper'."
-            )
-        return list(kept)
-
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
         """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
         drop_gguf_quantization(unwrap_model(teacher))
@@ -345,10 +353,14 @@ class DistillLensTrainer(Trainer):
         teacher_name = self._teacher_name
         if teacher_name is None and self.teacher_model is not None:
             teacher_name = getattr(unwrap_model(self.teacher_model).config, "_name_or_path", None) or None
+        if self.cached_teacher is not None:
+            teacher_name = self.cached_teacher.cache.settings.teacher.name_or_path
         summary = summary_from_config(
             self.args,
             student=student_name,
-            teacher=teacher_name if self.teacher_model is not None else None,
+            teacher=teacher_name
+            if self.teacher_model is not None or self.cached_teacher is not None
+            else None,
             layer_map=self.layer_map,
             datasets=dataset or (),
             version=__version__,
@@ -407,14 +419,21 @@ class DistillLensTrainer(Trainer):
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         student_inputs = with_position_ids(model_inputs, self._student_takes_position_ids)
         student_outputs = model(**student_inputs, **request.forward_kwargs("student"), use_cache=False)
-        teacher_outputs = None
+        teacher_outputs = teacher_signals = None
         if self.teacher_model is not None:
             teacher_outputs = self._teacher_forward(model_inputs, request)
+        elif self.cached_teacher is not None:
+            teacher_signals = self.cached_teacher.cache.signals(inputs, self.args.device)
         window_tokens = token_count(
             num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
         )
         result = self.objective.loss(
-            inputs["labels"], student_outputs, teacher_outputs, request, num_items_in_batch=window_tokens
+            inputs["labels"],
+            student_outputs,
+            teacher_outputs,
+            request,
+            num_items_in_batch=window_tokens,
+            teacher_signals=teacher_signals,
         )
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
         # data-parallel gradient averaging so every device's tokens weigh the same.

@@ -1,0 +1,257 @@
+"""``distillens cache-teacher``: run the teacher once over the training (and evaluation) data and keep what the
+objective reads of it, so ``distillens train --teacher_cache C`` distils without the teacher's body.
+
+It takes the same data, teacher and lens fields as ``distillens train`` (the same config file works) and
+tokenises exactly as ``train`` does; the student (``--model_name_or_path``) is read only for its tokenizer and
+to resolve the layer map.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import DistillLensConfig
+from ..data.arguments import DataArguments, PromptFormatArguments
+from ..data.building import build_datasets
+from ..files import overwrite_output_dir_field
+from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
+from ..loading import ModelArguments, load_student_tokenizer, read_config
+from ..model_facts import config_num_layers, freeze, model_vocab_size, num_hidden_layers, text_config
+from ..model_info import choose_prompt_template
+from ..teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size_of_rows
+from ..teacher_cache.format import CACHE_DTYPES, CACHE_MODES, CacheSettings
+from ..teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+from .parsing import given_fields, parse_command
+from .process import check_launched_world_size
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CacheArguments:
+    """What the cache keeps of the teacher (the teacher itself, the data and the layer map are the ``train``
+    fields)."""
+
+    cache_mode: str = field(
+        default="hidden",
+        metadata={
+            "help": "hidden: the teacher's LM-head inputs at every mapped layer and the output, plus its head "
+            "(exact, d values per token and layer); topk: the top_k token ids and log-probabilities and the "
+            "tail mass (no teacher weights needed to train; divergences over top_k + 1 buckets).",
+            "choices": list(CACHE_MODES),
+        },
+    )
+    top_k: int = field(default=32, metadata={"help": "Tokens kept per position and layer in topk mode."})
+    cache_dtype: str = field(
+        default="bfloat16",
+        metadata={
+            "help": "Stored float dtype (head inputs or log-probabilities).",
+            "choices": list(CACHE_DTYPES),
+        },
+    )
+    rows_per_shard: int = field(
+        default=256,
+        metadata={"help": "Examples per shard file (the unit of resuming and of work per process)."},
+    )
+    overwrite_output_dir: bool = overwrite_output_dir_field(
+        "a cache made with other settings is replaced (only the cache's own files are removed)"
+    )
+
+    def __post_init__(self) -> None:
+        if self.cache_mode not in CACHE_MODES:
+            raise ValueError(
+                f"--cache_mode must be one of {', '.join(CACHE_MODES)}; got {self.cache_mode!r}."
+            )
+        if self.cache_dtype not in CACHE_DTYPES:
+            raise ValueError(
+                f"--cache_dtype must be one of {', '.join(CACHE_DTYPES)}; got {self.cache_dtype!r}."
+            )
+        if self.top_k < 1:
+            raise ValueError(f"--top_k={self.top_k} must be >= 1.")
+        if self.rows_per_shard < 1:
+            raise ValueError(f"--rows_per_shard={self.rows_per_shard} must be >= 1.")
+
+
+CACHE_TEACHER_ARGUMENTS = (ModelArguments, DataArguments, DistillLensConfig, CacheArguments)
+
+
+def config_fingerprint(config: Any) -> str:
+    """sha256 of a model config's architecture fields (not its path, dtype or library version)."""
+    values = {
+        key: value
+        for key, value in config.to_dict().items()
+        if not key.startswith("_") and key not in ("transformers_version", "dtype", "torch_dtype")
+    }
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def cached_layer_map(
+    student_config: Any, teacher_num_layers: int, training_args: DistillLensConfig
+) -> list[LayerPair]:
+    """The layer map ``train`` would resolve for this student and teacher (empty without the lens)."""
+    spec = training_args.objective_spec
+    if not (spec.uses_lens or spec.feature_weight > 0):
+        return []
+    return resolve_layer_map(
+        config_num_layers(student_config),
+        teacher_num_layers,
+        training_args.lens_student_layers,
+        training_args.lens_teacher_layers,
+        training_args.lens_num_layers,
+        kept_layers=shrunk_kept_layers(student_config, training_args.lens_layer_map),
+    )
+
+
+def cache_settings(
+    teacher: nn.Module,
+    tokenizer: Any,
+    teacher_tokenizer: Any,
+    student_config: Any,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DistillLensConfig,
+    cache_args: CacheArguments,
+) -> CacheSettings:
+    """What identifies the cache these arguments build: the layer map and vocabulary ``train`` would use."""
+    vocab_size = shared_vocab_size_of_rows(
+        int(text_config(student_config).vocab_size), model_vocab_size(teacher), tokenizer, teacher_tokenizer
+    )
+    format_fields = {item.name for item in fields(PromptFormatArguments)}
+    data = {key: value for key, value in asdict(data_args).items() if key != "preprocessing_num_workers"}
+    return teacher_cache_settings(
+        teacher,
+        mode=cache_args.cache_mode,
+        layer_map=cached_layer_map(student_config, num_hidden_layers(teacher), training_args),
+        vocab_size=vocab_size,
+        dtype=cache_args.cache_dtype,
+        top_k=cache_args.top_k,
+        temperature=training_args.temperature,
+        lens_final_norm=training_args.lens_final_norm,
+        tokenizer=tokenizer,
+        teacher_name=training_args.teacher_model_name_or_path,
+        teacher_gguf_file=training_args.teacher_gguf_file,
+        config_sha256=config_fingerprint(teacher.config),
+        prompt_format={key: value for key, value in data.items() if key in format_fields},
+        data=data,
+        student={
+            "name_or_path": model_args.model_name_or_path,
+            "num_layers": config_num_layers(student_config),
+        },
+    )
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def build_teacher_cache(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DistillLensConfig,
+    cache_args: CacheArguments,
+    *,
+    overwrite_output_dir: bool = False,
+) -> dict[str, Any] | None:
+    """Build (or finish) the cache in ``training_args.output_dir``; the manifest on the main process, else None."""
+    if not training_args.teacher_model_name_or_path:
+        raise ValueError("distillens cache-teacher needs the teacher: pass --teacher_model_name_or_path.")
+    if training_args.teacher_cache:
+        raise ValueError(
+            "--teacher_cache is where train reads a cache; cache-teacher writes one to --output_dir: drop it."
+        )
+    check_launched_world_size(training_args)
+    student_config = read_config(
+        model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
+    )
+    if student_config is None:
+        raise ValueError(
+            f"--model_name_or_path={model_args.model_name_or_path!r} has no readable config: give the student's "
+            "folder (it resolves the layer map)."
+        )
+    tokenizer = load_student_tokenizer(model_args)
+    train, evaluation = build_datasets(
+        data_args,
+        tokenizer,
+        main_process_first=partial(training_args.main_process_first, desc="tokenising the datasets"),
+    )
+    if train is None:
+        raise ValueError("no training data: pass --train_file or --dataset_name.")
+    dtype = resolve_teacher_dtype(
+        training_args.teacher_dtype, bf16=training_args.bf16, fp16=training_args.fp16
+    )
+    teacher = load_teacher(
+        training_args.teacher_model_name_or_path, dtype, gguf_file=training_args.teacher_gguf_file
+    )
+    teacher = freeze(teacher).to(training_args.device)
+    teacher_tokenizer = load_teacher_tokenizer(
+        training_args.teacher_model_name_or_path, training_args.teacher_gguf_file
+    )
+    settings = cache_settings(
+        teacher,
+        tokenizer,
+        teacher_tokenizer,
+        student_config,
+        model_args,
+        data_args,
+        training_args,
+        cache_args,
+    )
+    return write_teacher_cache(
+        teacher,
+        [train, evaluation],
+        settings,
+        training_args.output_dir,
+        pad_token_id=tokenizer.pad_token_id,
+        batch_size=training_args.per_device_eval_batch_size,
+        rows_per_shard=cache_args.rows_per_shard,
+        overwrite=overwrite_output_dir,
+        rank=training_args.process_index,
+        world_size=training_args.world_size,
+        barrier=_barrier,
+        show_progress=not training_args.disable_tqdm,
+    )
+
+
+def summary_line(manifest: dict[str, Any], output_dir: str) -> str:
+    settings = manifest["settings"]
+    megabytes = sum(shard["bytes"] for shard in manifest["shards"]) / 2**20
+    return (
+        f"distillens cache-teacher: {manifest['num_rows']} rows, {manifest['num_tokens']} response tokens, "
+        f"{len(settings['layers'])} teacher layers ({settings['mode']}, {manifest['bytes_per_token_per_layer']} bytes "
+        f"per token and layer), {megabytes:.1f} MiB in {output_dir}; train with --teacher_cache {output_dir}."
+    )
+
+
+def main(argv: Sequence[str]) -> int:
+    """``distillens cache-teacher [CONFIG] --teacher_model_name_or_path T --model_name_or_path S --train_file F
+    --output_dir C --cache_mode hidden|topk ...``."""
+    model_args, data_args, training_args, cache_args = parse_command(
+        CACHE_TEACHER_ARGUMENTS, argv, "distillens cache-teacher"
+    )
+    given = given_fields(argv)
+    if "output_dir" not in given:
+        raise ValueError("distillens cache-teacher writes the cache to --output_dir: pass it.")
+    data_args.prompt_template = choose_prompt_template(
+        data_args.prompt_template if "prompt_template" in given else None,
+        [("teacher", training_args.teacher_model_name_or_path), ("student", model_args.model_name_or_path)],
+    )
+    manifest = build_teacher_cache(
+        model_args,
+        data_args,
+        training_args,
+        cache_args,
+        overwrite_output_dir=cache_args.overwrite_output_dir,
+    )
+    if manifest is not None:
+        print(summary_line(manifest, training_args.output_dir))
+    return 0

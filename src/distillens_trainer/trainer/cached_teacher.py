@@ -1,0 +1,119 @@
+"""The trainer's side of a teacher cache: open it and check, before any step, that it serves this run."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..config import DistillLensConfig
+from ..heads import LinearHead
+from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
+from ..model_facts import model_vocab_size, num_hidden_layers, unwrap_model
+from ..teacher import shared_vocab_size_of_rows
+from ..teacher_cache.format import CacheSettings, tokenizer_fingerprint
+from ..teacher_cache.reader import REBUILD, TeacherCache
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class CachedTeacher:
+    """An opened cache and what the objective takes from it."""
+
+    cache: TeacherCache
+    layer_map: list[LayerPair]
+    vocab_size: int
+    head: LinearHead | None  # hidden mode: the cached LM head
+
+    @property
+    def mode(self) -> str:
+        return self.cache.settings.mode
+
+
+def check_cache_serves(
+    settings: CacheSettings, args: DistillLensConfig, student: nn.Module, tokenizer: Any | None, where: str
+) -> tuple[list[LayerPair], int]:
+    """The layer map and shared vocabulary of this run, from the cache's teacher; ValueError (one line) when the
+    cache was made for another tokenizer, vocabulary, layer map, lens norm or temperature."""
+    recorded = settings.tokenizer_sha256
+    if tokenizer is not None and recorded is not None and tokenizer_fingerprint(tokenizer) != recorded:
+        raise ValueError(
+            f"the teacher cache {where} was made with another tokenizer than the student's: {REBUILD} for this student."
+        )
+    vocab_size = shared_vocab_size_of_rows(
+        model_vocab_size(student), settings.teacher.vocab_rows, tokenizer, None
+    )
+    if vocab_size != settings.vocab_size:
+        raise ValueError(
+            f"the teacher cache {where} compares {settings.vocab_size} vocabulary columns, this student shares "
+            f"{vocab_size} with its teacher: {REBUILD} with this student."
+        )
+    spec = args.objective_spec
+    layer_map: list[LayerPair] = []
+    if spec.uses_lens:
+        layer_map = resolve_layer_map(
+            num_hidden_layers(student),
+            settings.teacher.num_layers,
+            args.lens_student_layers,
+            args.lens_teacher_layers,
+            args.lens_num_layers,
+            kept_layers=shrunk_kept_layers(unwrap_model(student).config, args.lens_layer_map),
+        )
+        missing = sorted({teacher for _, teacher in layer_map} - set(settings.layers))
+        if missing:
+            raise ValueError(
+                f"the layer map {layer_map} reads teacher layers {missing}, which the teacher cache {where} lacks (it "
+                f"holds {list(settings.layers)}): {REBUILD} with the same lens flags as this run."
+            )
+        if args.lens_final_norm != settings.lens_final_norm and any(
+            t != settings.output_layer for _, t in layer_map
+        ):
+            raise ValueError(
+                f"lens_final_norm={args.lens_final_norm}, but the teacher cache {where} was made with "
+                f"lens_final_norm={settings.lens_final_norm}: set it to match, or {REBUILD}."
+            )
+    if settings.mode == "topk" and args.temperature != settings.temperature:
+        raise ValueError(
+            f"temperature={args.temperature}, but the top-k teacher cache {where} holds log-probabilities at "
+            f"temperature {settings.temperature}: set temperature={settings.temperature}, or {REBUILD}."
+        )
+    return layer_map, vocab_size
+
+
+def open_cached_teacher(
+    args: DistillLensConfig,
+    student: nn.Module,
+    tokenizer: Any | None,
+    datasets: Mapping[str, Any],
+    device: torch.device,
+) -> CachedTeacher:
+    """Open ``args.teacher_cache``, check that it serves this run and holds every row of ``datasets`` (name ->
+    tokenised dataset, a dict of them, or None)."""
+    cache = TeacherCache.open(args.teacher_cache)
+    settings = cache.settings
+    layer_map, vocab_size = check_cache_serves(settings, args, student, tokenizer, args.teacher_cache)
+    for name, dataset in datasets.items():
+        parts = dataset.items() if isinstance(dataset, Mapping) else [(name, dataset)]
+        for part_name, part in parts:
+            cache.check_rows(part, part_name if part_name == name else f"{name} {part_name}")
+    named = args.teacher_model_name_or_path
+    if named and named != settings.teacher.name_or_path:
+        logger.warning(
+            "teacher_model_name_or_path=%s is not used: the teacher cache was made from %s.",
+            named,
+            settings.teacher.name_or_path,
+        )
+    head = cache.teacher_head(device) if settings.mode == "hidden" else None
+    logger.info(
+        "DistillLens: teacher read from the %s cache %s (%d rows, teacher layers %s); no teacher model is built.",
+        settings.mode,
+        args.teacher_cache,
+        len(cache),
+        list(settings.layers),
+    )
+    return CachedTeacher(cache, layer_map, vocab_size, head)
