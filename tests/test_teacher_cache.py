@@ -216,6 +216,15 @@ def _loss_and_grads(trainer: DistillLensTrainer, batch) -> tuple[torch.Tensor, l
     return loss.detach(), [p.grad.clone() for p in trainer.model.parameters() if p.grad is not None]
 
 
+def assert_same_loss_and_grads(cached: DistillLensTrainer, online: DistillLensTrainer, batch) -> None:
+    """The cached run's summed loss and every student gradient equal the online run's (fp32 round-off)."""
+    online_loss, online_grads = _loss_and_grads(online, batch)
+    cached_loss, cached_grads = _loss_and_grads(cached, batch)
+    torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=1e-6)
+    for got, expected in zip(cached_grads, online_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+
+
 def _gemma2(layers: int, seed: int, vocab: int = TINY_VOCAB):
     torch.manual_seed(seed)
     config = transformers.Gemma2Config(
@@ -265,12 +274,7 @@ def test_an_fp32_hidden_cache_gives_the_online_losses_and_gradients(tmp_path, pa
     cache = _cache(tmp_path, online, rows)
     cached = _cached(tmp_path, student, cache, rows, **weights)
     assert cached.teacher_model is None
-    batch = pad_batch(rows[:6])
-    online_loss, online_grads = _loss_and_grads(online, batch)
-    cached_loss, cached_grads = _loss_and_grads(cached, batch)
-    torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(cached_grads, online_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert_same_loss_and_grads(cached, online, pad_batch(rows[:6]))
 
 
 @pytest.mark.parametrize("lens_chunk_size", [0, 5])
@@ -308,12 +312,7 @@ def test_a_top_k_cache_over_the_whole_vocabulary_gives_the_online_loss(tmp_path)
     cache = _cache(tmp_path, online, rows, mode="topk", top_k=TINY_VOCAB, temperature=2.0)
     cached = _cached(tmp_path, student, cache, rows, kd_divergence="skl", temperature=2.0)
     assert cached.cached_teacher.head is None  # no teacher weights at all
-    batch = pad_batch(rows[:6])
-    online_loss, online_grads = _loss_and_grads(online, batch)
-    cached_loss, cached_grads = _loss_and_grads(cached, batch)
-    torch.testing.assert_close(cached_loss, online_loss, rtol=1e-5, atol=1e-6)
-    for got, expected in zip(cached_grads, online_grads):
-        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-7)
+    assert_same_loss_and_grads(cached, online, pad_batch(rows[:6]))
 
 
 def test_a_small_top_k_cache_trains_on_every_term(tmp_path):

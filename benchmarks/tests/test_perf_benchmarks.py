@@ -66,3 +66,41 @@ def test_trainer_goals_are_the_ratios_of_the_issue():
     assert goals == pytest.approx(
         {"distillens_fused_vs_kd_plus_floor": 1.15, "kd_fused_vs_gkd": 0.8, "sft_vs_trainer": 1.05}
     )
+
+
+def test_trainer_steps_cache_goals_compare_each_cache_variant_with_its_online_counterpart():
+    def entry(median: float, peak_mib: float, **extra) -> dict:
+        return {"step_s": {"median": median}, "peak_rss_mb": peak_mib, **extra}
+
+    body = 100 * 1024 * 1024
+    variants = {
+        "kd_fused": entry(2.0, 1000.0, teacher_body_bytes=body),
+        "distillens_fused": entry(4.0, 1200.0, teacher_body_bytes=body),
+        "kd_cache_hidden": entry(1.5, 880.0),
+        "distillens_cache_hidden": entry(3.0, 1050.0),
+        # no online counterpart's teacher: the cache build's teacher is the reference
+        "distillens_cache_topk": entry(2.0, 1100.0, cache_build_teacher={"teacher_body_bytes": 2 * body}),
+    }
+    goals = trainer_steps.goals(variants)
+    assert goals == pytest.approx(
+        {
+            "kd_cache_hidden_vs_kd_fused": 0.75,
+            "kd_cache_hidden_peak_saving_over_teacher_body": 1.2,
+            "distillens_cache_hidden_vs_distillens_fused": 0.75,
+            "distillens_cache_hidden_peak_saving_over_teacher_body": 1.5,
+            "distillens_cache_topk_vs_distillens_fused": 0.5,
+            "distillens_cache_topk_peak_saving_over_teacher_body": 1.0,  # the online trainer's teacher
+        }
+    )
+
+
+def test_trainer_steps_cache_variants_are_opt_in_and_quick_results_stay_out_of_the_results_folder():
+    opts = trainer_steps.parse_args(["--quick"])
+    assert opts.variants == list(trainer_steps.VARIANTS)
+    assert not set(opts.variants) & set(trainer_steps.CACHE_VARIANTS)
+    assert opts.out_dir != trainer_steps.RESULTS_DIR
+    assert trainer_steps.parse_args([]).out_dir == trainer_steps.RESULTS_DIR
+    chosen = trainer_steps.parse_args(["--quick", "--variants", "kd_fused", "distillens_cache_topk"])
+    assert chosen.variants == ["kd_fused", "distillens_cache_topk"]
+    with pytest.raises(SystemExit):
+        trainer_steps.parse_args(["--variants", "no_such_variant"])

@@ -166,6 +166,25 @@ def test_on_policy_distillens_is_paired_with_on_policy_kd_first_and_only_when_bo
     assert "kd_onpolicy - kd" in off_policy["paired"]
 
 
+def test_each_top_k_cache_is_paired_with_the_hidden_cache_and_that_with_the_teacher_model():
+    methods = [
+        "distillens",
+        "distillens_hidden",
+        "distillens_topk8",
+        "distillens_topk32",
+        "distillens_topk128",
+    ]
+    runs = [_run(method, seed, 40.0 + i + seed) for i, method in enumerate(methods) for seed in (0, 1)]
+    paired = quality.summarise(runs, methods, [0, 1])["paired"]
+    assert list(paired) == [
+        "distillens_hidden - distillens",  # the headline of a cache run: float rounding only
+        "distillens_topk8 - distillens_hidden",
+        "distillens_topk32 - distillens_hidden",
+        "distillens_topk128 - distillens_hidden",
+    ]
+    assert paired["distillens_topk128 - distillens_hidden"]["exact_match"]["per_seed"] == [3.0, 3.0]
+
+
 def test_resuming_a_report_of_other_settings_is_a_one_line_error(tmp_path, capsys):
     other = {"complete": False, "settings": {}, "seeds": [0, 1], "methods": ["kd"], "runs": []}
     (tmp_path / "quality_r.json").write_text(json.dumps(other), encoding="utf-8")

@@ -76,7 +76,27 @@ METHODS: dict[str, dict[str, Any]] = {
     "distillens_onpolicy": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd", "lmbda": 1.0},
     "kd_mixed": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 0.5},
     "distillens_mixed": {"ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd", "lmbda": 0.5},
-}
+    # distillens trained from a teacher cache instead of the teacher model: "teacher_cache" is no config field but the
+    # cache's settings, which training turns into a cache built once per teacher, suite, settings and layer map (see
+    # training.get_teacher_signals). An fp32 hidden cache trains as distillens up to float rounding; the top-k ones
+    # (bf16) measure what keeping k teacher log-probabilities per token and layer costs.
+    "distillens_hidden": {
+        "ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd",
+        "teacher_cache": {"mode": "hidden", "dtype": "float32"},
+    },
+    "distillens_topk8": {
+        "ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd",
+        "teacher_cache": {"mode": "topk", "top_k": 8, "dtype": "bfloat16"},
+    },
+    "distillens_topk32": {
+        "ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd",
+        "teacher_cache": {"mode": "topk", "top_k": 32, "dtype": "bfloat16"},
+    },
+    "distillens_topk128": {
+        "ce_weight": 0.0, "kd_weight": 1.0, "lens_divergence": "jsd",
+        "teacher_cache": {"mode": "topk", "top_k": 128, "dtype": "bfloat16"},
+    },
+}  # fmt: skip
 DEMO_METHODS = ("sft", "kd", "distillens")
 INIT_NAME = "init"
 METHOD_DESCRIPTIONS = {
@@ -91,6 +111,10 @@ METHOD_DESCRIPTIONS = {
     "distillens_onpolicy": "student, reverse KL + JSD logit lens, on its own sampled completions (lmbda 1)",
     "kd_mixed": "student, reverse KL on the final logits, half the windows on its own completions (lmbda 0.5)",
     "distillens_mixed": "student, reverse KL + JSD logit lens, half the windows on its own completions (lmbda 0.5)",
+    "distillens_hidden": "student, reverse KL + JSD logit lens, from an fp32 cache of the teacher's hidden states",
+    "distillens_topk8": "student, reverse KL + JSD logit lens, from a cache of the teacher's top-8 log-probs (bf16)",
+    "distillens_topk32": "student, reverse KL + JSD logit lens, from a cache of the teacher's top-32 log-probs (bf16)",
+    "distillens_topk128": "student, reverse KL + JSD logit lens, from a cache of the teacher's top-128 log-probs (bf16)",
 }
 TEACHER_OBJECTIVE = {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0}
 # The suite tokenizer has no chat template: the demo offers the library's prompt formats that need none.
@@ -152,7 +176,8 @@ class DemoArguments:
     cache_dir: str | None = field(
         default=None,
         metadata={
-            "help": "Where trained teachers are cached (one teacher-<hash> folder per data/teacher setting). "
+            "help": "Where trained teachers are cached (one teacher-<hash> folder per data/teacher setting), with "
+            "the initial students and the teacher caches of the cache methods (teacher-signals-<hash>). "
             f"Default: {CACHE_DIRNAME} in the parent folder of output_dir."
         },
     )
@@ -163,7 +188,9 @@ class DemoArguments:
             "(reverse KL on the final logits), distillens (kd + JSD logit lens), distillens_skl (kd + "
             "symmetric-KL logit lens), feature (kd + the paper's MSE feature baseline); kd_onpolicy and "
             "distillens_onpolicy train on completions the student samples for the training prompts (lmbda=1), "
-            "kd_mixed and distillens_mixed on half of the optimizer windows (lmbda=0.5).",
+            "kd_mixed and distillens_mixed on half of the optimizer windows (lmbda=0.5); distillens_hidden, "
+            "distillens_topk8, distillens_topk32 and distillens_topk128 are distillens from a teacher cache "
+            "(fp32 hidden states, or the teacher's top-k log-probabilities in bf16) built once in cache_dir.",
             "choices": list(METHODS),
         },
     )

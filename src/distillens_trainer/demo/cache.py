@@ -1,6 +1,7 @@
 """The on-disk cache of the demo's SFT teacher and of the warmed-up initial student, one folder per setting
 under ``<cache_dir>``, keyed by a hash of everything the model depends on, and :class:`TrainingRun`, the record of
-a training run that each entry keeps. Training a missing entry is :mod:`.training`'s job."""
+a training run that each entry keeps; also the keys of the teacher caches (``teacher-signals-<hash>``) the cache
+methods train from. Training or building a missing entry is :mod:`.training`'s job."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,28 @@ def teacher_key(args: DemoArguments) -> dict[str, Any]:
 def teacher_cache_path(args: DemoArguments) -> Path:
     """``<cache_dir>/teacher-<hash of teacher_key>``."""
     return args.resolved_cache_dir / f"teacher-{stable_hash(teacher_key(args))}"
+
+
+def teacher_signals_key(
+    args: DemoArguments, cache: Mapping[str, Any], layer_map: Sequence[Sequence[int]], vocab_size: int
+) -> dict[str, Any]:
+    """Everything a teacher cache of a cache method depends on: the teacher (and with it the suite), the cache's
+    settings (``cache``: a method's ``teacher_cache`` entry), the lens layer map and the shared vocabulary."""
+    from ..teacher_cache.format import FORMAT_VERSION
+
+    return {
+        "format": CACHE_FORMAT,
+        "cache_format": FORMAT_VERSION,
+        "teacher": teacher_key(args),
+        "cache": dict(cache),
+        "layer_map": [list(pair) for pair in layer_map],
+        "vocab_size": vocab_size,
+    }
+
+
+def teacher_signals_path(args: DemoArguments, key: Mapping[str, Any]) -> Path:
+    """``<cache_dir>/teacher-signals-<hash of key>`` (``key``: :func:`teacher_signals_key`)."""
+    return args.resolved_cache_dir / f"teacher-signals-{stable_hash(key)}"
 
 
 def load_cached_model(path: Path) -> tuple[Any, Any, dict[str, Any]] | None:

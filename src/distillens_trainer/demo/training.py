@@ -1,9 +1,11 @@
 """The task suite in memory, the demo's small Llama-style models and their training with
-:class:`~distillens_trainer.DistillLensTrainer`."""
+:class:`~distillens_trainer.DistillLensTrainer`, from the teacher model or, for the cache methods, from a teacher
+cache built once in the demo's cache folder."""
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import statistics
 import sys
@@ -26,10 +28,16 @@ from .cache import (
     suite_key,
     teacher_cache_path,
     teacher_key,
+    teacher_signals_key,
+    teacher_signals_path,
 )
 from .suite import default_max_new_tokens, prompt_of, read_jsonl
 
 logger = logging.getLogger(__name__)
+
+# Building a cache method's teacher cache: rows per teacher forward, rows per shard file.
+TEACHER_CACHE_BATCH_SIZE = 64
+TEACHER_CACHE_ROWS_PER_SHARD = 2048
 
 
 @dataclass
@@ -279,6 +287,7 @@ def method_objective(method: str, args: DemoArguments, suite: Suite | None = Non
     """The DistillLensConfig fields of a student method: its loss and, for an on-policy method (``lmbda > 0``),
     the length of its sampled completions, :attr:`Suite.completion_max_new_tokens` of ``suite`` (needed then)."""
     objective = dict(METHODS[method])
+    objective.pop("teacher_cache", None)  # the cache's settings, not a config field: see train_student
     if objective.get("kd_weight", 0) > 0:
         objective.setdefault("kd_divergence", args.kd_divergence)
     if method.startswith("distillens"):
@@ -299,8 +308,18 @@ def train_student(
     output_dir: Path,
     seed: int | None = None,
 ) -> tuple[torch.nn.Module, TrainingRun]:
-    """A copy of ``initial_student`` trained with ``method``; returns ``(student, its run)``."""
+    """A copy of ``initial_student`` trained with ``method``; returns ``(student, its run)``.
+
+    A cache method (a ``teacher_cache`` entry in :data:`METHODS`) trains from the teacher cache
+    :func:`get_teacher_signals` gives, without the teacher model; its run's objective records the cache.
+    """
     student = copy.deepcopy(initial_student)
+    cache = METHODS[method].get("teacher_cache")
+    overrides = None
+    if cache is not None:
+        cache_path = get_teacher_signals(cache, teacher, student, suite, args)
+        overrides = {"teacher_cache": str(cache_path)}
+        teacher = None  # the trainer refuses a teacher model beside a cache
     run = train_model(
         student,
         suite,
@@ -315,8 +334,93 @@ def train_student(
         lens_teacher_layers=args.lens_teacher_layers,
         teacher=teacher,
         description=f"student '{method}'",
+        config_overrides=overrides,
     )
+    if cache is not None:
+        run = dataclasses.replace(
+            run, objective={**run.objective, "teacher_cache": {**cache, "path": overrides["teacher_cache"]}}
+        )
     return student, run
+
+
+def lens_layer_map(
+    student: torch.nn.Module, teacher: torch.nn.Module, args: DemoArguments
+) -> list[list[int]]:
+    """The (student, teacher) lens pairs the trainer resolves for ``student`` and ``teacher`` under ``args`` (the
+    teacher layers a teacher cache must hold)."""
+    from ..layer_map import resolve_layer_map
+    from ..model_facts import num_hidden_layers
+
+    fields = explicit_lens_layers(student, args.lens_num_layers, args.lens_teacher_layers)
+    pairs = resolve_layer_map(
+        num_hidden_layers(student),
+        num_hidden_layers(teacher),
+        fields.get("lens_student_layers"),
+        fields.get("lens_teacher_layers"),
+        args.lens_num_layers,
+    )
+    return [list(pair) for pair in pairs]
+
+
+def teacher_cache_rows(suite: Suite) -> list[Any]:
+    """The tokenised rows a cache method's trainer must find in its teacher cache: the training split (train_model
+    passes the trainer no eval_dataset; the lens profile runs the teacher model itself)."""
+    return [suite.train_dataset]
+
+
+def get_teacher_signals(
+    cache: Mapping[str, Any],
+    teacher: torch.nn.Module,
+    student: torch.nn.Module,
+    suite: Suite,
+    args: DemoArguments,
+) -> Path:
+    """The teacher cache of ``teacher`` with the settings ``cache`` (a method's ``teacher_cache`` entry: ``mode``,
+    ``dtype``, ``top_k``), over :func:`teacher_cache_rows`, for ``student``'s lens layer map and shared vocabulary:
+    reused from ``<cache_dir>/teacher-signals-<hash>`` when complete with these settings, else built (an interrupted
+    build is finished) there. Returns its folder."""
+    from ..teacher import shared_vocab_size
+    from ..teacher_cache.format import read_manifest
+    from ..teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+
+    layer_map = lens_layer_map(student, teacher, args)
+    vocab_size = shared_vocab_size(student, teacher, suite.tokenizer)
+    path = teacher_signals_path(args, teacher_signals_key(args, cache, layer_map, vocab_size))
+    settings = teacher_cache_settings(
+        teacher,
+        layer_map=[tuple(pair) for pair in layer_map],
+        vocab_size=vocab_size,
+        tokenizer=suite.tokenizer,
+        teacher_name=f"distillens demo {teacher_cache_path(args).name}",
+        data=suite_key(args),
+        **cache,
+    )
+    manifest = read_manifest(path)
+    if manifest is not None and manifest.get("complete") and manifest.get("settings") == settings.to_json():
+        logger.info("[demo] reusing the teacher cache %s", path)
+        return path
+    logger.info("[demo] building the %s teacher cache %s (%s)", cache["mode"], path, dict(cache))
+    start = time.perf_counter()
+    finished = write_teacher_cache(
+        teacher,
+        teacher_cache_rows(suite),
+        settings,
+        path,
+        pad_token_id=suite.tokenizer.pad_token_id,
+        batch_size=TEACHER_CACHE_BATCH_SIZE,
+        rows_per_shard=TEACHER_CACHE_ROWS_PER_SHARD,
+        overwrite=True,  # a folder of this key made with other settings (e.g. a retrained teacher) is replaced
+        show_progress=False,
+    )
+    logger.info(
+        "[demo] built the teacher cache %s in %.1f s: %d rows, %d response tokens, %.1f MB",
+        path,
+        time.perf_counter() - start,
+        finished["num_rows"],
+        finished["num_tokens"],
+        sum(shard["bytes"] for shard in finished["shards"]) / 1e6,
+    )
+    return path
 
 
 # --------------------------------------------------------------------------------------------- cached or trained
