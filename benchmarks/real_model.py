@@ -21,6 +21,14 @@ student layer vs JSD, one line per method), and for the first seed of every stud
 Summary: mean ± sample std over seeds and paired differences against
 ``kd`` with 95% t intervals (``benchmarks/quality.py``'s statistics).
 
+Opt-in, ``distillens_hidden`` and ``distillens_topk8`` / ``32`` / ``128`` train ``distillens`` from a teacher cache
+of the training rows (bf16 head inputs, or the top-k log-probabilities; built once in ``teacher_caches/``): what
+top-k costs, with ``--baseline distillens_hidden`` and the ``cache`` preset::
+
+    PYTHONPATH=src python benchmarks/real_model.py --output_dir benchmarks/results/real_model_cache --preset cache \
+        --methods distillens_hidden distillens_topk8 distillens_topk32 distillens_topk128 \
+        --baseline distillens_hidden --threads 1 --lens_diagnostics false
+
 Every finished (method, seed) writes ``runs/<method>_seed<seed>.json`` in ``--output_dir``: a rerun with the same
 settings skips those, so a run can be finished in parts. Presets: ``smoke`` (minutes, proves the pipeline),
 ``default`` (about 73 minutes on an idle 2-core CPU with bf16 autocast), ``gpu`` (the paper's protocol: full
@@ -72,6 +80,15 @@ logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly"
 SPLIT_FILES = {"train": "train_11435.jsonl", "validation": "dev_1000.jsonl", "test": "test_500.jsonl"}
 STUDENT_METHODS = ("sft", "kd", "distillens", "distillens_skl")
+# DistillLens from a teacher cache (docs/teacher-cache.md), opt-in with --methods: what keeping only the teacher's
+# top-k log-probabilities costs against its exact head inputs (compare with --baseline distillens_hidden).
+TEACHER_CACHES: dict[str, dict[str, Any]] = {
+    "distillens_hidden": {"mode": "hidden", "dtype": "bfloat16"},
+    "distillens_topk8": {"mode": "topk", "top_k": 8, "dtype": "bfloat16"},
+    "distillens_topk32": {"mode": "topk", "top_k": 32, "dtype": "bfloat16"},
+    "distillens_topk128": {"mode": "topk", "top_k": 128, "dtype": "bfloat16"},
+}
+ALL_METHODS = STUDENT_METHODS + tuple(TEACHER_CACHES)
 BASELINE = "kd"
 METRICS = ("rougeL", "exact_match")
 # Teacher-forced scores on the validation responses (from the lens profile; lower is better): the student's
@@ -85,6 +102,7 @@ OBJECTIVES: dict[str, dict[str, Any]] = {
     "distillens": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "rkl", "lens_divergence": "jsd"},
     "distillens_skl": {"ce_weight": 0.0, "kd_weight": 1.0, "kd_divergence": "rkl", "lens_divergence": "skl"},
 }
+OBJECTIVES |= {method: OBJECTIVES["distillens"] for method in TEACHER_CACHES}
 PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
@@ -94,6 +112,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1, 2], "num_train": 1000, "num_validation": 32, "num_test": 100, "warmup_steps": 100,
         "steps": 100, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False,
+    },
+    "cache": {  # the teacher-cache comparison (--methods distillens_hidden distillens_topk8 ...): ~45 min, 1 thread
+        "seeds": [0, 1, 2], "num_train": 120, "num_validation": 32, "num_test": 8, "warmup_steps": 30, "steps": 30,
+        "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 32, "do_sample": False,
     },
     "gpu": {
         "seeds": [10, 20, 30, 40, 50], "num_train": None, "num_validation": 500, "num_test": None,
@@ -151,6 +173,15 @@ class RealModelArguments:
     lens_layer_map: str = field(
         default="paper", metadata={"help": "paper or shrunk.", "choices": ["paper", "shrunk"]}
     )
+    baseline: str = field(
+        default=BASELINE, metadata={"help": "The method every paired difference is taken against."}
+    )
+    lens_diagnostics: bool = field(
+        default=True,
+        metadata={
+            "help": "Write the full distillens lens profile of each method's first seed (minutes each on a CPU)."
+        },
+    )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on where supported)."})
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: the usable cores)."})
@@ -159,9 +190,9 @@ class RealModelArguments:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
-        unknown = sorted(set(self.methods) - set(STUDENT_METHODS))
+        unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
-            raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(STUDENT_METHODS)}.")
+            raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}.")
         if len(set(self.seeds)) != len(self.seeds) or not self.seeds:
             raise ValueError(f"seeds={self.seeds}: give at least one seed, each once.")
         if self.bf16 is None:
@@ -169,7 +200,16 @@ class RealModelArguments:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings every run of one output_dir must share (seeds and methods may grow)."""
-        ignored = {"output_dir", "preset", "methods", "seeds", "generation_batch_size", "threads"}
+        ignored = {
+            "output_dir",
+            "preset",
+            "methods",
+            "seeds",
+            "generation_batch_size",
+            "threads",
+            "baseline",
+            "lens_diagnostics",
+        }
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 
 
@@ -218,12 +258,53 @@ def train(
     }
     if "lens_divergence" in OBJECTIVES[objective]:
         overrides["lens_weight"] = args.lens_weight
+    if objective in TEACHER_CACHES:
+        overrides["teacher_cache"] = str(teacher_cache_for(objective, model, teacher, suite, args))
+        teacher = None  # trained from the cache alone
     return train_model(
         model, suite, objective=OBJECTIVES[objective], output_dir=Path(args.output_dir) / "trainer",
         max_steps=steps, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=seed,
         logging_steps=max(1, steps // 10), lens_num_layers=args.lens_num_layers, teacher=teacher,
         description=objective, config_overrides=overrides,
     )  # fmt: skip
+
+
+def teacher_cache_for(
+    method: str, student: Any, teacher: Any, suite: Suite, args: RealModelArguments
+) -> Path:
+    """The teacher cache of ``method`` over the training rows, built once in ``output_dir/teacher_caches/`` (a
+    finished cache is reused; its build time is kept in ``build.json`` beside it)."""
+    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+
+    spec = TEACHER_CACHES[method]
+    folder = Path(args.output_dir) / "teacher_caches" / "-".join(str(value) for value in spec.values())
+    if (folder / "build.json").is_file():
+        return folder
+    kept = getattr(student.config, KEPT_LAYERS_CONFIG_KEY, None)
+    layer_map = resolve_layer_map(
+        num_hidden_layers(student), num_hidden_layers(teacher), num_layers=args.lens_num_layers,
+        kept_layers=kept if args.lens_layer_map == "shrunk" else None,
+    )  # fmt: skip
+    settings = teacher_cache_settings(
+        teacher, layer_map=layer_map, vocab_size=shared_vocab_size(student, teacher, suite.tokenizer, suite.tokenizer),
+        tokenizer=suite.tokenizer, **spec,
+    )  # fmt: skip
+    start = time.perf_counter()
+    with autocast(args):
+        manifest = write_teacher_cache(
+            teacher, [suite.train_dataset], settings, folder, pad_token_id=suite.tokenizer.pad_token_id,
+            batch_size=8, overwrite=True, show_progress=False,
+        )  # fmt: skip
+    build = {
+        "build_s": round(time.perf_counter() - start, 1),
+        "bytes": sum(shard["bytes"] for shard in manifest["shards"]),
+        "tokens": manifest["num_tokens"],
+        "bytes_per_token_per_layer": manifest["bytes_per_token_per_layer"],
+        "layers": manifest["settings"]["layers"],
+    }
+    write_json_atomic(folder / "build.json", build)
+    logger.info("teacher cache %s built: %s", folder.name, build)
+    return folder
 
 
 def evaluate(model: Any, teacher: Any, suite: Suite, args: RealModelArguments, seed: int) -> dict[str, Any]:
@@ -357,19 +438,20 @@ def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any
                     entry[name] = mean_std([p[key] for p in profiles])
         methods[method] = entry
     paired: dict[str, Any] = {}
+    reference = args.baseline
     for method in table:
-        if method in ("teacher", BASELINE) or BASELINE not in table:
+        if method in ("teacher", reference) or reference not in table:
             continue
-        common = [seed for seed in args.seeds if seed in table[method] and seed in table[BASELINE]]
+        common = [seed for seed in args.seeds if seed in table[method] and seed in table[reference]]
         if len(common) >= 2:
-            runs, baseline = [table[method][s] for s in common], [table[BASELINE][s] for s in common]
-            paired[f"{method} - {BASELINE}"] = {
+            runs, baseline = [table[method][s] for s in common], [table[reference][s] for s in common]
+            paired[f"{method} - {reference}"] = {
                 metric: paired_difference([run[metric] - base[metric] for run, base in zip(runs, baseline)])
                 for metric in METRICS
             } | {"seeds": common}
             for name, key in TEACHER_FORCED.items():
                 if all(key in run.get("lens", {}) for run in runs + baseline):
-                    paired[f"{method} - {BASELINE}"][name] = paired_difference(
+                    paired[f"{method} - {reference}"][name] = paired_difference(
                         [run["lens"][key] - base["lens"][key] for run, base in zip(runs, baseline)], digits=5
                     )
     return {"methods": methods, "paired": paired}
@@ -476,8 +558,15 @@ def run(args: RealModelArguments, command: str) -> dict[str, Any]:
                 {k: summary[k] for k in ("train_time_s", "layer_map", "final_loss", "final_kd_loss")}
             )
             record["final_lens_loss"] = trained.final_lens_loss
+            if method in TEACHER_CACHES:
+                build = (
+                    Path(args.output_dir)
+                    / "teacher_caches"
+                    / "-".join(map(str, TEACHER_CACHES[method].values()))
+                )
+                record["teacher_cache"] = json.loads((build / "build.json").read_text(encoding="utf-8"))
         record.update(evaluate(model, teacher, suite, args, seed if seed is not None else args.seeds[0]))
-        if method != "teacher" and seed in (None, args.seeds[0]):  # one lens profile per student method
+        if args.lens_diagnostics and method != "teacher" and seed in (None, args.seeds[0]):  # one per method
             write_lens_diagnostics(model, teacher, suite, args, Path(args.output_dir) / "lens" / method)
         write_json_atomic(run_file(args, method, seed), record)
         elapsed = time.perf_counter() - start

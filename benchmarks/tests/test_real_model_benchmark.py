@@ -89,3 +89,15 @@ def test_a_rerun_with_other_settings_is_refused(tmp_path):
 def test_an_unknown_method_is_refused():
     with pytest.raises(ValueError, match="methods: unknown"):
         real_model.RealModelArguments(output_dir="x", methods=["feature"])
+
+
+def test_teacher_cache_methods_pair_with_the_chosen_baseline(tmp_path):
+    methods = ["distillens_hidden", "distillens_topk8"]
+    args = _args(tmp_path, seeds=[0, 1], methods=methods, baseline="distillens_hidden")
+    assert real_model.OBJECTIVES["distillens_topk8"] == real_model.OBJECTIVES["distillens"]
+    for seed in (0, 1):
+        _write_run(args, "distillens_hidden", seed, 10.0, 1.0, output_jsd=0.2)
+        _write_run(args, "distillens_topk8", seed, 9.0 + seed, 1.0, output_jsd=0.25)
+    paired = real_model.summarise(args, real_model.runs_by_method(args))["paired"]
+    assert list(paired) == ["distillens_topk8 - distillens_hidden"]
+    assert paired["distillens_topk8 - distillens_hidden"]["output_jsd"]["mean"] == pytest.approx(0.05)
