@@ -47,7 +47,8 @@ from _measure import (
     write_results,
 )
 
-from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE
+from distillens_trainer.fused_math import CHUNK_BLOCKS
+from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, check_chunk_size, resolve_chunk_size
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
@@ -59,10 +60,9 @@ LABELS = {
 }
 # Predicted peak over the inputs as multiples of one fp32 logits tensor, calibrated on --quick runs: autograd
 # keeps ~7.4 [N,V] tensors per pair for every pair until backward (straightforward), ~16 stacked [K,B,T,V]
-# tensors (naive); the fused path a few chunk x V blocks.
+# tensors (naive); the fused path at most CHUNK_BLOCKS chunk x V blocks (tests/test_fused.py counts them).
 STRAIGHTFORWARD_TEMPORARIES_PER_PAIR = 8
 NAIVE_TEMPORARIES = 16
-FUSED_TEMPORARIES = 8
 CLOCK_KEYS = {"wall": "forward_backward_s", "cpu": "forward_backward_cpu_s"}
 
 
@@ -223,7 +223,8 @@ def predicted_peak_mib(opts: argparse.Namespace, variant: str, vocab: int, token
     elif variant == "straightforward":
         peak = STRAIGHTFORWARD_TEMPORARIES_PER_PAIR * opts.pairs * logits
     else:
-        peak = FUSED_TEMPORARIES * min(tokens, opts.chunk_size) * vocab * 4 + opts.pairs * tokens * hidden * 4
+        chunk = resolve_chunk_size(opts.chunk_size, vocab)
+        peak = CHUNK_BLOCKS * min(tokens, chunk) * vocab * 4 + opts.pairs * tokens * hidden * 4
     return (peak + head_grad) / 2**20
 
 
@@ -330,7 +331,7 @@ def markdown(results: dict) -> str:
     lines += [
         f"{c['pairs']} layer pairs (student {c['student_layers']} layers, teacher {c['teacher_layers']}, teacher "
         f"hidden = {c['teacher_hidden_factor']}× student), lens divergence {c['divergence']}, inputs {c['dtype']}, "
-        f"chunk size {c['chunk_size']} tokens, half of every row prompt. Peak = the variant's `ru_maxrss` minus "
+        f"chunk size {c['chunk_size']} (tokens per chunk; `auto`: from the vocabulary, `objective_spec.resolve_chunk_size`), half of every row prompt. Peak = the variant's `ru_maxrss` minus "
         f"that of a child that only builds the inputs; time = forward+backward in {c.get('clock', 'wall')} seconds "
         "(cpu: the worker's CPU time, robust to other jobs on a shared machine; both clocks in the JSON), median (IQR) of "
         f"{c['reps']} runs after {c['warmup']} warm-up (speed section), one run (memory section). "
@@ -380,7 +381,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and hidden states"
     )
-    p.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE)
+    p.add_argument(
+        "--chunk-size", type=check_chunk_size, default=DEFAULT_CHUNK_SIZE, help="tokens per chunk, or auto"
+    )
     p.add_argument("--hidden", type=int, nargs="+", default=[256])
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--speed-vocabs", type=int, nargs="*", default=[32000, 49152])
@@ -402,7 +405,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     opts = p.parse_args(argv)
     if opts.quick:
         opts.speed_vocabs, opts.speed_tokens, opts.memory_vocab = [4096], [128], 16384
-        opts.memory_tokens, opts.chunk_size = [128, 512], min(opts.chunk_size, 128)
+        opts.memory_tokens = [128, 512]
+        opts.chunk_size = 128 if opts.chunk_size == "auto" else min(opts.chunk_size, 128)
         opts.argv = [*worker_argv(argv), "--chunk-size", str(opts.chunk_size)]
     else:
         opts.argv = worker_argv(argv)

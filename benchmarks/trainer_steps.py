@@ -90,7 +90,13 @@ VARIANTS = (
 )
 # opt-in (not in the default --variants): the teacher read from a cache built beforehand in its own process
 CACHE_VARIANTS = ("kd_cache_hidden", "distillens_cache_hidden", "distillens_cache_topk")
-ALL_VARIANTS = VARIANTS + CACHE_VARIANTS
+# opt-in, CUDA only: TRL's GKDTrainer with Liger's fused JSD loss (Triton kernels)
+GPU_VARIANTS = ("gkd_liger",)
+ALL_VARIANTS = VARIANTS + CACHE_VARIANTS + GPU_VARIANTS
+# --shapes: (layers, hidden, intermediate, attention heads, key-value heads) of Llama-3.2-1B and -3B, V = 128,256,
+# tied embeddings; random weights from the config (benchmarks/gpu/); with --quick 6 and 8 layers of width 128 / 192
+LLAMA_SHAPES = {"student": (16, 2048, 8192, 32, 8), "teacher": (28, 3072, 8192, 24, 8)}
+LLAMA_VOCAB = 128256
 # cache variant -> (its online counterpart, cache mode); the cache is bf16, top-k keeps 32 tokens
 CACHE_BASELINES = {
     "kd_cache_hidden": ("kd_fused", "hidden"),
@@ -105,6 +111,7 @@ LABELS = {
     "kd": "KD only, `lens_chunk_size=0`",
     "kd_fused": "KD only, fused (default chunk)",
     "gkd": "TRL `GKDTrainer` (lmbda 0, beta 1 = reverse KL)",
+    "gkd_liger": "TRL `GKDTrainer` + `use_liger_kernel=True` (lmbda 0, beta 1)",
     "distillens": "DistillLens 5 pairs, `lens_chunk_size=0`",
     "distillens_fused": "DistillLens 5 pairs, fused (default chunk)",
     "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
@@ -153,19 +160,55 @@ def build_models(opts: argparse.Namespace, with_teacher: bool):
     """``(student, teacher or None, tokenizer or None)``, the student identical across variants."""
     import torch
 
+    if opts.shapes == "llama-1b-3b":
+        student, teacher = llama_shaped(opts, "student"), llama_shaped(opts, "teacher")
+        return student, (teacher if with_teacher else None), None
     if not opts.real:
         student = llama(opts.student_layers, opts.hidden, opts.vocab, seed=opts.seed + 1)
         teacher = llama(opts.teacher_layers, opts.teacher_hidden, opts.vocab, seed=opts.seed + 2)
         return student, (teacher if with_teacher else None), None
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from distillens_trainer.loading import load_causal_lm
     from distillens_trainer.shrink import shrink_model
 
     path, _ = smollm2_gguf()
-    teacher = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    # de-quantised into a plain model (no quantization_config): TRL refuses to train a GGUF-loaded one
+    teacher = load_causal_lm(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     student = shrink_model(teacher, list(REAL_KEEP))
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     return student, (teacher if with_teacher else None), tokenizer
+
+
+def llama_shaped(opts: argparse.Namespace, role: str):
+    """A random Llama-3.2-1B-shaped student (fp32, trained under bf16 autocast) or 3B-shaped teacher (bf16), built
+    on ``opts.device``; smaller with ``--quick``, the vocabulary kept."""
+    import torch
+    import transformers
+
+    layers, hidden, intermediate, heads, kv_heads = LLAMA_SHAPES[role]
+    if opts.quick:
+        layers, hidden, intermediate, heads, kv_heads = (
+            (6, 128, 256, 4, 2) if role == "student" else (8, 192, 384, 4, 2)
+        )
+    torch.manual_seed(opts.seed + (1 if role == "student" else 2))
+    config = transformers.LlamaConfig(
+        num_hidden_layers=layers, hidden_size=hidden, intermediate_size=intermediate, num_attention_heads=heads,
+        num_key_value_heads=kv_heads, vocab_size=LLAMA_VOCAB, max_position_embeddings=max(opts.seq, 4096),
+        rope_theta=500000.0, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1, pad_token_id=2,
+        attn_implementation="sdpa",
+    )  # fmt: skip
+    dtype = torch.float32 if role == "student" else torch.bfloat16
+    with torch.device(opts.device):
+        return transformers.LlamaForCausalLM(config).to(dtype)
+
+
+def synchronize(opts: argparse.Namespace) -> None:
+    """Wait for the device's queued work (a step's end on CUDA is when its kernels are done)."""
+    if opts.device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
 
 
 def batches(opts: argparse.Namespace, num_rows: int, vocab: int) -> list[dict]:
@@ -289,7 +332,7 @@ def training_arguments(opts: argparse.Namespace, steps: int) -> dict:
         logging_steps=10 * steps,
         save_strategy="no",
         report_to=[],
-        use_cpu=True,
+        use_cpu=opts.device == "cpu",
         seed=opts.seed,
         disable_tqdm=True,
         dataloader_num_workers=0,
@@ -369,11 +412,16 @@ def worker_floor(opts: argparse.Namespace) -> dict:
     torch = setup_torch(opts.threads)
     student, teacher, _ = build_models(opts, with_teacher=True)
     vocab = min(student.config.vocab_size, teacher.config.vocab_size)
-    w_s = student.get_output_embeddings().weight[:vocab].detach()
-    w_t = teacher.get_output_embeddings().weight[:vocab].detach()
+    # the dtype the products run in: fp32, or bf16 under autocast
+    dtype = torch.bfloat16 if opts.bf16 else torch.float32
+    w_s = student.get_output_embeddings().weight[:vocab].detach().to(opts.device, dtype)
+    w_t = teacher.get_output_embeddings().weight[:vocab].detach().to(opts.device, dtype)
+    del student, teacher
     tokens = opts.batch * (opts.seq - round(opts.prompt_frac * opts.seq))
-    x_s, x_t = torch.randn(tokens, w_s.shape[1]), torch.randn(tokens, w_t.shape[1])
-    grad = torch.randn(tokens, vocab)
+    x_s = torch.randn(tokens, w_s.shape[1], device=opts.device, dtype=dtype)
+    x_t = torch.randn(tokens, w_t.shape[1], device=opts.device, dtype=dtype)
+    grad = torch.randn(tokens, vocab, device=opts.device, dtype=dtype)
+    synchronize(opts)
     ends = [(time.perf_counter(), time.process_time())]
     for _ in range(opts.warmup_steps + opts.steps):
         for _pair in range(opts.pairs):
@@ -381,6 +429,7 @@ def worker_floor(opts: argparse.Namespace) -> dict:
             x_s @ w_s.T
             grad @ w_s
             grad.T @ x_s
+        synchronize(opts)
         ends.append((time.perf_counter(), time.process_time()))
     return {
         **step_times(ends, opts.warmup_steps),
@@ -408,6 +457,7 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             self.ends.append((time.perf_counter(), time.process_time()))
 
         def on_step_end(self, args, state, control, **kwargs):
+            synchronize(opts)
             self.ends.append((time.perf_counter(), time.process_time()))
 
     steps = opts.warmup_steps + opts.steps
@@ -428,12 +478,13 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
             trainer = Trainer(
                 model=student, args=args, train_dataset=dataset, data_collator=collate, callbacks=[timer]
             )
-        elif variant == "gkd":
+        elif variant in ("gkd", "gkd_liger"):
             from trl.experimental.gkd import GKDConfig, GKDTrainer
 
             args = GKDConfig(
-                output_dir=output_dir, lmbda=0.0, beta=1.0, seq_kd=False, max_length=opts.seq, **common
-            )
+                output_dir=output_dir, lmbda=0.0, beta=1.0, seq_kd=False, max_length=opts.seq,
+                use_liger_kernel=variant == "gkd_liger", **common,
+            )  # fmt: skip
             tokenizer = tokenizer or gpt2_tokenizer()
             trainer = GKDTrainer(
                 model=student,
@@ -475,10 +526,16 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
         release_memory()
         extra["rss_before_train_mb"] = proc_status_mib("VmRSS")
         peak = TrainingPeak()
+        if opts.device == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         peak.start()
         output = trainer.train()
         extra["peak_rss_mb"] = peak.stop()
         extra["peak_rss_method"] = peak.method
+        if opts.device == "cuda":
+            extra["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / MIB
     if timer.generation:
         extra["generation_s"] = timer.generation[opts.warmup_steps :]
         extra["generated_tokens"] = timer.generated[opts.warmup_steps :]
@@ -509,7 +566,8 @@ def gpt2_tokenizer():
 
 
 # ============================================================================================ parent
-def gkd_support() -> str | None:
+def gkd_support(variant: str, device: str) -> str | None:
+    """Why ``gkd`` / ``gkd_liger`` cannot run here (None where it can)."""
     import importlib.util
 
     if importlib.util.find_spec("trl") is None:
@@ -518,10 +576,15 @@ def gkd_support() -> str | None:
         from trl.experimental.gkd import GKDTrainer  # noqa: F401
     except Exception as error:  # an incompatible TRL fails in many ways on import
         return f"trl's GKDTrainer does not import: {type(error).__name__}: {error}"
+    if variant == "gkd_liger":
+        if device != "cuda":
+            return "Liger's kernels are Triton kernels: CUDA only"
+        if importlib.util.find_spec("liger_kernel") is None:
+            return "liger-kernel is not installed"
     return None
 
 
-MEMORY_FIELDS = ("max_rss_mib", "rss_before_train_mb", "peak_rss_mb")
+MEMORY_FIELDS = ("max_rss_mib", "rss_before_train_mb", "peak_rss_mb", "peak_gpu_mib")
 TEACHER_FIELDS = (
     "teacher_param_bytes",
     "teacher_embedding_head_bytes",
@@ -566,14 +629,14 @@ def run(opts: argparse.Namespace) -> dict:
     samples = {v: {"wall": [], "cpu": []} for v in (*opts.variants, "floor")}
     info: dict[str, dict] = {v: {} for v in samples}
     memory: dict[str, dict[str, list]] = {v: {key: [] for key in MEMORY_FIELDS} for v in samples}
-    gkd_reason = gkd_support()
+    gkd_reasons = {v: gkd_support(v, opts.device) for v in opts.variants if v.startswith("gkd")}
     with tempfile.TemporaryDirectory(prefix="trainer_steps_cache_") as cache_root:
         caches = build_caches(opts, Path(cache_root), info)
         for round_index in range(opts.rounds):
             order = opts.variants if round_index % 2 == 0 else tuple(reversed(opts.variants))
             for variant in order:
-                if variant == "gkd" and gkd_reason:
-                    info[variant]["skipped"] = gkd_reason
+                if gkd_reasons.get(variant):
+                    info[variant]["skipped"] = gkd_reasons[variant]
                     continue
                 if variant in CACHE_VARIANTS and variant not in caches:
                     continue  # its build failed: skipped with the reason
@@ -611,6 +674,9 @@ def run(opts: argparse.Namespace) -> dict:
             "train_loss": info[variant].get("train_loss"),
             "layer_map": info[variant].get("layer_map"),
             "lens_chunk_size": info[variant].get("lens_chunk_size"),
+            "tokens_per_s": opts.batch
+            * (opts.seq - round(opts.prompt_frac * opts.seq))
+            / summarize(clocks["wall"])["median"],
         }
         if any(info[variant].get(key) is not None for key in TEACHER_FIELDS):
             out[variant] |= {key: info[variant].get(key) for key in TEACHER_FIELDS}
@@ -641,8 +707,13 @@ def goals(variants: dict) -> dict:
         if median(name) and kd and floor:
             out[f"{name}_vs_kd_plus_floor"] = median(name) / (kd + floor)
     for name in ("kd", "kd_fused"):
-        if median(name) and median("gkd"):
-            out[f"{name}_vs_gkd"] = median(name) / median("gkd")
+        for peer in ("gkd", "gkd_liger"):
+            if median(name) and median(peer):
+                out[f"{name}_vs_{peer}"] = median(name) / median(peer)
+    for name in ("distillens_fused", "distillens_compiled"):  # on a GPU: peak memory below TRL + Liger's
+        ours, liger = (variants.get(n, {}).get("peak_gpu_mib") for n in (name, "gkd_liger"))
+        if ours and liger:
+            out[f"{name}_peak_gpu_vs_gkd_liger"] = ours / liger
     if median("sft") and median("trainer"):
         out["sft_vs_trainer"] = median("sft") / median("trainer")
     for name, baseline in ON_POLICY_BASELINES.items():  # goal: <= generation + 1.1 x the off-policy step
@@ -726,6 +797,19 @@ def markdown(results: dict) -> str:
                 f"{v['cache_bytes_per_token']:.0f} ({v['cache_bytes_per_token_expected']}) | {v['cache_tokens']} | "
                 f"{fmt_mib(v.get('cache_build_max_rss_mib'))} | {saving} | {fmt_bytes(body)} |"
             )
+    on_gpu = [name for name, v in variants.items() if v.get("peak_gpu_mib") is not None]
+    if on_gpu:
+        lines += [
+            "",
+            "| variant (GPU) | wall s / step | response tokens / s | peak GPU memory |",
+            "|---|---|---|---|",
+        ]
+        for name in on_gpu:
+            v = variants[name]
+            lines.append(
+                f"| {LABELS.get(name, name)} | {v['step_wall_s']['median']:.3f} s | {v['tokens_per_s']:,.0f} | "
+                f"{fmt_mib(v['peak_gpu_mib'])} |"
+            )
     on_policy = [name for name in ON_POLICY_BASELINES if "generation_wall_s" in variants.get(name, {})]
     if on_policy:
         lines += [
@@ -790,7 +874,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--warmup-steps", type=int, default=3)
     p.add_argument("--steps", type=int, default=8, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision) on the CPU")
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (mixed precision)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the workers train")
+    p.add_argument(
+        "--shapes",
+        choices=["tiny", "llama-1b-3b"],
+        default="tiny",
+        help="tiny: the --hidden/--vocab/--*-layers Llamas; llama-1b-3b: Llama-3.2-1B and -3B shapes, V = 128,256",
+    )
     p.add_argument(
         "--clock", choices=["cpu", "wall"], default="cpu", help="which seconds the table and goals use"
     )
@@ -809,6 +900,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         opts.seq, opts.warmup_steps, opts.steps, opts.rounds = 256, 1, 3, 1
     if opts.quick:
         opts.seq, opts.vocab, opts.warmup_steps, opts.steps, opts.rounds = 32, 1024, 1, 3, 1
+    if opts.device == "cuda":
+        opts.clock = "wall"  # CPU time says nothing of a GPU's work
     if opts.out_dir is None:  # a smoke test never overwrites the recorded results
         opts.out_dir = Path(tempfile.gettempdir()) / "distillens_benchmarks" if opts.quick else RESULTS_DIR
     opts.argv = worker_argv(argv)
@@ -826,7 +919,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             emit(worker_trainer(opts, opts.worker))
         return 0
-    name = ("trainer_steps_smollm2" if opts.real else "trainer_steps") + (f"_{opts.tag}" if opts.tag else "")
+    prefix = {"llama-1b-3b": "trainer_steps_llama1b3b"}.get(opts.shapes, "trainer_steps")
+    name = ("trainer_steps_smollm2" if opts.real else prefix) + (f"_{opts.tag}" if opts.tag else "")
     results = new_results("trainer_steps.py", argv, opts.threads)
     if opts.real:
         _, reason = smollm2_gguf()
@@ -841,6 +935,14 @@ def main(argv: list[str] | None = None) -> int:
         models |= {
             "student": f"10 blocks {list(REAL_KEEP)} of 30, d 576",
             "teacher": "30 blocks, d 576, tied",
+        }
+    elif opts.shapes == "llama-1b-3b":
+        shapes = {role: LLAMA_SHAPES[role][:2] for role in LLAMA_SHAPES}
+        models = {"models": f"random Llama-3.2-1B / 3B shapes{' (--quick: cut down)' if opts.quick else ''}"}
+        models |= {"vocab": LLAMA_VOCAB, "device": opts.device}
+        models |= {
+            role: f"{layers} layers × {hidden}, {'fp32' if role == 'student' else 'bf16'}"
+            for role, (layers, hidden) in shapes.items()
         }
     else:
         models = {"models": "random Llamas", "vocab": opts.vocab}

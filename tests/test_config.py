@@ -10,7 +10,7 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.objective_spec import ObjectiveSpec
+from distillens_trainer.objective_spec import ObjectiveSpec, resolve_chunk_size
 
 DISTILLENS_FIELDS = sorted(
     {f.name for f in dataclasses.fields(DistillLensConfig)}
@@ -68,7 +68,9 @@ def test_defaults_are_the_papers(tmp_path):
     assert config.lens_student_layers is None
     assert config.lens_teacher_layers is None
     assert config.lens_final_norm is True
-    assert config.lens_chunk_size > 0 and config.lens_compile is False  # fused, chunked, eager by default
+    assert (
+        config.lens_chunk_size == "auto" and config.lens_compile is False
+    )  # fused, chunked, eager by default
     assert config.teacher_dtype == "auto"
     assert config.teacher_model_name_or_path is None
 
@@ -261,6 +263,32 @@ def test_hf_argument_parser_parses_numbers_and_dtype(tmp_path):
     assert config.lens_num_layers == 3
     assert config.teacher_dtype == "bfloat16"
     assert config.teacher_model_name_or_path == "some/teacher"
+
+
+@pytest.mark.parametrize(("given", "parsed"), [("auto", "auto"), ("256", 256), ("0", 0)])
+def test_the_chunk_size_is_auto_or_a_number_of_tokens_on_the_command_line(tmp_path, given, parsed):
+    parser = HfArgumentParser(DistillLensConfig)
+    (config,) = parser.parse_args_into_dataclasses(
+        ["--output_dir", str(tmp_path), "--lens_chunk_size", given]
+    )
+    assert config.lens_chunk_size == parsed
+    with pytest.raises(ValueError, match="lens_chunk_size='big' must be 'auto' or an integer >= 0"):
+        DistillLensConfig(output_dir=str(tmp_path), lens_chunk_size="big")
+
+
+@pytest.mark.parametrize(
+    ("vocab_size", "tokens"),
+    [  # 256 MiB / (4 blocks · 4 bytes · V), down to a multiple of 64, within [64, 4096]
+        (49_152, 320),  # SmolLM2: 341.3 -> 320
+        (128_256, 128),  # Llama 3: 130.8 -> 128
+        (32_000, 512),  # Llama 2: 524.3 -> 512
+        (1_000, 4096),  # 16,777 -> the upper limit
+        (4_000_000, 64),  # 4.2 -> the lower limit
+    ],
+)
+def test_the_automatic_chunk_size_keeps_four_blocks_within_256_mib(vocab_size, tokens):
+    assert resolve_chunk_size("auto", vocab_size) == tokens
+    assert resolve_chunk_size(100, vocab_size) == 100
 
 
 def test_hf_argument_parser_rejects_unknown_divergence_choice(tmp_path, capsys):

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import copy
+import weakref
 
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.divergences import token_divergence
@@ -313,6 +315,77 @@ def test_no_tensor_of_tokens_times_vocabulary_is_ever_built():
     assert reference_mode.largest == tokens * vocab
 
 
+class _LiveLargeStorages(TorchDispatchMode):
+    """Records the peak of the bytes held at once by the storages of ``min_bytes`` or more that operations return.
+
+    A storage is live while any tensor an operation returned on it (the buffer, or a view of it) is alive.
+    """
+
+    def __init__(self, min_bytes: int) -> None:
+        super().__init__()
+        self.min_bytes = min_bytes
+        self.storages: dict[int, tuple[int, list[weakref.ref]]] = {}
+        self.peak = 0
+
+    @staticmethod
+    def _alive(refs: list[weakref.ref]) -> bool:
+        return any(ref() is not None for ref in refs)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in tree_flatten(out)[0]:
+            if isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() >= self.min_bytes:
+                storage = value.untyped_storage()
+                known = self.storages.get(storage.data_ptr())
+                if known is None or not self._alive(known[1]):  # a new storage (perhaps at a freed address)
+                    known = self.storages[storage.data_ptr()] = (storage.nbytes(), [])
+                known[1].append(weakref.ref(value))
+        live = sum(nbytes for nbytes, refs in self.storages.values() if self._alive(refs))
+        self.peak = max(self.peak, live)
+        return out
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "softcap", "bound"),
+    [
+        ("jsd", torch.float32, None, 4.0),
+        ("rkl", torch.float32, None, 4.0),
+        ("tvd", torch.float32, None, 4.0),
+        ("fkl", torch.float32, None, 4.25),  # + the floor's bool mask
+        ("skl", torch.float32, None, 4.25),
+        ("jsd", torch.bfloat16, None, 4.5),  # + the bf16 head product
+        ("jsd", torch.float32, 30.0, 5.0),  # + the soft-cap's derivative
+    ],
+)
+def test_a_training_pass_holds_at_most_four_chunk_by_vocabulary_blocks(name, dtype, softcap, bound):
+    tokens, vocab, hidden, chunk = 256, 1024, 4, 64
+    block = (
+        chunk * vocab * 4
+    )  # bytes of one fp32 chunk × V block; the [V, d] and [N, d] tensors are far smaller
+    generator = torch.Generator().manual_seed(0)
+    student_head = LinearHead(
+        torch.randn(vocab, hidden, generator=generator).to(dtype).requires_grad_(), softcap=softcap
+    )
+    teacher_head = LinearHead(torch.randn(vocab, hidden, generator=generator).to(dtype), softcap=softcap)
+    student_input = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
+    targets = torch.randint(0, vocab, (tokens,), generator=generator)
+    jobs = [  # a lens pair and the output term (KD + CE: they share the student's softmax)
+        FusedJob(student_input, torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head, name,
+                 0.5, name="lens"),
+        FusedJob(student_input, torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head, name,
+                 1.0, targets, 0.3, name="kd", ce_name="ce"),
+    ]  # fmt: skip
+    with _LiveLargeStorages(block // 4) as probe:
+        total, _ = fused_head_loss(student_head, jobs, vocab_size=vocab, chunk_size=chunk)
+        total.backward()
+    assert probe.peak <= bound * block, f"{probe.peak / block:.2f} blocks live at once"
+    with _LiveLargeStorages(block // 4) as straightforward:  # the probe does see blocks that stay alive
+        logits = [
+            F.linear(student_input[:chunk].detach().float(), student_head.weight.float()) for _ in range(5)
+        ]
+    assert straightforward.peak >= 5 * block and len(logits) == 5
+
+
 # --------------------------------------------------------------------------------------------- trainer level
 def _tiny_gpt2(seed: int, layers: int):
     torch.manual_seed(seed)
@@ -495,3 +568,37 @@ def test_return_outputs_always_gives_the_students_full_logits_and_the_same_loss(
     assert outputs.logits.shape == (*batch["input_ids"].shape, TINY_VOCAB)
     torch.testing.assert_close(loss, fused_loss, rtol=1e-5, atol=1e-6)
     assert trainer.objective.fuses_output  # full logits for the caller did not switch the fused path off
+
+
+def test_evaluation_with_compute_metrics_keeps_the_output_term_fused_and_the_teacher_logits_unmade(tmp_path):
+    from datasets import Dataset
+
+    student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
+    rows = Dataset.from_list(token_rows(6, seed=3))
+    seen: list[tuple] = []
+
+    def compute_metrics(prediction):
+        seen.append(prediction.predictions.shape)
+        return {"mean_logit": float(prediction.predictions.mean())}
+
+    metrics = {}
+    for chunk_size in (5, 0):
+        args = DistillLensConfig(
+            output_dir=str(tmp_path / str(chunk_size)), use_cpu=True, report_to=[], lens_num_layers=2,
+            lens_chunk_size=chunk_size, per_device_eval_batch_size=3, ce_weight=0.5,
+            remove_unused_columns=False,  # the recording wrapper hides the forward's signature
+        )  # fmt: skip
+        trainer = DistillLensTrainer(
+            model=copy.deepcopy(student), args=args, teacher_model=teacher, eval_dataset=rows,
+            data_collator=pad_batch, compute_metrics=compute_metrics,
+        )  # fmt: skip
+        student_calls = _RecordingForward(trainer.model).calls
+        teacher_calls = _RecordingForward(trainer.teacher_model).calls
+        metrics[chunk_size] = trainer.evaluate()
+        if chunk_size:
+            # after the one-time head probe: the student's full logits for the metrics, the teacher's for one position
+            assert [call.get("logits_to_keep") for call in student_calls[1:]] == [None, None]
+            assert [call.get("logits_to_keep") for call in teacher_calls[1:]] == [1, 1]
+    assert seen[0] == seen[1] and seen[0][-1] == TINY_VOCAB
+    for key in ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_lens_loss", "eval_mean_logit"):
+        assert metrics[5][key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-6), key

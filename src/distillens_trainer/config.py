@@ -133,12 +133,13 @@ class DistillLensConfig(TrainingArguments):
             "not: set False to reproduce it)."
         },
     )
-    lens_chunk_size: int = field(
+    lens_chunk_size: str = field(
         default=DEFAULT_CHUNK_SIZE,
         metadata={
             "help": "Response tokens per chunk of the fused LM head + divergence (lens and output terms): memory "
-            "stays flat in the number of tokens and no [tokens, vocabulary] tensor is built. 0 = the "
-            "straightforward computation on full logits (the reference)."
+            "stays flat in the number of tokens and no [tokens, vocabulary] tensor is built. 'auto' (default): "
+            "from the vocabulary, 4 fp32 chunk x V blocks within 256 MiB (320 tokens at V=49k, 128 at V=128k); "
+            "an integer sets it; 0 = the straightforward computation on full logits (the reference)."
         },
     )
     lens_compile: bool = field(
@@ -203,7 +204,7 @@ class DistillLensConfig(TrainingArguments):
                 "lens_layer_map='shrunk' derives the teacher layers: drop lens_teacher_layers, or use "
                 "lens_layer_map='paper' with explicit layers."
             )
-        check_chunk_size(self.lens_chunk_size)
+        self.lens_chunk_size = check_chunk_size(self.lens_chunk_size)
         self._check_generation()
         self._check_teacher_cache()
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0

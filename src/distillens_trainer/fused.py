@@ -25,9 +25,20 @@ from dataclasses import dataclass
 import torch
 
 from .divergences import check_divergence_name
-from .fused_math import cross_entropy_chunk, divergence_chunk, postprocess, postprocess_backward
+from .fused_math import (
+    MASKED_DIVERGENCES,
+    ChunkBlocks,
+    add_cross_entropy_grad_,
+    cross_entropy_chunk,
+    cross_entropy_from_log_probs,
+    divergence_chunk,
+    divergence_chunk_,
+    log_softmax_,
+    postprocess_backward,
+    softcap_derivative_,
+)
 from .heads import LinearHead
-from .objective_spec import DEFAULT_CHUNK_SIZE, check_temperature_and_beta
+from .objective_spec import DEFAULT_CHUNK_SIZE, check_temperature_and_beta, resolve_chunk_size
 from .topk_divergence import TopKDistribution, topk_divergence_chunk
 
 logger = logging.getLogger(__name__)
@@ -111,30 +122,113 @@ def _divergence_chunk(compile_math: bool, *args, **kwargs) -> tuple[torch.Tensor
     return divergence_chunk(*args, **kwargs)
 
 
-def _teacher_divergence_chunk(
-    job: FusedJob, logits: torch.Tensor, rows: slice, vocab: int, settings: _Settings, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Σ D(student ‖ teacher) over the chunk's rows and its gradient w.r.t. the student's ``[n, V]`` logits."""
+def _chunk_terms_on_copies(
+    job: FusedJob,
+    logits: torch.Tensor,
+    rows: slice,
+    vocab: int,
+    settings: _Settings,
+    kd_grad: bool,
+    ce_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(Σ D, Σ CE, ∂(w·Σ D + w_ce·Σ CE)/∂z) of one chunk, each term on its own copies of ``[n, V]`` logits.
+
+    The general form: a top-k teacher, ``torch.compile``, or a cross-entropy at a temperature ≠ 1 (it needs the
+    logits at T = 1 beside the divergence's). ``logits`` is left as it is.
+    """
+    kd_value = ce_value = grad = None
+    if job.targets is not None:
+        ce_value, grad = cross_entropy_chunk(
+            logits, job.targets[rows], label_smoothing=settings.label_smoothing, need_grad=ce_grad
+        )
+        if grad is not None:
+            grad.mul_(job.ce_weight)
+    if not job.has_teacher:
+        return kd_value, ce_value, grad
     if job.teacher_topk is not None:
-        return topk_divergence_chunk(
+        kd_value, kd_grad_chunk = topk_divergence_chunk(
             job.divergence,
             logits,
             job.teacher_topk.rows(rows),
             temperature=settings.temperature,
             beta=settings.beta,
-            need_grad=need_grad,
+            need_grad=kd_grad,
         )
-    with torch.no_grad():
-        teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
-    return _divergence_chunk(
-        settings.compile,
-        job.divergence,
-        logits,
-        teacher_logits,
-        temperature=settings.temperature,
-        beta=settings.beta,
-        need_grad=need_grad,
-    )
+    else:
+        with torch.no_grad():
+            teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
+        kd_value, kd_grad_chunk = _divergence_chunk(
+            settings.compile,
+            job.divergence,
+            logits,
+            teacher_logits,
+            temperature=settings.temperature,
+            beta=settings.beta,
+            need_grad=kd_grad,
+        )
+    if kd_grad_chunk is not None:
+        grad = kd_grad_chunk.mul_(job.weight) if grad is None else grad.add_(kd_grad_chunk, alpha=job.weight)
+    return kd_value, ce_value, grad
+
+
+def _chunk_terms_in_place(
+    job: FusedJob,
+    logits: torch.Tensor,
+    rows: slice,
+    settings: _Settings,
+    blocks: ChunkBlocks,
+    kd_grad: bool,
+    ce_grad: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """The same as :func:`_chunk_terms_on_copies` in the chunk's reused blocks (the eager default): ``logits``
+    becomes the student's log-probabilities, and the gradient comes back in one of the blocks."""
+    n, math_dtype = logits.shape[0], logits.dtype
+    probs = blocks.get("student_probs", n, math_dtype)
+    temperature = settings.temperature if job.has_teacher else 1.0  # a CE-only job: the CE's own softmax
+    live = log_softmax_(logits, probs, temperature)
+    kd_value = ce_value = grad = None
+    targets = job.targets[rows] if job.targets is not None else None
+    if targets is not None:  # here the temperature is 1: the student's log-probs are the CE's
+        ce_value = cross_entropy_from_log_probs(logits, targets, settings.label_smoothing)
+    if job.has_teacher:
+        teacher_logits = blocks.get("teacher_logits", n, math_dtype)
+        with torch.no_grad():
+            job.teacher_head.logits_into(
+                job.teacher_input[rows].detach(), teacher_logits, _raw_block(job.teacher_head, blocks, n)
+            )
+        kd_value, grad = divergence_chunk_(
+            job.divergence,
+            logits,
+            probs,
+            teacher_logits,
+            blocks.get("teacher_probs", n, math_dtype),
+            blocks.get("mask", n, torch.bool) if job.divergence in MASKED_DIVERGENCES else None,
+            temperature=settings.temperature,
+            beta=settings.beta,
+            need_grad=kd_grad,
+            student_live=live,
+        )
+        if grad is not None and job.weight != 1.0:
+            grad.mul_(job.weight)
+    if ce_grad:
+        grad = add_cross_entropy_grad_(
+            grad, probs, targets, weight=job.ce_weight, label_smoothing=settings.label_smoothing
+        )
+    return kd_value, ce_value, grad
+
+
+def _raw_block(head: LinearHead, blocks: ChunkBlocks, rows: int) -> torch.Tensor | None:
+    """The head product's buffer in the weight's dtype, where that is not the math's (a bf16 head)."""
+    if head.weight.dtype in (torch.float32, torch.float64):
+        return None
+    return blocks.get(f"raw_{head.weight.dtype}", rows, head.weight.dtype)
+
+
+def _in_place(job: FusedJob, settings: _Settings) -> bool:
+    """Whether a job's chunk math runs in the reused blocks (everything but the general forms above)."""
+    if settings.compile or job.teacher_topk is not None:
+        return False
+    return job.targets is None or not job.has_teacher or settings.temperature == 1.0
 
 
 # --------------------------------------------------------------------------------------------- the loop
@@ -160,54 +254,79 @@ def _run_jobs(
     values = torch.zeros(len(jobs), 2, device=device, dtype=math_dtype)
     weight_grad = torch.zeros(weight.shape, device=device, dtype=math_dtype) if grad_weight else None
     bias_grad = torch.zeros(vocab, device=device, dtype=math_dtype) if grad_bias else None
+    longest = max((job.student_input.shape[0] for job in jobs), default=0)
+    blocks = ChunkBlocks(min(settings.chunk_size, max(longest, 1)), vocab, device)
+    scale, softcap = student_head.scale, student_head.softcap
     input_grads: list[torch.Tensor | None] = []
     for index, (job, need_input_grad) in enumerate(zip(jobs, grad_inputs)):
-        has_teacher = job.has_teacher
         need_grad = need_input_grad or grad_weight or grad_bias
-        kd_grad = need_grad and has_teacher and job.weight != 0
+        kd_grad = need_grad and job.has_teacher and job.weight != 0
         ce_grad = need_grad and job.targets is not None and job.ce_weight != 0
         student_input = job.student_input.detach()
         input_grad = torch.empty_like(student_input) if need_input_grad else None
         for start in range(0, student_input.shape[0], settings.chunk_size):
             rows = slice(start, start + settings.chunk_size)
             x = student_input[rows]
-            raw = student_head.raw_logits(x, vocab)
-            logits = postprocess(raw, student_head.scale, student_head.softcap)
-            del raw
-            grad: torch.Tensor | None = None
-            if has_teacher:
-                value, kd_grad_chunk = _teacher_divergence_chunk(job, logits, rows, vocab, settings, kd_grad)
-                values[index, 0] += value
-                total += job.weight * value
-                if kd_grad_chunk is not None:
-                    grad = kd_grad_chunk.mul_(job.weight) if job.weight != 1.0 else kd_grad_chunk
-            if job.targets is not None:
-                value, ce_grad_chunk = cross_entropy_chunk(
-                    logits, job.targets[rows], label_smoothing=settings.label_smoothing, need_grad=ce_grad
+            n = x.shape[0]
+            logits = student_head.logits_into(
+                x, blocks.get("student_logits", n, math_dtype), _raw_block(student_head, blocks, n)
+            )
+            softcap_derivative = None
+            if softcap is not None and (kd_grad or ce_grad):
+                softcap_derivative = softcap_derivative_(
+                    logits, softcap, blocks.get("softcap", n, math_dtype)
                 )
-                values[index, 1] += value
-                total += job.ce_weight * value
-                if ce_grad_chunk is not None:
-                    grad = (
-                        ce_grad_chunk.mul_(job.ce_weight)
-                        if grad is None
-                        else grad.add_(ce_grad_chunk, alpha=job.ce_weight)
-                    )
+            if _in_place(job, settings):
+                kd_value, ce_value, grad = _chunk_terms_in_place(
+                    job, logits, rows, settings, blocks, kd_grad, ce_grad
+                )
+            else:
+                kd_value, ce_value, grad = _chunk_terms_on_copies(
+                    job, logits, rows, vocab, settings, kd_grad, ce_grad
+                )
+            if kd_value is not None:
+                values[index, 0] += kd_value
+                total += job.weight * kd_value
+            if ce_value is not None:
+                values[index, 1] += ce_value
+                total += job.ce_weight * ce_value
             if grad is None:
                 if input_grad is not None:
                     input_grad[rows] = 0
                 continue
-            grad = postprocess_backward(grad, logits, student_head.scale, student_head.softcap)
-            del logits
-            grad = grad.to(weight.dtype)
-            if input_grad is not None:
-                input_grad[rows] = grad @ weight
-            if weight_grad is not None:
-                weight_grad += grad.t() @ x.to(weight.dtype)
-            if bias_grad is not None:
-                bias_grad += grad.sum(dim=0, dtype=math_dtype)
+            grad = postprocess_backward(grad, None, scale, softcap, softcap_derivative)
+            _accumulate_head_grads(grad, x, weight, blocks, input_grad, rows, weight_grad, bias_grad)
         input_grads.append(input_grad)
     return total, values, input_grads, weight_grad, bias_grad
+
+
+def _accumulate_head_grads(
+    grad: torch.Tensor,
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    blocks: ChunkBlocks,
+    input_grad: torch.Tensor | None,
+    rows: slice,
+    weight_grad: torch.Tensor | None,
+    bias_grad: torch.Tensor | None,
+) -> None:
+    """The chunk's two gradient products, ``grad_input[rows] = g @ W`` and ``grad_weight += gᵀ @ x`` (in the
+    weight's dtype), and ``grad_bias += Σ g``: ``g`` is ``[n, V]`` ∂L/∂(head output), ``x`` ``[n, d]``."""
+    if bias_grad is not None:
+        bias_grad += grad.sum(dim=0, dtype=bias_grad.dtype)
+    if grad.dtype != weight.dtype:
+        grad = blocks.get(f"raw_{weight.dtype}", grad.shape[0], weight.dtype).copy_(grad)
+    if input_grad is not None:
+        if input_grad.dtype == weight.dtype:
+            torch.mm(grad, weight, out=input_grad[rows])
+        else:
+            input_grad[rows] = grad @ weight
+    if weight_grad is not None:
+        x = x.to(weight.dtype)
+        if weight_grad.dtype == weight.dtype:
+            weight_grad.addmm_(grad.t(), x)
+        else:
+            weight_grad += grad.t() @ x
 
 
 class _FusedHeadLoss(torch.autograd.Function):
@@ -253,9 +372,9 @@ def gathered(heads: Sequence[LinearHead | None]) -> Iterator[None]:
         yield
 
 
-def _check(jobs: Sequence[FusedJob], chunk_size: int, temperature: float, beta: float) -> None:
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1.")
+def _check(jobs: Sequence[FusedJob], chunk_size: int | str, temperature: float, beta: float) -> None:
+    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
+        raise ValueError(f"chunk_size={chunk_size!r} must be 'auto' or an integer >= 1.")
     check_temperature_and_beta(temperature, beta)
     for job in jobs:
         if job.has_teacher:
@@ -271,7 +390,7 @@ def fused_head_loss(
     vocab_size: int,
     temperature: float = 1.0,
     beta: float = 0.5,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | str = DEFAULT_CHUNK_SIZE,
     label_smoothing: float = 0.0,
     compile_math: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -282,9 +401,11 @@ def fused_head_loss(
         ``student_input`` and the head's weight and bias; and the detached fp32 sums over tokens keyed by
         name: ``job.name`` -> Σ D for a job with a teacher, ``job.ce_name`` -> Σ CE for a job with targets.
         ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls back to eager, with
-        one warning, when compilation fails).
+        one warning, when compilation fails). ``chunk_size``: tokens per chunk, or ``"auto"`` (from the
+        vocabulary: :func:`~distillens_trainer.objective_spec.resolve_chunk_size`).
     """
     _check(jobs, chunk_size, temperature, beta)
+    chunk_size = resolve_chunk_size(chunk_size, vocab_size)
     settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, compile_math)
     heads = [student_head, *(job.teacher_head for job in jobs)]
     bias = student_head.bias

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fused_math import postprocess
+from .fused_math import postprocess, postprocess_
 from .model_facts import logit_postprocessing, unwrap_model
 
 
@@ -43,6 +43,26 @@ class LinearHead:
     def logits(self, head_input: torch.Tensor, vocab_size: int) -> torch.Tensor:
         """``[n, d] -> [n, vocab_size]`` fp32 post-processed logits."""
         return postprocess(self.raw_logits(head_input, vocab_size), self.scale, self.softcap)
+
+    def logits_into(
+        self, head_input: torch.Tensor, out: torch.Tensor, raw: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``[n, d]`` -> post-processed logits written into ``out`` (``[n, V']`` fp32 or fp64, ``V'`` = its width).
+
+        ``raw``: an ``[n, V']`` buffer in the weight's dtype, for the product when that differs from ``out``'s
+        (a bf16 head). Nothing ``[n, V']`` is allocated.
+        """
+        vocab_size = out.shape[-1]
+        weight = self.weight[:vocab_size]
+        product = out if weight.dtype == out.dtype else raw
+        head_input = head_input.to(weight.dtype)
+        if self.bias is None:
+            torch.mm(head_input, weight.t(), out=product)
+        else:
+            torch.addmm(self.bias[:vocab_size].to(weight.dtype), head_input, weight.t(), out=product)
+        if product is not out:
+            out.copy_(product)
+        return postprocess_(out, self.scale, self.softcap)
 
     def parameters(self) -> list[torch.Tensor]:
         return [p for p in (self.weight, self.bias) if p is not None]

@@ -27,7 +27,14 @@ from .heads import LinearHead, linear_head_refusal, output_linear_head
 from .layer_map import LayerPair
 from .lens import LogitLens
 from .model_facts import forward_accepts, unwrap_model
-from .objective_spec import ObjectiveOutput, ObjectiveSpec, check_chunk_size, lens_term_name
+from .objective_spec import (
+    AUTO_CHUNK,
+    ObjectiveOutput,
+    ObjectiveSpec,
+    check_chunk_size,
+    lens_term_name,
+    resolve_chunk_size,
+)
 from .reference import divergence_sum, lens_pair_sum, shared_columns
 from .response_tokens import response_mask, select_response
 from .teacher_signals import TeacherSignals
@@ -48,16 +55,22 @@ class ForwardRequest:
         fused_output: the output CE/KD term is computed from ``hidden_states[-1]`` through the fused head, so
             both models return hidden states and, where their forward takes it, logits for one position only.
         student_keeps_logits / teacher_keeps_logits: the model's forward takes ``logits_to_keep``.
+        student_full_logits: the caller keeps the student's full logits (evaluation with ``compute_metrics``):
+            the student's forward returns them even where the output term runs fused; the loss never reads them.
     """
 
     hidden_states: bool
     fused_output: bool
     student_keeps_logits: bool = False
     teacher_keeps_logits: bool = False
+    student_full_logits: bool = False
 
     def forward_kwargs(self, role: str) -> dict[str, Any]:
         """Keyword arguments for the ``role`` (``"student"`` or ``"teacher"``) model's forward."""
-        keeps_logits = self.student_keeps_logits if role == "student" else self.teacher_keeps_logits
+        if role == "student":
+            keeps_logits = self.student_keeps_logits and not self.student_full_logits
+        else:
+            keeps_logits = self.teacher_keeps_logits
         kwargs: dict[str, Any] = {"output_hidden_states": self.hidden_states or self.fused_output}
         if self.fused_output and keeps_logits:
             kwargs["logits_to_keep"] = 1
@@ -78,7 +91,7 @@ def distillens_loss(
     layer_map: Sequence[LayerPair] = (),
     num_items_in_batch: int | torch.Tensor | None = None,
     feature_projector: FeatureProjector | None = None,
-    chunk_size: int = 0,
+    chunk_size: int | str = 0,
 ) -> ObjectiveOutput:
     """The weighted DistillLens loss of one micro-batch (a one-off :class:`DistillLensObjective`).
 
@@ -91,7 +104,7 @@ def distillens_loss(
         layer_map: (student, teacher) ``hidden_states`` indices for the lens term.
         num_items_in_batch: response tokens in the whole accumulation window (and across devices).
         feature_projector: the learned maps of the feature baseline (needed when ``feature_weight > 0``).
-        chunk_size: tokens per chunk of the fused lens (0: the straightforward computation).
+        chunk_size: tokens per chunk of the fused lens, or ``"auto"`` (0: the straightforward computation).
     """
     objective = DistillLensObjective(
         spec,
@@ -126,7 +139,7 @@ class DistillLensObjective:
         student_lens / teacher_lens: the models' logit lenses (needed for the lens term).
         layer_map: (student, teacher) ``hidden_states`` indices of the lens term.
         feature_projector: the learned maps of the feature baseline (``feature_weight > 0``).
-        chunk_size: tokens per chunk of the fused path; 0 = straightforward.
+        chunk_size: tokens per chunk of the fused path, or ``"auto"`` (from the vocabulary); 0 = straightforward.
         compile_math: run the fused per-chunk divergence through ``torch.compile`` (eager on failure).
         student_head / teacher_head: the output heads for the fused output term (default: the lenses'); for a
             ``hidden`` teacher cache, ``teacher_head`` is the cached head.
@@ -143,20 +156,23 @@ class DistillLensObjective:
         teacher_lens: LogitLens | None = None,
         layer_map: Sequence[LayerPair] = (),
         feature_projector: FeatureProjector | None = None,
-        chunk_size: int = 0,
+        chunk_size: int | str = 0,
         student_head: LinearHead | None = None,
         teacher_head: LinearHead | None = None,
         compile_math: bool = False,
         cached_teacher: str | None = None,
     ) -> None:
-        check_chunk_size(chunk_size)
         self.spec = spec
         self.vocab_size = vocab_size
         self.student_lens = student_lens
         self.teacher_lens = teacher_lens
         self.layer_map = list(layer_map)
         self.feature_projector = feature_projector
-        self.chunk_size = chunk_size
+        self.chunk_size = resolve_chunk_size(chunk_size, vocab_size)  # "auto": from the vocabulary, said once
+        if check_chunk_size(chunk_size) == AUTO_CHUNK:
+            logger.info(
+                "DistillLens: lens_chunk_size=auto: %d tokens per chunk at V=%d.", self.chunk_size, vocab_size
+            )
         self.compile_math = compile_math
         self.cached_teacher = cached_teacher
         self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
@@ -220,13 +236,14 @@ class DistillLensObjective:
     # ----------------------------------------------------------------------------------------- the forward contract
     def forward_request(self, *, full_logits: bool = False) -> ForwardRequest:
         """What the next forwards must return: hidden states, and logits for one position only when the output
-        term runs fused. ``full_logits`` keeps the student's full logits (for a caller that returns them).
+        term runs fused. ``full_logits`` keeps the student's full logits for a caller that returns them (evaluation
+        with ``compute_metrics``); the terms stay fused all the same and the teacher's logits stay unmaterialised.
 
         The first request that would fuse the output term checks, with a short probe forward of each model, that
         its head applied to ``hidden_states[-1]`` reproduces its logits; if not, the output term uses the full
         logits from then on (one warning).
         """
-        fused_output = self.fuses_output and not full_logits
+        fused_output = self.fuses_output
         if fused_output and not self._heads_checked:
             self._heads_checked = True
             fused_output = self._output_heads_match()
@@ -236,6 +253,7 @@ class DistillLensObjective:
             fused_output=fused_output,
             student_keeps_logits=self._keeps_logits.get("student", False),
             teacher_keeps_logits=self._keeps_logits.get("teacher", False),
+            student_full_logits=full_logits,
         )
 
     def loss(

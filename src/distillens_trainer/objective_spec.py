@@ -10,8 +10,15 @@ from dataclasses import dataclass, field
 import torch
 
 from .divergences import check_divergence_name
+from .fused_math import CHUNK_BLOCKS
 
-DEFAULT_CHUNK_SIZE = 512  # tokens; chunk × V fp32 logits: 64 MiB at V=32k, 256 MiB at V=128k
+# lens_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
+# within AUTO_CHUNK_BUDGET_BYTES, a multiple of 64 in [64, 4096]: 320 at V = 49,152, 128 at V = 128,256.
+# Step time is flat from 128 to 512 tokens at V = 49,152 (benchmarks/results/chunk_size.md).
+AUTO_CHUNK = "auto"
+AUTO_CHUNK_BUDGET_BYTES = 256 * 2**20
+AUTO_CHUNK_LIMITS = (64, 4096)
+DEFAULT_CHUNK_SIZE = AUTO_CHUNK
 WEIGHT_NAMES: tuple[str, ...] = ("ce_weight", "kd_weight", "lens_weight", "feature_weight")
 
 
@@ -28,10 +35,29 @@ def check_temperature_and_beta(temperature: float, beta: float) -> None:
         raise ValueError(f"jsd_beta={beta} must lie in [0, 1].")
 
 
-def check_chunk_size(chunk_size: int) -> None:
-    """ValueError unless ``lens_chunk_size`` is an integer >= 0 (0 = the straightforward computation)."""
-    if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 0):
-        raise ValueError(f"lens_chunk_size={chunk_size} must be an integer >= 0 (0 = no chunking).")
+def check_chunk_size(chunk_size: int | str) -> int | str:
+    """``lens_chunk_size`` as an integer >= 0 (0 = the straightforward computation) or ``"auto"``; a string of
+    digits (a command line's) becomes its integer. ValueError otherwise."""
+    if isinstance(chunk_size, str) and chunk_size.strip().isdigit():
+        chunk_size = int(chunk_size)
+    if chunk_size == AUTO_CHUNK or (
+        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 0
+    ):
+        return chunk_size
+    raise ValueError(
+        f"lens_chunk_size={chunk_size!r} must be 'auto' or an integer >= 0 (tokens per chunk; 0 = no chunking)."
+    )
+
+
+def resolve_chunk_size(chunk_size: int | str, vocab_size: int) -> int:
+    """Tokens per chunk: ``chunk_size`` itself, or for ``"auto"``
+    ``clamp(64·⌊AUTO_CHUNK_BUDGET_BYTES / (CHUNK_BLOCKS · 4 · V) / 64⌋, 64, 4096)``."""
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size != AUTO_CHUNK:
+        return chunk_size
+    low, high = AUTO_CHUNK_LIMITS
+    rows = AUTO_CHUNK_BUDGET_BYTES // (CHUNK_BLOCKS * 4 * max(vocab_size, 1))
+    return max(low, min(high, rows // 64 * 64))
 
 
 @dataclass(frozen=True)
