@@ -47,8 +47,9 @@ from _measure import (
     write_results,
 )
 
+from distillens_trainer.fused import resolve_chunk_size
 from distillens_trainer.fused_math import CHUNK_BLOCKS
-from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, check_chunk_size, resolve_chunk_size
+from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
@@ -331,7 +332,7 @@ def markdown(results: dict) -> str:
     lines += [
         f"{c['pairs']} layer pairs (student {c['student_layers']} layers, teacher {c['teacher_layers']}, teacher "
         f"hidden = {c['teacher_hidden_factor']}× student), lens divergence {c['divergence']}, inputs {c['dtype']}, "
-        f"chunk size {c['chunk_size']} (tokens per chunk; `auto`: from the vocabulary, `objective_spec.resolve_chunk_size`), half of every row prompt. Peak = the variant's `ru_maxrss` minus "
+        f"chunk size {c['chunk_size']} (tokens per chunk; `auto`: from the vocabulary, `fused.resolve_chunk_size`), half of every row prompt. Peak = the variant's `ru_maxrss` minus "
         f"that of a child that only builds the inputs; time = forward+backward in {c.get('clock', 'wall')} seconds "
         "(cpu: the worker's CPU time, robust to other jobs on a shared machine; both clocks in the JSON), median (IQR) of "
         f"{c['reps']} runs after {c['warmup']} warm-up (speed section), one run (memory section). "

@@ -26,6 +26,7 @@ import torch
 
 from .divergences import check_divergence_name
 from .fused_math import (
+    CHUNK_BLOCKS,
     MASKED_DIVERGENCES,
     ChunkBlocks,
     add_cross_entropy_grad_,
@@ -38,10 +39,27 @@ from .fused_math import (
     softcap_derivative_,
 )
 from .heads import LinearHead
-from .objective_spec import DEFAULT_CHUNK_SIZE, check_temperature_and_beta, resolve_chunk_size
+from .objective_spec import AUTO_CHUNK, DEFAULT_CHUNK_SIZE, check_chunk_size, check_temperature_and_beta
 from .topk_divergence import TopKDistribution, topk_divergence_chunk
 
 logger = logging.getLogger(__name__)
+
+# lens_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
+# within AUTO_CHUNK_BUDGET_BYTES, a multiple of 64 in AUTO_CHUNK_LIMITS: 512 at V = 32,000, 320 at V = 49,152, 128 at
+# V = 128,256. The time per token is flat from 128 to 512 tokens at V = 49,152 (benchmarks/results/chunk_size.md).
+AUTO_CHUNK_BUDGET_BYTES = 256 * 2**20
+AUTO_CHUNK_LIMITS = (64, 4096)
+
+
+def resolve_chunk_size(chunk_size: int | str, vocab_size: int) -> int:
+    """Tokens per chunk: ``chunk_size`` itself, or for ``"auto"``
+    ``clamp(64·⌊AUTO_CHUNK_BUDGET_BYTES / (CHUNK_BLOCKS · 4 · V) / 64⌋, 64, 4096)``."""
+    chunk_size = check_chunk_size(chunk_size)
+    if chunk_size != AUTO_CHUNK:
+        return chunk_size
+    low, high = AUTO_CHUNK_LIMITS
+    rows = AUTO_CHUNK_BUDGET_BYTES // (CHUNK_BLOCKS * 4 * max(vocab_size, 1))
+    return max(low, min(high, rows // 64 * 64))
 
 
 @dataclass(frozen=True)
@@ -402,7 +420,7 @@ def fused_head_loss(
         name: ``job.name`` -> Σ D for a job with a teacher, ``job.ce_name`` -> Σ CE for a job with targets.
         ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls back to eager, with
         one warning, when compilation fails). ``chunk_size``: tokens per chunk, or ``"auto"`` (from the
-        vocabulary: :func:`~distillens_trainer.objective_spec.resolve_chunk_size`).
+        vocabulary: :func:`resolve_chunk_size`).
     """
     _check(jobs, chunk_size, temperature, beta)
     chunk_size = resolve_chunk_size(chunk_size, vocab_size)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .feature_baseline import FeatureProjector, feature_pair_sum
-from .fused import FusedJob, fused_head_loss, gathered
+from .fused import FusedJob, fused_head_loss, gathered, resolve_chunk_size
 from .heads import LinearHead, linear_head_refusal, output_linear_head
 from .layer_map import LayerPair
 from .lens import LogitLens
@@ -33,7 +33,6 @@ from .objective_spec import (
     ObjectiveSpec,
     check_chunk_size,
     lens_term_name,
-    resolve_chunk_size,
 )
 from .reference import divergence_sum, lens_pair_sum, shared_columns
 from .response_tokens import response_mask, select_response

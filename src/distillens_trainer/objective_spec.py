@@ -10,14 +10,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .divergences import check_divergence_name
-from .fused_math import CHUNK_BLOCKS
 
-# lens_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
-# within AUTO_CHUNK_BUDGET_BYTES, a multiple of 64 in [64, 4096]: 320 at V = 49,152, 128 at V = 128,256.
-# Step time is flat from 128 to 512 tokens at V = 49,152 (benchmarks/results/chunk_size.md).
+# lens_chunk_size="auto": the fused path picks the chunk from the vocabulary (fused.resolve_chunk_size)
 AUTO_CHUNK = "auto"
-AUTO_CHUNK_BUDGET_BYTES = 256 * 2**20
-AUTO_CHUNK_LIMITS = (64, 4096)
 DEFAULT_CHUNK_SIZE = AUTO_CHUNK
 WEIGHT_NAMES: tuple[str, ...] = ("ce_weight", "kd_weight", "lens_weight", "feature_weight")
 
@@ -47,17 +42,6 @@ def check_chunk_size(chunk_size: int | str) -> int | str:
     raise ValueError(
         f"lens_chunk_size={chunk_size!r} must be 'auto' or an integer >= 0 (tokens per chunk; 0 = no chunking)."
     )
-
-
-def resolve_chunk_size(chunk_size: int | str, vocab_size: int) -> int:
-    """Tokens per chunk: ``chunk_size`` itself, or for ``"auto"``
-    ``clamp(64·⌊AUTO_CHUNK_BUDGET_BYTES / (CHUNK_BLOCKS · 4 · V) / 64⌋, 64, 4096)``."""
-    chunk_size = check_chunk_size(chunk_size)
-    if chunk_size != AUTO_CHUNK:
-        return chunk_size
-    low, high = AUTO_CHUNK_LIMITS
-    rows = AUTO_CHUNK_BUDGET_BYTES // (CHUNK_BLOCKS * 4 * max(vocab_size, 1))
-    return max(low, min(high, rows // 64 * 64))
 
 
 @dataclass(frozen=True)
