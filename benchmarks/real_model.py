@@ -9,7 +9,12 @@ for every seed (= data order), every method trains for the same steps on the sam
 - ``sft``: cross-entropy on the Dolly reference responses;
 - ``kd``: reverse KL on the final logits (the paper's KD default);
 - ``distillens``: reverse KL + Jensen-Shannon logit lens (paper defaults, 5 layer pairs);
-- ``distillens_skl``: reverse KL + symmetric-KL logit lens.
+- ``distillens_skl``: reverse KL + symmetric-KL logit lens;
+
+and, in round 2 (``--preset round2``, docs/real-model.md): ``distillens_w5`` (lens weight 5, the weight the built-in
+suite's ablations favour), ``distillens_shrunk`` (``lens_layer_map="shrunk"``: each student layer paired with the
+teacher layer it was cut from), ``kd_onpolicy`` / ``distillens_onpolicy`` (``lmbda=1``: every step trains on the
+student's own sampled completions of the prompts, up to ``max_new_tokens``).
 
 Data: MiniLLM's Dolly splits in ``../shared/data/dolly`` (train rows from ``train_11435.jsonl``, validation from
 ``dev_1000.jsonl``, test prompts from ``test_500.jsonl``), prompts through the tokenizer's chat template.
@@ -30,17 +35,24 @@ top-k costs, with ``--baseline distillens_hidden`` and the ``cache`` preset::
         --baseline distillens_hidden --threads 1 --lens_diagnostics false
 
 Every finished (method, seed) writes ``runs/<method>_seed<seed>.json`` in ``--output_dir``: a rerun with the same
-settings skips those, so a run can be finished in parts. Presets: ``smoke`` (minutes, proves the pipeline),
-``default`` (about 73 minutes on an idle 2-core CPU with bf16 autocast), ``gpu`` (the paper's protocol: full
-train split, full test set, 5 seeds, sampled decoding). Any field given on the command line wins over the preset::
+settings skips those, so a run can be finished in parts (the warm start's weights are not committed; its
+``warm_start.json`` keeps their SHA-256, and a warm-up trained again must reproduce it). Presets: ``smoke``
+(minutes, proves the pipeline, every round-2 method), ``default`` (round 1: a 10-block student, about 73 minutes on
+an idle 2-core CPU with bf16 autocast), ``round2`` (a 14-block student that writes readable text after its warm-up,
+7 methods × 3 seeds, 200 test prompts; hours on a CPU, meant to be finished in parts), ``gpu`` (round 2 sized for
+one H200: more rows, steps and all 500 test prompts; not run yet). Any field given on the command line wins over
+the preset::
 
     PYTHONPATH=src python benchmarks/real_model.py --output_dir benchmarks/results/real_model
+    PYTHONPATH=src python benchmarks/real_model.py --output_dir benchmarks/results/real_model_round2 --preset round2 \
+        --lens_diagnostics false
     PYTHONPATH=src python benchmarks/real_model.py --output_dir /tmp/rm_smoke --preset smoke
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import logging
 import shlex
@@ -80,6 +92,15 @@ logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "dolly"
 SPLIT_FILES = {"train": "train_11435.jsonl", "validation": "dev_1000.jsonl", "test": "test_500.jsonl"}
 STUDENT_METHODS = ("sft", "kd", "distillens", "distillens_skl")
+# Variants of a method: its objective plus DistillLensConfig overrides (round 2, docs/real-model.md). The lens weight
+# 5 is the one the built-in suite's ablations favour (docs/quality.md: +4.8 exact match over kd, interval above 0).
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "distillens_w5": ("distillens", {"lens_weight": 5.0}),
+    "distillens_shrunk": ("distillens", {"lens_layer_map": "shrunk"}),
+    "kd_onpolicy": ("kd", {"lmbda": 1.0}),
+    "distillens_onpolicy": ("distillens", {"lmbda": 1.0}),
+}
+ROUND2_METHODS = ("sft", "kd", "distillens", *VARIANTS)
 # DistillLens from a teacher cache (docs/teacher-cache.md), opt-in with --methods: what keeping only the teacher's
 # top-k log-probabilities costs against its exact head inputs (compare with --baseline distillens_hidden).
 TEACHER_CACHES: dict[str, dict[str, Any]] = {
@@ -88,7 +109,7 @@ TEACHER_CACHES: dict[str, dict[str, Any]] = {
     "distillens_topk32": {"mode": "topk", "top_k": 32, "dtype": "bfloat16"},
     "distillens_topk128": {"mode": "topk", "top_k": 128, "dtype": "bfloat16"},
 }
-ALL_METHODS = STUDENT_METHODS + tuple(TEACHER_CACHES)
+ALL_METHODS = STUDENT_METHODS + tuple(VARIANTS) + tuple(TEACHER_CACHES)
 BASELINE = "kd"
 METRICS = ("rougeL", "exact_match")
 # Teacher-forced scores on the validation responses (from the lens profile; lower is better): the student's
@@ -107,20 +128,27 @@ PRESETS: dict[str, dict[str, Any]] = {
     "smoke": {
         "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
         "batch_size": 2, "max_length": 128, "max_prompt_length": 96, "max_new_tokens": 16, "do_sample": False,
+        "student_layers": 10, "learning_rate": 1e-4, "methods": list(ROUND2_METHODS),
     },
-    "default": {  # about 73 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
+    "default": {  # round 1: about 73 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
         "seeds": [0, 1, 2], "num_train": 1000, "num_validation": 32, "num_test": 100, "warmup_steps": 100,
         "steps": 100, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
-        "do_sample": False,
+        "do_sample": False, "student_layers": 10, "learning_rate": 1e-4, "methods": list(STUDENT_METHODS),
     },
     "cache": {  # the teacher-cache comparison (--methods distillens_hidden distillens_topk8 ...): ~45 min, 1 thread
         "seeds": [0, 1, 2], "num_train": 120, "num_validation": 32, "num_test": 8, "warmup_steps": 30, "steps": 30,
         "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 32, "do_sample": False,
+        "student_layers": 10, "learning_rate": 1e-4, "methods": list(STUDENT_METHODS),
     },
-    "gpu": {
-        "seeds": [10, 20, 30, 40, 50], "num_train": None, "num_validation": 500, "num_test": None,
-        "warmup_steps": 1000, "steps": 2000, "batch_size": 8, "max_length": 512, "max_prompt_length": 256,
-        "max_new_tokens": 256, "do_sample": True,
+    "round2": {  # round 2 (docs/real-model.md): a 14-block student that writes readable text after the warm-up
+        "seeds": [0, 1, 2], "num_train": 4000, "num_validation": 64, "num_test": 200, "warmup_steps": 300,
+        "steps": 60, "batch_size": 8, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
+        "do_sample": False, "student_layers": 14, "learning_rate": 2e-4, "methods": list(ROUND2_METHODS),
+    },
+    "gpu": {  # round 2 on one GPU: batch 16 instead of 8, 500 validation rows; estimated, not yet measured
+        "seeds": [0, 1, 2], "num_train": 8000, "num_validation": 500, "num_test": 200, "warmup_steps": 300,
+        "steps": 60, "batch_size": 16, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
+        "do_sample": False, "student_layers": 14, "learning_rate": 2e-4, "methods": list(ROUND2_METHODS),
     },
 }  # fmt: skip
 
@@ -133,10 +161,10 @@ class RealModelArguments:
         metadata={"help": "Folder for runs/, warm_start/, results.json/.md and lens_jsd.png."}
     )
     preset: str = field(
-        default="default", metadata={"help": "smoke, default or gpu.", "choices": list(PRESETS)}
+        default="default", metadata={"help": ", ".join(PRESETS) + ".", "choices": list(PRESETS)}
     )
-    methods: list[str] = field(
-        default_factory=lambda: list(STUDENT_METHODS), metadata={"help": "Student methods to train."}
+    methods: list[str] | None = field(
+        default=None, metadata={"help": f"Student methods to train, from {', '.join(ALL_METHODS)}."}
     )
     seeds: list[int] | None = field(
         default=None, metadata={"help": "Seeds (data order of the compared runs)."}
@@ -148,8 +176,8 @@ class RealModelArguments:
         default=None, metadata={"help": "GGUF file in teacher_dir, if any."}
     )
     data_dir: str = field(default=str(DATA_DIR), metadata={"help": "Folder of the MiniLLM Dolly splits."})
-    student_layers: int = field(
-        default=10, metadata={"help": "Teacher blocks the student keeps (evenly spaced)."}
+    student_layers: int | None = field(
+        default=None, metadata={"help": "Teacher blocks the student keeps (evenly spaced)."}
     )
     num_train: int | None = field(default=None, metadata={"help": "First N training rows (None: all)."})
     num_validation: int | None = field(default=None, metadata={"help": "First N validation rows (lens JSD)."})
@@ -159,7 +187,9 @@ class RealModelArguments:
     )
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every compared method."})
     batch_size: int | None = field(default=None, metadata={"help": "Training batch size."})
-    learning_rate: float = field(default=1e-4, metadata={"help": "Peak learning rate (cosine, 5% warm-up)."})
+    learning_rate: float | None = field(
+        default=None, metadata={"help": "Peak learning rate (cosine, 5% warm-up)."}
+    )
     max_length: int | None = field(default=None, metadata={"help": "Training tokens per example."})
     max_prompt_length: int | None = field(
         default=None, metadata={"help": "Prompt tokens (longer rows dropped)."}
@@ -189,7 +219,7 @@ class RealModelArguments:
     def __post_init__(self) -> None:
         for name, value in PRESETS[self.preset].items():
             if getattr(self, name) is None:
-                setattr(self, name, value)
+                setattr(self, name, list(value) if isinstance(value, list) else value)
         unknown = sorted(set(self.methods) - set(ALL_METHODS))
         if unknown:
             raise ValueError(f"methods: unknown {unknown}; choose from {', '.join(ALL_METHODS)}.")
@@ -248,24 +278,33 @@ def autocast(args: RealModelArguments):
     return torch.autocast(device, dtype=torch.bfloat16, enabled=bool(args.bf16))
 
 
-def train(
-    model: Any, objective: str, suite: Suite, teacher: Any, args: RealModelArguments, steps: int, seed: int
-):
-    overrides = {
+def method_settings(method: str, args: RealModelArguments) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The objective weights of ``method`` and its further ``DistillLensConfig`` fields (a variant's win)."""
+    objective, variant = VARIANTS.get(method, (method, {}))
+    overrides: dict[str, Any] = {
         "bf16": bool(args.bf16),
         "use_cpu": not torch.cuda.is_available(),  # bf16 autocast on the CPU needs it said
         "lens_layer_map": args.lens_layer_map,
     }
     if "lens_divergence" in OBJECTIVES[objective]:
         overrides["lens_weight"] = args.lens_weight
-    if objective in TEACHER_CACHES:
-        overrides["teacher_cache"] = str(teacher_cache_for(objective, model, teacher, suite, args))
+    if variant.get("lmbda"):
+        overrides["max_new_tokens"] = args.max_new_tokens  # on-policy completions as long as the test's
+    return dict(OBJECTIVES[objective]), overrides | variant
+
+
+def train(
+    model: Any, method: str, suite: Suite, teacher: Any, args: RealModelArguments, steps: int, seed: int
+):
+    objective, overrides = method_settings(method, args)
+    if method in TEACHER_CACHES:
+        overrides["teacher_cache"] = str(teacher_cache_for(method, model, teacher, suite, args))
         teacher = None  # trained from the cache alone
     return train_model(
-        model, suite, objective=OBJECTIVES[objective], output_dir=Path(args.output_dir) / "trainer",
+        model, suite, objective=objective, output_dir=Path(args.output_dir) / "trainer",
         max_steps=steps, learning_rate=args.learning_rate, batch_size=args.batch_size, seed=seed,
         logging_steps=max(1, steps // 10), lens_num_layers=args.lens_num_layers, teacher=teacher,
-        description=objective, config_overrides=overrides,
+        description=method, config_overrides=overrides,
     )  # fmt: skip
 
 
@@ -355,21 +394,42 @@ def write_lens_diagnostics(
     write_figures(report, folder)
 
 
+def weights_digest(model: Any) -> str:
+    """SHA-256 of a model's parameters and buffers in state-dict order: the identity of a warm start."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def warm_start(student: Any, teacher: Any, suite: Suite, args: RealModelArguments) -> tuple[Any, dict]:
-    """The shared start of every method (the row ``init``), trained once and cached in ``warm_start/``."""
+    """The shared start of every method (the row ``init``), trained once and cached in ``warm_start/``.
+
+    ``warm_start.json`` (small, committed with the runs) keeps the weights' digest; the weights themselves are not
+    committed. Where they are missing, the warm-up is trained again and must reproduce that digest, or the runs
+    already finished would come from another start."""
     folder = Path(args.output_dir) / "warm_start"
-    if (folder / "config.json").is_file():
-        info = json.loads((folder / "warm_start.json").read_text(encoding="utf-8"))
-        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), info
+    info_path = folder / "warm_start.json"
+    recorded = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else None
+    if (folder / "config.json").is_file() and recorded is not None:
+        return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32), recorded
     run = train(student, "warm_start", suite, teacher, args, args.warmup_steps, seed=0)
-    student.save_pretrained(folder)
     info = {
         "steps": args.warmup_steps,
         "objective": OBJECTIVES["warm_start"],
         "train_time_s": run.train_time_s,
+        "weights_sha256": weights_digest(student),
     }
-    write_json_atomic(folder / "warm_start.json", info)
-    return student, info
+    if recorded is not None and recorded.get("weights_sha256") not in (None, info["weights_sha256"]):
+        raise ValueError(
+            f"output_dir={args.output_dir!r}: the warm-up trained again gave other weights than the one its runs "
+            f"started from ({info_path}); finish those runs on the machine that made them, or choose another "
+            "output_dir."
+        )
+    student.save_pretrained(folder)
+    write_json_atomic(info_path, recorded or info)
+    return student, recorded or info
 
 
 def run_file(args: RealModelArguments, method: str, seed: int | None) -> Path:

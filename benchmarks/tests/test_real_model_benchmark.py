@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-import real_model  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
+import real_model
+import torch  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
 
 
 def _args(tmp_path: Path, **overrides) -> real_model.RealModelArguments:
@@ -30,8 +31,47 @@ def _write_run(
 
 
 def test_command_line_values_win_over_the_preset():
-    args = real_model.RealModelArguments(output_dir="x", preset="gpu", steps=7)
-    assert args.steps == 7 and args.seeds == [10, 20, 30, 40, 50] and args.num_test is None and args.do_sample
+    args = real_model.RealModelArguments(output_dir="x", preset="round2", steps=7, methods=["kd"])
+    assert args.steps == 7 and args.methods == ["kd"]
+    assert args.seeds == [0, 1, 2] and args.num_test == 200 and args.student_layers == 14
+    assert real_model.RealModelArguments(output_dir="x", preset="round2").methods == [
+        "sft", "kd", "distillens", "distillens_w5", "distillens_shrunk", "kd_onpolicy", "distillens_onpolicy"
+    ]  # fmt: skip
+    assert real_model.RealModelArguments(output_dir="x").student_layers == 10  # round 1's settings stay
+
+
+def test_method_variants_are_their_objective_with_config_overrides(tmp_path):
+    args = _args(tmp_path, lens_weight=1.0)
+    objective, overrides = real_model.method_settings("distillens_onpolicy", args)
+    assert objective == real_model.OBJECTIVES["distillens"]
+    assert overrides["lmbda"] == 1.0 and overrides["max_new_tokens"] == args.max_new_tokens
+    assert real_model.method_settings("distillens_w5", args)[1]["lens_weight"] == 5.0
+    assert real_model.method_settings("distillens_shrunk", args)[1]["lens_layer_map"] == "shrunk"
+    objective, overrides = real_model.method_settings("kd_onpolicy", args)
+    assert objective["lens_weight"] == 0.0 and "lens_weight" not in overrides and overrides["lmbda"] == 1.0
+    assert "lmbda" not in real_model.method_settings("kd", args)[1]
+
+
+def test_a_rebuilt_warm_start_must_reproduce_the_recorded_weights(tmp_path, monkeypatch):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2)  # fmt: skip
+    args = _args(tmp_path)
+    monkeypatch.setattr(real_model, "train", lambda *a, **k: type("Run", (), {"train_time_s": 0.0}))
+    torch.manual_seed(0)
+    _, info = real_model.warm_start(LlamaForCausalLM(config), None, None, args)
+    assert len(info["weights_sha256"]) == 64
+    for name in ("config.json", "model.safetensors"):  # the weights are not committed, their digest is
+        (tmp_path / "warm_start" / name).unlink()
+    torch.manual_seed(0)
+    assert (
+        real_model.warm_start(LlamaForCausalLM(config), None, None, args)[1] == info
+    )  # the same start again
+    (tmp_path / "warm_start" / "config.json").unlink()
+    torch.manual_seed(1)
+    with pytest.raises(ValueError, match="gave other weights than the one its runs started from"):
+        real_model.warm_start(LlamaForCausalLM(config), None, None, args)
 
 
 def test_greedy_teacher_and_init_run_once_and_finished_runs_are_skipped(tmp_path):
