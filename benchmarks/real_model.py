@@ -129,26 +129,31 @@ PRESETS: dict[str, dict[str, Any]] = {
         "seeds": [0, 1], "num_train": 16, "num_validation": 4, "num_test": 4, "warmup_steps": 2, "steps": 2,
         "batch_size": 2, "max_length": 128, "max_prompt_length": 96, "max_new_tokens": 16, "do_sample": False,
         "student_layers": 10, "learning_rate": 1e-4, "methods": list(ROUND2_METHODS),
+        "bf16_generation": True,
     },
     "default": {  # round 1: about 73 min on an idle 2-core CPU with bf16 autocast; see benchmarks/README.md
         "seeds": [0, 1, 2], "num_train": 1000, "num_validation": 32, "num_test": 100, "warmup_steps": 100,
         "steps": 100, "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False, "student_layers": 10, "learning_rate": 1e-4, "methods": list(STUDENT_METHODS),
+        "bf16_generation": False,
     },
     "cache": {  # the teacher-cache comparison (--methods distillens_hidden distillens_topk8 ...): ~45 min, 1 thread
         "seeds": [0, 1, 2], "num_train": 120, "num_validation": 32, "num_test": 8, "warmup_steps": 30, "steps": 30,
         "batch_size": 4, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 32, "do_sample": False,
         "student_layers": 10, "learning_rate": 1e-4, "methods": list(STUDENT_METHODS),
+        "bf16_generation": False,
     },
     "round2": {  # round 2 (docs/real-model.md): a 14-block student that writes readable text after the warm-up
         "seeds": [0, 1, 2], "num_train": 4000, "num_validation": 64, "num_test": 200, "warmup_steps": 300,
         "steps": 60, "batch_size": 8, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False, "student_layers": 14, "learning_rate": 2e-4, "methods": list(ROUND2_METHODS),
+        "bf16_generation": True,
     },
     "gpu": {  # round 2 on one GPU: batch 16 instead of 8, 500 validation rows; estimated, not yet measured
         "seeds": [0, 1, 2], "num_train": 8000, "num_validation": 500, "num_test": 200, "warmup_steps": 300,
         "steps": 60, "batch_size": 16, "max_length": 256, "max_prompt_length": 192, "max_new_tokens": 128,
         "do_sample": False, "student_layers": 14, "learning_rate": 2e-4, "methods": list(ROUND2_METHODS),
+        "bf16_generation": True,
     },
 }  # fmt: skip
 
@@ -213,6 +218,13 @@ class RealModelArguments:
         },
     )
     bf16: bool | None = field(default=None, metadata={"help": "bf16 autocast (default: on where supported)."})
+    bf16_generation: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Generate the test answers from a bf16 copy of each student, as the teacher (bf16) generates "
+            "(default: with bf16, in presets round2 and gpu; half the time of autocast on a CPU)."
+        },
+    )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: the usable cores)."})
 
@@ -227,6 +239,7 @@ class RealModelArguments:
             raise ValueError(f"seeds={self.seeds}: give at least one seed, each once.")
         if self.bf16 is None:
             self.bf16 = torch.cuda.is_bf16_supported() if torch.cuda.is_available() else cpu_has_fast_bf16()
+        self.bf16_generation = bool(self.bf16 and self.bf16_generation)
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings every run of one output_dir must share (seeds and methods may grow)."""
@@ -240,6 +253,8 @@ class RealModelArguments:
             "baseline",
             "lens_diagnostics",
         }
+        if not self.bf16_generation:  # the behaviour before the field existed: round 1's folders resume as they are
+            ignored.add("bf16_generation")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 
 
@@ -351,9 +366,14 @@ def evaluate(model: Any, teacher: Any, suite: Suite, args: RealModelArguments, s
     start = time.perf_counter()
     test = suite.splits["test"]
     prompts = [build_prompt(row, suite.tokenizer, "chat") for row in test]
+    generator = model
+    if args.bf16_generation and next(model.parameters()).dtype != torch.bfloat16:
+        generator = copy.deepcopy(model).to(
+            torch.bfloat16
+        )  # as the teacher generates; 2x autocast's speed on a CPU
     with autocast(args):
         responses = generate_responses(
-            model, suite.tokenizer, prompts, batch_size=args.generation_batch_size,
+            generator, suite.tokenizer, prompts, batch_size=args.generation_batch_size,
             max_new_tokens=args.max_new_tokens, max_prompt_length=args.max_prompt_length,
             do_sample=args.do_sample, seed=seed, show_progress=False,
         )  # fmt: skip

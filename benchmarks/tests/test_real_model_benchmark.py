@@ -40,6 +40,14 @@ def test_command_line_values_win_over_the_preset():
     assert real_model.RealModelArguments(output_dir="x").student_layers == 10  # round 1's settings stay
 
 
+def test_bf16_generation_needs_bf16_and_leaves_round_one_fingerprints_unchanged():
+    round2 = real_model.RealModelArguments(output_dir="x", preset="round2", bf16=True)
+    assert round2.bf16_generation and round2.fingerprint()["bf16_generation"] is True
+    assert not real_model.RealModelArguments(output_dir="x", preset="round2", bf16=False).bf16_generation
+    round1 = real_model.RealModelArguments(output_dir="x", bf16=True)
+    assert not round1.bf16_generation and "bf16_generation" not in round1.fingerprint()
+
+
 def test_method_variants_are_their_objective_with_config_overrides(tmp_path):
     args = _args(tmp_path, lens_weight=1.0)
     objective, overrides = real_model.method_settings("distillens_onpolicy", args)
