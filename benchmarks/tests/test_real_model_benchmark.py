@@ -149,3 +149,21 @@ def test_teacher_cache_methods_pair_with_the_chosen_baseline(tmp_path):
     paired = real_model.summarise(args, real_model.runs_by_method(args))["paired"]
     assert list(paired) == ["distillens_topk8 - distillens_hidden"]
     assert paired["distillens_topk8 - distillens_hidden"]["output_jsd"]["mean"] == pytest.approx(0.05)
+
+
+def test_a_partial_report_lists_the_runs_still_to_do_and_each_methods_samples(tmp_path):
+    args = _args(tmp_path, seeds=[0, 1], methods=["kd"])
+    _write_run(args, "teacher", None, 20.0, 5.0)
+    _write_run(args, "kd", 0, 10.0, 2.0)
+    kd_run = real_model.run_file(args, "kd", 0)
+    kd_run.write_text(
+        json.dumps(json.loads(kd_run.read_text()) | {"samples": [{"prompt": "Q?", "response": "A."}]})
+    )
+    report = real_model.write_report(args, "c", {"kept_layers": [0, 2]})
+    assert report["pending"] == [["init", None], ["kd", 1]]
+    assert report["samples"]["kd"] == [{"prompt": "Q?", "response": "A."}]
+    text = (tmp_path / "results.md").read_text()
+    assert "Still to run (2): init (seed all), kd (seed 1)." in text and "- **kd** — *Q?* → A." in text
+    assert json.loads((tmp_path / "results.json").read_text())["methods"]["kd"]["rougeL"]["per_seed"] == [
+        10.0
+    ]
