@@ -674,10 +674,9 @@ def run(opts: argparse.Namespace) -> dict:
             "train_loss": info[variant].get("train_loss"),
             "layer_map": info[variant].get("layer_map"),
             "lens_chunk_size": info[variant].get("lens_chunk_size"),
-            "tokens_per_s": opts.batch
-            * (opts.seq - round(opts.prompt_frac * opts.seq))
-            / summarize(clocks["wall"])["median"],
         }
+        response_tokens = opts.batch * (opts.seq - round(opts.prompt_frac * opts.seq))
+        out[variant]["tokens_per_s"] = response_tokens / out[variant]["step_wall_s"]["median"]
         if any(info[variant].get(key) is not None for key in TEACHER_FIELDS):
             out[variant] |= {key: info[variant].get(key) for key in TEACHER_FIELDS}
         if "cache" in info[variant]:
