@@ -173,3 +173,11 @@ def import_script(path: Path, name: str):
 def load_tiny_training_script():
     """``tests/distributed/train_tiny.py`` (the script torchrun launches) imported as a module."""
     return import_script(TINY_TRAINING_SCRIPT, "distillens_train_tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_models(tmp_path_factory) -> Path:
+    """The teachers (Llama, Qwen2) and the student of ``tests/distributed/train_tiny.py``, saved once per session."""
+    directory = tmp_path_factory.mktemp("tiny_models")
+    load_tiny_training_script().make_models(directory)
+    return directory

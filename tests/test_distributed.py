@@ -13,9 +13,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,36 +20,46 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from launching import (
+    HELPER,
+    ROOT,
+    cli_train_command,
+    free_port,
+    launch,
+    launch_env,
+    logged_steps,
+    run_logged,
+    torchrun,
+    torchrun_launcher,
+)
 from torch import nn
 
 from distillens_trainer import cli
 from distillens_trainer.commands.process import end_process_group
+from distillens_trainer.fsdp import decoder_layer_classes, fsdp_version
 from distillens_trainer.on_policy import window_is_on_policy
 from distillens_trainer.teacher_placement import (
-    is_fsdp_enabled,
     is_zero3_enabled,
     prepare_teacher,
     teacher_zero3_config,
 )
 
-from conftest import TINY_TRAINING_SCRIPT, load_tiny_training_script
+from conftest import load_tiny_training_script
 
-ROOT = Path(__file__).resolve().parents[1]
-HELPER = TINY_TRAINING_SCRIPT
 HAS_DEEPSPEED = importlib.util.find_spec("deepspeed") is not None
-LAUNCH_TIMEOUT_S = 300  # each launch takes ~20-25 s on 2 CPU cores
 
 
 tiny = load_tiny_training_script()
 
 
 # --------------------------------------------------------------------------------------------- unit tests
-def _accelerator(*, zero_stage: int | None = None, config: dict | None = None, fsdp: bool = False):
+def _accelerator(*, zero_stage: int | None = None, config: dict | None = None, fsdp: int | None = None):
     plugin = (
         None if zero_stage is None else SimpleNamespace(zero_stage=zero_stage, deepspeed_config=config or {})
     )
-    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=object() if fsdp else None)
-    return SimpleNamespace(state=state, is_fsdp2=fsdp, distributed_type="FSDP" if fsdp else "NO")
+    fsdp_plugin = SimpleNamespace(fsdp_version=fsdp) if fsdp else None
+    state = SimpleNamespace(deepspeed_plugin=plugin, fsdp_plugin=fsdp_plugin)
+    return SimpleNamespace(state=state, distributed_type="FSDP" if fsdp else "NO")
 
 
 def _args(**overrides):
@@ -124,19 +131,34 @@ def test_teacher_zero3_config_fills_auto_persistence_threshold_and_keeps_fp32():
     assert config["bf16"]["enabled"] is False and config["fp16"]["enabled"] is False
 
 
-@pytest.mark.parametrize(
-    ("args", "accelerator"),
-    [
-        (_args(), _accelerator(fsdp=True)),
-        (_args(fsdp=True), _accelerator()),
-    ],
-    ids=["accelerate-fsdp-plugin", "fsdp-argument"],
-)
-def test_prepare_teacher_refuses_fsdp(args, accelerator):
-    assert is_fsdp_enabled(args, accelerator)
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO-3") as error:
-        prepare_teacher(_Tiny(), args, accelerator)
+def test_prepare_teacher_refuses_fully_sharded_version_1_and_points_to_version_2():
+    with pytest.raises(ValueError, match="fsdp_version: 2") as error:
+        prepare_teacher(_Tiny(), _args(fsdp=True), _accelerator(fsdp=1))
     assert "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("asked", ["argument", "accelerate-environment"])
+def test_sharding_asked_for_but_running_as_ddp_is_refused_in_one_line(asked, monkeypatch):
+    """On a machine without a GPU backend accelerate would silently train the run as DDP."""
+    args = _args(fsdp="full_shard" if asked == "argument" else None)
+    if asked == "accelerate-environment":
+        monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    accelerator = SimpleNamespace(state=SimpleNamespace(fsdp_plugin=None), distributed_type="MULTI_CPU")
+    with pytest.raises(ValueError, match="fsdp is set but accelerate runs this job as MULTI_CPU") as error:
+        fsdp_version(args, accelerator)
+    assert "\n" not in str(error.value)
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    assert fsdp_version(_args(), accelerator) is None
+    assert fsdp_version(_args(fsdp=True), _accelerator(fsdp=2)) == 2
+
+
+def test_the_teachers_decoder_layer_class_is_its_own(models):
+    from transformers import AutoModelForCausalLM
+
+    qwen2 = AutoModelForCausalLM.from_pretrained(models / "qwen2_teacher")
+    llama = AutoModelForCausalLM.from_pretrained(models / "student")
+    assert [cls.__name__ for cls in decoder_layer_classes(qwen2)] == ["Qwen2DecoderLayer"]
+    assert [cls.__name__ for cls in decoder_layer_classes(llama)] == ["LlamaDecoderLayer"]
 
 
 @pytest.mark.parametrize("zero_stage", [None, 1, 2])
@@ -233,7 +255,7 @@ print("buffered output", end="")
 
 
 def _run_exit_script(call: str, world_size: int) -> subprocess.CompletedProcess:
-    env = {**_env(), "WORLD_SIZE": str(world_size)}
+    env = {**launch_env(), "WORLD_SIZE": str(world_size)}
     script = _EXIT_SCRIPT.format(call=call)
     return subprocess.run(
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=ROOT
@@ -275,71 +297,9 @@ STEP_RTOL = 1e-4
 EVAL_KEYS = ("eval_ce_loss", "eval_kd_loss", "eval_lens_loss")
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT / "src"), env.get("PYTHONPATH")) if p)
-    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    env.pop("ACCELERATE_USE_DEEPSPEED", None)
-    env["PYTHONFAULTHANDLER"] = "1"  # a worker that crashes prints every thread's Python stack into the log
-    return env
-
-
-def _run_logged(command: list[str], log: Path) -> None:
-    """Run a launcher with its output in ``log``; fail with the log's last words if it fails or hangs."""
-    with log.open("w") as handle:
-        # A session of its own, so a hang (e.g. ranks out of lockstep under ZeRO-3) can be ended with
-        # every worker process, not only the launcher.
-        process = subprocess.Popen(
-            command, cwd=ROOT, env=_env(), stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        try:
-            returncode = process.wait(timeout=LAUNCH_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
-            returncode = None
-    assert returncode == 0, f"{' '.join(command)} failed (exit {returncode}):\n{_distinct_tail(log)}"
-
-
-def _launch(launcher: list[str], out: Path, models: Path, *extra: str) -> dict:
-    out.mkdir(parents=True, exist_ok=True)
-    command = [*launcher, str(HELPER), "train", "--models", str(models), "--out", str(out), *extra]
-    _run_logged(command, out / "launch.log")
-    return json.loads((out / "result.json").read_text())
-
-
-def _distinct_tail(log: Path, lines: int = 60) -> str:
-    """The log's last lines, each distinct line once: the ranks repeat the same warnings hundreds of times,
-    which would push the worker's own last words (e.g. an abort at exit) out of a plain tail."""
-    text = log.read_text(errors="replace")
-    distinct = dict.fromkeys(line for line in text.splitlines() if line.strip())
-    return "\n".join(list(distinct)[-lines:])
-
-
-def _torchrun_launcher() -> list[str]:
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
-    return [*launcher, "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
-
-
-def _torchrun(out: Path, models: Path, *extra: str) -> dict:
-    return _launch(_torchrun_launcher(), out, models, *extra)
-
-
-def _steps(result: dict) -> list[dict]:
-    return [entry for entry in result["log_history"] if "loss" in entry and "train_runtime" not in entry]
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_models")
-    tiny.make_models(directory)
-    return directory
+def models(tiny_run_models) -> Path:
+    return tiny_run_models
 
 
 @pytest.fixture(scope="module")
@@ -354,7 +314,7 @@ def single(models, tmp_path_factory) -> tuple[dict, Path]:
 def zero2(models, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("zero2")
     deepspeed = str(ROOT / "examples" / "deepspeed" / "zero2.json")
-    return _torchrun(out, models, "--deepspeed", deepspeed, "--per-device-batch", "2", "--evaluate"), out
+    return torchrun(out, models, "--deepspeed", deepspeed, "--per-device-batch", "2", "--evaluate"), out
 
 
 @pytest.fixture(scope="module")
@@ -373,7 +333,7 @@ def zero3(models, tmp_path_factory) -> tuple[dict, Path]:
     ]
     # Partition every tensor (the final norm too), so the lens really has to gather.
     extra += ["--zero3-persistence-threshold", "0"]
-    return _torchrun(out, models, *extra), out
+    return torchrun(out, models, *extra), out
 
 
 @pytest.fixture(scope="module")
@@ -387,11 +347,11 @@ def accelerate_zero3(models, tmp_path_factory) -> tuple[dict, Path]:
         "--main_process_ip",
         "127.0.0.1",
         "--main_process_port",
-        str(_free_port()),
+        str(free_port()),
     ]
     # The teacher as a model object with full weights: deepspeed.initialize partitions it (the other runs
     # pass a path, loaded already partitioned under zero.Init).
-    return _launch(launcher, out, models, "--per-device-batch", "2", "--teacher-object"), out
+    return launch(launcher, out, models, "--per-device-batch", "2", "--teacher-object"), out
 
 
 RUNS = ["zero2", "zero3", "accelerate_zero3"]
@@ -404,7 +364,7 @@ def test_per_step_metrics_match_single_process(run, single, request):
     result, _ = request.getfixturevalue(run)
     reference, _ = single
     assert result["world_size"] == 2
-    got, want = _steps(result), _steps(reference)
+    got, want = logged_steps(result), logged_steps(reference)
     assert len(got) == len(want) == 4
     for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
         for key in STEP_KEYS:
@@ -510,18 +470,10 @@ def test_evaluate_under_deepspeed(run, single, request):
 def test_cli_train_under_torchrun_finishes_cleanly_and_reports_once(models, tmp_path):
     # DDP over gloo (--use_cpu: without it HF runs each CPU process on its own; DeepSpeed would need the test
     # helper's CPU shim): the CLI's own exit path under a launcher.
-    rows = [{"instruction": f"Repeat w{i}", "input": "", "output": f"w{i} w{i + 1}"} for i in range(8)]
+    command, out = cli_train_command(models, "teacher", tmp_path)
     train_file = tmp_path / "train.jsonl"
-    train_file.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    out = tmp_path / "student"
-    command = [*_torchrun_launcher(), "-m", "distillens_trainer.cli", "train"]
-    command += ["--model_name_or_path", str(models / "student"), "--output_dir", str(out)]
-    command += ["--teacher_model_name_or_path", str(models / "teacher"), "--train_file", str(train_file)]
-    command += ["--max_steps", "2", "--per_device_train_batch_size", "2", "--lens_num_layers", "2"]
-    command += ["--prompt_template", "plain", "--max_length", "32", "--max_prompt_length", "16"]
-    command += ["--use_cpu", "true", "--report_to", "none"]
     log = tmp_path / "launch.log"
-    _run_logged(command, log)
+    run_logged(command, log)
     assert (out / "model.safetensors").exists()
     card = (out / "README.md").read_text(encoding="utf-8")  # the model card, written by the main process
     assert "distillens" in card and str(models / "teacher") in card and str(train_file) in card
@@ -552,7 +504,7 @@ def single_on_policy(models, tmp_path_factory) -> tuple[dict, Path]:
 @distributed
 def test_both_ranks_draw_the_same_on_policy_window_decisions(models, tmp_path):
     extra = ["--lmbda", "0.5", "--max-new-tokens", "8", "--scripted", "--seed", str(MIXED_SEED)]
-    result = _torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *extra)
+    result = torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *extra)
     assert result["world_size"] == 2
     expected = [window_is_on_policy(0.5, MIXED_SEED, step) for step in range(4)]
     assert True in expected and False in expected  # the seed gives both kinds of window
@@ -572,14 +524,14 @@ def test_both_ranks_draw_the_same_on_policy_window_decisions(models, tmp_path):
 def test_ddp_on_policy_normalisation_equals_the_single_process_one(models, single_on_policy, tmp_path):
     # 2 ranks x 2 rows vs 1 x 4 rows, the same scripted completions: the window's loss is normalised by the
     # generated tokens of all 4 rows only if each rank's recount is summed across ranks.
-    result = _torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *SCRIPTED)
+    result = torchrun(tmp_path, models, "--use-cpu", "--per-device-batch", "2", *SCRIPTED)
     reference, single_out = single_on_policy
     assert result["world_size"] == 2
     want_counts = [window["num_items_in_batch"] for window in reference["windows"]]
     for rank in _rank_results(tmp_path):
         assert [window["prompts"] for window in rank["windows"]] == [2, 2, 2, 2]
         assert [window["num_items_in_batch"] for window in rank["windows"]] == want_counts
-    got, want = _steps(result), _steps(reference)
+    got, want = logged_steps(result), logged_steps(reference)
     assert len(got) == len(want) == 4
     for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
         assert got_step["on_policy_fraction"] == want_step["on_policy_fraction"] == 1.0
@@ -599,12 +551,12 @@ def test_ddp_on_policy_normalisation_equals_the_single_process_one(models, singl
 @needs_deepspeed
 def test_zero3_on_policy_run_samples_trains_and_saves(models, tmp_path):
     # Real sampling under ZeRO-3: the student's partitioned weights gathered once per window, generate with
-    # synced_gpus on both ranks (a rank out of step would hang: _run_logged ends it and fails).
+    # synced_gpus on both ranks (a rank out of step would hang: run_logged ends it and fails).
     deepspeed = str(ROOT / "examples" / "deepspeed" / "zero3.json")
     extra = ["--deepspeed", deepspeed, "--per-device-batch", "2", "--steps", "3"]
-    result = _torchrun(tmp_path, models, *extra, "--lmbda", "1", "--max-new-tokens", "4")
+    result = torchrun(tmp_path, models, *extra, "--lmbda", "1", "--max-new-tokens", "4")
     assert result["world_size"] == 2 and result["zero3"] is True
-    steps = _steps(result)
+    steps = logged_steps(result)
     assert [entry["step"] for entry in steps] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor([entry["loss"] for entry in steps])))
     assert all(entry["on_policy_fraction"] == 1.0 and entry["completion_length"] > 0 for entry in steps)
@@ -636,7 +588,7 @@ def teacher_cache(models, tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("teacher_cache") / "cache"
     command = [sys.executable, str(HELPER), "make-cache", str(models), str(folder)]
     command += ["--cache-mode", "hidden", "--cache-dtype", "float32"]
-    _run_logged(command, folder.parent / "make_cache.log")
+    run_logged(command, folder.parent / "make_cache.log")
     manifest = json.loads((folder / "manifest.json").read_text())
     assert manifest["complete"] is True
     assert manifest["num_rows"] == tiny.NUM_TRAIN + tiny.NUM_EVAL
@@ -658,7 +610,7 @@ def _assert_cached_run_matches_online(result: dict, out: Path, single: tuple[dic
     assert result["layer_map"] == reference["layer_map"] and result["vocab_size"] == reference["vocab_size"]
     for rank in _rank_results(out):  # both ranks read the cache
         assert rank["cached_teacher"] == "hidden", f"rank {rank['rank']}"
-    got, want = _steps(result), _steps(reference)
+    got, want = logged_steps(result), logged_steps(reference)
     assert len(got) == len(want) == 4
     for step, (got_step, want_step) in enumerate(zip(got, want), start=1):
         for key in STEP_KEYS:
@@ -681,7 +633,7 @@ def test_ddp_teacher_cache_run_follows_the_single_process_online_losses(
     student_only, teacher_cache, single, tmp_path
 ):
     extra = ["--use-cpu", "--per-device-batch", "2", "--evaluate", "--teacher-cache", str(teacher_cache)]
-    result = _torchrun(tmp_path, student_only, *extra)
+    result = torchrun(tmp_path, student_only, *extra)
     assert result["zero3"] is False
     _assert_cached_run_matches_online(result, tmp_path, single)
 
@@ -695,7 +647,7 @@ def test_zero3_teacher_cache_run_follows_the_single_process_online_losses(
     deepspeed = str(ROOT / "examples" / "deepspeed" / "zero3.json")
     extra = ["--deepspeed", deepspeed, "--zero3-persistence-threshold", "0", "--per-device-batch", "2"]
     extra += ["--evaluate", "--teacher-cache", str(teacher_cache)]
-    result = _torchrun(tmp_path, student_only, *extra)
+    result = torchrun(tmp_path, student_only, *extra)
     assert result["zero3"] is True
     assert result["student_lens_check"]["head_local_numel"] == 0  # the student's head really is partitioned
     assert max(result["student_lens_check"]["max_abs_diff"].values()) <= 1e-6
@@ -732,9 +684,9 @@ def test_cache_teacher_under_torchrun_writes_each_ranks_shards_and_equals_one_pr
     flags += ["--cache_dtype", "float32", "--report_to", "none", "--disable_tqdm", "true"]
     launched, single = tmp_path / "launched", tmp_path / "single"
     log = tmp_path / "launch.log"
-    _run_logged(
+    run_logged(
         [
-            *_torchrun_launcher(),
+            *torchrun_launcher(),
             "-m",
             "distillens_trainer.cli",
             "cache-teacher",

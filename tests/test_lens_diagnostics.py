@@ -145,6 +145,43 @@ def test_the_final_ce_is_each_models_cross_entropy_on_the_response_targets():
         too_small.add(student_out.hidden_states, None, batch["labels"])
 
 
+def test_without_layer_statistics_only_the_paired_and_final_layers_are_read_and_the_sums_are_equal(
+    monkeypatch,
+):
+    student, teacher = _peaked_llama(3, seed=1), _peaked_llama(6, seed=2, hidden=48)
+    batch = pad_batch(token_rows(5, seed=3))
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        student_hidden = student(**inputs, output_hidden_states=True).hidden_states
+        teacher_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
+    pairs = [(1, 2), (2, 2), (2, 5), (3, 6)]
+    read: list[int] = []
+    original = LogitLens.__call__
+
+    def counting_call(self, hidden, index):
+        read.append(index)
+        return original(self, hidden, index)
+
+    monkeypatch.setattr(LogitLens, "__call__", counting_call)
+    means = {}
+    for statistics in (True, False):
+        read.clear()
+        accumulator = LensProfileAccumulator(
+            LogitLens(student), LogitLens(teacher), TINY_VOCAB, pairs=pairs, divergences=("jsd", "rkl"),
+            chunk_size=4, layer_statistics=statistics,
+        )  # fmt: skip
+        accumulator.add(student_hidden, teacher_hidden, batch["labels"])
+        means[statistics] = accumulator.means()
+        chunks = -(-means[statistics]["num_tokens"] // 4)
+        assert len(read) == chunks * ((4 + 7) if statistics else (3 + 3))  # student 1,2,3; teacher 2,5,6
+    full, reduced = means[True], means[False]
+    assert reduced["pairs"] == full["pairs"]  # the same per-layer log-probs: equal bit for bit
+    assert reduced["final_ce"] == full["final_ce"]
+    assert reduced["num_tokens"] == full["num_tokens"]
+    assert reduced["student"] is None and reduced["teacher"] is None
+    assert full["student"]["entropy"] and full["teacher"]["entropy"]
+
+
 def test_a_student_alone_is_compared_with_its_own_layers():
     student = _peaked_llama(3, seed=1)
     report = profile_models(student, None, _dataset(), TOKENIZER, vocab_size=TINY_VOCAB, show_progress=False)

@@ -74,10 +74,8 @@ def _student_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny_models")
-    tiny.make_models(directory)
-    return directory
+def models(tiny_run_models) -> Path:
+    return tiny_run_models
 
 
 @pytest.fixture(scope="module")

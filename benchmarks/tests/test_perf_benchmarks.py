@@ -4,6 +4,7 @@ by hand on made-up measurements (no timing, no subprocess)."""
 from __future__ import annotations
 
 import argparse
+import json
 
 import lens_memory  # benchmarks/ is on sys.path: pytest's `pythonpath` in pyproject.toml
 import pytest
@@ -104,3 +105,22 @@ def test_trainer_steps_cache_variants_are_opt_in_and_quick_results_stay_out_of_t
     assert chosen.variants == ["kd_fused", "distillens_cache_topk"]
     with pytest.raises(SystemExit):
         trainer_steps.parse_args(["--variants", "no_such_variant"])
+
+
+def test_sharded_steps_reports_each_launchs_median_step_without_the_first_and_the_ratio_to_zero3(
+    monkeypatch, tmp_path
+):
+    import sharded_steps
+
+    made = {}
+    monkeypatch.setattr(
+        sharded_steps.train_tiny_module(), "make_models", lambda path, hidden: made.setdefault("hidden", hidden)
+    )
+    per_step = {"fsdp2": [9.0, 1.0, 1.2, 1.1], "zero3": [9.0, 2.0, 2.2, 2.1]}  # the first step: warm-up
+    monkeypatch.setattr(sharded_steps, "launch", lambda models, out, variant, opts: per_step[variant])
+    sharded_steps.main(["--reps", "2", "--hidden-size", "48", "--out-dir", str(tmp_path), "--name", "t"])
+    results = json.loads((tmp_path / "t.json").read_text())
+    assert made["hidden"] == 48
+    assert results["variants"]["fsdp2"]["samples"] == [1.1, 1.1]
+    assert results["ratio"] == pytest.approx(1.1 / 2.1)
+    assert "| fsdp2 | 1.100 s" in (tmp_path / "t.md").read_text()

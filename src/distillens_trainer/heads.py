@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fused_math import postprocess, postprocess_
-from .model_facts import logit_postprocessing, unwrap_model
+from .model_facts import logit_postprocessing, module_class, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class LinearHead:
 
 def linear_head_refusal(head: nn.Module | None) -> str | None:
     """Why an LM head cannot be fused (one line), or None when it is a plain floating-point ``nn.Linear``."""
-    if type(head) is not nn.Linear:
+    if head is None or module_class(head) is not nn.Linear:
         return f"the LM head is a {type(head).__name__}, not a plain nn.Linear"
     if not head.weight.is_floating_point():
         return f"the LM head's weight is {head.weight.dtype}, not floating point"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .fsdp import call_unhooked
 from .fused_math import postprocess
 from .heads import LinearHead, output_linear_head
 from .model_facts import logit_postprocessing, num_hidden_layers, text_config, unwrap_model
@@ -42,7 +43,9 @@ class LogitLens:
     ``layer_index == num_layers`` HF has already normed the state, so only the head is applied and the
     result equals the model's own logits.
 
-    The norm and head are called as modules, so DeepSpeed ZeRO-3 gathers their partitioned weights.
+    The norm and head are called as modules, so DeepSpeed ZeRO-3 gathers their partitioned weights; under FSDP2
+    they are called without FSDP's hooks, on the parameters gathered for the objective
+    (:func:`~distillens_trainer.fsdp.gather_for_objective`).
     """
 
     def __init__(self, model: nn.Module, final_norm: bool = True) -> None:
@@ -85,14 +88,18 @@ class LogitLens:
         if layer_index == self.num_layers:
             return hidden_state  # HF's last hidden state is already normed (and projected).
         if self.final_norm and self.norm is not None:
-            hidden_state = self.norm(hidden_state)
+            hidden_state = call_unhooked(self.norm, hidden_state)
         if self.post_norm_projection is not None:
-            hidden_state = self.post_norm_projection(hidden_state)
+            hidden_state = call_unhooked(self.post_norm_projection, hidden_state)
         return hidden_state
 
     def head_logits(self, head_input: torch.Tensor) -> torch.Tensor:
         """``[..., d_head_in] -> [..., V]`` fp32: the LM head and the model's logit post-processing."""
-        return postprocess(self.head(head_input), self.logit_scale, self.logit_softcap)
+        return postprocess(call_unhooked(self.head, head_input), self.logit_scale, self.logit_softcap)
+
+    def modules(self) -> list[nn.Module]:
+        """The modules the lens calls: the final norm, any post-norm projection, the head."""
+        return [m for m in (self.norm, self.post_norm_projection, self.head) if m is not None]
 
     def linear_head(self) -> LinearHead | None:
         """The head as a :class:`LinearHead` for the fused path, or None when it is not a plain ``nn.Linear``.

@@ -100,6 +100,15 @@ def is_partitioned(module: nn.Module) -> bool:
     return any(hasattr(param, "ds_id") for param in module.parameters())
 
 
+def module_class(module: nn.Module) -> type:
+    """The module's own class, behind the subclass FSDP2's ``fully_shard`` gives a sharded module
+    (``FSDPLinear`` -> ``nn.Linear``)."""
+    cls = type(module)
+    if any(base.__name__ == "FSDPModule" for base in cls.__mro__[1:]):
+        return next(base for base in cls.__bases__ if base.__name__ != "FSDPModule")
+    return cls
+
+
 def freeze(model: nn.Module) -> nn.Module:
     """Eval mode and no gradients, in place."""
     model.eval()

@@ -174,8 +174,9 @@ class DistillLensObjective:
             )
         self.compile_math = compile_math
         self.cached_teacher = cached_teacher
-        self.student_head = student_head or (student_lens.linear_head() if student_lens else None)
-        self.teacher_head = teacher_head or (teacher_lens.linear_head() if teacher_lens else None)
+        # Heads given here are used as they are; otherwise each is read off its model when used, so it is always
+        # the module's current parameter (FSDP2 swaps sharded and gathered parameters on the module).
+        self._given_heads = {"student": student_head, "teacher": teacher_head}
         self.output_fusable = True  # off when the heads do not reproduce the models' logits
         self._models: dict[str, nn.Module] = {}  # role -> model whose forward this objective reads
         self._keeps_logits: dict[str, bool] = {}  # role -> its forward takes logits_to_keep
@@ -190,8 +191,7 @@ class DistillLensObjective:
         cached ``teacher_head``: a teacher read from a cache): its fused output term uses their own heads, and
         :meth:`forward_request` asks their forwards for what it reads (checking the heads once)."""
         cached_head = kwargs.pop("teacher_head", None)
-        teacher_head = output_linear_head(teacher) if teacher is not None else cached_head
-        objective = cls(spec, student_head=output_linear_head(student), teacher_head=teacher_head, **kwargs)
+        objective = cls(spec, teacher_head=None if teacher is not None else cached_head, **kwargs)
         objective._models = {"student": unwrap_model(student)}
         if teacher is not None:
             objective._models["teacher"] = unwrap_model(teacher)
@@ -199,6 +199,28 @@ class DistillLensObjective:
             role: forward_accepts(model, "logits_to_keep") for role, model in objective._models.items()
         }
         return objective
+
+    def _head(self, role: str) -> LinearHead | None:
+        given = self._given_heads[role]
+        if given is not None:
+            return given
+        lens = self.student_lens if role == "student" else self.teacher_lens
+        model = self._models.get(role, lens.model if lens is not None else None)
+        return output_linear_head(model) if model is not None else None
+
+    @property
+    def student_head(self) -> LinearHead | None:
+        """The student's output head for the fused path: as given, else its model's (or lens's) current head."""
+        return self._head("student")
+
+    @student_head.setter
+    def student_head(self, head: LinearHead | None) -> None:
+        self._given_heads["student"] = head
+
+    @property
+    def teacher_head(self) -> LinearHead | None:
+        """The teacher's output head: as given (a cached head), else its model's (or lens's) current head."""
+        return self._head("teacher")
 
     def _log_once(self, message: str) -> None:
         if message not in self._logged:
@@ -231,6 +253,12 @@ class DistillLensObjective:
             )
             return False
         return True
+
+    @property
+    def probes_heads_next(self) -> bool:
+        """True when the next :meth:`forward_request` runs the one-off head probe (forwards of both models, then
+        their heads read outside the forward)."""
+        return self.fuses_output and not self._heads_checked
 
     # ----------------------------------------------------------------------------------------- the forward contract
     def forward_request(self, *, full_logits: bool = False) -> ForwardRequest:

@@ -1,4 +1,4 @@
-"""Placing the frozen teacher for multi-process training: replicated, or sharded with DeepSpeed ZeRO-3.
+"""Placing the frozen teacher for multi-process training: replicated, or sharded with DeepSpeed ZeRO-3 or FSDP2.
 
 * DeepSpeed ZeRO-3: the teacher becomes a DeepSpeed engine of its own, with its parameters partitioned
   across the data-parallel ranks like the student's, and no optimizer. Its forward (and the logit lens,
@@ -7,7 +7,10 @@
 * DeepSpeed ZeRO-1/2, DDP, a single process: every rank holds a full, frozen copy in eval mode, on its
   device, in the resolved teacher dtype (ZeRO-1/2 shard only optimizer states and gradients, which a
   frozen teacher does not have).
-* FSDP: refused; shard a large teacher with DeepSpeed ZeRO-3 instead.
+* FSDP2: the teacher is cast to its dtype, moved to the device and sharded with ``fully_shard``, each of its own
+  decoder layers and then its root (:func:`~distillens_trainer.fsdp.shard_teacher`), whatever the student's
+  architecture; every rank runs its forward in lockstep, as under ZeRO-3.
+* FSDP v1: refused, pointing to FSDP2.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .fsdp import fsdp_version, shard_mesh, shard_teacher
 from .model_facts import freeze, hidden_size, is_partitioned
 from .teacher import resolve_teacher_dtype
 
@@ -35,20 +39,6 @@ _HIDDEN_SIZE_KEYS: tuple[str, ...] = (
 def _deepspeed_plugin(accelerator: Any) -> Any | None:
     state = getattr(accelerator, "state", None)
     return getattr(state, "deepspeed_plugin", None) if state is not None else None
-
-
-def is_fsdp_enabled(trainer_args: Any, accelerator: Any) -> bool:
-    """True when the run shards the student with FSDP (Trainer arguments or an accelerate FSDP config)."""
-    if getattr(accelerator, "is_fsdp2", False):
-        return True
-    state = getattr(accelerator, "state", None)
-    if state is not None and getattr(state, "fsdp_plugin", None) is not None:
-        return True
-    distributed_type = getattr(accelerator, "distributed_type", None)
-    if distributed_type is not None and str(getattr(distributed_type, "value", distributed_type)) == "FSDP":
-        return True
-    fsdp = getattr(trainer_args, "fsdp", None)
-    return bool(fsdp) and fsdp not in ("", [], "False", "false")
 
 
 def deepspeed_config_of(accelerator: Any) -> dict[str, Any] | None:
@@ -198,22 +188,27 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
     Args:
         teacher: the teacher causal LM (possibly already partitioned by ``deepspeed.zero.Init``).
         trainer_args: the ``DistillLensConfig`` (``teacher_dtype``, ``bf16``, ``fp16``, ``device``, ``fsdp``).
-        accelerator: the Trainer's ``Accelerator`` (None: read HF's global DeepSpeed config).
+        accelerator: the Trainer's ``Accelerator`` (None: read HF's global DeepSpeed config); its
+            ``mixed_precision`` counts as ``bf16`` / ``fp16`` for ``teacher_dtype="auto"``.
     Returns:
         Under ZeRO-3, a DeepSpeed engine wrapping the teacher (``.module`` is the model), partitioned across
         ranks, with no optimizer, in eval mode. Otherwise the teacher itself, frozen, in eval mode, on
-        ``trainer_args.device`` and in the resolved teacher dtype.
+        ``trainer_args.device`` and in the resolved teacher dtype; under FSDP2 also sharded with ``fully_shard``.
     """
-    if is_fsdp_enabled(trainer_args, accelerator):
+    fsdp = fsdp_version(trainer_args, accelerator)
+    if fsdp == 1:
         raise ValueError(
-            "DistillLensTrainer does not support FSDP: the teacher would be a full copy on every rank; use "
-            "DeepSpeed ZeRO-3 (e.g. --deepspeed examples/deepspeed/zero3.json) to shard the teacher and the student."
+            "DistillLensTrainer supports FSDP2, not FSDP v1: set fsdp_version: 2 in the accelerate config (or "
+            "fsdp_config={'fsdp_version': 2}); see examples/fsdp/."
         )
     teacher = freeze(teacher)  # the one place the teacher is frozen on its way into training
+    precision = str(
+        getattr(accelerator, "mixed_precision", "no")
+    )  # also an accelerate config's mixed_precision
     dtype = resolve_teacher_dtype(
         getattr(trainer_args, "teacher_dtype", "auto"),
-        bf16=bool(getattr(trainer_args, "bf16", False)),
-        fp16=bool(getattr(trainer_args, "fp16", False)),
+        bf16=bool(getattr(trainer_args, "bf16", False)) or precision == "bf16",
+        fp16=bool(getattr(trainer_args, "fp16", False)) or precision == "fp16",
     )
     if is_zero3_enabled(accelerator):
         ds_config = deepspeed_config_of(accelerator)
@@ -229,5 +224,13 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
         )
     device = getattr(trainer_args, "device", None)
     if dtype is not None:
-        return teacher.to(device=device, dtype=dtype)
-    return teacher.to(device) if device is not None else teacher
+        teacher = teacher.to(device=device, dtype=dtype)
+    elif device is not None:
+        teacher = teacher.to(device)
+    if fsdp == 2:
+        mesh = shard_mesh(accelerator, next(teacher.parameters()).device)
+        teacher, num_layers = shard_teacher(teacher, mesh)
+        logger.info(
+            "FSDP2: the teacher is sharded across ranks (%d decoder layers, then its root).", num_layers
+        )
+    return teacher

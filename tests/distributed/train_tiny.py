@@ -24,6 +24,17 @@ Teacher cache::
 
 ``make-cache`` writes a cache of the tiny teacher over the training and evaluation rows (one process); ``train
 --teacher-cache`` distils from it without building a teacher model.
+
+FSDP2::
+
+    torchrun --nproc_per_node 2 tests/distributed/train_tiny.py train --models MODELS_DIR --out OUT \
+        --fsdp --per-device-batch 2 --teacher qwen2_teacher
+
+``--fsdp`` shards the student through the Trainer's ``fsdp`` / ``fsdp_config`` (FSDP2) on the CPU shim
+(:func:`enable_fsdp_on_cpu`); an ``accelerate launch`` with an FSDP2 config file needs no flag. ``--teacher
+qwen2_teacher`` distils from a Qwen2 teacher (same tokenizer) into the Llama student. The result then records,
+per training step, the all-gathers of the groups holding each model's LM head, and each rank's bytes of the
+teacher's shards.
 """
 
 from __future__ import annotations
@@ -32,10 +43,12 @@ import argparse
 import importlib
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import TrainerCallback
 
 HIDDEN_SIZE = 32
 TEACHER_LAYERS = 4
@@ -49,18 +62,8 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
 # --------------------------------------------------------------------------------------------- CPU shims
-def enable_deepspeed_on_cpu() -> None:
-    """Let accelerate + DeepSpeed run several CPU processes (gloo); a no-op on a machine with CUDA.
-
-    On a CPU-only machine accelerate's ``PartialState`` finds no device backend for a DeepSpeed run,
-    initialises DeepSpeed's process group but then reports ``num_processes == 1`` on every rank (so HF
-    computes ``train_batch_size`` for one process and every rank believes it is the main one). Choosing
-    gloo, as accelerate does for multi-CPU runs, gives the real world size. DeepSpeed's optional
-    shared-memory all-reduce kernel is also skipped: it is JIT-compiled (minutes) on first use and gloo
-    does the same reduction.
-    """
-    if torch.cuda.is_available():
-        return
+def _use_gloo_on_cpu() -> None:
+    """Where accelerate finds no device backend for a launched CPU rank, choose gloo (``MULTI_CPU``)."""
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
 
@@ -76,12 +79,116 @@ def enable_deepspeed_on_cpu() -> None:
 
     _prepare_backend._distillens_cpu_shim = True
     PartialState._prepare_backend = _prepare_backend
+
+
+def enable_deepspeed_on_cpu() -> None:
+    """Let accelerate + DeepSpeed run several CPU processes (gloo); a no-op on a machine with CUDA.
+
+    On a CPU-only machine accelerate's ``PartialState`` finds no device backend for a DeepSpeed run,
+    initialises DeepSpeed's process group but then reports ``num_processes == 1`` on every rank (so HF
+    computes ``train_batch_size`` for one process and every rank believes it is the main one). Choosing
+    gloo, as accelerate does for multi-CPU runs, gives the real world size. DeepSpeed's optional
+    shared-memory all-reduce kernel is also skipped: it is JIT-compiled (minutes) on first use and gloo
+    does the same reduction.
+    """
+    if torch.cuda.is_available():
+        return
+    _use_gloo_on_cpu()
     try:  # by module name: the package attribute deepspeed.comm.torch can be torch itself
         deepspeed_torch_comm = importlib.import_module("deepspeed.comm.torch")
     except ImportError:
         return
     if hasattr(deepspeed_torch_comm, "build_shm_op"):
         deepspeed_torch_comm.build_shm_op = lambda: None
+
+
+def enable_fsdp_on_cpu() -> None:
+    """Let accelerate run FSDP on several CPU processes (gloo); a no-op on a machine with CUDA.
+
+    On a CPU-only machine accelerate's ``AcceleratorState`` only turns an FSDP plugin on for GPU-like device types:
+    a multi-CPU run keeps ``MULTI_CPU`` and trains as DDP, silently. ``fully_shard`` itself works over gloo, so the
+    shim sets the distributed type to FSDP where a plugin was given, as accelerate does on GPUs (and, for an
+    ``accelerate launch`` with a GPU config, chooses gloo as :func:`enable_deepspeed_on_cpu` does).
+    """
+    if torch.cuda.is_available():
+        return
+    _use_gloo_on_cpu()
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+    if getattr(original, "_distillens_cpu_shim", False):
+        return
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        plugin = kwargs.get("fsdp_plugin")
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = plugin
+            if self._mixed_precision != "no":
+                plugin.set_mixed_precision(self._mixed_precision)
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+
+    __init__._distillens_cpu_shim = True
+    AcceleratorState.__init__ = __init__
+
+
+def fsdp_gather_recorder(trainer) -> list[dict[str, int]]:
+    """Per training micro-batch (its forwards, objective and backward), the all-gathers of the FSDP2 groups that hold
+    each model's LM head, by role, on this rank (FSDPParamGroup.unshard counted where it really gathers), and how
+    often the student head's gradient went into FSDP's reduce-scatter (``student_head_reductions``)."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    from distillens_trainer.model_facts import unwrap_model
+
+    heads = {
+        "student": unwrap_model(trainer.model).get_output_embeddings(),
+        "teacher": unwrap_model(trainer.teacher_model).get_output_embeddings(),
+    }
+    steps: list[dict[str, int]] = []
+    active = [False]
+    original = FSDPParamGroup.unshard
+
+    def unshard(group, async_op=False):
+        if active[0] and not group.is_unsharded and group._all_gather_result is None:
+            for role, head in heads.items():
+                owners = [(p._module_info.module, *p._module_info.shared_modules) for p in group.fsdp_params]
+                if any(
+                    head in modules for modules in owners
+                ):  # the head's weight (tied: shared with the embedding)
+                    steps[-1][role] += 1
+        return original(group, async_op)
+
+    FSDPParamGroup.unshard = unshard
+    original_post_backward = FSDPParamGroup.post_backward
+    student_head = heads["student"]
+
+    def post_backward(group, *args):
+        if active[0]:
+            for fsdp_param in group.fsdp_params:
+                modules = (fsdp_param._module_info.module, *fsdp_param._module_info.shared_modules)
+                unsharded = getattr(fsdp_param, "_unsharded_param", None)
+                has_grad = unsharded is not None and (
+                    fsdp_param.unsharded_accumulated_grad is not None or unsharded.grad is not None
+                )
+                if student_head in modules and has_grad:
+                    steps[-1]["student_head_reductions"] += 1
+        return original_post_backward(group, *args)
+
+    FSDPParamGroup.post_backward = post_backward
+    training_step = trainer.training_step
+
+    def counted_training_step(*args, **kwargs):  # forward, objective and backward of one micro-batch
+        steps.append({"student": 0, "teacher": 0, "student_head_reductions": 0})
+        active[0] = True
+        try:
+            return training_step(*args, **kwargs)
+        finally:
+            active[0] = False
+
+    trainer.training_step = counted_training_step
+    return steps
 
 
 # --------------------------------------------------------------------------------------------- models, data
@@ -98,13 +205,13 @@ def build_tokenizer():
     )
 
 
-def _llama(num_layers: int, tie_word_embeddings: bool, seed: int):
+def _llama(num_layers: int, tie_word_embeddings: bool, seed: int, hidden_size: int = HIDDEN_SIZE):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=len(SPECIAL_TOKENS) + NUM_WORDS,
-        hidden_size=HIDDEN_SIZE,
-        intermediate_size=64,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -124,21 +231,47 @@ def _llama(num_layers: int, tie_word_embeddings: bool, seed: int):
     return model
 
 
-def make_models(models_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
-    """Save a 4-layer teacher (untied head) and a 3-layer student (tied head), with a tokenizer, once."""
+def _qwen2(num_layers: int, seed: int, hidden_size: int = HIDDEN_SIZE + 16):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(SPECIAL_TOKENS) + NUM_WORDS,
+        hidden_size=hidden_size,  # another width than the student's
+        intermediate_size=2 * HIDDEN_SIZE,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        initializer_range=0.2,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    torch.manual_seed(seed)
+    model = Qwen2ForCausalLM(config)
+    with torch.no_grad():
+        model.model.norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def make_models(models_dir: str | os.PathLike[str], hidden_size: int = HIDDEN_SIZE) -> tuple[Path, Path]:
+    """Save a 4-layer Llama teacher (untied head), a 4-layer Qwen2 teacher (``qwen2_teacher``, another width) and a
+    3-layer Llama student (tied head), with a tokenizer, once; returns the Llama teacher's and the student's paths.
+    ``hidden_size`` widens every model (benchmarks); the tests use the default."""
     models_dir = Path(models_dir)
     tokenizer = build_tokenizer()
-    paths = []
-    for name, layers, tied, seed in (
-        ("teacher", TEACHER_LAYERS, False, 1),
-        ("student", STUDENT_LAYERS, True, 2),
-    ):
+    builders = {
+        "teacher": lambda: _llama(TEACHER_LAYERS, False, 1, hidden_size),
+        "qwen2_teacher": lambda: _qwen2(TEACHER_LAYERS, 3, hidden_size + 16),
+        "student": lambda: _llama(STUDENT_LAYERS, True, 2, hidden_size),
+    }
+    for name, build in builders.items():
         path = models_dir / name
         if not (path / "config.json").exists():
-            _llama(layers, tied, seed).save_pretrained(path)
+            build().save_pretrained(path)
             tokenizer.save_pretrained(path)
-        paths.append(path)
-    return paths[0], paths[1]
+    return models_dir / "teacher", models_dir / "student"
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -288,7 +421,7 @@ def lens_gather_check(lens) -> dict[str, Any]:
         norm_weight = norm.weight.detach().clone()
         head_weight = head.weight.detach().clone()
     generator = torch.Generator().manual_seed(7)
-    hidden = torch.randn(5, HIDDEN_SIZE, generator=generator, dtype=head_weight.dtype)
+    hidden = torch.randn(5, head_weight.shape[1], generator=generator, dtype=head_weight.dtype)
     diffs = {}
     with torch.no_grad():
         for layer in (1, lens.num_layers):
@@ -352,6 +485,20 @@ def recording_trainer_class(scripted: bool = False):
 
 
 # --------------------------------------------------------------------------------------------- training
+class StepClock(TrainerCallback):
+    """Wall seconds of each optimizer step (from its start to its end), on this rank."""
+
+    def __init__(self, seconds: list[float]) -> None:
+        self.seconds = seconds
+        self.started = 0.0
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.started = time.perf_counter()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seconds.append(time.perf_counter() - self.started)
+
+
 def train(
     models_dir: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -366,6 +513,9 @@ def train(
     teacher_object: bool = False,
     scripted: bool = False,
     teacher_cache: str | os.PathLike[str] | None = None,
+    teacher_name: str = "teacher",
+    fsdp: bool = False,
+    resume: str | None = None,
     **config_overrides: Any,
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -377,18 +527,22 @@ def train(
     models_dir = Path(models_dir)
     if deepspeed is not None or os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         enable_deepspeed_on_cpu()  # DeepSpeed from --deepspeed, or from an accelerate launch config
+    if fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        enable_fsdp_on_cpu()  # FSDP2 from the Trainer's arguments, or from an accelerate launch config
+        if fsdp:
+            config_overrides.update(fsdp="full_shard", fsdp_config={"fsdp_version": 2}, use_cpu=True)
     if isinstance(deepspeed, str):
         deepspeed = json.loads(Path(deepspeed).read_text())
     if deepspeed is not None and zero3_persistence_threshold is not None:
         # The example config's "auto" keeps tensors under 10·hidden elements whole on every rank; 0
         # partitions every tensor, so the final norm read by the lens is partitioned too.
         deepspeed["zero_optimization"]["stage3_param_persistence_threshold"] = zero3_persistence_threshold
-    teacher: Any = str(models_dir / "teacher")
+    teacher: Any = str(models_dir / teacher_name)
     if teacher_cache is not None:  # distil from the cache: no teacher model at all
         teacher = None
         config_overrides["teacher_cache"] = str(teacher_cache)
     elif teacher_object:  # a model object with full weights, loaded before DeepSpeed is configured
-        teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)
+        teacher = AutoModelForCausalLM.from_pretrained(models_dir / teacher_name, dtype=torch.float32)
     saving = {"save_strategy": "steps", "save_steps": save_steps} if save_steps else {}
     args = training_config(
         out / "run",
@@ -430,9 +584,21 @@ def train(
     }
     zero3 = is_zero3_enabled(trainer.accelerator)
     result["zero3"] = zero3
+    result["fsdp_version"] = trainer.fsdp_version
+    if trainer.fsdp_version == 2:
+        from distillens_trainer.fsdp import local_parameter_bytes
+
+        result["teacher_class"] = type(trainer.teacher_model).__name__
+        local, whole = local_parameter_bytes(trainer.teacher_model)
+        dtype = str(next(trainer.teacher_model.parameters()).dtype)
+        result["teacher_bytes"] = {"local": local, "whole": whole, "dtype": dtype}
+        result["fsdp_head_gathers"] = fsdp_gather_recorder(trainer)
     if zero3 and trainer.teacher_lens is not None:
         result["teacher_lens_check"] = lens_gather_check(trainer.teacher_lens)
-    trainer.train()
+    step_seconds: list[float] = []
+    trainer.add_callback(StepClock(step_seconds))
+    trainer.train(resume_from_checkpoint=resume)
+    result["step_seconds"] = step_seconds
     objective = trainer.objective
     result["fused"] = {"lens": objective.fuses_lens, "output": objective.fuses_output}
     result["losses"] = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -445,6 +611,8 @@ def train(
         "windows": trainer.windows,
         "on_policy_fraction": [entry.get("on_policy_fraction") for entry in steps],
         "completion_length": [entry.get("completion_length") for entry in steps],
+        "teacher_bytes": result.get("teacher_bytes"),
+        "fsdp_head_gathers": result.get("fsdp_head_gathers"),
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / f"result_rank{rank_result['rank']}.json").write_text(json.dumps(rank_result, indent=1))
@@ -472,6 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     make = commands.add_parser("make-models")
     make.add_argument("models_dir")
+    make.add_argument("--hidden-size", type=int, default=HIDDEN_SIZE)
     cache = commands.add_parser("make-cache")
     cache.add_argument("models_dir")
     cache.add_argument("cache_dir")
@@ -496,9 +665,15 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--max-new-tokens", type=int, help="most tokens per completion (default: the config's)")
     run.add_argument("--scripted", action="store_true", help="scripted_completion instead of sampling")
     run.add_argument("--teacher-cache", help="distil from this cache (make-cache): no teacher model")
+    run.add_argument("--teacher", default="teacher", help="the teacher's folder under --models")
+    run.add_argument("--fsdp", action="store_true", help="FSDP2 through the Trainer's fsdp arguments")
+    run.add_argument("--resume", help="resume_from_checkpoint (a checkpoint folder)")
+    run.add_argument("--lens-chunk-size", type=int, help="lens_chunk_size (default: the config's)")
+    run.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
+    run.add_argument("--lens-eval-profile", action="store_true", help="lens_eval_profile (with --evaluate)")
     options = parser.parse_args(argv)
     if options.command == "make-models":
-        make_models(options.models_dir)
+        make_models(options.models_dir, options.hidden_size)
         return
     if options.command == "make-cache":
         make_cache(
@@ -523,10 +698,16 @@ def main(argv: list[str] | None = None) -> None:
         teacher_dtype=options.teacher_dtype,
         scripted=options.scripted,
         teacher_cache=options.teacher_cache,
+        teacher_name=options.teacher,
+        fsdp=options.fsdp,
+        resume=options.resume,
         seed=options.seed,
         lmbda=options.lmbda,
         **({"use_cpu": True} if options.use_cpu else {}),
         **({} if options.max_new_tokens is None else {"max_new_tokens": options.max_new_tokens}),
+        **({} if options.lens_chunk_size is None else {"lens_chunk_size": options.lens_chunk_size}),
+        **({"bf16": True} if options.bf16 else {}),
+        **({"lens_eval_profile": True} if options.lens_eval_profile else {}),
     )
     from distillens_trainer.commands.process import end_process_group
 

@@ -103,6 +103,7 @@ def lens_divergence_profile(
         shared_vocab_size(student, teacher, tokenizer),
         pairs=pairs,
         divergences=[divergence],
+        layer_statistics=False,  # only the pairs and the cross-entropies are reported
     )
     collator = DataCollatorForCompletionOnly(tokenizer)
     device = next(student.parameters()).device

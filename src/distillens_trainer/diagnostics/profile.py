@@ -10,7 +10,8 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
   distribution over the shared vocabulary (read from the same log-probabilities, at no extra cost).
 
 Work is done per chunk of ``chunk_size`` tokens, so at most ``[L + 1, chunk_size, V]`` log-probabilities
-per model exist at a time. Layer indices follow the ``hidden_states`` convention (0 = embedding output,
+per model exist at a time. With ``layer_statistics=False`` only the pair divergences and the cross-entropies are
+summed, from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the ``hidden_states`` convention (0 = embedding output,
 ``L`` = the last block's output, which equals the model's own logits through the lens).
 """
 
@@ -44,11 +45,16 @@ def same_depth_pairs(student_num_layers: int, teacher_num_layers: int) -> list[L
     ]
 
 
-def layer_log_probs(lens: LogitLens, hidden_states: Sequence[torch.Tensor], vocab_size: int) -> torch.Tensor:
-    """``L + 1`` tensors ``[c, d]`` (one per ``hidden_states`` index) -> ``[L + 1, c, V]`` fp32 log-probs."""
-    return torch.stack(
-        [log_probs(lens(hidden, index)[..., :vocab_size]) for index, hidden in enumerate(hidden_states)]
-    )
+def layer_log_probs(
+    lens: LogitLens,
+    hidden_states: Sequence[torch.Tensor],
+    vocab_size: int,
+    layers: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """``L + 1`` tensors ``[c, d]`` (one per ``hidden_states`` index) -> ``[n, c, V]`` fp32 log-probs of the
+    ``n`` chosen ``layers`` (default every index, ``n = L + 1``), in that order."""
+    layers = range(len(hidden_states)) if layers is None else layers
+    return torch.stack([log_probs(lens(hidden_states[index], index)[..., :vocab_size]) for index in layers])
 
 
 @dataclass
@@ -88,6 +94,9 @@ class LensProfileAccumulator:
         pairs: (student, teacher) layer pairs whose divergence is summed; default every pair.
         divergences: names from :mod:`distillens_trainer.divergences` (student first, teacher second).
         chunk_size: tokens whose log-probabilities are held at once.
+        layer_statistics: also sum each layer's entropy, top-1 agreement and divergence to the final layer
+            (``means()["student"]`` / ``["teacher"]``); False reads only the layers the pairs use and the final
+            ones (the pair divergences and ``final_ce`` are the same), and those entries are None.
     """
 
     student_lens: LogitLens
@@ -97,6 +106,7 @@ class LensProfileAccumulator:
     divergences: Sequence[str] = ("jsd",)
     jsd_beta: float = 0.5
     chunk_size: int = DEFAULT_CHUNK_SIZE
+    layer_statistics: bool = True
     num_tokens: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -118,12 +128,23 @@ class LensProfileAccumulator:
             name: torch.zeros(len(self.pairs), dtype=torch.float64, device=device)
             for name in self.divergences
         }
-        # Student layer -> (positions in self.pairs, teacher layers), so one student row meets all its partners.
+        # The hidden_states indices read through each lens (every one, or the paired ones and the final one).
+        self._student_layers = self._layers_read(self.student_lens.num_layers, [s for s, _ in self.pairs])
+        self._teacher_layers = self._layers_read(reference.num_layers, [t for _, t in self.pairs])
+        student_row = {layer: row for row, layer in enumerate(self._student_layers)}
+        teacher_row = {layer: row for row, layer in enumerate(self._teacher_layers)}
+        # Student row -> (positions in self.pairs, teacher rows), so one student row meets all its partners.
         self._rows: dict[int, tuple[list[int], list[int]]] = {}
         for position, (student_layer, teacher_layer) in enumerate(self.pairs):
-            positions, teacher_layers = self._rows.setdefault(student_layer, ([], []))
+            positions, teacher_rows = self._rows.setdefault(student_row[student_layer], ([], []))
             positions.append(position)
-            teacher_layers.append(teacher_layer)
+            teacher_rows.append(teacher_row[teacher_layer])
+
+    def _layers_read(self, num_layers: int, paired: list[int]) -> list[int]:
+        """Sorted ``hidden_states`` indices whose log-probabilities a chunk needs; the last is the final layer."""
+        if self.layer_statistics:
+            return list(range(num_layers + 1))
+        return sorted({*paired, num_layers})
 
     @property
     def reference_lens(self) -> LogitLens:
@@ -178,22 +199,32 @@ class LensProfileAccumulator:
         teacher_hidden: list[torch.Tensor] | None,
         targets: torch.Tensor,
     ) -> None:
-        student_lp = layer_log_probs(self.student_lens, student_hidden, self.vocab_size)  # [L_S + 1, c, V]
+        student_lp = layer_log_probs(
+            self.student_lens, student_hidden, self.vocab_size, self._student_layers
+        )  # [n_S, c, V], n_S = L_S + 1 with layer statistics
         targets = targets.to(student_lp.device)  # [c]
-        _add_layer_sums(self.student, student_lp, targets, self.jsd_beta)
+        self._add_model_sums(self.student, student_lp, targets)
         if teacher_hidden is None:
             teacher_lp = student_lp
         else:
-            teacher_lp = layer_log_probs(self.teacher_lens, teacher_hidden, self.vocab_size)
-            teacher_lp = teacher_lp.to(student_lp.device)  # [L_T + 1, c, V], beside the student's
-            _add_layer_sums(self.teacher, teacher_lp, targets, self.jsd_beta)
-        for student_layer, (positions, teacher_layers) in self._rows.items():
-            partners = teacher_lp[teacher_layers]  # [P, c, V]
+            teacher_lp = layer_log_probs(
+                self.teacher_lens, teacher_hidden, self.vocab_size, self._teacher_layers
+            )
+            teacher_lp = teacher_lp.to(student_lp.device)  # [n_T, c, V], beside the student's
+            self._add_model_sums(self.teacher, teacher_lp, targets)
+        for student_row, (positions, teacher_rows) in self._rows.items():
+            partners = teacher_lp[teacher_rows]  # [P, c, V]
             for name in self.divergences:
                 per_token = divergence_from_log_probs(
-                    name, student_lp[student_layer].unsqueeze(0), partners, beta=self.jsd_beta
+                    name, student_lp[student_row].unsqueeze(0), partners, beta=self.jsd_beta
                 )  # [P, c]
                 self.pair_sums[name][positions] += per_token.sum(dim=-1).double()
+
+    def _add_model_sums(self, sums: ModelLayerSums, layer_lp: torch.Tensor, targets: torch.Tensor) -> None:
+        if self.layer_statistics:
+            _add_layer_sums(sums, layer_lp, targets, self.jsd_beta)
+        else:
+            _add_final_ce(sums, layer_lp[-1], targets)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every running sum, in a fixed order (for a cross-process reduction)."""
@@ -213,7 +244,8 @@ class LensProfileAccumulator:
         """Per-token means as plain lists: ``{"num_tokens", "student", "teacher", "pairs", "final_ce"}``.
 
         ``student``/``teacher``: ``{"entropy", "top1_agreement", "divergence_to_final": {name: [...]}}``,
-        one value per layer 0..L (``teacher`` is None when profiling the student alone);
+        one value per layer 0..L (``teacher`` is None when profiling the student alone; both are None without
+        ``layer_statistics``);
         ``pairs``: ``{name: [...]}``, one value per entry of ``self.pairs``;
         ``final_ce``: ``{"student": ..., "teacher": ...}``, each model's mean cross-entropy (nats) of the
         response tokens under its own output distribution over the shared vocabulary (``teacher`` None alone).
@@ -224,7 +256,7 @@ class LensProfileAccumulator:
             return (values / count).tolist()
 
         def model(sums: ModelLayerSums | None) -> dict | None:
-            if sums is None:
+            if sums is None or not self.layer_statistics:
                 return None
             return {
                 "entropy": per_token(sums.entropy),
@@ -257,7 +289,12 @@ def _add_layer_sums(
     final = layer_lp[-1:]
     for name, total in sums.divergence_to_final.items():
         total += divergence_from_log_probs(name, layer_lp, final, beta=jsd_beta).sum(dim=-1).double()
-    sums.final_ce -= layer_lp[-1].gather(-1, targets[:, None]).sum().double()
+    _add_final_ce(sums, layer_lp[-1], targets)
+
+
+def _add_final_ce(sums: ModelLayerSums, final_lp: torch.Tensor, targets: torch.Tensor) -> None:
+    """Add ``-log p_final(target)`` of one chunk; ``final_lp`` is ``[c, V]``, ``targets`` ``[c]``."""
+    sums.final_ce -= final_lp.gather(-1, targets[:, None]).sum().double()
 
 
 def hidden_states_of(model: torch.nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:

@@ -19,6 +19,7 @@ from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
 from ..evaluation.generation import eos_token_ids
 from ..feature_baseline import FeatureProjector
+from ..fsdp import fsdp_owners, fsdp_version, gather_for_objective, release
 from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
 from ..lens import LogitLens
 from ..loading import drop_gguf_quantization
@@ -117,6 +118,10 @@ class DistillLensTrainer(Trainer):
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        # 2 under FSDP2, 1 under FSDP v1 (refused with the teacher), None otherwise; FSDP asked for but not running
+        # (DDP on a machine without GPUs) is refused here.
+        self.fsdp_version = fsdp_version(self.args, self.accelerator)
+        self._fsdp_owners: dict[str, list[nn.Module]] | None = None
 
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
         self.student_lens: LogitLens | None = None
@@ -215,7 +220,7 @@ class DistillLensTrainer(Trainer):
         return prepare_teacher(teacher, self.args, self.accelerator)
 
     def _build_feature_projector(self) -> FeatureProjector:
-        if self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled:
+        if self.args.world_size > 1 or self.is_deepspeed_enabled or self.fsdp_version is not None:
             raise ValueError(
                 "feature_weight > 0 (the MSE feature baseline) runs in a single process only: its projections are "
                 "not synchronised across devices; set feature_weight=0 for distributed runs."
@@ -400,6 +405,39 @@ class DistillLensTrainer(Trainer):
                 torch.load(path, map_location=self.args.device, weights_only=True)
             )
 
+    # ----------------------------------------------------------------------------------------- FSDP2
+    def _objective_owners(self, model: nn.Module) -> dict[str, list[nn.Module]]:
+        """FSDP2 groups holding the norm and head each model's objective reads outside its forward (found once)."""
+        if self._fsdp_owners is None:
+            owners = {}
+            for role, wrapped, lens in (
+                ("student", model, self.student_lens),
+                ("teacher", self.teacher_model, self.teacher_lens),
+            ):
+                if wrapped is None:
+                    continue
+                module = unwrap_model(wrapped)
+                head = module.get_output_embeddings() if hasattr(module, "get_output_embeddings") else None
+                owners[role] = fsdp_owners(module, [head, *(lens.modules() if lens is not None else [])])
+            if not owners["student"]:
+                return (
+                    owners  # not sharded yet (before accelerate prepares the student): look again next time
+                )
+            self._fsdp_owners = owners
+        return self._fsdp_owners
+
+    def _gather_objective_parameters(self, model: nn.Module) -> None:
+        if self.fsdp_version == 2:
+            owners = self._objective_owners(model)
+            gather_for_objective([owner for group in owners.values() for owner in group])
+
+    def _release_objective_parameters(self, model: nn.Module, *, training: bool) -> None:
+        """The teacher's gathered norm and head back to shards (and the student's outside training: in training
+        FSDP reduce-scatters their gradient after the backward and reshards them then)."""
+        if self.fsdp_version == 2:
+            owners = self._objective_owners(model)
+            release(owners.get("teacher", []) + ([] if training else owners["student"]))
+
     @torch.no_grad()
     def _teacher_forward(self, model_inputs: dict[str, Any], request: ForwardRequest) -> Any:
         self.teacher_model.eval()  # stays in eval mode whatever was called on the student
@@ -415,6 +453,8 @@ class DistillLensTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """The DistillLens objective on one micro-batch; with ``return_outputs`` also the student's full logits."""
+        if self.objective.probes_heads_next:
+            self._gather_objective_parameters(model)  # FSDP2: the probe reads the heads after its forwards
         request = self.objective.forward_request(full_logits=return_outputs)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         student_inputs = with_position_ids(model_inputs, self._student_takes_position_ids)
@@ -427,6 +467,7 @@ class DistillLensTrainer(Trainer):
         window_tokens = token_count(
             num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
         )
+        self._gather_objective_parameters(model)  # FSDP2: once for every pair and chunk of this micro-batch
         result = self.objective.loss(
             inputs["labels"],
             student_outputs,
@@ -435,6 +476,7 @@ class DistillLensTrainer(Trainer):
             num_items_in_batch=window_tokens,
             teacher_signals=teacher_signals,
         )
+        self._release_objective_parameters(model, training=model.training)
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
         # data-parallel gradient averaging so every device's tokens weigh the same.
         scale = 1
@@ -510,5 +552,7 @@ class DistillLensTrainer(Trainer):
         output.metrics.update(self._pop_eval_terms(prefix))
         if self.args.lens_eval_profile and self.teacher_model is not None:
             dataloader = kwargs.get("dataloader", args[0] if args else None)
+            # Under FSDP2 each batch's forwards leave the norm and head groups gathered for the lens to read.
             output.metrics.update(evaluation_lens_profile(self, dataloader, prefix))
+            self._release_objective_parameters(self.model_wrapped, training=False)
         return output

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import GenerationConfig
 
 from ..evaluation.generation import build_generation_config, left_pad, only_generation_config
+from ..fsdp import is_fsdp_module
 from ..model_facts import is_partitioned, unwrap_model
 
 
@@ -60,12 +61,14 @@ def generation_mode(
     and under ZeRO-3 its parameters gathered once for the whole block; everything is restored after (gradient
     checkpointing with ``checkpointing_kwargs``, the Trainer's ``gradient_checkpointing_kwargs``).
 
-    Yields ``(module, synced_gpus)``: pass ``synced_gpus`` to ``generate`` so ranks stay in step under ZeRO-3.
+    Yields ``(module, synced_gpus)``: pass ``synced_gpus`` to ``generate`` so ranks stay in step under ZeRO-3 and
+    FSDP2 (whose forwards gather layer by layer on every rank).
     """
     module = unwrap_model(model)
     was_training = module.training
     checkpointing = _activation_checkpointing(module)
     partitioned = is_partitioned(module)
+    sharded = partitioned or any(is_fsdp_module(sub) for sub in module.modules())  # ZeRO-3 or FSDP2
     gathered: contextlib.AbstractContextManager = contextlib.nullcontext()
     if partitioned:
         import deepspeed
@@ -76,7 +79,7 @@ def generation_mode(
     module.eval()
     try:
         with torch.no_grad(), gathered:
-            yield module, partitioned
+            yield module, sharded
     finally:
         module.train(was_training)
         if checkpointing:
