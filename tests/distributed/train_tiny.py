@@ -153,10 +153,9 @@ def fsdp_gather_recorder(trainer) -> list[dict[str, int]]:
     def unshard(group, async_op=False):
         if active[0] and not group.is_unsharded and group._all_gather_result is None:
             for role, head in heads.items():
+                # the modules of each parameter (a tied head shares its weight with the embedding)
                 owners = [(p._module_info.module, *p._module_info.shared_modules) for p in group.fsdp_params]
-                if any(
-                    head in modules for modules in owners
-                ):  # the head's weight (tied: shared with the embedding)
+                if any(head in modules for modules in owners):
                     steps[-1][role] += 1
         return original(group, async_op)
 
