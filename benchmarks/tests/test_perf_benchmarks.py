@@ -114,7 +114,9 @@ def test_sharded_steps_reports_each_launchs_median_step_without_the_first_and_th
 
     made = {}
     monkeypatch.setattr(
-        sharded_steps.train_tiny_module(), "make_models", lambda path, hidden: made.setdefault("hidden", hidden)
+        sharded_steps.train_tiny_module(),
+        "make_models",
+        lambda path, hidden: made.setdefault("hidden", hidden),
     )
     per_step = {"fsdp2": [9.0, 1.0, 1.2, 1.1], "zero3": [9.0, 2.0, 2.2, 2.1]}  # the first step: warm-up
     monkeypatch.setattr(sharded_steps, "launch", lambda models, out, variant, opts: per_step[variant])
