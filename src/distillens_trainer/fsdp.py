@@ -87,14 +87,11 @@ def is_gathered(owner: nn.Module) -> bool:
     return all(group.is_unsharded for group in state._fsdp_param_groups)
 
 
-def gather_for_objective(owners: Sequence[nn.Module]) -> int:
-    """Gather each owner's parameters unless they are already gathered; returns how many owners it gathered."""
-    gathered = 0
+def gather_for_objective(owners: Sequence[nn.Module]) -> None:
+    """Gather each owner's parameters unless they are already gathered (then it costs nothing)."""
     for owner in owners:
         if not is_gathered(owner):
             owner.unshard()
-            gathered += 1
-    return gathered
 
 
 def release(owners: Sequence[nn.Module]) -> None:
@@ -115,9 +112,7 @@ def decoder_layer_classes(model: nn.Module) -> tuple[type, ...]:
     return tuple({type(m) for m in model.modules() if module_class(m).__name__ in names})
 
 
-def shard_teacher(
-    teacher: nn.Module, mesh: Any, *, reshard_after_forward: bool = True
-) -> tuple[nn.Module, int]:
+def shard_teacher(teacher: nn.Module, mesh: Any) -> tuple[nn.Module, int]:
     """Shard a frozen teacher with ``fully_shard``: each of its own decoder layers, then its root (embeddings, final
     norm, head). Its parameters keep their dtype (no mixed-precision cast: it is already in ``teacher_dtype``).
     Returns the teacher (sharded in place) and the number of decoder layers sharded."""
@@ -131,7 +126,7 @@ def shard_teacher(
         )
     layers = [m for m in teacher.modules() if isinstance(m, classes) and not is_fsdp_module(m)]
     for layer in layers:
-        fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(layer, mesh=mesh)  # resharded after its forward: one layer gathered at a time
     fully_shard(teacher, mesh=mesh)  # the root keeps its parameters after the forward: the lens reads them
     return teacher, len(layers)
 

@@ -204,10 +204,13 @@ def build_tokenizer():
     )
 
 
-def _llama(num_layers: int, tie_word_embeddings: bool, seed: int, hidden_size: int = HIDDEN_SIZE):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _causal_lm(architecture: str, num_layers: int, tie_word_embeddings: bool, seed: int, hidden_size: int):
+    """A tiny random ``LlamaForCausalLM`` or ``Qwen2ForCausalLM`` over the tiny tokenizer."""
+    import transformers
 
-    config = LlamaConfig(
+    config_class = getattr(transformers, f"{architecture}Config")
+    model_class = getattr(transformers, f"{architecture}ForCausalLM")
+    config = config_class(
         vocab_size=len(SPECIAL_TOKENS) + NUM_WORDS,
         hidden_size=hidden_size,
         intermediate_size=2 * hidden_size,
@@ -222,35 +225,11 @@ def _llama(num_layers: int, tie_word_embeddings: bool, seed: int, hidden_size: i
         eos_token_id=2,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
+    model = model_class(config)
     with torch.no_grad():  # non-trivial norm weights, so a lens that skipped the norm would be caught
         for module in model.modules():
             if type(module).__name__.endswith("RMSNorm"):
                 module.weight.uniform_(0.5, 1.5)
-    return model
-
-
-def _qwen2(num_layers: int, seed: int, hidden_size: int = HIDDEN_SIZE + 16):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    config = Qwen2Config(
-        vocab_size=len(SPECIAL_TOKENS) + NUM_WORDS,
-        hidden_size=hidden_size,  # another width than the student's
-        intermediate_size=2 * HIDDEN_SIZE,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-        initializer_range=0.2,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(config)
-    with torch.no_grad():
-        model.model.norm.weight.uniform_(0.5, 1.5)
     return model
 
 
@@ -261,9 +240,11 @@ def make_models(models_dir: str | os.PathLike[str], hidden_size: int = HIDDEN_SI
     models_dir = Path(models_dir)
     tokenizer = build_tokenizer()
     builders = {
-        "teacher": lambda: _llama(TEACHER_LAYERS, False, 1, hidden_size),
-        "qwen2_teacher": lambda: _qwen2(TEACHER_LAYERS, 3, hidden_size + 16),
-        "student": lambda: _llama(STUDENT_LAYERS, True, 2, hidden_size),
+        "teacher": lambda: _causal_lm("Llama", TEACHER_LAYERS, False, 1, hidden_size),
+        "qwen2_teacher": lambda: _causal_lm(
+            "Qwen2", TEACHER_LAYERS, False, 3, hidden_size + 16
+        ),  # another width
+        "student": lambda: _causal_lm("Llama", STUDENT_LAYERS, True, 2, hidden_size),
     }
     for name, build in builders.items():
         path = models_dir / name
