@@ -111,6 +111,8 @@ TEACHER_CACHES: dict[str, dict[str, Any]] = {
 }
 ALL_METHODS = STUDENT_METHODS + tuple(VARIANTS) + tuple(TEACHER_CACHES)
 BASELINE = "kd"
+# Pairs compared besides every method against the baseline: the lens on top of KD under the same sampling.
+OWN_REFERENCES = {"distillens_onpolicy": "kd_onpolicy"}
 METRICS = ("rougeL", "exact_match")
 # Teacher-forced scores on the validation responses (from the lens profile; lower is better): the student's
 # output JSD to the teacher and its cross-entropy on the reference responses. Far less noisy than generation
@@ -527,9 +529,10 @@ def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any
                     entry[name] = mean_std([p[key] for p in profiles])
         methods[method] = entry
     paired: dict[str, Any] = {}
-    reference = args.baseline
-    for method in table:
-        if method in ("teacher", reference) or reference not in table:
+    pairs = [(method, args.baseline) for method in table if method not in ("teacher", args.baseline)]
+    pairs += [pair for pair in OWN_REFERENCES.items() if pair[1] != args.baseline]
+    for method, reference in pairs:
+        if method not in table or reference not in table:
             continue
         common = [seed for seed in args.seeds if seed in table[method] and seed in table[reference]]
         if len(common) >= 2:
