@@ -99,8 +99,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "distillens_shrunk": ("distillens", {"lens_layer_map": "shrunk"}),
     "kd_onpolicy": ("kd", {"lmbda": 1.0}),
     "distillens_onpolicy": ("distillens", {"lmbda": 1.0}),
+    # an ablation of round 2's on-policy pair, opt-in with --methods: completions sampled at temperature 0.7
+    "kd_onpolicy_t07": ("kd", {"lmbda": 1.0, "generation_temperature": 0.7}),
 }
-ROUND2_METHODS = ("sft", "kd", "distillens", *VARIANTS)
+ROUND2_METHODS = (
+    "sft",
+    "kd",
+    "distillens",
+    "distillens_w5",
+    "distillens_shrunk",
+    "kd_onpolicy",
+    "distillens_onpolicy",
+)
 # DistillLens from a teacher cache (docs/teacher-cache.md), opt-in with --methods: what keeping only the teacher's
 # top-k log-probabilities costs against its exact head inputs (compare with --baseline distillens_hidden).
 TEACHER_CACHES: dict[str, dict[str, Any]] = {
