@@ -534,6 +534,8 @@ def summarise(args: RealModelArguments, table: dict[str, dict[int, dict[str, Any
                     for i in range(num_layers)
                 ],
             }
+            # the layers below the output, the ones only the lens term reaches
+            entry["intermediate_lens_jsd"] = round(statistics.fmean(entry["lens_jsd"]["mean"][:-1]), 4)
             for name, key in TEACHER_FORCED.items():
                 if all(key in p for p in profiles):
                     entry[name] = mean_std([p[key] for p in profiles])

@@ -241,9 +241,8 @@ def make_models(models_dir: str | os.PathLike[str], hidden_size: int = HIDDEN_SI
     tokenizer = build_tokenizer()
     builders = {
         "teacher": lambda: _causal_lm("Llama", TEACHER_LAYERS, False, 1, hidden_size),
-        "qwen2_teacher": lambda: _causal_lm(
-            "Qwen2", TEACHER_LAYERS, False, 3, hidden_size + 16
-        ),  # another width
+        # another width than the student's
+        "qwen2_teacher": lambda: _causal_lm("Qwen2", TEACHER_LAYERS, False, 3, hidden_size + 16),
         "student": lambda: _causal_lm("Llama", STUDENT_LAYERS, True, 2, hidden_size),
     }
     for name, build in builders.items():

@@ -12,8 +12,8 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
 Work is done per chunk of ``chunk_size`` tokens, so at most ``[L + 1, chunk_size, V]`` log-probabilities
 per model exist at a time. With ``layer_statistics=False`` only the pair divergences and the cross-entropies are
 summed, from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
-``hidden_states`` convention (0 = embedding output,
-``L`` = the last block's output, which equals the model's own logits through the lens).
+``hidden_states`` convention (0 = embedding output, ``L`` = the last block's output, which equals the model's own
+logits through the lens).
 """
 
 from __future__ import annotations
