@@ -53,7 +53,13 @@ from quality import mean_std, paired_difference
 from real_model import autocast, cpu_has_fast_bf16, teacher_source, tokenize, weights_digest
 
 from distillens_trainer.data import build_prompt
-from distillens_trainer.demo import Suite, configure_logging, lens_divergence_profile, set_threads, train_model
+from distillens_trainer.demo import (
+    Suite,
+    configure_logging,
+    lens_divergence_profile,
+    set_threads,
+    train_model,
+)
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 from distillens_trainer.loading import load_causal_lm, load_tokenizer_from
@@ -125,8 +131,12 @@ class Round3Arguments:
     output_dir: str = field(metadata={"help": "Folder of the job records, the report and the caches."})
     preset: str = field(default="cpu", metadata={"help": ", ".join(PRESETS) + ".", "choices": list(PRESETS)})
     seeds: list[int] | None = field(default=None, metadata={"help": "Training seeds (data order)."})
-    teacher_dir: str | None = field(default=None, metadata={"help": "Teacher folder (default: SmolLM2 wheel)."})
-    teacher_gguf_file: str | None = field(default=None, metadata={"help": "GGUF file in teacher_dir, if any."})
+    teacher_dir: str | None = field(
+        default=None, metadata={"help": "Teacher folder (default: SmolLM2 wheel)."}
+    )
+    teacher_gguf_file: str | None = field(
+        default=None, metadata={"help": "GGUF file in teacher_dir, if any."}
+    )
     data_dir: str = field(default=str(DATA_DIR), metadata={"help": "Folder of MiniLLM's evaluation sets."})
     student_layers: int | None = field(default=None, metadata={"help": "Teacher blocks the student keeps."})
     num_train: int | None = field(default=None, metadata={"help": "First N Dolly training rows (the pool)."})
@@ -146,7 +156,9 @@ class Round3Arguments:
     warmup_steps: int | None = field(default=None, metadata={"help": "Steps of the student's warm-up."})
     steps: int | None = field(default=None, metadata={"help": "Optimizer steps of every compared method."})
     batch_size: int | None = field(default=None, metadata={"help": "Training batch size."})
-    lr_grid: list[float] | None = field(default=None, metadata={"help": "Learning rates of the off-policy sweep."})
+    lr_grid: list[float] | None = field(
+        default=None, metadata={"help": "Learning rates of the off-policy sweep."}
+    )
     onpolicy_lr_grid: list[float] | None = field(
         default=None, metadata={"help": "Learning rates of the on-policy sweep (on kd_onpolicy)."}
     )
@@ -154,7 +166,9 @@ class Round3Arguments:
         default=None, metadata={"help": "Generation seeds of the sampled protocol."}
     )
     max_length: int | None = field(default=None, metadata={"help": "Training tokens per example."})
-    max_prompt_length: int | None = field(default=None, metadata={"help": "Prompt tokens (longer rows dropped)."})
+    max_prompt_length: int | None = field(
+        default=None, metadata={"help": "Prompt tokens (longer rows dropped)."}
+    )
     max_new_tokens: int | None = field(default=None, metadata={"help": "Generated tokens per test prompt."})
     onpolicy_max_new_tokens: int | None = field(
         default=None, metadata={"help": "Tokens the on-policy methods sample per training completion."}
@@ -180,7 +194,15 @@ class Round3Arguments:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings every record of one output_dir must share (seeds may grow)."""
-        ignored = {"output_dir", "preset", "seeds", "generation_batch_size", "threads", "commit_runs", "report_only"}
+        ignored = {
+            "output_dir",
+            "preset",
+            "seeds",
+            "generation_batch_size",
+            "threads",
+            "commit_runs",
+            "report_only",
+        }
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 
 
@@ -235,7 +257,13 @@ class Round3:
 
     # -- records ------------------------------------------------------------------------------------------------
     def record_path(self, name: str) -> Path:
-        folder = "teacher_sft" if name.startswith("teacher_sft_") else "sweep" if name.startswith("sweep_") else "runs"
+        folder = (
+            "teacher_sft"
+            if name.startswith("teacher_sft_")
+            else "sweep"
+            if name.startswith("sweep_")
+            else "runs"
+        )
         return self.root / folder / f"{name}.json"
 
     def record(self, name: str) -> dict[str, Any] | None:
@@ -257,7 +285,9 @@ class Round3:
         jobs += [("teacher", "eval_teacher"), ("init", "warm_start")]
         jobs += [(f"sweep_{m}_lr{lr:g}", "sweep") for m in OFF_POLICY for lr in args.lr_grid]
         for seed in args.seeds:
-            jobs += [(f"{m}_seed{seed}", "run_sampled" if seed == args.seeds[0] else "run") for m in OFF_POLICY]
+            jobs += [
+                (f"{m}_seed{seed}", "run_sampled" if seed == args.seeds[0] else "run") for m in OFF_POLICY
+            ]
         jobs += [(f"sweep_kd_onpolicy_lr{lr:g}", "sweep_onpolicy") for lr in args.onpolicy_lr_grid]
         jobs += [(f"{m}_seed{args.seeds[0]}", "run") for m in ON_POLICY]
         return jobs
@@ -280,7 +310,9 @@ class Round3:
 
     def run(self) -> None:
         pending = self.pending()
-        logger.info("%d jobs to do of %d; ETA %.0f min", len(pending), len(self.jobs()), self.eta_minutes(pending))
+        logger.info(
+            "%d jobs to do of %d; ETA %.0f min", len(pending), len(self.jobs()), self.eta_minutes(pending)
+        )
         for name, kind in pending:
             start = time.perf_counter()
             record = getattr(self, f"job_{kind}")(name)
@@ -300,7 +332,10 @@ class Round3:
             teacher_dir, gguf_file = teacher_source(self.args)
             self.shipped = load_causal_lm(teacher_dir, gguf_file=gguf_file).eval().requires_grad_(False)
             tokenizer = load_tokenizer_from(teacher_dir, gguf_file)
-            self.suite = Suite(splits={"train": read_jsonl(Path(self.args.data_dir) / TRAIN_FILE)[: self.args.num_train]}, tokenizer=tokenizer)
+            self.suite = Suite(
+                splits={"train": read_jsonl(Path(self.args.data_dir) / TRAIN_FILE)[: self.args.num_train]},
+                tokenizer=tokenizer,
+            )
             validation = read_jsonl(Path(self.args.data_dir) / DEV_FILE)[: self.args.num_validation]
             self.suite.splits["validation"] = validation
             self.suite.train_dataset = tokenize(self.suite.splits["train"], tokenizer, self.args)
@@ -320,23 +355,32 @@ class Round3:
             choice = self.teacher_choice()
             adapter = self.root / "teacher_sft" / "adapter"
             if not (adapter / "adapter_config.json").is_file():
-                raise ValueError(f"{adapter} is missing: remove {self.record_path('teacher_sft_' + choice)} to tune again.")
+                raise ValueError(
+                    f"{adapter} is missing: remove {self.record_path('teacher_sft_' + choice)} to tune again."
+                )
             base = copy.deepcopy(self.load_shipped())
             merged = PeftModel.from_pretrained(base, adapter).merge_and_unload()
             digest = weights_digest(merged)
             recorded = (self.record(f"teacher_sft_{choice}") or {}).get("merged_sha256")
             if recorded != digest:
-                raise ValueError(f"the tuned teacher merged from {adapter} has SHA-256 {digest}, not {recorded}.")
+                raise ValueError(
+                    f"the tuned teacher merged from {adapter} has SHA-256 {digest}, not {recorded}."
+                )
             self.teacher = merged.eval().requires_grad_(False)
         return self.teacher
 
     def teacher_choice(self) -> str:
         """The teacher candidate with the best dev ROUGE-L (ties: fewer steps, then the lower rate)."""
-        scored = [(candidate_name(c), self.record(f"teacher_sft_{candidate_name(c)}")) for c in self.args.teacher_grid]
+        scored = [
+            (candidate_name(c), self.record(f"teacher_sft_{candidate_name(c)}"))
+            for c in self.args.teacher_grid
+        ]
         missing = [name for name, rec in scored if rec is None]
         if missing:
             raise RuntimeError(f"teacher candidates {missing} have not run")
-        return max(scored, key=lambda item: (item[1]["dev_rougeL"], -item[1]["steps"], -item[1]["learning_rate"]))[0]
+        return max(
+            scored, key=lambda item: (item[1]["dev_rougeL"], -item[1]["steps"], -item[1]["learning_rate"])
+        )[0]
 
     def bf16_teacher(self) -> Any:
         """The tuned teacher as training and evaluation read it: bf16 where autocast is on (round 2's choice)."""
@@ -366,7 +410,9 @@ class Round3:
         student.save_pretrained(self.root / "warm_start")
         return student, run
 
-    def train(self, model: Any, method: str, steps: int, learning_rate: float, seed: int, teacher: Any = "auto") -> Any:
+    def train(
+        self, model: Any, method: str, steps: int, learning_rate: float, seed: int, teacher: Any = "auto"
+    ) -> Any:
         args = self.args
         objective = dict(OBJECTIVES[method])
         overrides: dict[str, Any] = {"bf16": bool(args.bf16), "use_cpu": not torch.cuda.is_available()}
@@ -389,7 +435,11 @@ class Round3:
         if args.bf16_generation and next(model.parameters()).dtype != torch.bfloat16:
             generator = copy.deepcopy(model).to(torch.bfloat16)
         prompts = [build_prompt(row, self.tokenizer, PROMPT_FORMAT) for row in rows]
-        sampling = {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0} if sample_seed is not None else {"do_sample": False}
+        sampling = (
+            {"do_sample": True, "temperature": 1.0, "top_p": 1.0, "top_k": 0}
+            if sample_seed is not None
+            else {"do_sample": False}
+        )
         with autocast(args):
             return generate_responses(
                 generator, self.tokenizer, prompts, batch_size=args.generation_batch_size,
@@ -410,7 +460,9 @@ class Round3:
             scores = score_responses(answers, [references_of(row) for row in part])
             for metric in ("rougeL", "exact_match"):
                 result[metric][name] = round(statistics.fmean(s[metric] for s in scores), 3)
-            result["samples"][name] = [{"prompt": row["instruction"], "response": a} for row, a in zip(part[:2], answers[:2])]
+            result["samples"][name] = [
+                {"prompt": row["instruction"], "response": a} for row, a in zip(part[:2], answers[:2])
+            ]
         for metric in ("rougeL", "exact_match"):
             result[metric]["average"] = round(statistics.fmean(result[metric][name] for name in EVAL_SETS), 3)
         return result
@@ -424,12 +476,20 @@ class Round3:
         start = time.perf_counter()
         record: dict[str, Any] = {"greedy": self.score_sets(model, sample_seed=None)}
         if sampled:
-            record["sampled"] = {str(s): self.score_sets(model, sample_seed=s) for s in self.args.sample_seeds}
+            record["sampled"] = {
+                str(s): self.score_sets(model, sample_seed=s) for s in self.args.sample_seeds
+            }
         teacher = self.bf16_teacher()
         if model is not teacher:
             with autocast(self.args):
-                profile = lens_divergence_profile(model, teacher, self.tokenizer, self.suite.eval_dataset, batch_size=4)
-            record["teacher_forced"] = {"output_jsd": profile["final"], "validation_ce": profile["student_ce"], "lens": profile}
+                profile = lens_divergence_profile(
+                    model, teacher, self.tokenizer, self.suite.eval_dataset, batch_size=4
+                )
+            record["teacher_forced"] = {
+                "output_jsd": profile["final"],
+                "validation_ce": profile["student_ce"],
+                "lens": profile,
+            }
         record["eval_time_s"] = round(time.perf_counter() - start, 1)
         return record
 
@@ -441,14 +501,23 @@ class Round3:
             return {"greedy": self.score_sets(model, sample_seed=None), "dev_rougeL": self.dev_rouge(model)}
         teacher = self.bf16_teacher()
         record = self.evaluate(teacher, sampled=True)
-        return record | {"choice": self.teacher_choice(), "weights_sha256": weights_digest(self.tuned_teacher())}
+        return record | {
+            "choice": self.teacher_choice(),
+            "weights_sha256": weights_digest(self.tuned_teacher()),
+        }
 
     def job_teacher_sft(self, name: str) -> dict[str, Any]:
         from peft import LoraConfig, get_peft_model
 
         candidate = next(c for c in self.args.teacher_grid if name == f"teacher_sft_{candidate_name(c)}")
         learning_rate, steps = parse_candidate(candidate)
-        lora = LoraConfig(r=self.args.teacher_lora_rank, lora_alpha=2 * self.args.teacher_lora_rank, lora_dropout=0.0, target_modules=LORA_TARGETS, task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=self.args.teacher_lora_rank,
+            lora_alpha=2 * self.args.teacher_lora_rank,
+            lora_dropout=0.0,
+            target_modules=LORA_TARGETS,
+            task_type="CAUSAL_LM",
+        )
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(self.load_shipped()).requires_grad_(False), lora)
         run = self.train(model, "teacher_sft", steps, learning_rate, seed=0, teacher=None)
@@ -463,7 +532,9 @@ class Round3:
             adapter = self.root / "teacher_sft" / "adapter"
             if adapter.exists():
                 shutil.rmtree(adapter)
-            shutil.copytree(self.root / "teacher_sft" / "candidates" / f"teacher_sft_{self.teacher_choice()}", adapter)
+            shutil.copytree(
+                self.root / "teacher_sft" / "candidates" / f"teacher_sft_{self.teacher_choice()}", adapter
+            )
             if self.args.commit_runs:
                 commit([adapter], "Round 3: the tuned teacher's adapter")
         return record
@@ -483,7 +554,12 @@ class Round3:
         model = copy.deepcopy(self.student_init())
         run = self.train(model, method, self.args.steps, float(rate), seed=self.args.seeds[0])
         model.save_pretrained(self.sweep_model_dir(name))  # the seed-0 run, if this rate is chosen
-        return {"method": method, "learning_rate": float(rate), "dev_rougeL": self.dev_rouge(model), "train": run.summary()}
+        return {
+            "method": method,
+            "learning_rate": float(rate),
+            "dev_rougeL": self.dev_rouge(model),
+            "train": run.summary(),
+        }
 
     job_sweep_onpolicy = job_sweep
 
@@ -508,7 +584,9 @@ class Round3:
         else:
             model = copy.deepcopy(self.student_init())
             record["train"] = self.train(model, method, self.args.steps, rate, seed=seed_value).summary()
-        return record | self.evaluate(model, sampled=name.endswith(f"_seed{self.args.seeds[0]}") and method in OFF_POLICY)
+        return record | self.evaluate(
+            model, sampled=name.endswith(f"_seed{self.args.seeds[0]}") and method in OFF_POLICY
+        )
 
     job_run_sampled = job_run
 
@@ -523,7 +601,13 @@ def commit(paths: list[Path], message: str) -> None:
     names = [str(p) for p in paths]
     for attempt in range(5):
         added = subprocess.run(["git", "add", "--", *names], capture_output=True, text=True)
-        done = added.returncode == 0 and subprocess.run(["git", "commit", "-q", "-m", message, "--", *names], capture_output=True, text=True).returncode == 0
+        done = (
+            added.returncode == 0
+            and subprocess.run(
+                ["git", "commit", "-q", "-m", message, "--", *names], capture_output=True, text=True
+            ).returncode
+            == 0
+        )
         if done:
             return
         time.sleep(5 * (attempt + 1))
@@ -532,7 +616,7 @@ def commit(paths: list[Path], message: str) -> None:
 
 # -- the report -------------------------------------------------------------------------------------------------
 STUDENTS = OFF_POLICY + ON_POLICY
-ROWS = ("teacher_shipped", "teacher", "init") + STUDENTS
+ROWS = ("teacher_shipped", "teacher", "init", *STUDENTS)
 METRIC_KEYS = (*EVAL_SETS, "average")
 
 
@@ -575,7 +659,9 @@ def summarise(study: Round3, table: dict[str, dict[int, dict[str, Any]]]) -> dic
             depth = len(profiles[0]["pairs"])
             entry["lens_jsd"] = {
                 "relative_depth": [round(s / depth, 4) for s, _ in profiles[0]["pairs"]],
-                "mean": [round(statistics.fmean(p["divergence"][i] for p in profiles), 5) for i in range(depth)],
+                "mean": [
+                    round(statistics.fmean(p["divergence"][i] for p in profiles), 5) for i in range(depth)
+                ],
             }
         methods[method] = entry
     paired: dict[str, Any] = {}
@@ -594,7 +680,8 @@ def summarise(study: Round3, table: dict[str, dict[int, dict[str, Any]]]) -> dic
             }  # fmt: skip
             for score in ("output_jsd", "validation_ce"):
                 diff[score] = paired_difference(
-                    [r["teacher_forced"][score] - b["teacher_forced"][score] for r, b in zip(runs, base)], digits=5
+                    [r["teacher_forced"][score] - b["teacher_forced"][score] for r, b in zip(runs, base)],
+                    digits=5,
                 )
             paired[f"{method} - {reference}"] = diff
     return {"methods": methods, "paired": paired}
@@ -642,40 +729,71 @@ def markdown(report: dict[str, Any]) -> str:
     """``results.md``: greedy ROUGE-L per set, sampled ROUGE-L, teacher-forced scores, paired differences."""
     sets = " | ".join(METRIC_KEYS)
     bar = "|---" * (len(METRIC_KEYS) + 3) + "|"
-    lines = [f"Command: `{report['command']}`", "", "Greedy ROUGE-L (×100), mean ± std over training seeds:", ""]
+    lines = [
+        f"Command: `{report['command']}`",
+        "",
+        "Greedy ROUGE-L (×100), mean ± std over training seeds:",
+        "",
+    ]
     lines += [f"| method | lr | seeds | {sets} |", bar]
     for name, entry in report["methods"].items():
         cells = " | ".join(_cell(entry["rougeL"][key]) for key in METRIC_KEYS)
         lines.append(f"| {name} | {entry.get('learning_rate', '-')} | {len(entry['seeds'])} | {cells} |")
     sampled = {n: e for n, e in report["methods"].items() if "sampled_rougeL" in e}
     if sampled:
-        lines += ["", "Sampled ROUGE-L (T=1, top-p 1, top-k 0; first training seed, mean ± std over generation seeds):", ""]
+        lines += [
+            "",
+            "Sampled ROUGE-L (T=1, top-p 1, top-k 0; first training seed, mean ± std over generation seeds):",
+            "",
+        ]
         lines += [f"| method | {sets} |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
         for name, entry in sampled.items():
-            lines.append(f"| {name} | " + " | ".join(_cell(entry["sampled_rougeL"][key]) for key in METRIC_KEYS) + " |")
-    lines += ["", "Teacher-forced on Dolly validation responses:", "", "| method | output JSD | validation CE |", "|---|---|---|"]
+            lines.append(
+                f"| {name} | " + " | ".join(_cell(entry["sampled_rougeL"][key]) for key in METRIC_KEYS) + " |"
+            )
+    lines += [
+        "",
+        "Teacher-forced on Dolly validation responses:",
+        "",
+        "| method | output JSD | validation CE |",
+        "|---|---|---|",
+    ]
     for name, entry in report["methods"].items():
         if "output_jsd" in entry:
             lines.append(f"| {name} | {_cell(entry['output_jsd'], 4)} | {_cell(entry['validation_ce'], 3)} |")
     if report["paired"]:
-        lines += ["", "Paired differences, 95% t intervals over training seeds (greedy ROUGE-L per set; teacher-forced):", ""]
-        lines += [f"| difference | {sets} | output JSD | validation CE |", "|---" * (len(METRIC_KEYS) + 3) + "|"]
+        lines += [
+            "",
+            "Paired differences, 95% t intervals over training seeds (greedy ROUGE-L per set; teacher-forced):",
+            "",
+        ]
+        lines += [
+            f"| difference | {sets} | output JSD | validation CE |",
+            "|---" * (len(METRIC_KEYS) + 3) + "|",
+        ]
         for name, diff in report["paired"].items():
             cells = " | ".join(_interval(diff["rougeL"][key]) for key in METRIC_KEYS)
-            lines.append(f"| {name} | {cells} | {_interval(diff['output_jsd'], 4)} | {_interval(diff['validation_ce'], 3)} |")
+            lines.append(
+                f"| {name} | {cells} | {_interval(diff['output_jsd'], 4)} | {_interval(diff['validation_ce'], 3)} |"
+            )
     settings = report["settings"]
     lines += ["", f"Prompts per set: {settings['prompts_per_set']}; learning rates: {settings['learning_rates']}.",
-              f"Teacher SFT candidates (dev ROUGE-L): " + ", ".join(f"{k}: {(v or {}).get('dev_rougeL', '-')}" for k, v in settings["teacher_sft"]["candidates"].items())
+              "Teacher SFT candidates (dev ROUGE-L): " + ", ".join(f"{k}: {(v or {}).get('dev_rougeL', '-')}" for k, v in settings["teacher_sft"]["candidates"].items())
               + f"; chosen {settings['teacher_sft']['chosen']}.",
               f"Learning-rate sweeps (dev ROUGE-L): {settings['lr_sweeps_dev_rougeL']}."]  # fmt: skip
     if report["pending"]:
-        lines += ["", f"Still to run ({len(report['pending'])}): {', '.join(report['pending'])}; ETA {report['eta_min']:.0f} min."]
+        lines += [
+            "",
+            f"Still to run ({len(report['pending'])}): {', '.join(report['pending'])}; ETA {report['eta_min']:.0f} min.",
+        ]
     for name, entry in report["samples"].items():
         for set_name, samples in entry.items():
             for sample in samples[:1]:
                 text = " ".join(sample["response"].split())
                 text = text if len(text) <= 240 else text[:240] + " …"
-                lines.append(f"- **{name}** ({set_name}) — *{' '.join(sample['prompt'].split())[:120]}* → {text}")
+                lines.append(
+                    f"- **{name}** ({set_name}) — *{' '.join(sample['prompt'].split())[:120]}* → {text}"
+                )
     return "\n".join(lines) + "\n"
 
 
@@ -694,7 +812,9 @@ def plot_per_set(methods: dict[str, Any], path: Path) -> None:
     for i, name in enumerate(names):
         means = [methods[name]["rougeL"][k]["mean"] for k in METRIC_KEYS]
         stds = [methods[name]["rougeL"][k]["std"] for k in METRIC_KEYS]
-        axis.bar([j + i * width for j in range(len(METRIC_KEYS))], means, width, yerr=stds, label=name, capsize=2)
+        axis.bar(
+            [j + i * width for j in range(len(METRIC_KEYS))], means, width, yerr=stds, label=name, capsize=2
+        )
     axis.set_xticks([j + 0.4 - width / 2 for j in range(len(METRIC_KEYS))], list(METRIC_KEYS))
     axis.set_ylabel("greedy ROUGE-L (×100)")
     axis.set_title("SmolLM2-135M-Instruct (LoRA-SFT on Dolly) -> 14-block student, round 3")
@@ -741,13 +861,27 @@ def main(argv: list[str] | None = None) -> int:
         (args,) = HfArgumentParser(Round3Arguments).parse_args_into_dataclasses(args=argv)
         configure_logging()
         check_settings(args)
-        study = Round3(args, shlex.join(["PYTHONPATH=src", "python", "benchmarks/real_model_round3.py", *argv]))
+        study = Round3(
+            args, shlex.join(["PYTHONPATH=src", "python", "benchmarks/real_model_round3.py", *argv])
+        )
         if not args.report_only:
             set_threads(args.threads)
             study.run()
         report = write_report(study)
         if args.commit_runs:
-            commit([study.root / n for n in ("results.json", "results.md", "rouge_per_set.png", "lens_jsd.png", "settings.json")], "Round 3: report")
+            commit(
+                [
+                    study.root / n
+                    for n in (
+                        "results.json",
+                        "results.md",
+                        "rouge_per_set.png",
+                        "lens_jsd.png",
+                        "settings.json",
+                    )
+                ],
+                "Round 3: report",
+            )
         print(markdown(report))
     except ValueError as error:
         print(f"real_model_round3.py: error: {' '.join(str(error).split())}", file=sys.stderr)

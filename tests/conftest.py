@@ -94,6 +94,34 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
             terminalreporter.line(f"  {reason}", yellow=True)
 
 
+# Numerical tolerances, one rule for any x86-64 CPU and thread count.
+#
+# A value or gradient compared in a test is usually a sum over many terms, and the two sides sum in different
+# orders (chunked or not, and in whatever blocks the CPU's matrix product and reduction kernels choose for its
+# vector width and thread count), so they differ by a few ε of the LARGEST magnitude involved, which an
+# element-wise rtol does not see: a gradient element near 0 amid elements of ~1,700 is off by ~300 ε of itself
+# (tests/test_fused.py failed so on an AVX-512 EPYC at 2 threads). Comparisons allow ROUNDING_ULPS · ε(dtype) ·
+# max|reference| per element: 256 ε is > 10× the worst measured in tests/test_fused.py (≤ 20 ε, fp32 and fp64, 1 and
+# 2 threads), and in fp64, where the tests of the maths run, it is ~6e-14 relative: no error in the maths hides in
+# it. Only tests of the fp32 and bf16 paths themselves compare at their own ε.
+ROUNDING_ULPS = 256
+
+
+def assert_close_to_reference(
+    got: torch.Tensor,
+    want: torch.Tensor,
+    *,
+    eps: float | None = None,
+    ulps: float = ROUNDING_ULPS,
+    msg: str | None = None,
+) -> None:
+    """``got`` ≈ ``want`` within ``ulps · eps · max|want|`` per element (``eps``: that of ``got``'s dtype)."""
+    eps = torch.finfo(got.dtype).eps if eps is None else eps
+    want = torch.as_tensor(want).detach().double()
+    atol = ulps * eps * float(want.abs().max()) if want.numel() else 0.0
+    torch.testing.assert_close(got.detach().double(), want, rtol=0, atol=atol, msg=msg)
+
+
 TINY_TRAINING_SCRIPT = Path(__file__).resolve().parent / "distributed" / "train_tiny.py"
 
 TINY_VOCAB = 64
@@ -181,3 +209,16 @@ def tiny_run_models(tmp_path_factory) -> Path:
     directory = tmp_path_factory.mktemp("tiny_models")
     load_tiny_training_script().make_models(directory)
     return directory
+
+
+@pytest.fixture(scope="session")
+def gpt2_cli_models(tmp_path_factory) -> Path:
+    """A 4-block GPT-2 teacher and a 2-block student folder with the shared GPT-2 tokenizer (for CLI tests)."""
+    root = tmp_path_factory.mktemp("gpt2_cli_models")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_path(GPT2_TOKENIZER_DIR)))
+    for name, layers in (("teacher", 4), ("student", 2)):
+        torch.manual_seed(0)
+        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=len(tokenizer))
+        transformers.GPT2LMHeadModel(config).save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    return root

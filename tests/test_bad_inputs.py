@@ -48,6 +48,20 @@ def workspace(tmp_path_factory) -> Path:
     (root / "empty.jsonl").write_text("")
     (root / "no_output.jsonl").write_text(json.dumps({"instruction": "hi", "answer": "x"}) + "\n")
     (root / "broken.yaml").write_text("learning_rate: [1e-4\n")
+    lines = [json.dumps(row) for row in rows]
+    (root / "bad_line.jsonl").write_text("\n".join([*lines[:2], lines[2][:-3], *lines[3:]]) + "\n")
+    nulls = [{**row, "output": None} if i == 3 else row for i, row in enumerate(rows)]
+    (root / "null_output.jsonl").write_text("\n".join(json.dumps(row) for row in nulls) + "\n")
+    (root / "messages_text.jsonl").write_text(json.dumps({"messages": "hello"}) + "\n")
+    (root / "mixed").mkdir()
+    (root / "mixed" / "a.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (root / "mixed" / "b.csv").write_text("instruction,input,output\nhi,,there\n")
+    (root / "deepspeed_broken.json").write_text("{zero_optimization: {stage: 2}}\n")
+    nan_student = tiny_llama(num_layers=2, vocab=vocab, seed=1)
+    with torch.no_grad():
+        nan_student.model.layers[0].mlp.up_proj.weight[0, 0] = float("nan")
+    nan_student.save_pretrained(root / "nan_student")
+    tokenizer.save_pretrained(root / "nan_student")
     previous_run = root / "previous_run"
     (previous_run / "checkpoint-7").mkdir(parents=True)
     (previous_run / SENTINEL).write_bytes(b"weights")
@@ -93,7 +107,7 @@ CASES = [
     ("student_too_shallow", ["--lens_num_layers", "5"], {}, 1, "too shallow"),
     ("different_tokenizers", [], {"teacher": "teacher_other_tokenizer"}, 1, "different tokenizers"),
     ("missing_teacher", [], {"teacher": None}, 1, "need a teacher"),
-    ("teacher_not_found", [], {"teacher": "no_such_teacher"}, 1, "teacher_model_name_or_path"),
+    ("teacher_not_found", [], {"teacher": "no_such_teacher"}, 1, "teacher_model_name_or_path="),
     ("unknown_divergence", ["--lens_divergence", "kl"], {}, 2, "invalid choice"),
     ("negative_weight", ["--kd_weight", "-1"], {}, 1, "kd_weight"),
     ("temperature_zero", ["--temperature", "0"], {}, 1, "temperature"),
@@ -142,6 +156,38 @@ CASES = [
         1,
         "--decontaminate_files",
     ),
+    ("train_file_not_json_lines", [], {"data": "bad_line.jsonl"}, 1, "bad_line.jsonl:3: invalid JSON ("),
+    ("null_output", [], {"data": "null_output.jsonl"}, 1, "null_output.jsonl:4: `output` is null"),
+    (
+        "messages_not_a_list",
+        [],
+        {"data": "messages_text.jsonl"},
+        1,
+        "messages_text.jsonl:1: `messages` is a JSON string, not a list of turns",
+    ),
+    ("folder_of_mixed_formats", [], {"data": "mixed"}, 1, "several formats (.csv, .jsonl)"),
+    (
+        "deepspeed_config_not_json",
+        ["--deepspeed", "{root}/deepspeed_broken.json"],
+        {},
+        1,
+        "deepspeed_broken.json' is not JSON (Expecting property name enclosed in double quotes at line 1",
+    ),
+    (
+        "fsdp_v1_in_one_process",
+        ["--fsdp", "full_shard", "--fsdp_config", '{"fsdp_version": 1}'],
+        {},
+        1,
+        "supports FSDP2, not FSDP v1: set fsdp_version: 2",
+    ),
+    (
+        "duplicate_lens_pairs",
+        ["--lens_student_layers", "1", "1", "--lens_teacher_layers", "2", "2"],
+        {},
+        1,
+        "the lens pair (student layer 1, teacher layer 2) is listed twice",
+    ),
+    ("teacher_path_that_does_not_exist", [], {"teacher": "no/such/teacher"}, 1, "no such folder"),
 ]
 
 
@@ -152,12 +198,13 @@ def test_bad_input_is_one_line_and_nonzero_and_writes_nothing(
     workspace, tmp_path, capsys, extra, overrides, code, words
 ):
     output_dir = tmp_path / "run"
+    extra = [argument.replace("{root}", str(workspace)) for argument in extra]
     assert main(_argv(workspace, output_dir, *extra, **overrides)) == code
     stderr = capsys.readouterr().err.strip().splitlines()  # progress bars may precede the error
     errors = [line for line in stderr if line.startswith("distillens train: error:")]
     assert len(errors) == 1 and stderr[-1] == errors[0], stderr
     assert words in errors[0], errors[0]
-    assert not output_dir.exists() or not any(output_dir.iterdir())
+    assert not output_dir.exists()  # left as it was found: no record, no empty folder
 
 
 def test_an_unreadable_config_file_is_refused(workspace, capsys):
@@ -229,3 +276,37 @@ def test_eval_defaults_on_a_short_context_model_stop_in_one_line_before_loading(
     )
     assert "context of 128 positions" in line
     assert not (tmp_path / "eval").exists()
+
+
+def test_eval_of_a_model_with_non_finite_weights_is_one_line(workspace, tmp_path, capsys):
+    argv = ["eval", "--model_name_or_path", str(workspace / "nan_student"), "--eval_files"]
+    argv += [
+        str(workspace / "train.jsonl"),
+        "--output_dir",
+        str(tmp_path / "eval"),
+        "--max_eval_samples",
+        "2",
+    ]
+    argv += ["--max_prompt_length", "64", "--max_new_tokens", "4"]
+    assert main(argv) == 1
+    (line,) = [line for line in capsys.readouterr().err.strip().splitlines() if "error" in line]
+    assert line.startswith("distillens eval: error: model_name_or_path=")
+    assert "non-finite weights (NaN or inf in model.layers.0.mlp.up_proj.weight)" in line
+    assert not (tmp_path / "eval").exists()
+
+
+def test_a_teacher_path_that_does_not_exist_is_refused_before_the_student_loads(
+    workspace, tmp_path, capsys, monkeypatch
+):
+    from distillens_trainer.commands import train
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("the student was loaded before the teacher path was checked")
+
+    monkeypatch.setattr(train, "load_student", no_loading)
+    argv = _argv(workspace, tmp_path / "run", teacher=None)
+    assert main([*argv, "--teacher_model_name_or_path", "./no_such_teacher"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith(
+        "distillens train: error: teacher_model_name_or_path='./no_such_teacher': no such folder"
+    )

@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 import transformers
 
 from distillens_trainer.cli import main
@@ -17,7 +16,7 @@ from distillens_trainer.config import DistillLensConfig
 from distillens_trainer.layer_map import resolve_layer_map
 from distillens_trainer.loading import ModelArguments
 
-from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
+from conftest import DATA_DIR, shared_path
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
 
@@ -168,22 +167,9 @@ def test_recipes_cover_the_papers_runs_and_baselines():
 
 
 # --------------------------------------------------------------------------------------- end to end
-@pytest.fixture(scope="module")
-def tiny_gpt2_dirs(tmp_path_factory):
-    """For tests marked ``needs_shared``."""
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_path(GPT2_TOKENIZER_DIR)))
-    for name, layers in (("teacher_init", 4), ("student_init", 2)):
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=len(tokenizer))
-        transformers.GPT2LMHeadModel(config).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
 @pytest.mark.slow
 @pytest.mark.needs_shared
-def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp_path, capsys):
+def test_sft_then_distil_then_evaluate_from_the_command_line(gpt2_cli_models, tmp_path, capsys):
     common = [
         "--train_file", str(shared_path(DATA_DIR / "dolly" / "dev_1000.jsonl")), "--max_train_samples", "16",
         "--max_length", "64", "--max_prompt_length", "48", "--per_device_train_batch_size", "4",
@@ -191,12 +177,12 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(tiny_gpt2_dirs, tmp
     ]  # fmt: skip
     teacher_dir, student_dir, eval_dir = tmp_path / "teacher", tmp_path / "student", tmp_path / "eval"
     code, err = _run(
-        capsys, "train", "--model_name_or_path", str(tiny_gpt2_dirs / "teacher_init"), "--output_dir", str(teacher_dir),
+        capsys, "train", "--model_name_or_path", str(gpt2_cli_models / "teacher"), "--output_dir", str(teacher_dir),
         "--ce_weight", "1", "--kd_weight", "0", "--lens_weight", "0", *common,
     )  # fmt: skip
     assert code == 0, err
     code, err = _run(
-        capsys, "train", "--model_name_or_path", str(tiny_gpt2_dirs / "student_init"),
+        capsys, "train", "--model_name_or_path", str(gpt2_cli_models / "student"),
         "--teacher_model_name_or_path", str(teacher_dir), "--output_dir", str(student_dir),
         "--lens_num_layers", "1", *common,
     )  # fmt: skip

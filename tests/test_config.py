@@ -133,7 +133,7 @@ def test_objective_mirrors_custom_values(tmp_path):
         dict(lens_student_layers=[2, 4], lens_teacher_layers=[8, 16]),
         dict(teacher_dtype="bfloat16"),
         dict(teacher_dtype="float32"),
-        dict(temperature=1e-3),
+        dict(temperature=0.01),  # MIN_TEMPERATURE
     ],
     ids=lambda kwargs: ",".join(f"{k}={v}" for k, v in kwargs.items()),
 )

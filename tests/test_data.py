@@ -20,6 +20,7 @@ from distillens_trainer.data import (
     detect_schema,
     format_alpaca_prompt,
     load_raw_dataset,
+    load_raw_splits,
     to_prompt_completion,
     tokenize_prompt_completion,
 )
@@ -318,6 +319,109 @@ def test_references_list_is_kept_for_evaluation(tok):
     formatted = to_prompt_completion(datasets.Dataset.from_list(rows), tok, DataArguments())
     assert sorted(formatted.column_names) == ["completion", "outputs", "prompt"]
     assert formatted[0]["outputs"] == ["A", "B"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Cells that cannot be trained on: one line naming the flag, file and line
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def test_a_list_valued_output_trains_on_its_first_reference(tmp_path, tok):
+    rows = [
+        {"instruction": "Name a colour.", "output": ["red", "blue"]},
+        {"instruction": "Hi.", "output": "hi"},
+    ]
+    train, _ = load_raw_splits(DataArguments(train_file=str(_write_jsonl(tmp_path / "t.jsonl", rows))))
+    formatted = to_prompt_completion(train, tok, DataArguments())
+    assert formatted["completion"] == ["red", "hi"]  # not "['red', 'blue']"
+
+
+@pytest.mark.parametrize(
+    ("cell", "words"),
+    [
+        ({"output": None}, "`output` is null: give every training row a response text"),
+        (
+            {"output": []},
+            "`output` is a JSON array",
+        ),  # here datasets cannot read the file: the reader says why
+        ({"output": {"text": "x"}}, "`output` is a JSON object"),
+        ({"instruction": ["a", "b"]}, "`instruction` is a JSON array"),
+        ({"input": 3}, "`input` is a JSON number"),
+    ],
+    ids=["null", "empty_list", "object", "list_instruction", "number_input"],
+)
+def test_a_cell_that_cannot_be_trained_on_names_its_file_and_line(tmp_path, cell, words):
+    rows = [{"instruction": f"Q{i}", "input": "", "output": f"A{i}"} for i in range(4)]
+    rows[2] |= cell
+    path = tmp_path / "t.jsonl"
+    path.write_text(
+        "\n".join(json.dumps(row) for row in rows[:2]) + "\n\n" + "\n".join(map(json.dumps, rows[2:]))
+    )
+    with pytest.raises(ValueError) as caught:
+        load_raw_splits(DataArguments(train_file=str(path)))
+    assert str(caught.value).startswith(f"--train_file: {path}:4: {words}")  # line 3 is blank
+
+
+def test_messages_that_are_not_a_list_of_turns_are_refused_with_their_line(tmp_path):
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    cases = [
+        ({"messages": "hello"}, "`messages` is a JSON string, not a list of turns"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "`messages` has no assistant turn to learn from"),
+        (
+            {"messages": [{"role": "user", "content": ["a"]}, good["messages"][1]]},
+            '`messages` holds a turn whose "content" is not',
+        ),
+    ]
+    for bad, words in cases:
+        path = _write_jsonl(tmp_path / "m.jsonl", [good, bad])
+        with pytest.raises(ValueError) as caught:
+            load_raw_splits(DataArguments(validation_file=str(path)))
+        assert str(caught.value).startswith(f"--validation_file: {path}:2: {words}")
+
+
+def test_train_and_eval_name_a_bad_json_line_alike(tmp_path):
+    from distillens_trainer.evaluation import load_eval_examples
+
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n{"instruction": "c", "output": \n')
+    with pytest.raises(ValueError) as train_error:
+        load_raw_splits(DataArguments(train_file=str(path)))
+    with pytest.raises(ValueError) as eval_error:
+        load_eval_examples(path)
+    assert (
+        str(train_error.value)
+        == f"--train_file: {path}:2: invalid JSON (Expecting value); write one JSON object per line."
+    )
+    assert (
+        str(eval_error.value)
+        == f"eval_files: {path}:2: invalid JSON (Expecting value); write one JSON object per line."
+    )
+
+
+def test_a_line_that_is_json_but_not_an_object_is_named(tmp_path):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"instruction": "a", "output": "b"}\n["c", "d"]\n')
+    with pytest.raises(ValueError) as caught:
+        load_raw_splits(DataArguments(train_file=str(path)))
+    assert str(caught.value).startswith(f"--train_file: {path}:2: a JSON array, not an object")
+
+
+def test_a_folder_of_mixed_data_formats_is_refused(tmp_path):
+    _write_jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}])
+    (tmp_path / "b.csv").write_text("instruction,output\nc,d\n")
+    (tmp_path / "README.md").write_text("not data\n")
+    with pytest.raises(
+        ValueError, match=r"several formats \(\.csv, \.jsonl\), of which datasets would read one"
+    ):
+        load_raw_splits(DataArguments(train_file=str(tmp_path)))
+    (tmp_path / "b.csv").unlink()
+    train, _ = load_raw_splits(DataArguments(train_file=str(tmp_path)))
+    assert train["instruction"] == ["a"]
 
 
 @pytest.mark.needs_shared

@@ -364,16 +364,27 @@ def test_whole_neg_inf_row_in_a_low_precision_batch(name):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_gradcheck_on_student_and_teacher_logits(name):
-    # token_divergence works in fp32 internally, so float64 gradcheck's default eps = 1e-6 only sees
-    # fp32 rounding noise (~1e-7 / 1e-6). With eps = 1e-3 the central difference's rounding error is
-    # ~6e-8 / 2e-3 ≈ 3e-5 and its truncation error O(eps²) ≈ 1e-6: atol = 1e-4 covers both.
+    # float64 logits are computed in float64, so gradcheck runs at its own (tight) defaults
     student = _logits([3, 5], seed=40, scale=1.5, dtype=torch.float64).requires_grad_(True)
     teacher = _logits([3, 5], seed=41, scale=1.5, dtype=torch.float64).requires_grad_(True)
 
     def fn(s, t):
-        return token_divergence(name, s, t, temperature=1.3, beta=0.35).double()
+        out = token_divergence(name, s, t, temperature=1.3, beta=0.35)
+        assert out.dtype == torch.float64
+        return out
 
-    assert torch.autograd.gradcheck(fn, (student, teacher), eps=1e-3, atol=1e-4, rtol=1e-3)
+    assert torch.autograd.gradcheck(fn, (student, teacher))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_logits_match_the_naive_reference_to_float64_precision(name):
+    student = _logits([6, 13], seed=44, dtype=torch.float64)
+    teacher = _logits([6, 13], seed=45, dtype=torch.float64)
+    out = token_divergence(name, student, teacher, temperature=0.8, beta=0.3)
+    ref = naive_divergence(name, student, teacher, temperature=0.8, beta=0.3)
+    # 256 ε of fp64 of the largest value: ~6e-14 relative, where fp32 arithmetic would be off by ~1e-7
+    atol = 256 * torch.finfo(torch.float64).eps * float(ref.abs().max())
+    torch.testing.assert_close(out, ref, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("name", NAMES)

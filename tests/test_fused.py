@@ -19,7 +19,7 @@ from distillens_trainer.fused_math import divergence_chunk, postprocess
 from distillens_trainer.heads import LinearHead
 from distillens_trainer.lens import LogitLens
 
-from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
+from conftest import TINY_VOCAB, assert_close_to_reference, pad_batch, tiny_llama, token_rows
 
 N, D_S, D_T, V = 37, 8, 6, 50  # tokens, student / teacher head input sizes, shared vocabulary
 
@@ -93,10 +93,42 @@ def _grads(value, student_input, head):
     return torch.autograd.grad(value, tensors, retain_graph=True)
 
 
-def _assert_same(fused, reference, student_input, head, rtol=1e-5, atol=1e-5):
-    torch.testing.assert_close(fused, reference, rtol=rtol, atol=atol)
+# Tolerances: conftest.assert_close_to_reference (ROUNDING_ULPS · ε(dtype) · max|reference| per element).
+_assert_close = assert_close_to_reference
+
+
+def _assert_same(fused, reference, student_input, head):
+    """Value and gradients (w.r.t. the student input, head weight and bias) of two computations on the same leaves."""
+    _assert_close(fused, reference)
     for got, want in zip(_grads(fused, student_input, head), _grads(reference, student_input, head)):
-        torch.testing.assert_close(got, want, rtol=rtol, atol=atol)
+        _assert_close(got, want)
+
+
+def _float64_leaves(student_input, student_head, teacher_input, teacher_head):
+    """fp64 copies, in :func:`_reference`'s order, of the inputs and heads (the student's as fresh leaves)."""
+
+    def leaf(tensor):
+        return None if tensor is None else tensor.detach().double().requires_grad_()
+
+    student = LinearHead(
+        leaf(student_head.weight), leaf(student_head.bias), student_head.scale, student_head.softcap
+    )
+    bias = None if teacher_head.bias is None else teacher_head.bias.double()
+    teacher = LinearHead(teacher_head.weight.double(), bias, teacher_head.scale, teacher_head.softcap)
+    return leaf(student_input), teacher_input.double(), student, teacher
+
+
+def _assert_matches_float64_reference(
+    fused, student_input, student_head, teacher_input, teacher_head, name, temperature=1.0, beta=0.5, eps=None
+):  # fmt: skip
+    """The fused value and its gradients against the straightforward computation in fp64 on the same values, at
+    ``ROUNDING_ULPS · eps`` of the magnitude (``eps``: the fused computation's own dtype's)."""
+    leaves = _float64_leaves(student_input, student_head, teacher_input, teacher_head)
+    reference = _reference(*leaves, name, temperature, beta)
+    _assert_close(fused, reference, eps=eps)
+    got, want = _grads(fused, student_input, student_head), _grads(reference, leaves[0], leaves[2])
+    for index, (g, w) in enumerate(zip(got, want)):
+        _assert_close(g, w, eps=eps, msg=f"gradient {index}")
 
 
 CASES = [  # divergence, β, temperature, chunk size, head bias, scale, softcap
@@ -111,12 +143,17 @@ CASES = [  # divergence, β, temperature, chunk size, head bias, scale, softcap
 ]
 
 
+# float64: the maths (the same code runs the fp64 and fp32 blocks); float32: the training path, at fp32's ε
+DTYPES = pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+
+
+@DTYPES
 @pytest.mark.parametrize(("name", "beta", "temperature", "chunk", "bias", "scale", "softcap"), CASES)
 def test_fused_divergence_equals_the_straightforward_one_with_its_gradients(
-    name, beta, temperature, chunk, bias, scale, softcap
+    name, beta, temperature, chunk, bias, scale, softcap, dtype
 ):
-    student_head, teacher_head = _heads(bias=bias, scale=scale, softcap=softcap)
-    student_input, teacher_input = _inputs()
+    student_head, teacher_head = _heads(bias=bias, scale=scale, softcap=softcap, dtype=dtype)
+    student_input, teacher_input = _inputs(dtype=dtype)
     fused = fused_divergence_sum(
         student_input,
         teacher_input,
@@ -128,14 +165,17 @@ def test_fused_divergence_equals_the_straightforward_one_with_its_gradients(
         beta=beta,
         chunk_size=chunk,
     )
-    reference = _reference(student_input, teacher_input, student_head, teacher_head, name, temperature, beta)
-    _assert_same(fused, reference, student_input, student_head)
+    _assert_matches_float64_reference(
+        fused, student_input, student_head, teacher_input, teacher_head, name, temperature, beta
+    )
 
 
 def test_padded_student_rows_get_zero_gradient_and_equal_vocabularies_work():
     for student_rows, teacher_rows in ((V + 7, V), (V, V)):
-        student_head, teacher_head = _heads(student_rows=student_rows, teacher_rows=teacher_rows, bias=True)
-        student_input, teacher_input = _inputs()
+        student_head, teacher_head = _heads(
+            student_rows=student_rows, teacher_rows=teacher_rows, bias=True, dtype=torch.float64
+        )
+        student_input, teacher_input = _inputs(dtype=torch.float64)
         fused = fused_divergence_sum(
             student_input,
             teacher_input,
@@ -154,29 +194,28 @@ def test_padded_student_rows_get_zero_gradient_and_equal_vocabularies_work():
         _assert_same(fused, reference, student_input, student_head)
 
 
+@DTYPES
 @pytest.mark.parametrize("name", ["fkl", "rkl", "skl", "jsd", "tvd"])
-def test_minus_infinity_columns_stay_finite_and_match(name):
-    student_head, teacher_head = _heads(bias=True)
+def test_minus_infinity_columns_stay_finite_and_match(name, dtype):
+    student_head, teacher_head = _heads(bias=True, dtype=dtype)
     with torch.no_grad():
         student_head.bias[[3, 10]] = float("-inf")  # columns the student can never produce
-    teacher_head = LinearHead(
-        teacher_head.weight, torch.zeros(V + 6).index_fill(0, torch.tensor([10, 20]), float("-inf"))
-    )
-    student_input, teacher_input = _inputs()
+    teacher_bias = torch.zeros(V + 6, dtype=dtype).index_fill(0, torch.tensor([10, 20]), float("-inf"))
+    teacher_head = LinearHead(teacher_head.weight, teacher_bias)
+    student_input, teacher_input = _inputs(dtype=dtype)
     fused = fused_divergence_sum(
         student_input, teacher_input, student_head, teacher_head, divergence=name, vocab_size=V, chunk_size=10
     )
-    reference = _reference(student_input, teacher_input, student_head, teacher_head, name)
     assert torch.isfinite(fused)
-    _assert_same(fused, reference, student_input, student_head)
+    _assert_matches_float64_reference(fused, student_input, student_head, teacher_input, teacher_head, name)
     assert all(torch.isfinite(g).all() for g in _grads(fused, student_input, student_head))
 
 
 @pytest.mark.parametrize("name", ["fkl", "rkl", "skl", "jsd", "tvd"])
 def test_dead_rows_and_minus_infinity_in_the_chunk_math_match_autograd(name):
     generator = torch.Generator().manual_seed(3)
-    student = torch.randn(6, 12, generator=generator)
-    teacher = torch.randn(6, 12, generator=generator)
+    student = torch.randn(6, 12, generator=generator, dtype=torch.float64)  # the maths: in fp64
+    teacher = torch.randn(6, 12, generator=generator, dtype=torch.float64)
     student[1] = float("-inf")  # dead student row
     teacher[4] = float("-inf")  # dead teacher row
     student[2, :5] = float("-inf")
@@ -185,8 +224,9 @@ def test_dead_rows_and_minus_infinity_in_the_chunk_math_match_autograd(name):
     value, grad = divergence_chunk(name, student.detach(), teacher, temperature=1.3, beta=0.3, need_grad=True)
     reference = token_divergence(name, student, teacher, temperature=1.3, beta=0.3).sum()
     (reference_grad,) = torch.autograd.grad(reference, student)
-    torch.testing.assert_close(value, reference.detach())
-    torch.testing.assert_close(grad, reference_grad)
+    assert value.dtype == grad.dtype == torch.float64
+    _assert_close(value, reference)
+    _assert_close(grad, reference_grad)
     assert not grad[1].any() and not grad[4].any()
 
 
@@ -218,8 +258,8 @@ def test_gradcheck_in_float64(name):
 
 @pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
 def test_output_terms_share_one_head_product_and_match_ce_plus_kd(label_smoothing):
-    student_head, teacher_head = _heads()
-    student_input, teacher_input = _inputs()
+    student_head, teacher_head = _heads(dtype=torch.float64)  # the maths: in fp64
+    student_input, teacher_input = _inputs(dtype=torch.float64)
     targets = torch.randint(0, V, (N,), generator=torch.Generator().manual_seed(2))
     student_logits = F.linear(student_input, student_head.weight)[:, :V]
     teacher_logits = F.linear(teacher_input, teacher_head.weight)[:, :V]
@@ -241,8 +281,8 @@ def test_output_terms_share_one_head_product_and_match_ce_plus_kd(label_smoothin
     )
     weighted, sums = out
     assert set(sums) == {"ce_loss", "kd_loss"}
-    torch.testing.assert_close(sums["ce_loss"], ce.detach())
-    torch.testing.assert_close(sums["kd_loss"], kd.detach())
+    _assert_close(sums["ce_loss"], ce)
+    _assert_close(sums["kd_loss"], kd)
     assert not sums["ce_loss"].requires_grad and not sums["kd_loss"].requires_grad
     _assert_same(weighted, 0.3 * ce + 0.7 * kd, student_input, student_head)
     sft = fused_output_terms(
@@ -260,13 +300,22 @@ def test_bf16_inputs_run_fp32_math_and_match_at_bf16_tolerance():
         student_input, teacher_input, student_head, teacher_head, divergence="jsd", vocab_size=V, chunk_size=8
     )
     assert fused.dtype == torch.float32
-    reference = _reference(student_input, teacher_input, student_head, teacher_head, "jsd")
     weight_grad, input_grad = torch.autograd.grad(fused, [student_head.weight, student_input])
     assert weight_grad.dtype == input_grad.dtype == torch.bfloat16
-    want = torch.autograd.grad(reference, [student_head.weight, student_input])
-    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(weight_grad.float(), want[0].float(), rtol=5e-2, atol=5e-2)
-    torch.testing.assert_close(input_grad.float(), want[1].float(), rtol=5e-2, atol=5e-2)
+    # against fp64 on the same bf16 values: what is left is bf16's own rounding. The logits are the bf16 head
+    # product (½ ε_bf16 each, ε_bf16 = 2⁻⁷), which moves the fp32 sum by far less than an ε_bf16 of its size (0.04
+    # measured): 1 ε_bf16 allowed. The gradients are rounded to bf16 before and after the two gradient products, a
+    # few ε_bf16 of their size (≤ 1.8 measured): 16 ε_bf16 allowed, still 1/8 of the magnitude, where a wrong
+    # formula is off by all of it.
+    student_leaf, teacher_leaf, student64, teacher64 = _float64_leaves(
+        student_input, student_head, teacher_input, teacher_head
+    )
+    reference = _reference(student_leaf, teacher_leaf, student64, teacher64, "jsd")
+    want = torch.autograd.grad(reference, [student64.weight, student_leaf])
+    bf16 = torch.finfo(torch.bfloat16).eps
+    _assert_close(fused, reference, eps=bf16, ulps=1)
+    _assert_close(weight_grad, want[0], eps=bf16, ulps=16)
+    _assert_close(input_grad, want[1], eps=bf16, ulps=16)
 
 
 def test_without_gradients_the_value_is_the_same():
@@ -277,7 +326,7 @@ def test_without_gradients_the_value_is_the_same():
     with torch.no_grad():
         without = fused_divergence_sum(student_input, teacher_input, student_head, teacher_head, **kwargs)
     assert not without.requires_grad
-    torch.testing.assert_close(without, with_grad.detach())
+    _assert_close(without, with_grad)
 
 
 class _LargestTensor(TorchDispatchMode):
@@ -434,13 +483,20 @@ def test_a_training_step_is_the_same_chunked_or_not(tmp_path, models, objective)
     reference = _step(tmp_path, student, teacher, batch, 0, **OBJECTIVES[objective])
     fused = _step(tmp_path, student, teacher, batch, 5, **OBJECTIVES[objective])
     assert fused[3].objective.fuses_output
-    torch.testing.assert_close(fused[0], reference[0], rtol=1e-5, atol=1e-6)
+    # fp32 models (the training path): ROUNDING_ULPS of fp32's ε of each quantity's magnitude. A term's magnitude
+    # is the largest term's (the CE, ~N·log V): a divergence sum near 0 is a difference of entropies of that size
+    # (≤ 132 ε of its own value measured, ≤ 3 ε of the largest term's); a gradient's is its parameter's (≤ 20 ε).
+    _assert_close(fused[0], reference[0])
     assert fused[1].keys() == reference[1].keys()
-    for name, value in reference[1].items():
-        assert fused[1][name] == pytest.approx(value, rel=1e-5, abs=1e-6), name
+    names = sorted(reference[1])
+    _assert_close(
+        torch.tensor([fused[1][name] for name in names]),
+        torch.tensor([reference[1][name] for name in names]),
+        msg=f"term sums {names}",
+    )
     assert fused[2].keys() == reference[2].keys()
     for name, grad in reference[2].items():
-        torch.testing.assert_close(fused[2][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+        _assert_close(fused[2][name], grad, msg=name)
 
 
 def test_a_head_that_is_not_a_plain_linear_falls_back_and_says_why(tmp_path, caplog):
@@ -482,7 +538,8 @@ def test_a_last_hidden_state_that_is_not_the_head_input_switches_the_fused_outpu
 @pytest.mark.parametrize("name", ["fkl", "jsd"])
 def test_the_branch_free_chunk_math_used_under_compile_is_the_same(name):
     generator = torch.Generator().manual_seed(4)
-    student, teacher = torch.randn(5, 9, generator=generator), torch.randn(5, 9, generator=generator)
+    student = torch.randn(5, 9, generator=generator, dtype=torch.float64)  # the maths: in fp64
+    teacher = torch.randn(5, 9, generator=generator, dtype=torch.float64)
     student[0] = float("-inf")
     for logits in (student, student[1:]):  # with and without a dead row
         eager = divergence_chunk(
@@ -491,7 +548,8 @@ def test_the_branch_free_chunk_math_used_under_compile_is_the_same(name):
         branch_free = divergence_chunk(
             name, logits, teacher[: len(logits)], temperature=1.2, beta=0.4, need_grad=True, branch_free=True
         )
-        torch.testing.assert_close(branch_free, eager)
+        for got, want in zip(branch_free, eager):
+            _assert_close(got, want)
 
 
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
@@ -600,5 +658,10 @@ def test_evaluation_with_compute_metrics_keeps_the_output_term_fused_and_the_tea
             assert [call.get("logits_to_keep") for call in student_calls[1:]] == [None, None]
             assert [call.get("logits_to_keep") for call in teacher_calls[1:]] == [1, 1]
     assert seen[0] == seen[1] and seen[0][-1] == TINY_VOCAB
-    for key in ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_lens_loss", "eval_mean_logit"):
-        assert metrics[5][key] == pytest.approx(metrics[0][key], rel=1e-5, abs=1e-6), key
+    keys = ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_lens_loss", "eval_mean_logit")
+    # fp32, at the magnitude of the largest metric (a small divergence is a difference of entropies that size)
+    _assert_close(
+        torch.tensor([metrics[5][key] for key in keys]),
+        torch.tensor([metrics[0][key] for key in keys]),
+        msg=keys,
+    )

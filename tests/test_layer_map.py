@@ -197,3 +197,15 @@ def test_index_equal_to_num_layers_is_valid_but_one_past_is_not():
 def test_non_positive_model_depth_raises(student_num_layers, teacher_num_layers, field):
     with pytest.raises(ValueError, match=field):
         resolve_layer_map(student_num_layers, teacher_num_layers)
+
+
+def test_a_repeated_lens_pair_is_refused_in_one_line():
+    with pytest.raises(
+        ValueError, match=r"the lens pair \(student layer 2, teacher layer 4\) is listed twice"
+    ):
+        resolve_layer_map(4, 8, student_layers=[2, 2], teacher_layers=[4, 4])
+    with pytest.raises(
+        ValueError, match=r"the lens pair \(student layer 2, teacher layer 4\) is listed twice"
+    ):
+        resolve_layer_map(4, 8, student_layers=[2, 2])  # proportional teacher layers repeat the pair
+    assert resolve_layer_map(4, 8, student_layers=[2, 2], teacher_layers=[3, 4]) == [(2, 3), (2, 4)]

@@ -1,4 +1,7 @@
-"""LogitLens: the model's own final norm then its own head, never the norm twice."""
+"""LogitLens: the model's own final norm then its own head, never the norm twice.
+
+The models are float64: the lens must compute what the model computes, so values are compared at float64's
+rounding (``conftest.assert_close_to_reference``), on any CPU and thread count."""
 
 from __future__ import annotations
 
@@ -9,6 +12,8 @@ from torch import nn
 
 from distillens_trainer import LogitLens
 from distillens_trainer.model_facts import unwrap_model
+
+from conftest import assert_close_to_reference
 
 VOCAB = 101
 _COMMON = {"num_hidden_layers": 3, "hidden_size": 32, "num_attention_heads": 4, "vocab_size": VOCAB}
@@ -33,7 +38,7 @@ CONFIGS = {
 
 def _model_with_distinct_norm(name: str) -> nn.Module:
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).eval()
+    model = transformers.AutoModelForCausalLM.from_config(CONFIGS[name]()).double().eval()
     lens = LogitLens(model)
     if lens.norm is not None:  # random affine parameters so that normalising twice is visible
         with torch.no_grad():
@@ -54,9 +59,8 @@ def test_lens_at_last_layer_equals_the_models_logits(name):
     outputs = _forward(model)
     lens = LogitLens(model)
     assert lens.num_layers == len(outputs.hidden_states) - 1 == 3
-    torch.testing.assert_close(
-        lens(outputs.hidden_states[-1], lens.num_layers), outputs.logits, atol=1e-5, rtol=1e-5
-    )
+    assert outputs.logits.dtype == torch.float64
+    assert_close_to_reference(lens(outputs.hidden_states[-1], lens.num_layers), outputs.logits)
 
 
 @pytest.mark.parametrize("name", [n for n in sorted(CONFIGS) if n != "opt_project_out"])
@@ -72,22 +76,22 @@ def test_lens_on_intermediate_layer_is_final_norm_then_head():
     model = _model_with_distinct_norm("llama")
     hidden = _forward(model).hidden_states[1]
     expected = model.lm_head(model.model.norm(hidden))
-    torch.testing.assert_close(LogitLens(model)(hidden, 1), expected)
+    assert_close_to_reference(LogitLens(model)(hidden, 1), expected)
 
 
 def test_lens_without_final_norm_skips_it_on_intermediate_layers_only():
     model = _model_with_distinct_norm("gpt2")
     outputs = _forward(model)
     lens = LogitLens(model, final_norm=False)
-    torch.testing.assert_close(lens(outputs.hidden_states[1], 1), model.lm_head(outputs.hidden_states[1]))
-    torch.testing.assert_close(lens(outputs.hidden_states[-1], 3), outputs.logits, atol=1e-5, rtol=1e-5)
+    assert_close_to_reference(lens(outputs.hidden_states[1], 1), model.lm_head(outputs.hidden_states[1]))
+    assert_close_to_reference(lens(outputs.hidden_states[-1], 3), outputs.logits)
 
 
 def test_lens_applies_opt_projection_after_the_norm():
     model = _model_with_distinct_norm("opt_project_out")
     hidden = _forward(model).hidden_states[1]
     expected = model.lm_head(model.model.decoder.project_out(hidden))  # no final norm in this OPT variant
-    torch.testing.assert_close(LogitLens(model)(hidden, 1), expected)
+    assert_close_to_reference(LogitLens(model)(hidden, 1), expected)
 
 
 def test_lens_applies_gemma2_soft_capping():

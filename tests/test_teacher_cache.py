@@ -29,7 +29,6 @@ from distillens_trainer.topk_divergence import (
 
 from conftest import (
     DATA_DIR,
-    GPT2_TOKENIZER_DIR,
     PAD_ID,
     TINY_VOCAB,
     pad_batch,
@@ -548,19 +547,6 @@ def test_rows_are_stored_once_keyed_by_content_and_open_with_datasets(tmp_path, 
 
 
 # ============================================================================================ the command line
-@pytest.fixture(scope="module")
-def cli_models(tmp_path_factory):
-    """A 4-block GPT-2 teacher and a 2-block student folder with the shared GPT-2 tokenizer."""
-    root = tmp_path_factory.mktemp("cache_models")
-    tokenizer = transformers.AutoTokenizer.from_pretrained(str(shared_path(GPT2_TOKENIZER_DIR)))
-    for name, layers in (("teacher", 4), ("student", 2)):
-        torch.manual_seed(0)
-        config = transformers.GPT2Config(n_layer=layers, n_embd=32, n_head=2, vocab_size=len(tokenizer))
-        transformers.GPT2LMHeadModel(config).save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
-    return root
-
-
 def _cli(capsys, *argv: str) -> tuple[int, str, str]:
     code = main(list(argv))
     captured = capsys.readouterr()
@@ -577,11 +563,11 @@ def _data_flags() -> list[str]:
 
 @pytest.mark.needs_shared
 @pytest.mark.parametrize("mode", ["hidden", "topk"])
-def test_cache_teacher_then_train_from_the_command_line(cli_models, tmp_path, capsys, mode):
+def test_cache_teacher_then_train_from_the_command_line(gpt2_cli_models, tmp_path, capsys, mode):
     cache = tmp_path / "cache"
     code, out, err = _cli(
-        capsys, "cache-teacher", "--teacher_model_name_or_path", str(cli_models / "teacher"),
-        "--model_name_or_path", str(cli_models / "student"), "--output_dir", str(cache), "--cache_mode", mode,
+        capsys, "cache-teacher", "--teacher_model_name_or_path", str(gpt2_cli_models / "teacher"),
+        "--model_name_or_path", str(gpt2_cli_models / "student"), "--output_dir", str(cache), "--cache_mode", mode,
         "--top_k", "16", "--cache_dtype", "float32", "--rows_per_shard", "8", *_data_flags(),
     )  # fmt: skip
     assert code == 0, err
@@ -591,7 +577,7 @@ def test_cache_teacher_then_train_from_the_command_line(cli_models, tmp_path, ca
     assert manifest["settings"]["layers"] == [2, 4]  # the mapped teacher layer and the output
     assert manifest["settings"]["prompt_format"]["max_length"] == 64
     common = [
-        "--model_name_or_path", str(cli_models / "student"), "--train_file",
+        "--model_name_or_path", str(gpt2_cli_models / "student"), "--train_file",
         str(shared_path(DATA_DIR / "dolly" / "dev_1000.jsonl")), "--max_train_samples", "24", "--use_cpu", "true",
         "--report_to", "none", "--disable_tqdm", "true", "--lens_num_layers", "1", "--max_steps", "2",
         "--per_device_train_batch_size", "4", "--save_strategy", "no", "--teacher_cache", str(cache), "--logging_steps", "1",
@@ -600,7 +586,7 @@ def test_cache_teacher_then_train_from_the_command_line(cli_models, tmp_path, ca
     assert code == 0, err  # the length limits and the prompt format come from the cache
     log_history = json.loads((tmp_path / "student" / "trainer_state.json").read_text())["log_history"]
     assert any("lens_loss" in entry for entry in log_history)
-    assert str(cli_models / "teacher") in (tmp_path / "student" / "README.md").read_text()
+    assert str(gpt2_cli_models / "teacher") in (tmp_path / "student" / "README.md").read_text()
     code, _, err = _cli(capsys, "train", *common, "--max_length", "300", "--output_dir", str(tmp_path / "s2"))
     assert code == 1
     assert "--max_length 300 differs from the teacher cache" in err and len(err.strip().splitlines()) == 1
@@ -608,13 +594,13 @@ def test_cache_teacher_then_train_from_the_command_line(cli_models, tmp_path, ca
 
 
 @pytest.mark.needs_shared
-def test_cache_teacher_refuses_a_folder_that_holds_something_else(cli_models, tmp_path, capsys):
+def test_cache_teacher_refuses_a_folder_that_holds_something_else(gpt2_cli_models, tmp_path, capsys):
     occupied = tmp_path / "occupied"
     occupied.mkdir()
     (occupied / "notes.txt").write_text("keep me")
     code, _, err = _cli(
-        capsys, "cache-teacher", "--teacher_model_name_or_path", str(cli_models / "teacher"),
-        "--model_name_or_path", str(cli_models / "student"), "--output_dir", str(occupied), *_data_flags(),
+        capsys, "cache-teacher", "--teacher_model_name_or_path", str(gpt2_cli_models / "teacher"),
+        "--model_name_or_path", str(gpt2_cli_models / "student"), "--output_dir", str(occupied), *_data_flags(),
     )  # fmt: skip
     assert code == 1 and "is not empty and holds no teacher cache" in err
     assert sorted(path.name for path in occupied.iterdir()) == ["notes.txt"]

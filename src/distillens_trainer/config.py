@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from transformers import TrainingArguments
 
 from .divergences import DIVERGENCE_NAMES
-from .layer_map import LAYER_MAPS
+from .fsdp import check_fsdp_config
+from .layer_map import LAYER_MAPS, check_distinct_layer_lists
 from .model_facts import DTYPE_NAMES, check_dtype_name
 from .objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
+
+# nonfinite_policy: what a non-finite loss, term or gradient does (distillens_trainer.trainer.nonfinite)
+NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip")
 
 
 @dataclass
@@ -159,6 +166,18 @@ class DistillLensConfig(TrainingArguments):
         },
     )
 
+    nonfinite_policy: str = field(
+        default="stop",
+        metadata={
+            "help": "What a non-finite (NaN or inf) training loss, loss term or gradient does: stop (default) "
+            "ends training at once with one line naming the step, the terms and where the values came from "
+            "(the teacher's outputs, the cache's signals, the student), before that step's update, so the last "
+            "checkpoint is kept and no final model is saved; skip drops that step's update instead, logs it as "
+            "skipped_steps and trains on (it still stops once the student's own weights are non-finite).",
+            "choices": list(NONFINITE_POLICIES),
+        },
+    )
+
     lmbda: float = field(
         default=0.0,
         metadata={
@@ -192,7 +211,14 @@ class DistillLensConfig(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        self._check_optimisation()
+        check_deepspeed_config(self.deepspeed)
         super().__post_init__()
+        if (
+            self.device.type == "cpu"
+        ):  # pinning only speeds up copies to an accelerator; torch warns without one
+            self.dataloader_pin_memory = False
+        check_fsdp_config(self)
         _ = self.objective_spec  # building the spec validates the weights, divergences, temperature and β
         check_dtype_name("teacher_dtype", self.teacher_dtype)
         if self.lens_layer_map not in LAYER_MAPS:
@@ -211,6 +237,31 @@ class DistillLensConfig(TrainingArguments):
         if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
         self._check_layer_lists()
+
+    def _check_optimisation(self) -> None:
+        """The settings that would make every update non-finite or empty, and ``nonfinite_policy``."""
+        if not (math.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(
+                f"learning_rate={self.learning_rate} must be a finite number > 0 (typically 1e-5 to 1e-3)."
+            )
+        if not math.isfinite(self.weight_decay):
+            raise ValueError(f"weight_decay={self.weight_decay} must be a finite number (0 = off).")
+        if math.isnan(self.max_grad_norm):
+            raise ValueError(f"max_grad_norm={self.max_grad_norm} must be a number >= 0 (0 = no clipping).")
+        if self.gradient_accumulation_steps < 1:
+            raise ValueError(
+                f"gradient_accumulation_steps={self.gradient_accumulation_steps} must be >= 1 (1 = an update after "
+                "every batch)."
+            )
+        if self.nonfinite_policy not in NONFINITE_POLICIES:
+            raise ValueError(
+                f"nonfinite_policy={self.nonfinite_policy!r} must be one of {', '.join(NONFINITE_POLICIES)}."
+            )
+        if self.nonfinite_policy == "skip" and self.deepspeed:
+            raise ValueError(
+                "nonfinite_policy='skip' cannot drop an update under DeepSpeed, whose engine steps inside the "
+                "backward: use nonfinite_policy='stop' (DeepSpeed's fp16 loss scaler skips overflowing steps itself)."
+            )
 
     def _check_generation(self) -> None:
         """The on-policy settings: ``lmbda``, ``seq_kd`` and the sampling of completions."""
@@ -277,6 +328,7 @@ class DistillLensConfig(TrainingArguments):
                 raise ValueError(
                     f"{name}={layers} holds an index < 1; hidden_states index 0 is the embedding output."
                 )
+        check_distinct_layer_lists(student, teacher)
 
     @property
     def objective_spec(self) -> ObjectiveSpec:
@@ -303,3 +355,29 @@ class DistillLensConfig(TrainingArguments):
             own = {item.name for item in dataclasses.fields(cls) if item.init} - set(values)
             values |= {name: getattr(args, name) for name in own}
         return cls(**(values | distillation_fields))
+
+
+def check_deepspeed_config(value: Any) -> None:
+    """ValueError (one line naming the file and the place) for a ``deepspeed`` file that is missing or not JSON,
+    before ``TrainingArguments`` reads it (its JSON error names neither the flag nor the file)."""
+    if not isinstance(value, str) or not value.strip() or value.lstrip().startswith("{"):
+        return
+    path = Path(value).expanduser()
+    if not path.is_file():
+        if path.suffix.lower() == ".json" or path.exists():
+            raise ValueError(
+                f"deepspeed={value!r}: no such file: give a DeepSpeed JSON config (see examples/deepspeed/), "
+                "or --deepspeed '' for none."
+            )
+        return  # a base64-encoded config, which TrainingArguments decodes
+    try:
+        json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"deepspeed={value!r} is not JSON ({error.msg} at line {error.lineno} column {error.colno}): give a "
+            "DeepSpeed JSON config (see examples/deepspeed/)."
+        ) from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"deepspeed={value!r} cannot be read ({error}): give a readable JSON file."
+        ) from None

@@ -1,6 +1,7 @@
 """Per-token divergences between a student's and a teacher's next-token distributions.
 
-Every function takes logits of shape ``[..., V]`` (student first, teacher second), computes in fp32 and
+Every function takes logits of shape ``[..., V]`` (student first, teacher second), computes in fp32 (in fp64
+for fp64 logits, as the fused path and the top-k path do: tests compare the maths in fp64) and
 returns the divergence per position, shape ``[...]``, with no reduction. All of them stay finite when
 logits hold ``-inf`` (masked vocabulary entries), also when a whole row is ``-inf``; such a row
 contributes zero.
@@ -35,7 +36,8 @@ DIVERGENCE_NAMES: tuple[str, ...] = ("fkl", "rkl", "skl", "jsd", "tvd")
 def log_probs_and_live_rows(
     logits: torch.Tensor, temperature: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 log-softmax over the last dim, floored at ``LOG_PROB_FLOOR``, and which rows are live.
+    """fp32 (fp64 for fp64 logits) log-softmax over the last dim, floored at ``LOG_PROB_FLOOR``, and which rows
+    are live.
 
     A row whose logits are all ``-inf`` ("dead") would give NaN values and NaN gradients; it is found
     with one max-reduction (no ``[..., V]`` temporaries), replaced by a uniform row, and reported so
@@ -44,9 +46,9 @@ def log_probs_and_live_rows(
     Args:
         logits: ``[..., V]`` in any dtype.
     Returns:
-        ``[..., V]`` fp32 log-probabilities and ``[...]`` bool, False for dead rows.
+        ``[..., V]`` fp32 (fp64 stays fp64) log-probabilities and ``[...]`` bool, False for dead rows.
     """
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # bf16/fp16 -> fp32; fp64 stays
     if temperature != 1.0:
         logits = logits / temperature
     with torch.no_grad():
@@ -144,7 +146,7 @@ def token_divergence(
         temperature: both sides are divided by it before the softmax (no T² rescaling).
         beta: the mixture weight of ``jsd``; ignored by the others.
     Returns:
-        ``[...]`` fp32 divergence; rows where either side is all ``-inf`` are 0.
+        ``[...]`` fp32 divergence (fp64 for fp64 logits); rows where either side is all ``-inf`` are 0.
     """
     check_divergence_name(name)
     if student_logits.shape != teacher_logits.shape:

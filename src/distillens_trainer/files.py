@@ -3,9 +3,13 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import field
 from pathlib import Path
 from typing import Any
@@ -27,20 +31,126 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | os.PathLike[str], payload: Any) -> Path:
-    """``payload`` as indented UTF-8 JSON, written atomically (non-JSON values through ``str``)."""
-    return write_text_atomic(path, json.dumps(payload, indent=2, ensure_ascii=False, default=str) + "\n")
+def write_json_atomic(path: str | os.PathLike[str], payload: Any, *, allow_nan: bool = True) -> Path:
+    """``payload`` as indented UTF-8 JSON, written atomically (non-JSON values through ``str``); with
+    ``allow_nan=False`` a NaN or infinite float is a ValueError instead of a ``NaN`` that is not JSON."""
+    text = json.dumps(payload, indent=2, ensure_ascii=False, default=str, allow_nan=allow_nan)
+    return write_text_atomic(path, text + "\n")
+
+
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself or its closest ancestor that exists (what creating ``path`` would write into)."""
+    current = path.absolute()
+    while not current.exists() and current.parent != current:
+        current = current.parent
+    return current
 
 
 def check_output_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_to_allow: str) -> None:
-    """ValueError when ``output_dir`` is a file, or a non-empty folder and reusing it is not ``allowed``."""
+    """ValueError (one line naming the folder) unless ``output_dir`` is, or can be created as, a writable
+    directory; and when it is a non-empty folder and reusing it is not ``allowed``.
+
+    Reads only: nothing is created, so a refused command leaves the file system as it was.
+    """
+    if not str(output_dir).strip():
+        raise ValueError(
+            "output_dir is empty (--output_dir ''): give the folder to write into, e.g. --output_dir runs/my_run."
+        )
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ValueError(f"output_dir={str(output_dir)!r} is a file: give a directory path.")
+    existing = nearest_existing(path)
+    if not existing.is_dir():
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} lies under the file {str(existing)!r}, which cannot hold folders: "
+            "give a directory path."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"output_dir={str(output_dir)!r} cannot be written: {str(existing)!r} is read-only (its permissions or "
+            "a read-only file system): choose a writable --output_dir."
+        )
     if path.is_dir() and any(path.iterdir()) and not allowed:
         raise ValueError(
             f"output_dir={str(output_dir)!r} is not empty: {how_to_allow}, or choose another directory."
         )
+
+
+def missing_folders(path: str | os.PathLike[str]) -> list[Path]:
+    """The folders that creating ``path`` would create, deepest first (empty when ``path`` exists)."""
+    current, missing = Path(path).absolute(), []
+    while not current.exists() and current.parent != current:
+        missing.append(current)
+        current = current.parent
+    return missing
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """``rmdir`` each of ``folders`` (deepest first) that is still empty; a folder that holds anything stays."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return  # not empty (or gone): its parents are not empty either
+
+
+# errno values of a write that cannot succeed where it goes: full disk or quota, read-only file system, too big;
+# and no permission (counted only when the error names a path in the output folder).
+_SPACE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG}
+_PERMISSION_ERRNOS = {errno.EACCES, errno.EPERM}
+# How torch's zip writer and safetensors (which do not raise OSError) word the same failures.
+_WRITE_FAILURE_WORDS = re.compile(
+    r"No space left|StorageFull|Disk quota|QuotaExceeded|Read-only file system|ReadOnlyFilesystem|"
+    r"PermissionDenied|PytorchStreamWriter failed|file write failed",
+    re.IGNORECASE,
+)
+
+
+def _in_output_dir(filename: Any, folder: Path) -> bool:
+    """``filename`` lies in ``folder`` or is a staging sibling of it (``.NAME.*``, as ``shrink`` writes)."""
+    try:
+        path, folder = Path(os.fsdecode(filename)).absolute(), folder.absolute()
+    except (TypeError, ValueError):
+        return False
+    staging = path.parent == folder.parent and path.name.startswith(f".{folder.name}.")
+    return path.is_relative_to(folder) or staging
+
+
+def write_failure_line(error: BaseException, output_dir: str | os.PathLike[str], fix: str) -> str | None:
+    """One line naming ``output_dir`` for ``error`` when it is a failed write there (full disk, read-only, ...),
+    else None (the error is something else and keeps its traceback)."""
+    if isinstance(error, OSError):
+        named = error.filename is not None and _in_output_dir(error.filename, Path(output_dir))
+        if not (named and error.errno in _SPACE_ERRNOS | _PERMISSION_ERRNOS) and not (
+            error.filename is None and error.errno in _SPACE_ERRNOS
+        ):
+            return None
+        reason = error.strerror or type(error).__name__
+        where = f" ({os.fsdecode(error.filename)})" if error.filename is not None else ""
+    elif isinstance(error, RuntimeError) or type(error).__name__ == "SafetensorError":
+        match = _WRITE_FAILURE_WORDS.search(str(error))
+        if match is None:
+            return None
+        reason, where = match.group(0), ""
+    else:
+        return None
+    return f"could not write into output_dir={str(output_dir)!r}: {reason}{where}: {fix}."
+
+
+@contextmanager
+def writing_into(
+    output_dir: str | os.PathLike[str],
+    fix: str = "free space there (or make it writable), or choose another --output_dir",
+) -> Iterator[None]:
+    """Turn a failed write into ``output_dir`` (full disk, read-only file system, ...) raised inside the block into a
+    ValueError of one line naming the folder and ``fix``; every other error passes unchanged."""
+    try:
+        yield
+    except Exception as error:
+        line = write_failure_line(error, output_dir, fix)
+        if line is None:
+            raise
+        raise ValueError(line) from error
 
 
 def overwrite_output_dir_field(what_happens: str) -> Any:

@@ -24,6 +24,23 @@ from torch import nn
 
 from .model_facts import module_class
 
+FSDP_V1_REFUSAL = (
+    "DistillLensTrainer supports FSDP2, not FSDP v1: set fsdp_version: 2 in the accelerate config (or "
+    "fsdp_config={'fsdp_version': 2}); see examples/fsdp/."
+)
+
+
+def check_fsdp_config(trainer_args: Any) -> None:
+    """ValueError (:data:`FSDP_V1_REFUSAL`) when the Trainer arguments ask for FSDP v1, before accelerate builds
+    its plugin (which, in one process on a CPU, fails first with an unrelated error)."""
+    config = getattr(trainer_args, "fsdp_config", None) or {}
+    if (
+        _requested(trainer_args)
+        and getattr(trainer_args, "fsdp", None)
+        and int(config.get("version", 2)) == 1
+    ):
+        raise ValueError(FSDP_V1_REFUSAL)
+
 
 def _requested(trainer_args: Any) -> bool:
     fsdp = getattr(trainer_args, "fsdp", None)

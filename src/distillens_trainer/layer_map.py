@@ -134,4 +134,35 @@ def resolve_layer_map(
             f"{len(teacher_layers)}: give one teacher layer per student layer."
         )
     _check_indices(teacher_layers, teacher_num_layers, "lens_teacher_layers", "teacher")
-    return list(zip(student_layers, teacher_layers))
+    pairs = list(zip(student_layers, teacher_layers))
+    check_distinct_pairs(pairs)
+    return pairs
+
+
+def check_distinct_layer_lists(
+    student_layers: Sequence[int] | None, teacher_layers: Sequence[int] | None
+) -> None:
+    """:func:`check_distinct_pairs` of the lists as given, before any model is read; without teacher layers
+    (derived from the student's) a repeated student layer is a repeated pair."""
+    if student_layers is None:
+        return
+    if teacher_layers is not None:
+        check_distinct_pairs(list(zip(student_layers, teacher_layers)))
+        return
+    repeated = next((s for i, s in enumerate(student_layers) if s in student_layers[:i]), None)
+    if repeated is not None:
+        raise ValueError(
+            f"lens_student_layers={list(student_layers)} lists layer {repeated} twice: list each layer once."
+        )
+
+
+def check_distinct_pairs(pairs: Sequence[LayerPair]) -> None:
+    """ValueError (one line) when a (student, teacher) lens pair is listed twice: it would count twice."""
+    seen: set[LayerPair] = set()
+    for pair in pairs:
+        if pair in seen:
+            raise ValueError(
+                f"the lens pair (student layer {pair[0]}, teacher layer {pair[1]}) is listed twice in "
+                f"{[tuple(p) for p in pairs]}: list each pair once in lens_student_layers/lens_teacher_layers."
+            )
+        seen.add(pair)

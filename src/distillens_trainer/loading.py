@@ -54,6 +54,32 @@ def check_gguf_source(name_or_path: str, gguf_file: str, field: str) -> None:
         )
 
 
+def is_missing_local_path(name_or_path: str) -> bool:
+    """Whether `name_or_path` is meant as a local path that does not exist, rather than a hub id: it is not there
+    and starts with ``/``, ``.`` or ``~``, holds a backslash, or is not a valid ``org/name`` hub id."""
+    if Path(name_or_path).expanduser().exists():
+        return False
+    if name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name_or_path)
+    except HFValidationError:
+        return True
+    return False
+
+
+def check_local_source(name_or_path: str, field: str) -> None:
+    """ValueError (one line, at once) for a local model path that does not exist, instead of a hub lookup with
+    retries."""
+    if is_missing_local_path(name_or_path):
+        raise ValueError(
+            f"{field}={name_or_path!r}: no such folder (relative paths resolve from {Path.cwd()}): give a saved "
+            "model's folder, or a hub id such as 'org/name'."
+        )
+
+
 def is_gguf_model(model: nn.Module) -> bool:
     """Whether ``model`` still carries the GGUF quantisation markers of a GGUF load."""
     quantizer = getattr(model, "hf_quantizer", None)
@@ -89,6 +115,7 @@ def load_causal_lm(
 
     Raises a one-line ValueError naming ``field`` (or ``gguf_field``) when it cannot be loaded.
     """
+    check_local_source(name_or_path, field)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, gguf_field)
         from_pretrained_kwargs["gguf_file"] = gguf_file
@@ -104,14 +131,21 @@ def load_causal_lm(
 
 
 def read_config(
-    name_or_path: str | None, gguf_file: str | None = None, gguf_field: str = "gguf_file", **kwargs: Any
+    name_or_path: str | None,
+    gguf_file: str | None = None,
+    gguf_field: str = "gguf_file",
+    *,
+    field: str = "model_name_or_path",
+    **kwargs: Any,
 ) -> PreTrainedConfig | None:
     """A model's config without its weights, or None when it cannot be read here (loading the model says why).
 
-    A missing GGUF file or ``gguf`` package is the one-line error of :func:`check_gguf_source`, naming `gguf_field`.
+    A local path that does not exist is the one-line error of :func:`check_local_source`, naming `field`; a
+    missing GGUF file or ``gguf`` package that of :func:`check_gguf_source`, naming `gguf_field`.
     """
     if not name_or_path:
         return None
+    check_local_source(name_or_path, field)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, gguf_field)
         kwargs["gguf_file"] = gguf_file

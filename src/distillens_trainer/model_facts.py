@@ -194,6 +194,26 @@ def check_fits_context(length: int, config: Any, *, model: str, setting: str, fi
         )
 
 
+def check_fits_contexts(length: int, configs: dict[str, Any], *, setting: str, fix: str) -> None:
+    """:func:`check_fits_context` against several models (``{"student": config, "teacher": config}``, None
+    where unknown): the one line names the tightest limit and every other model's.
+
+    Example message: ``--max_length (256) exceeds the teacher's context of 128 positions (the student's: 512):
+    pass --max_length 128 or less.``
+    """
+    limits = {
+        name: limit for name, config in configs.items() if (limit := context_length(config)) is not None
+    }
+    if not limits or length <= min(limits.values()):
+        return
+    tightest = min(limits, key=limits.__getitem__)
+    others = ", ".join(f"the {name}'s: {limit}" for name, limit in limits.items() if name != tightest)
+    raise ValueError(
+        f"{setting} ({length}) exceeds the {tightest}'s context of {limits[tightest]} positions"
+        f"{f' ({others})' if others else ''}: {fix.format(limit=limits[tightest])}."
+    )
+
+
 def logit_postprocessing(model: nn.Module) -> tuple[float | None, float | None]:
     """``(scale, softcap)`` the model applies to its head's output, None where it applies none.
 

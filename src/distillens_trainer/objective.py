@@ -447,8 +447,12 @@ class DistillLensObjective:
         the response tokens); fills ``terms``, returns their weighted sum."""
         spec, vocab_size = self.spec, self.vocab_size
         student_selected = shared_columns(select_response(student_logits, mask), vocab_size)  # [N, V]
+        math_dtype = torch.promote_types(student_selected.dtype, torch.float32)  # fp32, fp64 for fp64 logits
         ce_sum = F.cross_entropy(
-            student_selected.float(), targets, reduction="sum", label_smoothing=spec.label_smoothing_factor
+            student_selected.to(math_dtype),
+            targets,
+            reduction="sum",
+            label_smoothing=spec.label_smoothing_factor,
         )
         terms["ce_loss"] = ce_sum
         total = spec.ce_weight * ce_sum if spec.ce_weight > 0 else ce_sum.new_zeros(())

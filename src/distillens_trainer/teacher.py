@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from .loading import load_causal_lm, load_tokenizer_from
+from .loading import load_causal_lm, load_tokenizer_from, read_config
 from .model_facts import DTYPES, model_vocab_size
 
 if TYPE_CHECKING:
@@ -46,6 +46,14 @@ def load_teacher(
         gguf_field="teacher_gguf_file",
         dtype=dtype if dtype is not None else "auto",
         **from_pretrained_kwargs,
+    )
+
+
+def read_teacher_config(name_or_path: str | None, gguf_file: str | None = None, **kwargs: Any) -> Any | None:
+    """The teacher's config without its weights (None when it cannot be read here), errors naming the teacher's
+    fields."""
+    return read_config(
+        name_or_path, gguf_file, gguf_field="teacher_gguf_file", field="teacher_model_name_or_path", **kwargs
     )
 
 

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .fsdp import fsdp_version, shard_mesh, shard_teacher
+from .fsdp import FSDP_V1_REFUSAL, fsdp_version, shard_mesh, shard_teacher
 from .model_facts import freeze, hidden_size, is_partitioned
 from .teacher import resolve_teacher_dtype
 
@@ -197,10 +197,7 @@ def prepare_teacher(teacher: nn.Module, trainer_args: Any, accelerator: Any = No
     """
     fsdp = fsdp_version(trainer_args, accelerator)
     if fsdp == 1:
-        raise ValueError(
-            "DistillLensTrainer supports FSDP2, not FSDP v1: set fsdp_version: 2 in the accelerate config (or "
-            "fsdp_config={'fsdp_version': 2}); see examples/fsdp/."
-        )
+        raise ValueError(FSDP_V1_REFUSAL)
     teacher = freeze(teacher)  # the one place the teacher is frozen on its way into training
     precision = str(
         getattr(accelerator, "mixed_precision", "no")

@@ -11,9 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,15 +25,29 @@ from torch import nn
 from ..config import DistillLensConfig
 from ..data.arguments import DataArguments, PromptFormatArguments
 from ..data.building import build_datasets
-from ..files import overwrite_output_dir_field
+from ..files import check_output_dir, overwrite_output_dir_field, writing_into
 from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
 from ..loading import ModelArguments, load_student_tokenizer, read_config
-from ..model_facts import config_num_layers, freeze, model_vocab_size, num_hidden_layers, text_config
+from ..model_facts import (
+    check_fits_contexts,
+    config_num_layers,
+    freeze,
+    model_vocab_size,
+    num_hidden_layers,
+    text_config,
+)
 from ..model_info import choose_prompt_template
-from ..teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size_of_rows
-from ..teacher_cache.format import CACHE_DTYPES, CACHE_MODES, CacheSettings
+from ..teacher import (
+    load_teacher,
+    load_teacher_tokenizer,
+    read_teacher_config,
+    resolve_teacher_dtype,
+    shared_vocab_size_of_rows,
+)
+from ..teacher_cache.format import CACHE_DTYPES, CACHE_MODES, MANIFEST_NAME, CacheSettings, read_manifest
+from ..teacher_cache.integrity import cache_damage, damage_line, recorded_bytes, recorded_files
 from ..teacher_cache.writer import teacher_cache_settings, write_teacher_cache
-from .parsing import given_fields, parse_command
+from .parsing import _Parser, expand_config_file, given_fields, parse_command
 from .process import check_launched_world_size
 
 logger = logging.getLogger(__name__)
@@ -63,7 +80,16 @@ class CacheArguments:
         metadata={"help": "Examples per shard file (the unit of resuming and of work per process)."},
     )
     overwrite_output_dir: bool = overwrite_output_dir_field(
-        "a cache made with other settings is replaced (only the cache's own files are removed)"
+        "the cache there is built afresh, whatever its settings (only the cache's own files are removed); "
+        "without it a rerun with the same settings keeps the files that match their sha256 and rebuilds the others"
+    )
+    verify: bool = field(
+        default=False,
+        metadata={
+            "help": "Only check the cache in --output_dir against its manifest (every file's size and sha256; "
+            "nothing is loaded or written): one summary line and exit 0 when whole, else one line per damaged "
+            "file and exit 1."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -169,6 +195,8 @@ def build_teacher_cache(
         raise ValueError(
             "--teacher_cache is where train reads a cache; cache-teacher writes one to --output_dir: drop it."
         )
+    # Writable, not under a file: before any weights (whether a non-empty one may be reused, the writer decides).
+    check_output_dir(training_args.output_dir, allowed=True, how_to_allow="")
     check_launched_world_size(training_args)
     student_config = read_config(
         model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
@@ -178,6 +206,17 @@ def build_teacher_cache(
             f"--model_name_or_path={model_args.model_name_or_path!r} has no readable config: give the student's "
             "folder (it resolves the layer map)."
         )
+    teacher_config = read_teacher_config(
+        training_args.teacher_model_name_or_path,
+        training_args.teacher_gguf_file,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    check_fits_contexts(  # before any weights are read
+        data_args.max_length,
+        {"student": student_config, "teacher": teacher_config},
+        setting="--max_length",
+        fix="pass --max_length {limit} or less (and --max_prompt_length below it)",
+    )
     tokenizer = load_student_tokenizer(model_args)
     train, evaluation = build_datasets(
         data_args,
@@ -215,6 +254,7 @@ def build_teacher_cache(
         batch_size=training_args.per_device_eval_batch_size,
         rows_per_shard=cache_args.rows_per_shard,
         overwrite=overwrite_output_dir,
+        fresh=overwrite_output_dir,
         rank=training_args.process_index,
         world_size=training_args.world_size,
         barrier=_barrier,
@@ -232,9 +272,62 @@ def summary_line(manifest: dict[str, Any], output_dir: str) -> str:
     )
 
 
+@dataclass
+class VerifyArguments:
+    """What ``--verify`` reads of a command line (the other fields of a full cache-teacher command are ignored)."""
+
+    output_dir: str | None = field(default=None, metadata={"help": "The cache folder to check."})
+    verify: bool = field(default=False, metadata={"help": "Check the cache in --output_dir."})
+
+
+def verify_requested(argv: Sequence[str]) -> VerifyArguments | None:
+    """The ``--verify`` arguments when ``--verify`` is set (the rest of the command line may be a full build's)."""
+    if "verify" not in given_fields(argv):
+        return None
+    parser = _Parser([VerifyArguments], prog="distillens cache-teacher")  # one-line errors
+    verify_args, _ = parser.parse_args_into_dataclasses(
+        args=expand_config_file(argv), return_remaining_strings=True
+    )
+    return verify_args if verify_args.verify else None
+
+
+def verify_existing_cache(output_dir: str | None) -> int:
+    """``--verify``: check every file of the cache in ``output_dir`` against its manifest; prints one summary line
+    (exit 0) or one line per damaged file on stderr (exit 1). ValueError (one line) for a folder that holds no
+    complete cache."""
+    if not output_dir:
+        raise ValueError("distillens cache-teacher --verify checks the cache in --output_dir: pass it.")
+    folder = Path(output_dir)
+    if not folder.is_dir():
+        raise ValueError(f"--output_dir={output_dir!r} is not a folder: give the folder of a teacher cache.")
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise ValueError(f"--output_dir={output_dir!r} holds no {MANIFEST_NAME}: it is not a teacher cache.")
+    if not manifest.get("complete"):
+        raise ValueError(
+            f"the teacher cache {output_dir} is incomplete (its build was interrupted): rerun distillens "
+            "cache-teacher with the same arguments to finish it (the shards written so far are checked and kept)."
+        )
+    start = time.perf_counter()
+    damaged = cache_damage(folder, manifest)
+    for damage in damaged:
+        print(f"distillens cache-teacher: error: {damage_line(output_dir, damage)}", file=sys.stderr)
+    if damaged:
+        return 1
+    print(
+        f"distillens cache-teacher: {output_dir} is whole: {MANIFEST_NAME} and the "
+        f"{len(recorded_files(manifest))} files it records ({recorded_bytes(manifest) / 2**20:.1f} MiB) match "
+        f"their sha256 (checked in {time.perf_counter() - start:.1f} s)."
+    )
+    return 0
+
+
 def main(argv: Sequence[str]) -> int:
     """``distillens cache-teacher [CONFIG] --teacher_model_name_or_path T --model_name_or_path S --train_file F
-    --output_dir C --cache_mode hidden|topk ...``."""
+    --output_dir C --cache_mode hidden|topk ...``; ``distillens cache-teacher --verify --output_dir C``."""
+    verify_args = verify_requested(argv)
+    if verify_args is not None:
+        return verify_existing_cache(verify_args.output_dir)
     model_args, data_args, training_args, cache_args = parse_command(
         CACHE_TEACHER_ARGUMENTS, argv, "distillens cache-teacher"
     )
@@ -245,13 +338,17 @@ def main(argv: Sequence[str]) -> int:
         data_args.prompt_template if "prompt_template" in given else None,
         [("teacher", training_args.teacher_model_name_or_path), ("student", model_args.model_name_or_path)],
     )
-    manifest = build_teacher_cache(
-        model_args,
-        data_args,
-        training_args,
-        cache_args,
-        overwrite_output_dir=cache_args.overwrite_output_dir,
-    )
+    with writing_into(
+        training_args.output_dir,
+        fix="free space there and rerun to finish the cache, or choose another --output_dir",
+    ):
+        manifest = build_teacher_cache(
+            model_args,
+            data_args,
+            training_args,
+            cache_args,
+            overwrite_output_dir=cache_args.overwrite_output_dir,
+        )
     if manifest is not None:
         print(summary_line(manifest, training_args.output_dir))
     return 0

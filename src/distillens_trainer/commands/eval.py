@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from ..evaluation.arguments import EvalArguments
 from ..evaluation.generation import GenerationSettings
 from ..evaluation.runner import output_summary, run_evaluation
+from ..files import writing_into
 from ..loading import ModelArguments
 from ..model_info import choose_prompt_template
 from .parsing import given_fields, parse_command
@@ -21,7 +22,8 @@ def main(argv: Sequence[str]) -> int:
         eval_args.prompt_template if "prompt_template" in given_fields(argv) else None,
         [("model", model_args.model_name_or_path)],
     )
-    report = run_evaluation(model_args, eval_args, settings)
+    with writing_into(eval_args.output_dir):
+        report = run_evaluation(model_args, eval_args, settings)
     for result in report["results"]:
         print(
             f"{result['name']}: n={result['num_examples']} rougeL={result['rougeL']['mean']:.2f}"

@@ -20,15 +20,21 @@ from ..data.arguments import DataArguments, PromptFormatArguments
 from ..data.building import build_datasets
 from ..diagnostics.figures import write_figures
 from ..diagnostics.profile import DEFAULT_CHUNK_SIZE
-from ..diagnostics.report import profile_models
+from ..diagnostics.report import finite_or_null, profile_models
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
-from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic
+from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic, writing_into
 from ..layer_map import LayerPair, resolve_layer_map
-from ..loading import ModelArguments, load_student, load_student_tokenizer
-from ..model_facts import freeze, num_hidden_layers
+from ..loading import ModelArguments, load_student, load_student_tokenizer, read_config
+from ..model_facts import check_fits_contexts, freeze, num_hidden_layers
 from ..model_info import choose_prompt_template
 from ..objective_spec import check_temperature_and_beta
-from ..teacher import load_teacher, load_teacher_tokenizer, resolve_teacher_dtype, shared_vocab_size
+from ..teacher import (
+    load_teacher,
+    load_teacher_tokenizer,
+    read_teacher_config,
+    resolve_teacher_dtype,
+    shared_vocab_size,
+)
 from .parsing import given_fields, parse_command
 
 logger = logging.getLogger(__name__)
@@ -164,6 +170,30 @@ def _load_models(
     return student, teacher, shared_vocab_size(student, teacher, tokenizer, teacher_tokenizer)
 
 
+def check_lengths_before_loading(
+    model_args: ModelArguments, prompt_format: PromptFormatArguments, args: LensArguments
+) -> None:
+    """``--max_length`` must fit the student's and the teacher's context, read from their configs (no weights)."""
+    configs = {
+        "student": read_config(
+            model_args.model_name_or_path,
+            model_args.gguf_file,
+            trust_remote_code=model_args.trust_remote_code,
+        ),
+        "teacher": read_teacher_config(
+            args.teacher_model_name_or_path,
+            args.teacher_gguf_file,
+            trust_remote_code=model_args.trust_remote_code,
+        ),
+    }
+    check_fits_contexts(
+        prompt_format.max_length,
+        configs,
+        setting="--max_length",
+        fix="pass --max_length {limit} or less (and --max_prompt_length below it)",
+    )
+
+
 def run_lens(
     model_args: ModelArguments, prompt_format: PromptFormatArguments, args: LensArguments
 ) -> dict[str, Any]:
@@ -173,6 +203,7 @@ def run_lens(
         allowed=args.overwrite_output_dir,
         how_to_allow="pass --overwrite_output_dir true to replace its lens files",
     )
+    check_lengths_before_loading(model_args, prompt_format, args)
     tokenizer = load_student_tokenizer(model_args)
     dataset, _ = build_datasets(args.data_arguments(prompt_format), tokenizer)
     student, teacher, vocab_size = _load_models(model_args, args, tokenizer)
@@ -202,7 +233,14 @@ def run_lens(
         dataclasses.asdict(model_args) | dataclasses.asdict(prompt_format) | dataclasses.asdict(args)
     )
     output_dir = Path(args.output_dir)
-    write_json_atomic(output_dir / REPORT_NAME, report)
+    written, replaced = finite_or_null(report)
+    if replaced:
+        logger.warning(
+            "%d values of %s are not finite (NaN or inf: the models' outputs are) and are written as null.",
+            replaced,
+            REPORT_NAME,
+        )
+    write_json_atomic(output_dir / REPORT_NAME, written, allow_nan=False)
     figures = write_figures(report, output_dir)
     logger.info("lens profile of %d response tokens written to %s", report["num_tokens"], output_dir)
     return {**report, "figures": figures}
@@ -244,5 +282,7 @@ def main(argv: Sequence[str]) -> int:
         prompt_format.prompt_template if "prompt_template" in given_fields(argv) else None,
         [("student", model_args.model_name_or_path), ("teacher", lens_args.teacher_model_name_or_path)],
     )
-    print("\n".join(summary_lines(run_lens(model_args, prompt_format, lens_args))))
+    with writing_into(lens_args.output_dir):
+        report = run_lens(model_args, prompt_format, lens_args)
+    print("\n".join(summary_lines(report)))
     return 0

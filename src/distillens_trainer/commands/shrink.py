@@ -12,7 +12,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..files import check_output_dir, overwrite_output_dir_field
+from ..files import check_output_dir, overwrite_output_dir_field, writing_into
 from ..layer_map import KEPT_LAYERS_CONFIG_KEY
 from ..loading import load_causal_lm, load_tokenizer_from
 from ..model_facts import DTYPE_NAMES, check_dtype_name, torch_dtype
@@ -120,7 +120,8 @@ def run_shrink(args: ShrinkArguments) -> PreTrainedModel:
 def main(argv: Sequence[str]) -> int:
     """``distillens shrink [CONFIG] --model_name_or_path T --num_layers K --output_dir S``."""
     (shrink_args,) = parse_command((ShrinkArguments,), argv, "distillens shrink")
-    model = run_shrink(shrink_args)
+    with writing_into(shrink_args.output_dir):
+        model = run_shrink(shrink_args)
     kept = getattr(model.config, KEPT_LAYERS_CONFIG_KEY)
     print(f"kept blocks {kept} -> {shrink_args.output_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
     return 0

@@ -16,12 +16,21 @@ from ..config import DistillLensConfig
 from ..data.arguments import DataArguments
 from ..data.building import build_datasets
 from ..data.collation import DataCollatorForCompletionOnly
-from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic
+from ..files import (
+    check_output_dir,
+    missing_folders,
+    overwrite_output_dir_field,
+    remove_empty_folders,
+    write_json_atomic,
+    writing_into,
+)
 from ..layer_map import resolve_student_layers
 from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_context, config_num_layers
 from ..model_info import MODEL_INFO_NAME, choose_prompt_template, write_model_info
-from ..teacher_cache.format import read_manifest
+from ..teacher import read_teacher_config
+from ..teacher_cache.reader import checked_manifest
+from ..trainer.checkpoints import resolve_resume_from_checkpoint, resume_requested
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command
 from .process import check_launched_world_size, quiet_deepspeed_accelerator_detection
@@ -58,12 +67,6 @@ def check_reporting_integrations(report_to: str | list[str] | None) -> None:
             )
 
 
-def turn_off_pin_memory_without_accelerator(training_args: DistillLensConfig) -> None:
-    """Pinned memory only helps copies to an accelerator: off when training on the CPU (torch warns otherwise)."""
-    if training_args.dataloader_pin_memory and training_args.device.type == "cpu":
-        training_args.dataloader_pin_memory = False
-
-
 class RecordPromptFormat(TrainerCallback):
     """Write ``distillens.json`` (the prompt format) into every checkpoint, so a checkpoint is used like the
     final model."""
@@ -75,6 +78,21 @@ class RecordPromptFormat(TrainerCallback):
         checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and checkpoint.is_dir():
             write_model_info(checkpoint, prompt_template=self.prompt_template)
+        return control
+
+
+class RecordRun(TrainerCallback):
+    """Write the run record (``distillens_config.json``, atomically) once training begins: after the models, the
+    data and any checkpoint have loaded, so a run that fails during setup leaves ``output_dir`` as it found it (and
+    a finished run's record in place). ``started`` tells whether it has been reached."""
+
+    def __init__(self, path: Path, record: dict) -> None:
+        self.path, self.record, self.started = path, record, False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.started = True
+        if state.is_world_process_zero:
+            write_json_atomic(self.path, self.record)
         return control
 
 
@@ -128,10 +146,9 @@ def check_models_before_loading(
     )
     teacher = None
     if objective.needs_teacher:
-        teacher = read_config(
+        teacher = read_teacher_config(
             training_args.teacher_model_name_or_path,
             training_args.teacher_gguf_file,
-            gguf_field="teacher_gguf_file",
             trust_remote_code=model_args.trust_remote_code,
         )
     if student is not None and objective.needs_teacher and objective.uses_hidden_states:
@@ -158,14 +175,48 @@ def run_training(
     lora_args: LoraArguments | None = None,
     overwrite_output_dir: bool = False,
 ) -> DistillLensTrainer:
-    """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``."""
+    """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``.
+
+    Everything that can be checked is checked before training begins, and until then nothing is written: a run
+    that fails during setup leaves ``output_dir`` as it found it (folders it created are removed again). A failed
+    write into ``output_dir`` (full disk, read-only file system) is one line naming the folder.
+    """
+    output_dir = training_args.output_dir
     check_output_dir(
-        training_args.output_dir,
-        allowed=overwrite_output_dir or bool(training_args.resume_from_checkpoint),
+        output_dir,
+        allowed=overwrite_output_dir or resume_requested(training_args.resume_from_checkpoint),
         how_to_allow="pass --overwrite_output_dir true to train into it, --resume_from_checkpoint to continue a run",
     )
+    resume_from_checkpoint = resolve_resume_from_checkpoint(training_args.resume_from_checkpoint, output_dir)
     check_launched_world_size(training_args)
     check_models_before_loading(model_args, data_args, training_args)
+    created = missing_folders(output_dir)
+    record = RecordRun(Path(output_dir) / RESOLVED_CONFIG_NAME, {})
+    try:
+        with writing_into(
+            output_dir,
+            fix="free space there (or make it writable) and resume with --resume_from_checkpoint true, "
+            "or choose another --output_dir",
+        ):
+            return _train_and_save(
+                model_args, data_args, training_args, record, callbacks, lora_args, resume_from_checkpoint
+            )
+    except BaseException:
+        if not record.started:
+            remove_empty_folders(created)
+        raise
+
+
+def _train_and_save(
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: DistillLensConfig,
+    record: RecordRun,
+    callbacks: list | None,
+    lora_args: LoraArguments | None,
+    resume_from_checkpoint: str | None,
+) -> DistillLensTrainer:
+    """Load the data and the student, train (``record`` writes the run record as training begins), save."""
     tokenizer = load_student_tokenizer(model_args)
     data_stats: dict[str, int] = {}
     train_dataset, eval_dataset = build_datasets(
@@ -177,6 +228,7 @@ def run_training(
     if train_dataset is None:
         raise ValueError("no training data: pass --train_file or --dataset_name.")
     student = load_student(model_args, lora_args)
+    record.record = resolved_config(model_args, data_args, training_args, data_stats, lora_args)
     trainer = DistillLensTrainer(
         model=student,
         args=training_args,
@@ -184,14 +236,9 @@ def run_training(
         eval_dataset=eval_dataset,
         processing_class=tokenizer,
         data_collator=DataCollatorForCompletionOnly(tokenizer),
-        callbacks=[*(callbacks or []), RecordPromptFormat(data_args.prompt_template)],
+        callbacks=[*(callbacks or []), RecordPromptFormat(data_args.prompt_template), record],
     )
-    if trainer.is_world_process_zero():
-        write_json_atomic(
-            Path(training_args.output_dir) / RESOLVED_CONFIG_NAME,
-            resolved_config(model_args, data_args, training_args, data_stats, lora_args),
-        )
-    result = trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     trainer.save_model()
     if trainer.is_world_process_zero():
         write_model_info(training_args.output_dir, prompt_template=data_args.prompt_template)
@@ -212,10 +259,9 @@ def run_training(
 
 def adopt_cache_prompt_format(data_args: DataArguments, teacher_cache: str, given: set[str]) -> None:
     """With ``--teacher_cache``: tokenise as the cache was made (its prompt template, columns and length limits
-    fill the fields not given); ValueError (one line) when a given field differs, since no row would match."""
-    manifest = read_manifest(teacher_cache) if Path(teacher_cache).is_dir() else None
-    if manifest is None:
-        return  # opening the cache says what is wrong with it
+    fill the fields not given); ValueError (one line) when a given field differs, since no row would match, or when
+    the cache is not whole (every file is checked against its sha256 here, before any weights are loaded)."""
+    manifest = checked_manifest(teacher_cache)
     for name, value in manifest["settings"]["prompt_format"].items():
         if name not in given:
             setattr(data_args, name, value)
@@ -240,8 +286,6 @@ def main(argv: Sequence[str]) -> int:
     given = given_fields(argv)
     check_reporting_integrations(training_args.report_to)
     quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
-    if "dataloader_pin_memory" not in given:
-        turn_off_pin_memory_without_accelerator(training_args)
     if training_args.teacher_cache:
         adopt_cache_prompt_format(data_args, training_args.teacher_cache, given)
     else:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import datasets
+import pyarrow.compute
 
 from .arguments import PROMPT_TEMPLATES, DataArguments, check_choice
+from .json_lines import json_kind
 
 # The Alpaca-style template used by MiniLLM, DistiLLM and the DistillLens paper (non-Qwen models).
 ALPACA_PROMPT_WITH_INPUT = (
@@ -88,6 +90,125 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else str(value)
 
 
+def _target_text(value: Any) -> str:
+    """A response cell as the training target: a list of references gives its first (the MiniLLM convention for
+    multi-reference sets), a number its text; :func:`find_unusable_cell` refuses anything else first."""
+    if isinstance(value, list) and value:
+        return _text(value[0])
+    return _text(value)
+
+
+# What a cell may hold, as one rule per kind of column: a message for a value it refuses, else None.
+def _required_text(column: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str):
+            return None
+        return f"`{column}` is a JSON {json_kind(value)}, not a string: write it as a string."
+
+    return check
+
+
+def _optional_text(column: str) -> Callable[[Any], str | None]:
+    required = _required_text(column)
+    return lambda value: None if value is None else required(value)
+
+
+def _target(column: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if isinstance(value, str) or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return None
+        if isinstance(value, list) and value and all(isinstance(item, str) for item in value):
+            return None  # several references: the first is the training target
+        if value is None:
+            return f"`{column}` is null: give every training row a response text, or drop the row."
+        return (
+            f"`{column}` is a JSON {json_kind(value)}: give the response as a string (or a non-empty list of "
+            "strings, whose first is trained on)."
+        )
+
+    return check
+
+
+def _conversation(column: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if not isinstance(value, list):
+            return (
+                f"`{column}` is a JSON {json_kind(value)}, not a list of turns: write each conversation as "
+                '[{"role": "user", "content": "..."}, {"role": "assistant", "content": "..."}].'
+            )
+        for turn in value:
+            if not (isinstance(turn, dict) and isinstance(turn.get("role"), str)):
+                return f'`{column}` holds a turn without a string "role": give every turn a role and content.'
+            if not isinstance(turn.get("content"), str):
+                return f'`{column}` holds a turn whose "content" is not a string: write every content as a string.'
+        if not any(turn["role"] == "assistant" for turn in value):
+            return (
+                f"`{column}` has no assistant turn to learn from: end every training conversation with one."
+            )
+        return None
+
+    return check
+
+
+def _cell_rules(schema: str, args: DataArguments) -> list[tuple[str, Callable[[Any], str | None]]]:
+    """(column, rule) for every column a training row of `schema` is built from."""
+    if schema == "messages":
+        return [(args.messages_column, _conversation(args.messages_column))]
+    if schema == "instruction":
+        return [
+            (args.instruction_column, _required_text(args.instruction_column)),
+            (args.input_column, _optional_text(args.input_column)),
+            (args.output_column, _target(args.output_column)),
+        ]
+    return [
+        (args.prompt_column, _required_text(args.prompt_column)),
+        (args.completion_column, _target(args.completion_column)),
+    ]
+
+
+def _first_refused(
+    dataset: datasets.Dataset, column: str, rule: Callable[[Any], str | None]
+) -> tuple[int, str] | None:
+    """(row index, message) of the first cell of `column` that `rule` refuses. A string column, where strings
+    are what `rule` wants, is checked for nulls in Arrow, without reading its values into Python."""
+    feature = dataset.features[column]
+    strings_pass = rule("") is None
+    if (
+        strings_pass
+        and getattr(feature, "dtype", None) in ("string", "large_string")
+        and dataset._indices is None
+    ):
+        array = dataset.data.column(column)
+        if array.null_count == 0 or rule(None) is None:
+            return None
+        return pyarrow.compute.index(pyarrow.compute.is_null(array), True).as_py(), str(rule(None))
+    for index, value in enumerate(dataset[column]):
+        message = rule(value)
+        if message is not None:
+            return index, message
+    return None
+
+
+def find_unusable_cell(
+    dataset: datasets.Dataset, data_args: DataArguments | None = None
+) -> tuple[int, str] | None:
+    """(row index, what is wrong and the fix) of the first training row whose cells cannot be trained on, or None.
+
+    Prompt cells (instruction, prompt) must be strings; ``input`` a string or null; a response (output,
+    completion) a string, a number (its text) or a non-empty list of strings (the first is the target); a
+    conversation a list of ``{"role", "content"}`` turns, with strings, holding an assistant turn. Nothing is
+    converted silently: a null response or a list of turns with a non-string content is refused.
+    """
+    args = data_args or DataArguments()
+    schema = detect_schema(dataset.column_names, args)
+    found = [
+        problem
+        for column, rule in _cell_rules(schema, args)
+        if column in dataset.column_names and (problem := _first_refused(dataset, column, rule)) is not None
+    ]
+    return min(found) if found else None
+
+
 def _join_instruction_input(instruction: str, input: str) -> str:
     """Instruction and input as one user message: separated by a blank line, input only when non-empty."""
     return f"{instruction}\n\n{input}" if input else instruction
@@ -144,7 +265,7 @@ def _prompt_and_completion(
     if schema == "instruction":
         instruction = _text(example[args.instruction_column])
         input_text = _text(example.get(args.input_column))
-        completion = _text(example.get(args.output_column))
+        completion = _target_text(example.get(args.output_column))
         if template == "alpaca":
             prompt = format_alpaca_prompt(instruction, input_text)
         elif template == "chat":
@@ -155,7 +276,7 @@ def _prompt_and_completion(
             prompt = _join_instruction_input(instruction, input_text) + "\n"
         return prompt, completion
     prompt = _format_single_turn(_text(example[args.prompt_column]), tokenizer, template)
-    return prompt, _text(example.get(args.completion_column))
+    return prompt, _target_text(example.get(args.completion_column))
 
 
 def build_prompt(

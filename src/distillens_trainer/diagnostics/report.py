@@ -21,6 +21,7 @@ Divergences take the student layer first, the teacher layer second (the training
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -34,6 +35,20 @@ from .profile import DEFAULT_CHUNK_SIZE, LensProfileAccumulator, accumulate_batc
 logger = logging.getLogger(__name__)
 
 SCHEMA = "distillens-lens-profile/1"
+
+
+def finite_or_null(value: Any) -> tuple[Any, int]:
+    """``value`` (nested dicts, lists, numbers) with every NaN or infinite float replaced by None (JSON ``null``:
+    ``NaN`` is not JSON), and how many were replaced."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None, 1
+    if isinstance(value, dict):
+        items = {key: finite_or_null(item) for key, item in value.items()}
+        return {key: item for key, (item, _) in items.items()}, sum(count for _, count in items.values())
+    if isinstance(value, (list, tuple)):
+        items = [finite_or_null(item) for item in value]
+        return [item for item, _ in items], sum(count for _, count in items)
+    return value, 0
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from ..data.json_lines import read_json_lines
 
 
 def references_of(example: dict[str, Any]) -> list[str]:
@@ -30,26 +31,17 @@ def check_example(example: Any, where: str) -> None:
 
 
 def load_eval_examples(path: str | os.PathLike[str], max_samples: int | None = None) -> list[dict[str, Any]]:
-    """Read a JSONL eval file (blank lines skipped) and return its first `max_samples` rows."""
+    """Read a JSONL eval file (blank lines skipped; through the reader ``train`` uses to name a bad line) and return
+    its first `max_samples` rows."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"eval_files: no such file {str(path)!r}; pass an existing JSONL path")
     examples: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"eval_files: {path}:{line_number}"
-            try:
-                example = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(
-                    f"{where}: invalid JSON ({error.msg}); write one JSON object per line"
-                ) from None
-            check_example(example, where)
-            examples.append(example)
-            if max_samples is not None and len(examples) >= max_samples:
-                break
+    for line_number, example in read_json_lines(path, label="eval_files: "):
+        check_example(example, f"eval_files: {path}:{line_number}")
+        examples.append(example)
+        if max_samples is not None and len(examples) >= max_samples:
+            break
     if not examples:
         raise ValueError(f"eval_files: {str(path)!r} holds no examples; pass a non-empty JSONL file")
     return examples

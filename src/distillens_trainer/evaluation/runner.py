@@ -164,7 +164,24 @@ def run_evaluation(
     tokenizer = load_student_tokenizer(model_args)
     model = load_student(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
+    check_finite_weights(model, model_args.model_name_or_path)
     return evaluate_files(model, tokenizer, model_args, args, settings)
+
+
+def first_non_finite_parameter(model: torch.nn.Module) -> str | None:
+    """The name of the first parameter of `model` holding a NaN or an infinity, or None."""
+    with torch.no_grad():
+        return next((name for name, p in model.named_parameters() if not torch.isfinite(p).all()), None)
+
+
+def check_finite_weights(model: torch.nn.Module, name_or_path: str) -> None:
+    """ValueError (one line) for a model with non-finite weights, which cannot generate anything meaningful."""
+    bad = first_non_finite_parameter(model)
+    if bad is not None:
+        raise ValueError(
+            f"model_name_or_path={name_or_path!r} holds non-finite weights (NaN or inf in {bad}), so it cannot "
+            "be evaluated: evaluate a model saved before training diverged (an earlier checkpoint)."
+        )
 
 
 def output_summary(args: EvalArguments, report: dict[str, Any]) -> str:

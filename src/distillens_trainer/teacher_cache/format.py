@@ -2,10 +2,13 @@
 
 A cache folder holds::
 
-    manifest.json               what the cache was made from (CacheSettings), its shards, and "complete"
+    manifest.json               what the cache was made from (CacheSettings), its shards and head with their sizes
+                                and sha256, "complete", and the sha256 of its own content ("checksum")
     teacher_head.safetensors    hidden mode: the teacher's LM head (weight, bias) and final norm ("norm.*")
     shard-00000.arrow ...       Arrow IPC stream files (datasets.Dataset.from_file opens them), one row per
                                 tokenised example: row_key, num_tokens and one binary column per tensor
+    shard-00000.arrow.sha256    while a build is unfinished: the sha256 of each shard written so far (removed
+                                once the complete manifest records them)
 
 Columns per cached teacher ``hidden_states`` index ``L`` (the mapped lens layers and the teacher's last):
 ``hidden`` mode ``h{L}``: ``[num_tokens, d]`` LM-head inputs (after the final norm) in ``dtype``; ``topk`` mode
@@ -28,10 +31,11 @@ import numpy as np
 import torch
 
 CACHE_FORMAT = "distillens-teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the head's sha256 and the manifest's own checksum are recorded
 MANIFEST_NAME = "manifest.json"
 HEAD_NAME = "teacher_head.safetensors"
 SHARD_GLOB = "shard-*.arrow"
+CHECKSUM_SUFFIX = ".sha256"
 CACHE_MODES: tuple[str, ...] = ("hidden", "topk")
 CACHE_DTYPES: tuple[str, ...] = ("bfloat16", "float32")
 DTYPES: dict[str, torch.dtype] = {
@@ -44,6 +48,11 @@ DTYPES: dict[str, torch.dtype] = {
 
 def shard_name(index: int) -> str:
     return f"shard-{index:05d}.arrow"
+
+
+def checksum_path(path: Path) -> Path:
+    """Where the sha256 of a shard written by an unfinished build is kept (``shard-00000.arrow.sha256``)."""
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
 
 
 def hidden_column(layer: int) -> str:
@@ -228,14 +237,21 @@ def read_manifest(folder: str | os.PathLike[str]) -> dict[str, Any] | None:
     if manifest.get("format_version") != FORMAT_VERSION:
         raise ValueError(
             f"{path} has format_version {manifest.get('format_version')}; this distillens-trainer reads "
-            f"version {FORMAT_VERSION}: rebuild the cache with distillens cache-teacher."
+            f"version {FORMAT_VERSION}: rebuild the cache with distillens cache-teacher --overwrite_output_dir true."
         )
     return manifest
 
 
 def file_sha256(path: Any) -> str:
+    """The sha256 of a file's bytes (read in 8 MiB blocks)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
+        for block in iter(lambda: handle.read(8 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def manifest_checksum(manifest: Mapping[str, Any]) -> str:
+    """The sha256 of a manifest's content (its canonical JSON without the ``checksum`` field itself)."""
+    body = {key: value for key, value in manifest.items() if key != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, ensure_ascii=True).encode()).hexdigest()

@@ -1,14 +1,17 @@
 """Building a teacher cache: the teacher's signals at the response tokens of every tokenised row, in shards.
 
 Rows are deduplicated by :func:`~.format.row_key` and cut into shards of ``rows_per_shard`` rows; shard ``i``
-is written by process ``i mod world_size`` to a temporary file renamed into place when complete, so an
-interrupted build resumes by skipping the shards that exist (and the same arguments give the same cache).
-The manifest is written by the main process: first with ``complete: false``, then, once every shard exists,
-with the shard list, sizes and checksums.
+is written by process ``i mod world_size`` to a temporary file, its sha256 recorded beside it
+(``shard-i.arrow.sha256``), then renamed into place, so an interrupted build resumes by keeping the shards that
+exist and match their recorded sha256 (and the same arguments give the same cache); a shard that does not match
+(or has no record) is rebuilt. The manifest is written by the main process: first with ``complete: false``, then,
+once every shard exists and matches its record, with the shard list, sizes and checksums, the head's and its own.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
@@ -18,7 +21,7 @@ from typing import Any
 
 import pyarrow as pa
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,6 +36,7 @@ from ..topk_divergence import stored_log_probs, topk_of_logits
 from ..version import __version__
 from .format import (
     CACHE_FORMAT,
+    CHECKSUM_SUFFIX,
     DTYPES,
     FORMAT_VERSION,
     HEAD_NAME,
@@ -40,12 +44,14 @@ from .format import (
     SHARD_GLOB,
     CacheSettings,
     TeacherIdentity,
+    checksum_path,
     differing_fields,
     file_sha256,
     hidden_column,
     id_dtype_for,
     ids_column,
     log_probs_column,
+    manifest_checksum,
     read_manifest,
     row_key,
     shard_name,
@@ -53,6 +59,7 @@ from .format import (
     tokenizer_fingerprint,
     weights_fingerprint,
 )
+from .integrity import Damage, damage_line, file_damage, manifest_damage
 
 logger = logging.getLogger(__name__)
 
@@ -109,12 +116,14 @@ def prepare_cache_dir(
     *,
     overwrite: bool,
     is_main_process: bool,
+    fresh: bool = False,
 ) -> bool:
     """Check ``output_dir`` and, on the main process, start its manifest; True when an unfinished (or finished)
-    build with the same settings is resumed.
+    build with the same settings is resumed (its files are then checked against their records as it goes on).
 
     A folder holding something else, or a cache made with other settings, is refused (one line naming what
-    differs) unless ``overwrite``, which removes the old cache's files (only those) first.
+    differs) unless ``overwrite``, which removes the old cache's files (only those) first; ``fresh`` (with
+    ``overwrite``) removes them even when the settings are the same, so the build starts afresh.
     """
     folder = Path(output_dir)
     if folder.exists() and not folder.is_dir():
@@ -127,7 +136,7 @@ def prepare_cache_dir(
         differs = differing_fields(
             {"settings": manifest.get("settings", {}), "plan": manifest.get("plan", {})}, new
         )
-        if not differs:
+        if not differs and not (fresh and overwrite):
             resumed = True
         elif not overwrite:
             raise ValueError(
@@ -142,15 +151,29 @@ def prepare_cache_dir(
     if is_main_process:
         folder.mkdir(parents=True, exist_ok=True)
         if not resumed:
-            for path in [folder / MANIFEST_NAME, folder / HEAD_NAME, *folder.glob(SHARD_GLOB)]:
+            for path in cache_files(folder):
                 path.unlink(missing_ok=True)
         if not resumed or manifest is None:
             write_json_atomic(folder / MANIFEST_NAME, _manifest(new, complete=False))
     return resumed
 
 
+def cache_files(folder: Path) -> list[Path]:
+    """The files a cache build writes in ``folder`` (and only those): what starting afresh removes."""
+    shards = sorted(folder.glob(SHARD_GLOB))
+    return [
+        folder / MANIFEST_NAME,
+        folder / HEAD_NAME,
+        *shards,
+        *folder.glob(f"{SHARD_GLOB}{CHECKSUM_SUFFIX}"),
+        *folder.glob(f"{SHARD_GLOB}{CHECKSUM_SUFFIX}.tmp"),
+        *folder.glob(".shard-*.tmp"),
+        folder / f"{HEAD_NAME}.tmp",
+    ]
+
+
 def _manifest(body: dict[str, Any], *, complete: bool, **extra: Any) -> dict[str, Any]:
-    return {
+    manifest = {
         "format": CACHE_FORMAT,
         "format_version": FORMAT_VERSION,
         "written_by": f"distillens-trainer {__version__}",
@@ -158,23 +181,67 @@ def _manifest(body: dict[str, Any], *, complete: bool, **extra: Any) -> dict[str
         **body,
         **extra,
     }
+    manifest = json.loads(json.dumps(manifest))  # as it reads back, so the checksum is of what is read
+    return {**manifest, "checksum": manifest_checksum(manifest)}
+
+
+def recorded_shard_sha256(folder: Path, manifest: dict[str, Any] | None) -> dict[str, str]:
+    """The sha256 recorded for each shard of a resumed build: the record beside a shard (written when the shard
+    was) wins over the manifest's (an earlier complete build's)."""
+    trusted = manifest is not None and manifest_damage(manifest) is None
+    recorded = {shard["file"]: shard["sha256"] for shard in manifest.get("shards", [])} if trusted else {}
+    for path in folder.glob(f"{SHARD_GLOB}{CHECKSUM_SUFFIX}"):
+        try:
+            recorded[path.name.removesuffix(CHECKSUM_SUFFIX)] = path.read_text(encoding="ascii").strip()
+        except (OSError, UnicodeDecodeError):
+            continue  # an unreadable record: the shard counts as unrecorded and is rebuilt
+    return recorded
+
+
+def shard_damage(path: Path, recorded: dict[str, str]) -> Damage | None:
+    """Whether the shard at ``path`` lacks a record or does not match it (None: it matches)."""
+    expected = recorded.get(path.name)
+    if expected is None:
+        return Damage(path.name, "has no recorded sha256")
+    return file_damage(path.parent, {"file": path.name, "bytes": path.stat().st_size, "sha256": expected})
+
+
+def _write_bytes_atomic(path: Path, payload: bytes) -> None:
+    tmp = Path(f"{path}.tmp")
+    tmp.write_bytes(payload)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
 
 
 def finish_manifest(
-    output_dir: str | os.PathLike[str], settings: CacheSettings, rows: Sequence[CacheRow], rows_per_shard: int
+    output_dir: str | os.PathLike[str],
+    settings: CacheSettings,
+    rows: Sequence[CacheRow],
+    rows_per_shard: int,
+    recorded: dict[str, str] | None = None,
+    head_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Write the final manifest (main process, once every shard exists): shards with rows, tokens, bytes and
-    sha256, totals, and ``complete: true``."""
+    sha256, the head's, totals, and ``complete: true``; then remove the per-shard records.
+
+    Nothing unverified is recorded: each shard must match the sha256 recorded when it was written (beside it, or
+    ``recorded``), and the head ``head_sha256`` (``hidden`` mode); else ValueError (one line naming the file).
+    """
     folder = Path(output_dir)
+    recorded = {**(recorded or {}), **recorded_shard_sha256(folder, None)}
     shards = []
     num_tokens = 0
     for index, _ in enumerate(shard_ranges(len(rows), rows_per_shard)):
         path = folder / shard_name(index)
-        if not path.is_file():
+        damage = shard_damage(path, recorded) if path.is_file() else Damage(path.name, "is missing")
+        if damage is not None:
+            raise ValueError(damage_line(folder, damage))
+        try:
+            table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+        except (pa.ArrowException, OSError) as error:
             raise ValueError(
-                f"shard {path.name} is missing: rerun distillens cache-teacher with the same arguments."
-            )
-        table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
+                damage_line(folder, Damage(path.name, f"is no readable Arrow stream ({error})"))
+            ) from error
         tokens = int(pa.compute.sum(table.column("num_tokens")).as_py() or 0)
         num_tokens += tokens
         shards.append(
@@ -183,9 +250,18 @@ def finish_manifest(
                 "rows": table.num_rows,
                 "tokens": tokens,
                 "bytes": path.stat().st_size,
-                "sha256": file_sha256(path),
+                "sha256": recorded[path.name],
             }
         )
+    head = None
+    if settings.mode == "hidden":
+        if head_sha256 is None:
+            raise ValueError(damage_line(folder, Damage(HEAD_NAME, "was not written by this build")))
+        path = folder / HEAD_NAME
+        damage = file_damage(folder, {"file": HEAD_NAME, "bytes": path.stat().st_size, "sha256": head_sha256})
+        if damage is not None:
+            raise ValueError(damage_line(folder, damage))
+        head = {"file": HEAD_NAME, "bytes": path.stat().st_size, "sha256": head_sha256}
     body = {"settings": settings.to_json(), "plan": _plan(rows, rows_per_shard)}
     manifest = _manifest(
         body,
@@ -193,27 +269,32 @@ def finish_manifest(
         num_rows=len(rows),
         num_tokens=num_tokens,
         bytes_per_token_per_layer=settings.bytes_per_token_per_layer(),
+        head=head,
         shards=shards,
     )
     write_json_atomic(folder / MANIFEST_NAME, manifest)
+    for path in folder.glob(f"{SHARD_GLOB}{CHECKSUM_SUFFIX}"):
+        path.unlink(missing_ok=True)  # the manifest records them now
     return manifest
 
 
 def write_teacher_head(
     teacher: nn.Module, lens: LogitLens, head: LinearHead, path: str | os.PathLike[str]
-) -> None:
+) -> str:
     """The teacher's LM head (``weight``, ``bias``) and final norm (``norm.*``) as safetensors: all a ``hidden``
-    cache needs of the teacher's weights (its logit post-processing is in the manifest)."""
+    cache needs of the teacher's weights (its logit post-processing is in the manifest). Returns the sha256 of
+    the bytes written (the same teacher gives the same bytes)."""
     tensors = {"weight": head.weight.detach().cpu().contiguous().clone()}
     if head.bias is not None:
         tensors["bias"] = head.bias.detach().cpu().contiguous().clone()
     if lens.norm is not None:
         for name, value in lens.norm.state_dict().items():
             tensors[f"norm.{name}"] = value.detach().cpu().contiguous().clone()
-    tmp = Path(f"{path}.tmp")
-    save_file(tensors, str(tmp), metadata={"format": CACHE_FORMAT, "teacher": type(teacher).__name__})
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    # one metadata entry: safetensors writes a map's entries in no fixed order, and the same teacher must give the
+    # same bytes (the teacher itself is named in the manifest)
+    payload = save(tensors, metadata={"format": CACHE_FORMAT})
+    _write_bytes_atomic(Path(path), payload)
+    return hashlib.sha256(payload).hexdigest()
 
 
 # --------------------------------------------------------------------------------------------- the teacher pass
@@ -287,8 +368,10 @@ def write_shards(
     rank: int = 0,
     world_size: int = 1,
     show_progress: bool = True,
+    recorded: dict[str, str] | None = None,
 ) -> list[int]:
-    """Write this process's missing shards (``i mod world_size == rank``); returns the indices written."""
+    """Write this process's shards (``i mod world_size == rank``) that are missing, or that do not match the
+    sha256 recorded for them (``recorded``, or the record beside the shard); returns the indices written."""
     folder = Path(output_dir)
     collator = DataCollatorForCompletionOnly(pad_token_id=pad_token_id)
     device = next(teacher.parameters()).device
@@ -298,7 +381,8 @@ def write_shards(
         for index, rows_of in enumerate(shard_ranges(len(rows), rows_per_shard))
         if index % world_size == rank
     ]
-    todo = [(index, rows_of) for index, rows_of in mine if not (folder / shard_name(index)).is_file()]
+    recorded = {**(recorded or {}), **recorded_shard_sha256(folder, None)}
+    todo = [(index, rows_of) for index, rows_of in mine if not _kept(folder / shard_name(index), recorded)]
     if len(todo) < len(mine):
         logger.info(
             "teacher cache: %d of this process's %d shards already written; resuming.",
@@ -324,10 +408,25 @@ def write_shards(
                 columns["row_key"] = [r.key for r in batch_rows]
                 stream.write_batch(pa.record_batch([columns[f.name] for f in schema], schema=schema))
                 progress.update(len(batch_rows))
+        # the record first: a shard in place always has one (a record without its shard is harmless)
+        _write_bytes_atomic(checksum_path(path), f"{file_sha256(tmp)}\n".encode("ascii"))
         os.replace(tmp, path)
         written.append(index)
     progress.close()
     return written
+
+
+def _kept(path: Path, recorded: dict[str, str]) -> bool:
+    """Whether an existing shard matches its record and is kept; one that does not is removed (and rebuilt)."""
+    if not path.is_file():
+        return False
+    damage = shard_damage(path, recorded)
+    if damage is None:
+        return True
+    logger.warning("teacher cache: %s %s: rebuilding it.", path.name, damage.problem)
+    path.unlink()
+    checksum_path(path).unlink(missing_ok=True)
+    return False
 
 
 # --------------------------------------------------------------------------------------------- one call
@@ -403,11 +502,14 @@ def write_teacher_cache(
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
     show_progress: bool = True,
+    fresh: bool = False,
 ) -> dict[str, Any] | None:
-    """Build (or finish) a cache of ``teacher`` over the tokenised ``datasets`` in ``output_dir``.
+    """Build (or finish, or repair) a cache of ``teacher`` over the tokenised ``datasets`` in ``output_dir``.
 
     Every process of a launched run calls it with its ``rank`` and a ``barrier``; each writes its own shards and
-    the main process the head and the manifest, which it returns (the others get None).
+    the main process the head and the manifest, which it returns (the others get None). The shards an earlier
+    build left are kept only where they match their recorded sha256; the others are rebuilt. ``overwrite`` and
+    ``fresh`` together start afresh (see :func:`prepare_cache_dir`).
     """
     head = output_linear_head(teacher)
     if settings.mode == "hidden" and head is None:
@@ -418,20 +520,27 @@ def write_teacher_cache(
     rows = unique_rows(datasets)
     folder = Path(output_dir)
     is_main = rank == 0
-    prepare_cache_dir(folder, settings, rows, rows_per_shard, overwrite=overwrite, is_main_process=is_main)
+    manifest = read_manifest(folder) if folder.is_dir() else None  # before prepare_cache_dir may replace it
+    resumed = prepare_cache_dir(
+        folder, settings, rows, rows_per_shard, overwrite=overwrite, is_main_process=is_main, fresh=fresh
+    )
     barrier()
+    recorded = recorded_shard_sha256(folder, manifest if resumed else None)
     lens = LogitLens(teacher, final_norm=settings.lens_final_norm)
-    if is_main and settings.mode == "hidden" and not (folder / HEAD_NAME).is_file():
-        write_teacher_head(teacher, lens, head, folder / HEAD_NAME)
+    head_sha256 = None
+    if is_main and settings.mode == "hidden":  # always rewritten: a few MB, and its bytes are then known good
+        head_sha256 = write_teacher_head(teacher, lens, head, folder / HEAD_NAME)
     was_training = teacher.training
     teacher.eval()
     try:
         write_shards(
             teacher, lens, head, rows, settings, folder,
             pad_token_id=pad_token_id, batch_size=batch_size, rows_per_shard=rows_per_shard,
-            rank=rank, world_size=world_size, show_progress=show_progress and is_main,
+            rank=rank, world_size=world_size, show_progress=show_progress and is_main, recorded=recorded,
         )  # fmt: skip
     finally:
         teacher.train(was_training)
     barrier()
-    return finish_manifest(folder, settings, rows, rows_per_shard) if is_main else None
+    if not is_main:
+        return None
+    return finish_manifest(folder, settings, rows, rows_per_shard, recorded, head_sha256)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -13,9 +14,9 @@ from torch import nn
 from ..config import DistillLensConfig
 from ..heads import LinearHead
 from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
-from ..model_facts import model_vocab_size, num_hidden_layers, unwrap_model
-from ..teacher import shared_vocab_size_of_rows
-from ..teacher_cache.format import CacheSettings, tokenizer_fingerprint
+from ..model_facts import DTYPES, model_vocab_size, num_hidden_layers, unwrap_model
+from ..teacher import load_teacher, shared_vocab_size_of_rows
+from ..teacher_cache.format import CacheSettings, tokenizer_fingerprint, weights_fingerprint
 from ..teacher_cache.reader import REBUILD, TeacherCache
 
 logger = logging.getLogger(__name__)
@@ -85,6 +86,32 @@ def check_cache_serves(
     return layer_map, vocab_size
 
 
+def check_named_teacher(
+    name_or_path: str, gguf_file: str | None, settings: CacheSettings, where: str
+) -> None:
+    """A teacher named beside a cache is checked to be the cache's: loaded once (on the CPU, in the dtype the
+    cache recorded), fingerprinted and freed; ValueError (one line) when its weights fingerprint differs."""
+    recorded = settings.teacher
+    start = time.perf_counter()
+    teacher = load_teacher(name_or_path, DTYPES.get(recorded.dtype), gguf_file=gguf_file)
+    try:
+        fingerprint = weights_fingerprint(teacher)
+    finally:
+        del teacher
+    if fingerprint != recorded.weights_fingerprint:
+        raise ValueError(
+            f"teacher_model_name_or_path={name_or_path!r} is not the teacher the teacher cache {where} was made "
+            f"from ({recorded.name_or_path!r}; their weights fingerprints differ): drop teacher_model_name_or_path "
+            "to train from the cache, or rebuild the cache with distillens cache-teacher from this teacher."
+        )
+    logger.info(
+        "teacher_model_name_or_path=%s matches the teacher cache's weights fingerprint (checked in %.1f s); the "
+        "cache is read, the teacher is not kept.",
+        name_or_path,
+        time.perf_counter() - start,
+    )
+
+
 def open_cached_teacher(
     args: DistillLensConfig,
     student: nn.Module,
@@ -101,12 +128,9 @@ def open_cached_teacher(
         parts = dataset.items() if isinstance(dataset, Mapping) else [(name, dataset)]
         for part_name, part in parts:
             cache.check_rows(part, part_name if part_name == name else f"{name} {part_name}")
-    named = args.teacher_model_name_or_path
-    if named and named != settings.teacher.name_or_path:
-        logger.warning(
-            "teacher_model_name_or_path=%s is not used: the teacher cache was made from %s.",
-            named,
-            settings.teacher.name_or_path,
+    if args.teacher_model_name_or_path:
+        check_named_teacher(
+            args.teacher_model_name_or_path, args.teacher_gguf_file, settings, args.teacher_cache
         )
     head = cache.teacher_head(device) if settings.mode == "hidden" else None
     logger.info(

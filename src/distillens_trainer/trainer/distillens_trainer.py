@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections import defaultdict
@@ -12,8 +13,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
@@ -47,6 +49,7 @@ from ..teacher import resolve_teacher, shared_vocab_size
 from ..teacher_placement import prepare_teacher
 from ..version import __version__
 from .cached_teacher import CachedTeacher, open_cached_teacher
+from .checkpoints import forget_completion, resolve_resume_from_checkpoint
 from .generation import SamplingSettings, sample_completions
 from .inputs import (
     refuse_compute_loss_func,
@@ -54,10 +57,33 @@ from .inputs import (
     tokenizer_of,
     upcast_half_trainable_parameters,
 )
+from .nonfinite import (
+    NonFiniteEvent,
+    NonFiniteTrainingError,
+    all_finite,
+    describe_tensors,
+    drop_update,
+    nonfinite_sources,
+    nonfinite_tensors,
+    nonfinite_terms,
+    refuse_nonfinite_weights,
+)
 
 logger = logging.getLogger(__name__)
 
 FEATURE_PROJECTOR_NAME = "distillens_feature_projector.pt"
+
+
+class NonFiniteGuard(TrainerCallback):
+    """Runs the trainer's non-finite guard just before every ``optimizer.step()`` (a callback, the one hook every
+    ``transformers`` 5.x release calls there)."""
+
+    def __init__(self, trainer: DistillLensTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.trainer._guard_step()
+        return control
 
 
 class DistillLensTrainer(Trainer):
@@ -124,6 +150,12 @@ class DistillLensTrainer(Trainer):
         self._fsdp_owners: dict[str, list[nn.Module]] | None = None
 
         self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
+        refuse_nonfinite_weights(
+            self.teacher_model,
+            "the teacher",
+            f"check or re-save the teacher ({self._teacher_name or 'teacher_model'}), or load it in another "
+            "teacher_dtype (a bfloat16 checkpoint can overflow in float16)",
+        )
         self.student_lens: LogitLens | None = None
         self.teacher_lens: LogitLens | None = None
         self.layer_map: list[LayerPair] = []
@@ -139,6 +171,7 @@ class DistillLensTrainer(Trainer):
                 self.args.device,
             )
             self.vocab_size, self.layer_map = self.cached_teacher.vocab_size, self.cached_teacher.layer_map
+            self._refuse_nonfinite_cached_head()
             if self.objective_spec.uses_lens:
                 self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
         if self.teacher_model is not None:
@@ -195,12 +228,23 @@ class DistillLensTrainer(Trainer):
         )
         self._eval_tokens = torch.zeros((), device=self.args.device)
         self._window_stats: dict[str, float] = defaultdict(float)
+        # The non-finite guard (nonfinite.py): the first non-finite micro-batch of the current optimizer step, and
+        # the steps taken / skipped since the last training log and in this train() call.
+        self._nonfinite_event: NonFiniteEvent | None = None
+        self._guard_counts: dict[str, int] = defaultdict(int)
+        self.add_callback(NonFiniteGuard(self))
         self.sampling: SamplingSettings | None = None
         if args.generates_completions:
             self.sampling = self._sampling_settings(args)
 
     def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
-        """Checks that need only the student, run before the teacher loads: lens depth and master weights."""
+        """Checks that need only the student, run before the teacher loads: lens depth, finite weights and master
+        weights."""
+        refuse_nonfinite_weights(
+            unwrap_model(model),
+            "the student",
+            "check the checkpoint it was loaded from (model_name_or_path), or the code that built it",
+        )
         if self.objective_spec.needs_teacher and self.objective_spec.uses_hidden_states:
             resolve_student_layers(num_hidden_layers(model), args.lens_student_layers, args.lens_num_layers)
         if (args.bf16 or args.fp16) and not args.deepspeed:
@@ -212,6 +256,24 @@ class DistillLensTrainer(Trainer):
                     converted,
                     "bf16" if args.bf16 else "fp16",
                 )
+
+    def _refuse_nonfinite_cached_head(self) -> None:
+        """ValueError (one line) when the teacher cache's LM head holds NaN or inf."""
+        head = self.cached_teacher.head
+        if head is None:
+            return
+        found = nonfinite_tensors(
+            [
+                (name, tensor)
+                for name, tensor in (("weight", head.weight), ("bias", head.bias))
+                if tensor is not None
+            ]
+        )
+        if found:
+            raise ValueError(
+                f"the teacher cache {self.args.teacher_cache} holds a non-finite LM head (teacher_head.safetensors: "
+                f"{describe_tensors(found)}): rebuild it with distillens cache-teacher --overwrite_output_dir true."
+            )
 
     # ----------------------------------------------------------------------------------------- teacher
     def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
@@ -483,10 +545,122 @@ class DistillLensTrainer(Trainer):
         if self.args.average_tokens_across_devices and window_tokens is not None:
             scale = self.accelerator.num_processes
         loss = result.loss * scale if scale != 1 else result.loss
+        if model.training and self._check_finite(
+            result, model, student_outputs, teacher_outputs, teacher_signals, inputs.get("attention_mask")
+        ):
+            return (
+                (loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits))
+                if return_outputs
+                else loss
+            )
         self._record_terms(result, training=model.training, scale=scale)
         if return_outputs:
             return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
         return loss
+
+    # ----------------------------------------------------------------------------------------- non-finite guard
+    def _check_finite(
+        self,
+        result: ObjectiveOutput,
+        model: nn.Module,
+        student_outputs: Any,
+        teacher_outputs: Any,
+        teacher_signals: Any,
+        attention_mask: torch.Tensor | None,
+    ) -> bool:
+        """Whether this training micro-batch's loss or a term is non-finite (one host sync); the step's first such
+        micro-batch is recorded with where its values came from, for the step's end (:meth:`_guard_step`)."""
+        terms = nonfinite_terms(result.loss, result.term_sums)
+        if not terms:
+            return False
+        if self._nonfinite_event is None:
+            sources, student_weights = nonfinite_sources(
+                student=unwrap_model(model),
+                student_outputs=student_outputs,
+                teacher_outputs=teacher_outputs,
+                teacher_signals=teacher_signals,
+                cache_path=self.args.teacher_cache,
+                attention_mask=attention_mask,
+            )
+            self._nonfinite_event = NonFiniteEvent(
+                self.state.global_step + 1, terms, sources, student_weights
+            )
+        return True
+
+    def training_step(
+        self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """``Trainer.training_step``; a micro-batch whose loss is non-finite returns 0, so the Trainer never replaces
+        a NaN by the running mean (its ``logging_nan_inf_filter``: a ``loss`` of 0.0 at the first step); its step
+        then stops training or, under ``nonfinite_policy="skip"``, is dropped and left out of the logged means."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self._nonfinite_event is not None and not torch.isfinite(loss).all():
+            return torch.zeros_like(loss)
+        return loss
+
+    def _guard_step(self) -> None:
+        """Just before each ``optimizer.step()`` (the :class:`NonFiniteGuard` callback): stop (NonFiniteTrainingError)
+        or drop this step's update when one of its micro-batches or its gradients (after clipping, which turns a
+        non-finite norm into non-finite gradients) were non-finite, the same way on every process. Under fp16 loss
+        scaling non-finite gradients are the scaler's overflow, which it skips on its own."""
+        event, self._nonfinite_event = self._nonfinite_event, None
+        gradients = [
+            p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None
+        ]
+        scaled = self.accelerator.scaler is not None
+        gradients_bad = not scaled and not all_finite(gradients)
+        flags = torch.tensor(
+            [event is not None or gradients_bad, event is not None and event.student_weights]
+        )
+        if self.accelerator.num_processes > 1:  # every process takes the same decision
+            flags = self.accelerator.reduce(flags.float().to(self.args.device), reduction="sum").cpu() > 0
+        self._guard_counts["window_steps"] += 1
+        self._guard_counts["run_steps"] += 1
+        if not flags[0]:
+            return
+        event = event or NonFiniteEvent(self.state.global_step + 1)
+        named = [(name, p.grad) for name, p in self.model.named_parameters() if p.grad is not None]
+        line = event.describe(nonfinite_tensors(named) if not event.terms else [])
+        if self.args.nonfinite_policy == "stop" or flags[1]:
+            why = (
+                "the student's weights are non-finite, so skipping cannot help; "
+                if self.args.nonfinite_policy == "skip"
+                else ""
+            )
+            raise NonFiniteTrainingError(
+                f"training stopped at {line}; {why}its update was not applied and no final model is saved; the "
+                f"checkpoints already in {self.args.output_dir} are kept (set nonfinite_policy='skip' to skip such "
+                "steps instead)."
+            )
+        if not (
+            scaled and not all_finite(gradients)
+        ):  # the scaler skips a step with non-finite gradients itself
+            drop_update(self.optimizer)
+        self._guard_counts["window_skipped"] += 1
+        self._guard_counts["run_skipped"] += 1
+        logger.warning("nonfinite_policy='skip': skipped %s (no update applied).", line)
+
+    def _correct_for_skipped_steps(self, logs: dict[str, float]) -> None:
+        """Under ``nonfinite_policy="skip"``: ``loss`` (and ``train_loss``) as means over the applied steps, and
+        the number of skipped steps (``skipped_steps``, ``train_skipped_steps``); a window whose every step was
+        skipped logs no ``loss`` (never 0.0)."""
+        if self.args.nonfinite_policy != "skip":
+            return
+        counts = self._guard_counts
+        for key, steps, skipped, name in (
+            ("loss", "window_steps", "window_skipped", "skipped_steps"),
+            ("train_loss", "run_steps", "run_skipped", "train_skipped_steps"),
+        ):
+            if key not in logs:
+                continue
+            applied = counts[steps] - counts[skipped]
+            if counts[skipped] and applied > 0:
+                logs[key] *= counts[steps] / applied
+            elif counts[skipped]:
+                del logs[key]
+            logs[name] = counts[skipped]
+            if key == "loss":
+                counts[steps] = counts[skipped] = 0
 
     # ----------------------------------------------------------------------------------------- logging
     def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:
@@ -532,16 +706,36 @@ class DistillLensTrainer(Trainer):
         )
         return {f"{prefix}_{name}": value for name, value in means.items()}
 
-    def train(self, *args: Any, **kwargs: Any):
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+        """``Trainer.train``; ``resume_from_checkpoint=True`` (or ``"true"``) resumes from the newest *complete*
+        checkpoint in ``output_dir``, and a named incomplete checkpoint is refused in one line naming the file."""
+        resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
         self._train_term_totals.clear()  # terms of an earlier, unlogged tail must not leak into this run
         self._train_steps_seen.clear()
         self._window_stats.clear()
-        return super().train(*args, **kwargs)
+        self._nonfinite_event = None
+        self._guard_counts.clear()
+        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        if self._guard_counts[
+            "run_skipped"
+        ]:  # train_loss over the applied steps (see _correct_for_skipped_steps)
+            output = TrainOutput(
+                output.global_step, output.metrics.get("train_loss", math.nan), output.metrics
+            )
+        return output
+
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        # trainer_state.json, written last, marks a whole checkpoint: drop a stale one before saving over a folder.
+        folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        if self.args.should_save:
+            forget_completion(folder)
+        super()._save_checkpoint(model, trial)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
             logs.update(self._pop_train_terms())
             logs.update(self._pop_window_stats())
+        self._correct_for_skipped_steps(logs)
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
