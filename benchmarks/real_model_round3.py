@@ -506,7 +506,9 @@ class Round3:
             "weights_sha256": weights_digest(self.tuned_teacher()),
         }
 
-    def job_teacher_sft(self, name: str) -> dict[str, Any]:
+    def tune_teacher(self, name: str) -> tuple[Any, Any]:
+        """Train the teacher candidate ``name`` (LoRA SFT, seed 0) and keep its adapter in ``candidates/`` (not
+        committed); returns the PEFT model and its training run."""
         from peft import LoraConfig, get_peft_model
 
         candidate = next(c for c in self.args.teacher_grid if name == f"teacher_sft_{candidate_name(c)}")
@@ -521,23 +523,40 @@ class Round3:
         torch.manual_seed(0)
         model = get_peft_model(copy.deepcopy(self.load_shipped()).requires_grad_(False), lora)
         run = self.train(model, "teacher_sft", steps, learning_rate, seed=0, teacher=None)
-        dev = self.dev_rouge(model)
-        model.save_pretrained(self.root / "teacher_sft" / "candidates" / name)  # not committed
+        model.save_pretrained(self.root / "teacher_sft" / "candidates" / name)
+        return model, run
+
+    def job_teacher_sft(self, name: str) -> dict[str, Any]:
+        learning_rate, steps = parse_candidate(
+            next(c for c in self.args.teacher_grid if name == f"teacher_sft_{candidate_name(c)}")
+        )
+        model, run = self.tune_teacher(name)
         merged = copy.deepcopy(model).merge_and_unload()
-        record = {"learning_rate": learning_rate, "steps": steps, "rows": steps * self.args.batch_size, "dev_rougeL": dev,
-                  "lora_rank": self.args.teacher_lora_rank, "train_time_s": run.train_time_s, "final_loss": run.final_loss,
+        record = {"learning_rate": learning_rate, "steps": steps, "rows": steps * self.args.batch_size,
+                  "dev_rougeL": self.dev_rouge(model), "lora_rank": self.args.teacher_lora_rank,
+                  "train_time_s": run.train_time_s, "final_loss": run.final_loss,
                   "merged_sha256": weights_digest(merged)}  # fmt: skip
         if name == f"teacher_sft_{candidate_name(self.args.teacher_grid[-1])}":
             self.save(name, record)  # the last candidate: choose, and keep the chosen adapter (committed)
-            adapter = self.root / "teacher_sft" / "adapter"
-            if adapter.exists():
-                shutil.rmtree(adapter)
-            shutil.copytree(
-                self.root / "teacher_sft" / "candidates" / f"teacher_sft_{self.teacher_choice()}", adapter
-            )
-            if self.args.commit_runs:
-                commit([adapter], "Round 3: the tuned teacher's adapter")
+            self.keep_chosen_adapter()
         return record
+
+    def keep_chosen_adapter(self) -> None:
+        """Copy the chosen candidate's adapter to ``teacher_sft/adapter`` (committed). A candidate trained in an
+        earlier session has no adapter here: it is trained again and must reproduce its recorded digest."""
+        chosen = f"teacher_sft_{self.teacher_choice()}"
+        source = self.root / "teacher_sft" / "candidates" / chosen
+        if not (source / "adapter_config.json").is_file():
+            model, _ = self.tune_teacher(chosen)
+            digest = weights_digest(copy.deepcopy(model).merge_and_unload())
+            if digest != self.record(chosen)["merged_sha256"]:
+                raise ValueError(f"{chosen} trained again gave other weights than its record; tune it again.")
+        adapter = self.root / "teacher_sft" / "adapter"
+        if adapter.exists():
+            shutil.rmtree(adapter)
+        shutil.copytree(source, adapter)
+        if self.args.commit_runs:
+            commit([adapter], "Round 3: the tuned teacher's adapter")
 
     def job_warm_start(self, name: str) -> dict[str, Any]:
         student, run = self.warm_up()

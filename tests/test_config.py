@@ -65,7 +65,8 @@ def test_defaults_are_the_papers(tmp_path):
     assert config.lens_divergence == "jsd"
     assert config.jsd_beta == 0.5
     assert config.temperature == 1.0
-    assert config.lens_num_layers == 5
+    assert config.lens_num_layers is None  # the paper's 5 where the student allows it (default_num_pairs)
+    assert DistillLensConfig(output_dir=str(tmp_path), lens_num_layers=5).lens_num_layers == 5  # explicit
     assert config.lens_student_layers is None
     assert config.lens_teacher_layers is None
     assert config.lens_final_norm is True

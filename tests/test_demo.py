@@ -44,8 +44,8 @@ from distillens_trainer.demo.suite import (
     train_suite_tokenizer,
 )
 from distillens_trainer.demo.training import (
-    QuarterProgress,
     Suite,
+    TrainingProgress,
     explicit_lens_layers,
     method_objective,
     on_policy_means,
@@ -390,15 +390,29 @@ def test_explicit_teacher_layers_pair_with_the_evenly_spaced_student_layers():
     assert resolve_layer_map(3, 4, num_layers=2) == [(1, 1), (2, 2)]  # the default: floor(s * 4 / 3)
 
 
-def test_without_a_terminal_training_logs_one_line_per_quarter(caplog):
-    progress = QuarterProgress("student 'kd'")
+def test_without_a_terminal_training_logs_a_line_every_30_s_with_the_time_left_and_one_at_the_end(caplog):
+    clock = SimpleNamespace(now=0.0)
+    progress = TrainingProgress("student 'kd'", clock=lambda: clock.now)
+    state = SimpleNamespace(global_step=0, max_steps=12)
     with caplog.at_level(logging.INFO, logger="distillens_trainer"):
+        progress.on_train_begin(None, state, None)
         for step in range(1, 13):
-            state = SimpleNamespace(global_step=step, max_steps=12)
+            clock.now += 10.0  # 10 s a step: a line after steps 3, 6 and 9, then the last one
+            state.global_step = step
+            progress.on_step_end(None, state, None)
             progress.on_log(None, state, None, logs={"loss": 1.0 / step})
-            progress.on_log(None, state, None, logs={"train_runtime": 1.0})  # no loss: not a progress line
+            progress.on_log(None, state, None, logs={"train_runtime": 1.0})  # no loss: the last loss stays
+        progress.on_train_end(None, state, None)
     lines = [record.getMessage() for record in caplog.records]
-    assert lines == [f"[demo] student 'kd': step {step}/12, loss {1.0 / step:.4f}" for step in (3, 6, 9, 12)]
+    assert lines[0] == (
+        "[demo] student 'kd': 3/12 steps (25%), 0.1 steps/s, 30 s elapsed, about 1 min 30 s left, loss 0.5000"
+    )
+    assert [line.split(":")[1].split(",")[0] for line in lines[1:3]] == [
+        " 6/12 steps (50%)",
+        " 9/12 steps (75%)",
+    ]
+    assert lines[3] == "[demo] student 'kd': 12/12 steps done in 2 min 00 s, loss 0.0833"
+    assert len(lines) == 4
 
 
 def test_the_lens_profile_of_a_model_against_itself_is_zero_and_its_ce_is_the_models_own_loss():

@@ -7,7 +7,12 @@ from fractions import Fraction
 
 import pytest
 
-from distillens_trainer.layer_map import resolve_layer_map
+from distillens_trainer.layer_map import (
+    adapted_num_pairs_note,
+    default_num_pairs,
+    resolve_layer_map,
+    resolve_student_layers,
+)
 
 # --------------------------------------------------------------------------------------------------
 # The paper's layer pairs.
@@ -209,3 +214,53 @@ def test_a_repeated_lens_pair_is_refused_in_one_line():
     ):
         resolve_layer_map(4, 8, student_layers=[2, 2])  # proportional teacher layers repeat the pair
     assert resolve_layer_map(4, 8, student_layers=[2, 2], teacher_layers=[3, 4]) == [(2, 3), (2, 4)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shallow students: lens_num_layers not given adapts to the student's depth.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("student_num_layers", "expected"),
+    [
+        (2, [(1, 15)]),  # one pair: every block but the last
+        (3, [(1, 10), (2, 20)]),
+        (5, [(1, 6), (2, 12), (3, 18), (4, 24)]),
+        (6, [(1, 5), (2, 10), (3, 15), (4, 20), (5, 25)]),  # the paper's 5 from 6 layers on
+        (12, [(2, 5), (4, 10), (6, 15), (8, 20), (10, 25)]),
+    ],
+)
+def test_without_lens_num_layers_a_shallow_student_gets_one_pair_per_block_but_the_last(
+    student_num_layers, expected
+):
+    assert default_num_pairs(student_num_layers) == min(5, student_num_layers - 1)
+    assert resolve_layer_map(student_num_layers, 30) == expected
+    assert resolve_layer_map(student_num_layers, 30, num_layers=None) == expected
+    if student_num_layers >= 6:  # where the student allows it, the default is the paper's K = 5
+        assert expected == resolve_layer_map(student_num_layers, 30, num_layers=5)
+
+
+def test_the_adapted_map_is_valid_for_every_depth_and_said_only_when_shortened():
+    for student_num_layers in range(2, 40):
+        pairs = resolve_layer_map(student_num_layers, 2 * student_num_layers)
+        students = [s for s, _ in pairs]
+        assert len(pairs) == min(5, student_num_layers - 1)
+        assert students == sorted(set(students)) and all(1 <= s < student_num_layers for s in students)
+        note = adapted_num_pairs_note(student_num_layers, None)
+        assert (note is None) == (student_num_layers >= 6)
+        assert adapted_num_pairs_note(student_num_layers, 2) is None  # an explicit value needs no note
+    assert "2 layers, so the lens maps 1 pair " in adapted_num_pairs_note(2, None)
+
+
+def test_an_explicit_lens_num_layers_that_does_not_fit_stays_an_error():
+    with pytest.raises(ValueError, match="too shallow for lens_num_layers=5"):
+        resolve_layer_map(2, 30, num_layers=5)
+    with pytest.raises(ValueError, match="too shallow for lens_num_layers=2"):
+        resolve_student_layers(2, num_layers=2)
+
+
+def test_a_one_layer_student_has_no_intermediate_layer_for_the_lens():
+    with pytest.raises(ValueError, match="no intermediate layer to map: set lens_weight=0"):
+        resolve_layer_map(1, 4)
+    assert resolve_layer_map(1, 4, student_layers=[1]) == [(1, 4)]  # explicit layers still work

@@ -293,6 +293,21 @@ LENS_ERRORS = [
     ("layer_too_deep", ["--lens_student_layers", "3"], {}, 1, "1..2"),
     ("missing_data_file", ["--data_file", "nowhere.jsonl"], {}, 1, "nowhere.jsonl"),
     ("missing_student", [], {"student": "no_such_student"}, 1, "no_such_student"),
+    (
+        "shrunk_map_of_a_student_not_cut_by_shrink",
+        ["--lens_layer_map", "shrunk"],
+        {},
+        1,
+        "lens_layer_map='shrunk' needs a student written by 'distillens shrink'",
+    ),
+    (
+        "shrunk_map_with_teacher_layers",
+        ["--lens_layer_map", "shrunk", "--lens_student_layers", "1", "--lens_teacher_layers", "2"],
+        {},
+        1,
+        "lens_layer_map='shrunk' derives the teacher layers",
+    ),
+    ("zero_lens_memory", ["--lens_memory_mib", "0"], {}, 1, "lens_memory_mib=0.0 must be > 0"),
 ]
 
 
@@ -371,3 +386,151 @@ def test_eval_profile_logs_every_student_layer_against_the_same_depth_teacher_la
 def test_eval_profile_is_off_by_default(tmp_path):
     metrics = _trainer(tmp_path).evaluate()
     assert not any("lens_profile" in key or "lens_entropy" in key for key in metrics)
+
+
+# ------------------------------------------------------------------------ the reused-block path, the layer map
+def _float64_reference(student, teacher, batch, max_tokens: int, beta: float) -> dict:
+    """The profile's sums the naive way: every layer's lens logits in float64, every divergence of every pair
+    through ``token_divergence`` (float64 for float64 logits), means over the first ``max_tokens`` tokens."""
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        mask = response_mask(batch["labels"])
+        sides = {}
+        for side, model in (("student", student), ("teacher", teacher)):
+            hidden = model(**inputs, output_hidden_states=True).hidden_states
+            lens = LogitLens(model)
+            sides[side] = [
+                lens(select_response(h, mask)[:max_tokens], i).double() for i, h in enumerate(hidden)
+            ]
+    pairs = {
+        name: [
+            token_divergence(name, s, t, beta=beta).mean().item()
+            for s in sides["student"]
+            for t in sides["teacher"]
+        ]
+        for name in DIVERGENCES
+    }
+    statistics = {}
+    for side, logits in sides.items():
+        log_p = [torch.log_softmax(layer, dim=-1) for layer in logits]
+        statistics[side] = {
+            "entropy": [-(lp.exp() * lp).sum(-1).mean().item() for lp in log_p],
+            "divergence_to_final": {
+                name: [token_divergence(name, layer, logits[-1], beta=beta).mean().item() for layer in logits]
+                for name in DIVERGENCES
+            },
+        }
+    return {"pairs": pairs, **statistics}
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.3])
+def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_divergence(beta):
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2, hidden=48)
+    batch = pad_batch(token_rows(5, seed=3))
+    max_tokens = 21  # the last chunk is a partial one
+    accumulator = LensProfileAccumulator(
+        LogitLens(student),
+        LogitLens(teacher),
+        TINY_VOCAB,
+        divergences=DIVERGENCES,
+        jsd_beta=beta,
+        chunk_size=4,
+    )
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        accumulator.add(
+            student(**inputs, output_hidden_states=True).hidden_states,
+            teacher(**inputs, output_hidden_states=True).hidden_states,
+            batch["labels"],
+            max_tokens=max_tokens,
+        )
+    means = accumulator.means()
+    expected = _float64_reference(student, teacher, batch, max_tokens, beta)
+    assert len(means["pairs"]["jsd"]) == 3 * 4  # every (student, teacher) pair
+    for name in DIVERGENCES:
+        assert means["pairs"][name] == pytest.approx(expected["pairs"][name], rel=1e-5, abs=1e-6), name
+        for side in ("student", "teacher"):
+            assert means[side]["divergence_to_final"][name] == pytest.approx(
+                expected[side]["divergence_to_final"][name], rel=1e-5, abs=1e-6
+            ), (side, name)
+    for side in ("student", "teacher"):
+        assert means[side]["entropy"] == pytest.approx(expected[side]["entropy"], rel=1e-5)
+
+
+def test_the_chunk_size_follows_the_memory_budget():
+    from distillens_trainer.diagnostics.profile import MAX_CHUNK_SIZE, chunk_size_for_budget
+
+    # SmolLM2: 6 + 30 blocks, every hidden_states index read (7 + 31 layers), V = 49152
+    assert chunk_size_for_budget(38, 49152, 1024) == 70
+    assert chunk_size_for_budget(38, 49152, 512) == 35
+    assert chunk_size_for_budget(38, 49152, 1) == 1  # never below one token
+    assert chunk_size_for_budget(3, TINY_VOCAB, 1024) == MAX_CHUNK_SIZE
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
+    one_token = 4 * TINY_VOCAB * (2 * (3 + 4) + 2) / 2**20  # fp32 rows: 3 + 4 layers × (λ, p), 2 work rows
+    for tokens in (1, 2):
+        accumulator = LensProfileAccumulator(
+            LogitLens(student), LogitLens(teacher), TINY_VOCAB, memory_budget_mib=(tokens + 0.5) * one_token
+        )
+        assert accumulator.chunk_size == tokens
+    assert LensProfileAccumulator(LogitLens(student), None, TINY_VOCAB, chunk_size=5).chunk_size == 5
+
+
+def test_progress_advances_by_the_tokens_of_each_chunk():
+    from distillens_trainer.diagnostics.profile import accumulate_batches
+
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
+    accumulator = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), TINY_VOCAB, chunk_size=4)
+    updates: list[int] = []
+    batches = [pad_batch(token_rows(3, seed=seed)) for seed in (3, 4)]
+    accumulate_batches(
+        accumulator, student, teacher, batches, progress=SimpleNamespace(update=updates.append)
+    )
+    per_batch = [int(response_mask(batch["labels"]).sum()) for batch in batches]
+    assert sum(updates) == sum(per_batch) == accumulator.means()["num_tokens"]
+    assert len(updates) == sum(-(-tokens // 4) for tokens in per_batch)  # one update per chunk, not per batch
+    assert max(updates) == 4
+
+
+def _shrunk_student(workspace: Path, folder: Path, keep: list[int]) -> Path:
+    """A student cut from the workspace's 4-block teacher with ``distillens_trainer.shrink.shrink_model``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distillens_trainer.shrink import shrink_model
+
+    teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher")
+    shrink_model(teacher, keep).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(workspace / "teacher").save_pretrained(folder)
+    return folder
+
+
+def test_lens_layer_map_shrunk_maps_the_pairs_a_shrunk_student_was_cut_from(workspace, tmp_path):
+    from distillens_trainer.layer_map import resolve_layer_map
+
+    _shrunk_student(workspace, tmp_path / "shrunk", [0, 2, 3])
+    argv = _lens_argv(workspace, tmp_path / "out", "--lens_layer_map", "shrunk", "--max_tokens", "20")
+    argv[argv.index("--model_name_or_path") + 1] = str(tmp_path / "shrunk")
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "out" / "lens.json").read_text())
+    shrunk = resolve_layer_map(3, 4, kept_layers=[0, 2, 3])
+    assert shrunk == [(1, 1), (2, 3)] != resolve_layer_map(3, 4)  # the paper's map would pair (2, 2)
+    assert report["mapped"]["pairs"] == [list(pair) for pair in shrunk]
+    assert report["mapped"]["jsd"] == [report["matrix"]["jsd"][s][t] for s, t in shrunk]
+
+
+def test_lens_defaults_to_the_layer_map_recorded_with_the_student_and_a_flag_overrides_it(
+    workspace, tmp_path
+):
+    from distillens_trainer.commands.lens import TRAINING_RECORD_NAME
+    from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
+
+    assert TRAINING_RECORD_NAME == RESOLVED_CONFIG_NAME
+    student = _shrunk_student(workspace, tmp_path / "trained", [0, 2, 3])
+    training = {"lens_weight": 1.0, "lens_layer_map": "shrunk", "lens_num_layers": None}
+    (student / RESOLVED_CONFIG_NAME).write_text(json.dumps({"training": training}))
+    mapped = {}
+    for name, extra in (("recorded", []), ("paper", ["--lens_layer_map", "paper"])):
+        argv = _lens_argv(workspace, tmp_path / name, *extra, "--max_tokens", "20")
+        argv[argv.index("--model_name_or_path") + 1] = str(student)
+        assert main(argv) == 0
+        mapped[name] = json.loads((tmp_path / name / "lens.json").read_text())["mapped"]["pairs"]
+    assert mapped == {"recorded": [[1, 1], [2, 3]], "paper": [[1, 1], [2, 2]]}

@@ -12,11 +12,13 @@ import transformers
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
 from distillens_trainer.loading import (
+    ModelArguments,
     drop_gguf_quantization,
     is_gguf_model,
     load_causal_lm,
     load_tokenizer_from,
     smollm2_gguf_path,
+    split_gguf_path,
 )
 
 from conftest import pad_batch
@@ -114,11 +116,17 @@ def test_train_and_eval_take_gguf_files_on_the_command_line(gguf_dir, tmp_path):
     assert report["results"][0]["num_examples"] == 2
 
 
-def test_the_lens_command_profiles_gguf_files(gguf_dir, tmp_path):
+@pytest.mark.parametrize("as_paths", [False, True], ids=["folder-and-flag", "file-path"])
+def test_the_lens_command_profiles_gguf_files(gguf_dir, tmp_path, as_paths):
     out = tmp_path / "lens"
+    if as_paths:
+        models = ["--model_name_or_path", str(gguf_dir / "student.gguf")]
+        models += ["--teacher_model_name_or_path", str(gguf_dir / "teacher.gguf")]
+    else:
+        models = ["--model_name_or_path", str(gguf_dir), "--gguf_file", "student.gguf"]
+        models += ["--teacher_model_name_or_path", str(gguf_dir), "--teacher_gguf_file", "teacher.gguf"]
     argv = [
-        "lens", "--model_name_or_path", str(gguf_dir), "--gguf_file", "student.gguf",
-        "--teacher_model_name_or_path", str(gguf_dir), "--teacher_gguf_file", "teacher.gguf",
+        "lens", *models,
         "--data_file", str(gguf_dir / "train.jsonl"), "--prompt_template", "plain", "--output_dir", str(out),
         "--max_samples", "4", "--max_length", "64", "--max_prompt_length", "32", "--device", "cpu",
     ]  # fmt: skip
@@ -149,6 +157,81 @@ def test_a_missing_gguf_file_is_one_line(gguf_dir, tmp_path, capsys, argv_tail, 
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("distillens train: error:") and words in error
     assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_a_gguf_file_path_is_read_as_its_folder_and_file_everywhere(gguf_dir):
+    file = str(gguf_dir / "student.gguf")
+    assert split_gguf_path(file, None) == (str(gguf_dir), "student.gguf")
+    assert split_gguf_path(file, "student.gguf") == (
+        str(gguf_dir),
+        "student.gguf",
+    )  # the same file: no conflict
+    assert split_gguf_path(str(gguf_dir), "student.gguf") == (str(gguf_dir), "student.gguf")
+    args = ModelArguments(model_name_or_path=file)
+    assert (args.model_name_or_path, args.gguf_file) == (str(gguf_dir), "student.gguf")
+    config = DistillLensConfig(
+        output_dir=str(gguf_dir / "unused"), teacher_model_name_or_path=str(gguf_dir / "teacher.gguf"),
+        use_cpu=True, report_to="none",
+    )  # fmt: skip
+    assert (config.teacher_model_name_or_path, config.teacher_gguf_file) == (str(gguf_dir), "teacher.gguf")
+    from_file = load_causal_lm(file)  # the loaders split it too (for callers that bypass the arguments)
+    from_folder = load_causal_lm(str(gguf_dir), gguf_file="student.gguf")
+    batch = _token_batch(load_tokenizer_from(file))
+    with torch.no_grad():
+        assert torch.equal(from_file(**batch).logits, from_folder(**batch).logits)
+
+
+def test_shrink_takes_the_path_of_the_gguf_file(gguf_dir, tmp_path):
+    out = tmp_path / "shrunk"
+    argv = ["shrink", "--model_name_or_path", str(gguf_dir / "teacher.gguf"), "--num_layers", "2"]
+    assert main([*argv, "--output_dir", str(out)]) == 0
+    shrunk = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert shrunk.config.num_hidden_layers == 2 and (out / "tokenizer.json").is_file()
+
+
+def test_eval_takes_the_path_of_the_gguf_file(gguf_dir, tmp_path):
+    argv = [
+        "eval", "--model_name_or_path", str(gguf_dir / "teacher.gguf"),
+        "--eval_files", str(gguf_dir / "train.jsonl"), "--output_dir", str(tmp_path / "eval"),
+        "--max_eval_samples", "2", "--max_new_tokens", "4", "--no_do_sample", "--prompt_template", "plain",
+        "--max_prompt_length", "64",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["results"][0]["num_examples"] == 2
+
+
+@pytest.mark.parametrize(
+    ("models", "words"),
+    [
+        (
+            ["--model_name_or_path", "{dir}/student.gguf", "--gguf_file", "teacher.gguf"],
+            "model_name_or_path='{dir}/student.gguf' is a GGUF file, and gguf_file='teacher.gguf' names another",
+        ),
+        (
+            ["--teacher_model_name_or_path", "{dir}/teacher.gguf", "--teacher_gguf_file", "student.gguf"],
+            "teacher_model_name_or_path='{dir}/teacher.gguf' is a GGUF file, and teacher_gguf_file='student.gguf'",
+        ),
+        (
+            ["--model_name_or_path", "{dir}/missing.gguf"],
+            "model_name_or_path='{dir}/missing.gguf': no such GGUF file",
+        ),
+    ],
+)
+def test_a_gguf_path_that_is_missing_or_conflicts_with_the_gguf_flag_is_one_line(
+    gguf_dir, tmp_path, capsys, models, words
+):
+    models = [item.format(dir=gguf_dir) for item in models]
+    argv = ["train", "--train_file", str(gguf_dir / "train.jsonl"), "--output_dir", str(tmp_path / "run")]
+    argv += ["--report_to", "none", "--use_cpu", "true", *models]
+    if "--model_name_or_path" not in models:
+        argv += ["--model_name_or_path", str(gguf_dir / "student.gguf")]
+    if "--teacher_model_name_or_path" not in models:
+        argv += ["--teacher_model_name_or_path", str(gguf_dir / "teacher.gguf")]
+    assert main(argv) == 1
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("distillens train: error:") and words.format(dir=gguf_dir) in error
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_missing_gguf_package_is_one_line(gguf_dir, monkeypatch):

@@ -74,6 +74,19 @@ def test_quickstart_notebook_executes(tmp_path, monkeypatch):
         errors = [output for output in cell.outputs if output.output_type == "error"]
         assert not errors, f"cell {index} raised {errors[0].ename}: {errors[0].evalue}"
 
+    streams = "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream"
+    )
+    for noise in (
+        "IProgress not found",
+        "Setting accelerator to CPU",
+    ):  # tqdm's and DeepSpeed's, for unused features
+        assert noise not in streams
+
     shown = [
         output
         for cell in notebook.cells

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -235,3 +237,18 @@ def test_a_non_empty_output_dir_is_refused_and_kept(qwen2_folder, tmp_path, caps
     assert main(_shrink_argv(qwen2_folder, out, "--num_layers", "2")) == 1
     assert "is not empty" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def test_shrink_creates_its_folder_and_files_with_the_user_umask(tmp_path):
+    source = tmp_path / "teacher"
+    _tiny("llama", num_layers=4).save_pretrained(source)
+    write_model_info(source, prompt_template="plain")  # inherited: written through the atomic JSON writer
+    out = tmp_path / "student"
+    previous = os.umask(0o027)
+    try:
+        assert main(_shrink_argv(source, out, "--num_layers", "2")) == 0
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o750  # not mkdtemp's private 0o700
+    modes = {path.name: stat.S_IMODE(path.stat().st_mode) for path in out.iterdir()}
+    assert MODEL_INFO_NAME in modes and set(modes.values()) == {0o640}, modes

@@ -572,6 +572,8 @@ def test_cache_teacher_then_train_from_the_command_line(gpt2_cli_models, tmp_pat
     )  # fmt: skip
     assert code == 0, err
     assert f"train with --teacher_cache {cache}" in out
+    written = [path.stat().st_size for path in cache.rglob("*") if path.is_file()]  # the head file too
+    assert f"{sum(written) / 2**20:.1f} MiB in {len(written)} files in {cache}" in out
     manifest = json.loads((cache / MANIFEST_NAME).read_text())
     assert manifest["complete"] and manifest["settings"]["mode"] == mode
     assert manifest["settings"]["layers"] == [2, 4]  # the mapped teacher layer and the output

@@ -6,8 +6,13 @@ from .layer_map import resolve_layer_map
 from .lens import LogitLens
 from .objective import DistillLensObjective, distillens_loss
 from .objective_spec import ObjectiveSpec
+from .quiet import hide_deepspeed_cpu_notice
 from .trainer.distillens_trainer import DistillLensTrainer
 from .version import __version__
+
+# DeepSpeed's "Setting accelerator to CPU" warning, printed whenever it is installed (Trainer and save_pretrained import
+# it through accelerate) even when no run uses it; DistillLensTrainer shows it again for a run with deepspeed set.
+hide_deepspeed_cpu_notice()
 
 __all__ = [
     "DistillLensConfig",

@@ -18,6 +18,7 @@ from typing import NoReturn
 
 from .commands.parsing import CommandLineError
 from .commands.process import end_process_group, exit_launched_process, launched_world_size
+from .quiet import hide_deepspeed_cpu_notice, mentions_deepspeed
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return USAGE_ERROR
     exit_code = RUN_ERROR
+    hide_deepspeed_cpu_notice(not mentions_deepspeed(rest))  # save_pretrained imports an installed DeepSpeed
     try:
         exit_code = COMMANDS[name].run(rest)
         return exit_code

@@ -13,7 +13,8 @@ from transformers import TrainingArguments
 
 from .divergences import DIVERGENCE_NAMES
 from .fsdp import check_fsdp_config
-from .layer_map import LAYER_MAPS, check_distinct_layer_lists
+from .layer_map import LAYER_MAPS, check_distinct_layer_lists, check_layer_map_choice
+from .loading import split_gguf_path
 from .model_facts import DTYPE_NAMES, check_dtype_name
 from .objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
 
@@ -34,8 +35,8 @@ class DistillLensConfig(TrainingArguments):
     teacher_model_name_or_path: str | None = field(
         default=None,
         metadata={
-            "help": "Teacher: a local model folder or a hub id, with the student's tokenizer. Not needed for "
-            "plain SFT (--ce_weight 1 --kd_weight 0 --lens_weight 0)."
+            "help": "Teacher: a local model folder, a hub id or a .gguf file, with the student's tokenizer. Not "
+            "needed for plain SFT (--ce_weight 1 --kd_weight 0 --lens_weight 0)."
         },
     )
     teacher_gguf_file: str | None = field(
@@ -130,8 +131,13 @@ class DistillLensConfig(TrainingArguments):
             "choices": list(LAYER_MAPS),
         },
     )
-    lens_num_layers: int = field(
-        default=5, metadata={"help": "Number of automatically mapped layer pairs (K in the paper)."}
+    lens_num_layers: int | None = field(
+        default=None,
+        metadata={
+            "help": "Number of automatically mapped layer pairs (K in the paper). Default: the paper's 5 where "
+            "the student allows it, else one per student block but the last (min(5, L_S - 1)); an explicit "
+            "value the student is too shallow for is an error."
+        },
     )
     lens_final_norm: bool = field(
         default=True,
@@ -221,20 +227,23 @@ class DistillLensConfig(TrainingArguments):
         check_fsdp_config(self)
         _ = self.objective_spec  # building the spec validates the weights, divergences, temperature and β
         check_dtype_name("teacher_dtype", self.teacher_dtype)
-        if self.lens_layer_map not in LAYER_MAPS:
-            raise ValueError(
-                f"lens_layer_map={self.lens_layer_map!r} must be one of {', '.join(LAYER_MAPS)}."
-            )
-        if self.lens_layer_map == "shrunk" and self.lens_teacher_layers is not None:
-            raise ValueError(
-                "lens_layer_map='shrunk' derives the teacher layers: drop lens_teacher_layers, or use "
-                "lens_layer_map='paper' with explicit layers."
-            )
+        self.teacher_model_name_or_path, self.teacher_gguf_file = split_gguf_path(
+            self.teacher_model_name_or_path,
+            self.teacher_gguf_file,
+            "teacher_model_name_or_path",
+            "teacher_gguf_file",
+        )
+        check_layer_map_choice(self.lens_layer_map, self.lens_teacher_layers)
         self.lens_chunk_size = check_chunk_size(self.lens_chunk_size)
         self._check_generation()
         self._check_teacher_cache()
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
-        if self.lens_num_layers < 1 and uses_layers and self.lens_student_layers is None:
+        if (
+            self.lens_num_layers is not None
+            and self.lens_num_layers < 1
+            and uses_layers
+            and self.lens_student_layers is None
+        ):
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
         self._check_layer_lists()
 

@@ -15,6 +15,48 @@ from pathlib import Path
 from typing import Any
 
 
+def current_umask() -> int:
+    """The process's file-mode creation mask (read from ``/proc`` where it can be, so it is never changed)."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: set and restore at once
+    os.umask(mask)
+    return mask
+
+
+def user_mode(mode: int) -> int:
+    """``mode`` (0o666 for a file, 0o777 for a folder) as the user's umask would have created it."""
+    return mode & ~current_umask()
+
+
+def make_staging_dir(parent: str | os.PathLike[str], name: str) -> Path:
+    """A new empty folder ``.NAME.*`` in ``parent``, to be renamed into place once filled, with the permissions the
+    user's umask gives any new folder (``tempfile.mkdtemp`` alone makes it 0700, private)."""
+    staging = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}."))
+    staging.chmod(user_mode(0o777))
+    return staging
+
+
+def give_user_modes(folder: str | os.PathLike[str]) -> None:
+    """Give ``folder`` and every file in it the mode the user's umask gives new ones (``mkdtemp`` makes folders 0700
+    and safetensors writes 0600, private even when the umask shares)."""
+    folder = Path(folder)
+    folder.chmod(user_mode(0o777))
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod(user_mode(0o777 if path.is_dir() else 0o666))
+
+
+def folder_contents(folder: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(files, bytes)``: how many regular files ``folder`` holds, in all its sub-folders, and their total size."""
+    sizes = [path.stat().st_size for path in Path(folder).rglob("*") if path.is_file()]
+    return len(sizes), sum(sizes)
+
+
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     """Write ``text`` through a temporary file in the same folder and a rename: readers never see half a file."""
     path = Path(path)
@@ -23,7 +65,7 @@ def write_text_atomic(path: str | os.PathLike[str], text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
-        os.chmod(tmp_name, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.chmod(tmp_name, user_mode(0o666))  # mkstemp creates 0600; give it the mode of any new file
         os.replace(tmp_name, path)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)

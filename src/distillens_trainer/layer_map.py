@@ -12,6 +12,20 @@ from typing import Any
 LayerPair = tuple[int, int]
 
 LAYER_MAPS: tuple[str, ...] = ("paper", "shrunk")
+
+
+def check_layer_map_choice(layer_map: str, teacher_layers: Sequence[int] | None) -> None:
+    """ValueError (one line) for an unknown ``lens_layer_map``, or ``shrunk`` with explicit teacher layers."""
+    if layer_map not in LAYER_MAPS:
+        raise ValueError(f"lens_layer_map={layer_map!r} must be one of {', '.join(LAYER_MAPS)}.")
+    if layer_map == "shrunk" and teacher_layers is not None:
+        raise ValueError(
+            "lens_layer_map='shrunk' derives the teacher layers: drop lens_teacher_layers, or use "
+            "lens_layer_map='paper' with explicit layers."
+        )
+
+
+PAPER_NUM_PAIRS = 5  # K in the paper: the automatic map's number of pairs where the student is deep enough
 KEPT_LAYERS_CONFIG_KEY = (
     "distillens_kept_layers"  # written by ``distillens shrink``: teacher block indices (0-based)
 )
@@ -65,22 +79,52 @@ def _check_indices(layers: Sequence[int], num_layers: int, field: str, model: st
             )
 
 
+def default_num_pairs(student_num_layers: int) -> int:
+    """The automatic map's number of pairs when ``lens_num_layers`` is not given: the paper's 5 where the student
+    allows it, else one per block but the last (``min(5, L_S - 1)``), which keeps the paper's evenly spaced
+    layers distinct and below the student's output (``s_k = k`` for ``k = 1..L_S-1``). 0 for a one-block student,
+    which has no intermediate layer."""
+    return max(0, min(PAPER_NUM_PAIRS, student_num_layers - 1))
+
+
+def adapted_num_pairs_note(student_num_layers: int, num_layers: int | None) -> str | None:
+    """The log line that says the automatic map was shortened for a shallow student; None when
+    ``lens_num_layers`` was given or the paper's 5 pairs fit."""
+    if num_layers is not None or default_num_pairs(student_num_layers) == PAPER_NUM_PAIRS:
+        return None
+    pairs = default_num_pairs(student_num_layers)
+    return (
+        f"lens_num_layers not given: the student has {student_num_layers} layers, so the lens maps {pairs} "
+        f"pair{'s' * (pairs != 1)} (the paper's {PAPER_NUM_PAIRS} need at least {PAPER_NUM_PAIRS + 1} layers); "
+        "pass lens_num_layers or lens_student_layers to choose."
+    )
+
+
 def resolve_student_layers(
-    student_num_layers: int, student_layers: Sequence[int] | None = None, num_layers: int = 5
+    student_num_layers: int, student_layers: Sequence[int] | None = None, num_layers: int | None = None
 ) -> list[int]:
-    """The student's lens layers: ``student_layers`` validated, or the paper's ``num_layers`` evenly spaced ones.
+    """The student's lens layers: ``student_layers`` validated, or ``num_layers`` evenly spaced ones as in the
+    paper; ``num_layers=None`` (not given) is :func:`default_num_pairs` of the student's depth, while an explicit
+    ``num_layers`` the student is too shallow for is an error.
 
     Needs only the student's depth, so it can run before any weights are read (a too-shallow student is
     refused before the teacher loads).
     """
     if student_layers is None:
+        if num_layers is None:
+            num_layers = default_num_pairs(student_num_layers)
+            if num_layers < 1:
+                raise ValueError(
+                    f"the student has {student_num_layers} layer, so the lens has no intermediate layer to map: "
+                    "set lens_weight=0 (and feature_weight=0), or pass lens_student_layers/lens_teacher_layers."
+                )
         if num_layers < 1:
             raise ValueError(f"lens_num_layers={num_layers} must be at least 1 when the lens loss is on.")
         if student_num_layers < num_layers + 1:
             raise ValueError(
                 f"the student has {student_num_layers} layers, too shallow for lens_num_layers={num_layers} "
-                f"intermediate layers (it needs at least {num_layers + 1}): lower lens_num_layers or pass "
-                "lens_student_layers/lens_teacher_layers."
+                f"intermediate layers (it needs at least {num_layers + 1}): lower lens_num_layers (or drop it: "
+                f"the default adapts to the student's depth) or pass lens_student_layers/lens_teacher_layers."
             )
         student_layers = paper_student_layers(student_num_layers, num_layers)
     student_layers = list(student_layers)
@@ -95,13 +139,14 @@ def resolve_layer_map(
     teacher_num_layers: int,
     student_layers: Sequence[int] | None = None,
     teacher_layers: Sequence[int] | None = None,
-    num_layers: int = 5,
+    num_layers: int | None = None,
     kept_layers: Sequence[int] | None = None,
 ) -> list[LayerPair]:
     """(student, teacher) ``hidden_states`` index pairs for the lens loss.
 
     With explicit ``student_layers`` and ``teacher_layers`` these are validated and zipped. With
-    neither, ``num_layers`` (K) pairs follow the paper: e.g. 12→48 layers gives
+    neither, ``num_layers`` (K; None = :func:`default_num_pairs`, the paper's 5 where the student allows it)
+    pairs follow the paper: e.g. 12→48 layers gives
     (2,8), (4,16), (6,24), (8,32), (10,40); 22→32 gives (4,5), (7,10), (11,16), (15,21), (18,26).
     With only ``student_layers``, the teacher layers are the proportional ones. With ``kept_layers`` (the
     teacher blocks a shrunk student was cut from, 0-based, one per student block) the teacher layers follow

@@ -42,6 +42,47 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+GGUF_SUFFIX = ".gguf"
+
+
+def split_gguf_path(
+    name_or_path: str | None,
+    gguf_file: str | None,
+    field: str = "model_name_or_path",
+    gguf_field: str = "gguf_file",
+) -> tuple[str | None, str | None]:
+    """``(folder, gguf_file)`` for a model path that names a ``.gguf`` file, else the pair unchanged.
+
+    ``name_or_path="models/x.gguf"`` becomes ``("models", "x.gguf")``, so every loader reads it as the folder and
+    the file in it. A ``gguf_file`` given as well must name the same file. ValueError (one line) when the
+    ``.gguf`` file does not exist, or when ``gguf_file`` names another one.
+    """
+    if not name_or_path or not name_or_path.lower().endswith(GGUF_SUFFIX):
+        return name_or_path, gguf_file
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return name_or_path, gguf_file  # a folder that happens to end in .gguf
+    if not path.is_file():
+        raise ValueError(
+            f"{field}={name_or_path!r}: no such GGUF file (relative paths resolve from {Path.cwd()}): give the path "
+            "of an existing .gguf file, or its folder with --" + gguf_field + "."
+        )
+    if gguf_file and not _same_file(path, path.parent / gguf_file):
+        raise ValueError(
+            f"{field}={name_or_path!r} is a GGUF file, and {gguf_field}={gguf_file!r} names another: drop "
+            f"--{gguf_field}, or give the folder as --{field}."
+        )
+    return str(path.parent), path.name
+
+
+def _same_file(first: Path, second: Path) -> bool:
+    """Whether two paths name one existing file."""
+    try:
+        return first.samefile(second)
+    except OSError:
+        return False
+
+
 def check_gguf_source(name_or_path: str, gguf_file: str, field: str) -> None:
     """ValueError (one line) when the ``gguf`` package is missing or a local GGUF file does not exist."""
     if importlib.util.find_spec("gguf") is None:
@@ -113,8 +154,10 @@ def load_causal_lm(
 ) -> PreTrainedModel:
     """A causal LM from a folder or hub id, or from ``gguf_file`` in that folder (de-quantised, plain).
 
-    Raises a one-line ValueError naming ``field`` (or ``gguf_field``) when it cannot be loaded.
+    ``name_or_path`` may also be the ``.gguf`` file itself (:func:`split_gguf_path`). Raises a one-line
+    ValueError naming ``field`` (or ``gguf_field``) when it cannot be loaded.
     """
+    name_or_path, gguf_file = split_gguf_path(name_or_path, gguf_file, field, gguf_field)
     check_local_source(name_or_path, field)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, gguf_field)
@@ -145,6 +188,7 @@ def read_config(
     """
     if not name_or_path:
         return None
+    name_or_path, gguf_file = split_gguf_path(name_or_path, gguf_file, field, gguf_field)
     check_local_source(name_or_path, field)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, gguf_field)
@@ -156,7 +200,9 @@ def read_config(
 
 
 def load_tokenizer_from(name_or_path: str, gguf_file: str | None = None, **kwargs: Any) -> Any:
-    """``AutoTokenizer.from_pretrained`` for a folder / hub id, or the tokenizer stored in a GGUF file."""
+    """``AutoTokenizer.from_pretrained`` for a folder / hub id, or the tokenizer stored in a GGUF file (given as
+    ``gguf_file`` in that folder, or as ``name_or_path`` itself)."""
+    name_or_path, gguf_file = split_gguf_path(name_or_path, gguf_file)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, "gguf_file")
         kwargs["gguf_file"] = gguf_file
@@ -169,7 +215,9 @@ class ModelArguments:
     """The student model and how to load it (the teacher is part of ``DistillLensConfig``)."""
 
     model_name_or_path: str = field(
-        metadata={"help": "The model (the student for train and lens): a local folder or a hub id."}
+        metadata={
+            "help": "The model (the student for train and lens): a local folder, a hub id, or a .gguf file."
+        }
     )
     gguf_file: str | None = field(
         default=None,
@@ -197,6 +245,7 @@ class ModelArguments:
 
     def __post_init__(self) -> None:
         check_dtype_name("dtype", self.dtype)
+        self.model_name_or_path, self.gguf_file = split_gguf_path(self.model_name_or_path, self.gguf_file)
 
 
 @dataclass

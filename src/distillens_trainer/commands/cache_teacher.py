@@ -13,7 +13,7 @@ import json
 import logging
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import partial
 from pathlib import Path
@@ -25,7 +25,7 @@ from torch import nn
 from ..config import DistillLensConfig
 from ..data.arguments import DataArguments, PromptFormatArguments
 from ..data.building import build_datasets
-from ..files import check_output_dir, overwrite_output_dir_field, writing_into
+from ..files import check_output_dir, folder_contents, overwrite_output_dir_field, writing_into
 from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
 from ..loading import ModelArguments, load_student_tokenizer, read_config
 from ..model_facts import (
@@ -36,7 +36,7 @@ from ..model_facts import (
     num_hidden_layers,
     text_config,
 )
-from ..model_info import choose_prompt_template
+from ..model_info import choose_prompt_template, decided_prompt_template
 from ..teacher import (
     load_teacher,
     load_teacher_tokenizer,
@@ -187,8 +187,11 @@ def build_teacher_cache(
     cache_args: CacheArguments,
     *,
     overwrite_output_dir: bool = False,
+    choose_prompt_format: Callable[..., str] | None = None,
 ) -> dict[str, Any] | None:
-    """Build (or finish) the cache in ``training_args.output_dir``; the manifest on the main process, else None."""
+    """Build (or finish) the cache in ``training_args.output_dir``; the manifest on the main process, else None.
+    ``choose_prompt_format(tokenizer=...)``, when given, sets ``data_args.prompt_template`` once the student's
+    tokenizer has loaded."""
     if not training_args.teacher_model_name_or_path:
         raise ValueError("distillens cache-teacher needs the teacher: pass --teacher_model_name_or_path.")
     if training_args.teacher_cache:
@@ -218,6 +221,8 @@ def build_teacher_cache(
         fix="pass --max_length {limit} or less (and --max_prompt_length below it)",
     )
     tokenizer = load_student_tokenizer(model_args)
+    if choose_prompt_format is not None:
+        data_args.prompt_template = choose_prompt_format(tokenizer=tokenizer)
     train, evaluation = build_datasets(
         data_args,
         tokenizer,
@@ -263,12 +268,15 @@ def build_teacher_cache(
 
 
 def summary_line(manifest: dict[str, Any], output_dir: str) -> str:
+    """What the build wrote: rows, tokens, layers, and the size of every file in ``output_dir`` (shards, head,
+    manifest, checksums)."""
     settings = manifest["settings"]
-    megabytes = sum(shard["bytes"] for shard in manifest["shards"]) / 2**20
+    num_files, num_bytes = folder_contents(output_dir)
     return (
         f"distillens cache-teacher: {manifest['num_rows']} rows, {manifest['num_tokens']} response tokens, "
         f"{len(settings['layers'])} teacher layers ({settings['mode']}, {manifest['bytes_per_token_per_layer']} bytes "
-        f"per token and layer), {megabytes:.1f} MiB in {output_dir}; train with --teacher_cache {output_dir}."
+        f"per token and layer), {num_bytes / 2**20:.1f} MiB in {num_files} files in {output_dir}; train with "
+        f"--teacher_cache {output_dir}."
     )
 
 
@@ -334,10 +342,17 @@ def main(argv: Sequence[str]) -> int:
     given = given_fields(argv)
     if "output_dir" not in given:
         raise ValueError("distillens cache-teacher writes the cache to --output_dir: pass it.")
-    data_args.prompt_template = choose_prompt_template(
-        data_args.prompt_template if "prompt_template" in given else None,
-        [("teacher", training_args.teacher_model_name_or_path), ("student", model_args.model_name_or_path)],
-    )
+    template = data_args.prompt_template if "prompt_template" in given else None
+    models = [
+        ("teacher", training_args.teacher_model_name_or_path),
+        ("student", model_args.model_name_or_path),
+    ]
+    decided = decided_prompt_template(template, models)
+    choose_prompt_format = None  # no flag, no record: chosen from the student's tokenizer once it has loaded
+    if decided is not None:
+        data_args.prompt_template = decided
+    else:
+        choose_prompt_format = partial(choose_prompt_template, None, models)
     with writing_into(
         training_args.output_dir,
         fix="free space there and rerun to finish the cache, or choose another --output_dir",
@@ -348,6 +363,7 @@ def main(argv: Sequence[str]) -> int:
             training_args,
             cache_args,
             overwrite_output_dir=cache_args.overwrite_output_dir,
+            choose_prompt_format=choose_prompt_format,
         )
     if manifest is not None:
         print(summary_line(manifest, training_args.output_dir))

@@ -8,6 +8,7 @@ and columns); models are loaded as ``distillens train`` loads its student and te
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,11 @@ import torch
 from ..data.arguments import DataArguments, PromptFormatArguments
 from ..data.building import build_datasets
 from ..diagnostics.figures import write_figures
-from ..diagnostics.profile import DEFAULT_CHUNK_SIZE
+from ..diagnostics.profile import DEFAULT_MEMORY_BUDGET_MIB
 from ..diagnostics.report import finite_or_null, profile_models
 from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic, writing_into
-from ..layer_map import LayerPair, resolve_layer_map
+from ..layer_map import LAYER_MAPS, LayerPair, check_layer_map_choice, resolve_layer_map, shrunk_kept_layers
 from ..loading import ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_contexts, freeze, num_hidden_layers
 from ..model_info import choose_prompt_template
@@ -40,7 +41,10 @@ from .parsing import given_fields, parse_command
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "lens.json"
-DEFAULT_NUM_PAIRS = 5  # the paper's K
+# The run record `distillens train` writes into the student's folder (commands.train.RESOLVED_CONFIG_NAME; a
+# test keeps the two equal: importing the train command here would put this one a floor above it).
+TRAINING_RECORD_NAME = "distillens_config.json"
+LAYER_MAP_FIELDS = ("lens_layer_map", "lens_num_layers", "lens_student_layers", "lens_teacher_layers")
 
 
 @dataclass
@@ -68,10 +72,18 @@ class LensArguments:
         default=8192, metadata={"help": "Use at most this many response tokens (the first ones, in order)."}
     )
     batch_size: int = field(default=8, metadata={"help": "Rows per forward pass."})
-    token_chunk_size: int = field(
-        default=DEFAULT_CHUNK_SIZE,
+    token_chunk_size: int | None = field(
+        default=None,
         metadata={
-            "help": "Tokens whose per-layer log-probabilities ([layers, tokens, vocab]) are held at once."
+            "help": "Tokens whose per-layer log-probabilities ([layers, tokens, vocab]) are held at once "
+            "(default: as many as --lens_memory_mib holds)."
+        },
+    )
+    lens_memory_mib: float = field(
+        default=DEFAULT_MEMORY_BUDGET_MIB,
+        metadata={
+            "help": "Memory (MiB) of the reused per-chunk blocks (fp32 log-probabilities and probabilities of "
+            "every layer of both models); sets the chunk size unless --token_chunk_size is given."
         },
     )
     divergences: list[str] = field(
@@ -87,11 +99,20 @@ class LensArguments:
         default=True,
         metadata={"help": "Apply the final norm before the LM head in the lens, as in training."},
     )
+    lens_layer_map: str | None = field(
+        default=None,
+        metadata={
+            "help": "The training's automatic layer map, marked in the figures: paper = the same relative depth; "
+            "shrunk = the teacher block each student block was cut from (students written by 'distillens "
+            "shrink'). Default: what the student's distillens_config.json says it was trained with, else paper.",
+            "choices": list(LAYER_MAPS),
+        },
+    )
     lens_num_layers: int | None = field(
         default=None,
         metadata={
-            "help": "Layer pairs of the paper's automatic map, marked in the figures (default 5, fewer for a "
-            "shallow student)."
+            "help": "Layer pairs of the automatic map, marked in the figures (default: as recorded with the "
+            "student, else as in training: the paper's 5, fewer for a shallow student)."
         },
     )
     lens_student_layers: list[int] | None = field(
@@ -109,15 +130,23 @@ class LensArguments:
     def __post_init__(self) -> None:
         for name in ("max_samples", "max_tokens", "batch_size", "token_chunk_size"):
             value = getattr(self, name)
-            if value < 1:
+            if value is not None and value < 1:
                 raise ValueError(f"{name}={value} must be at least 1.")
+        if not self.lens_memory_mib > 0:
+            raise ValueError(f"lens_memory_mib={self.lens_memory_mib} must be > 0 (e.g. 1024).")
+        if self.lens_layer_map is not None:  # None: what the student's record says
+            check_layer_map_choice(self.lens_layer_map, self.lens_teacher_layers)
         if not self.divergences:
             raise ValueError("divergences is empty: give at least one, e.g. --divergences jsd.")
         for name in self.divergences:
             check_divergence_name(name, "divergences")
         check_temperature_and_beta(1.0, self.jsd_beta)
-        if self.teacher_model_name_or_path is None and (self.lens_student_layers or self.lens_teacher_layers):
-            raise ValueError("lens_student_layers/lens_teacher_layers need --teacher_model_name_or_path.")
+        if self.teacher_model_name_or_path is None and (
+            self.lens_student_layers or self.lens_teacher_layers or self.lens_layer_map
+        ):
+            raise ValueError(
+                "lens_layer_map/lens_student_layers/lens_teacher_layers need --teacher_model_name_or_path."
+            )
         if self.teacher_model_name_or_path is None and self.teacher_gguf_file:
             raise ValueError(
                 "teacher_gguf_file needs --teacher_model_name_or_path (the folder that holds it)."
@@ -133,21 +162,68 @@ class LensArguments:
         return torch.device(self.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
+def recorded_layer_map_settings(model_name_or_path: str | None) -> dict[str, Any] | None:
+    """The layer-map fields (:data:`LAYER_MAP_FIELDS`) ``distillens train`` recorded in the student's folder
+    (``distillens_config.json``; for a ``checkpoint-*`` folder, its run's), when that training used the layer map
+    (``lens_weight`` or ``feature_weight`` > 0); None otherwise (no record, unreadable, or no lens)."""
+    if not model_name_or_path:
+        return None
+    folder = Path(model_name_or_path)
+    for candidate in (folder, folder.parent if folder.name.startswith("checkpoint-") else None):
+        path = candidate / TRAINING_RECORD_NAME if candidate is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            training = json.loads(path.read_text(encoding="utf-8")).get("training")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            logger.warning("ignoring the unreadable %s", path)
+            return None
+        if not isinstance(training, dict):
+            return None
+        if not (training.get("lens_weight") or 0) > 0 and not (training.get("feature_weight") or 0) > 0:
+            return None
+        return {name: training.get(name) for name in LAYER_MAP_FIELDS}
+    return None
+
+
+def layer_map_settings(args: LensArguments, model_name_or_path: str | None) -> dict[str, Any]:
+    """The layer-map fields to resolve: the flags when any is given, else the student's training record, else
+    the training defaults (``paper``, the default number of pairs)."""
+    given = {name: getattr(args, name) for name in LAYER_MAP_FIELDS}
+    if any(value is not None for value in given.values()):
+        return given
+    recorded = recorded_layer_map_settings(model_name_or_path)
+    if recorded is not None:
+        logger.info(
+            "layer map as recorded with the student (%s): %s",
+            TRAINING_RECORD_NAME,
+            ", ".join(f"{name}={value}" for name, value in recorded.items() if value is not None),
+        )
+        return recorded
+    return given
+
+
 def mapped_layer_pairs(
-    args: LensArguments, student_num_layers: int, teacher_num_layers: int
+    args: LensArguments, student: torch.nn.Module, teacher_num_layers: int, model_name_or_path: str | None
 ) -> list[LayerPair]:
-    """The training's layer map for these options; by default the paper's K = 5, or fewer for a shallow student."""
-    num_pairs = args.lens_num_layers
-    if num_pairs is None and args.lens_student_layers is None:
-        num_pairs = min(DEFAULT_NUM_PAIRS, student_num_layers - 1)
-        if num_pairs < 1:
-            return []
+    """The training's layer map, resolved by :func:`~distillens_trainer.layer_map.resolve_layer_map` as
+    ``distillens train`` resolves it, from :func:`layer_map_settings`; none for a one-block student without
+    explicit layers (it has no intermediate layer)."""
+    settings = layer_map_settings(args, model_name_or_path)
+    student_num_layers = num_hidden_layers(student)
+    if (
+        settings["lens_student_layers"] is None
+        and settings["lens_num_layers"] is None
+        and student_num_layers < 2
+    ):
+        return []
     return resolve_layer_map(
         student_num_layers,
         teacher_num_layers,
-        args.lens_student_layers,
-        args.lens_teacher_layers,
-        num_pairs if num_pairs is not None else DEFAULT_NUM_PAIRS,
+        settings["lens_student_layers"],
+        settings["lens_teacher_layers"],
+        settings["lens_num_layers"],
+        kept_layers=shrunk_kept_layers(student.config, settings["lens_layer_map"] or "paper"),
     )
 
 
@@ -208,7 +284,7 @@ def run_lens(
     dataset, _ = build_datasets(args.data_arguments(prompt_format), tokenizer)
     student, teacher, vocab_size = _load_models(model_args, args, tokenizer)
     mapped = (
-        mapped_layer_pairs(args, num_hidden_layers(student), num_hidden_layers(teacher))
+        mapped_layer_pairs(args, student, num_hidden_layers(teacher), model_args.model_name_or_path)
         if teacher is not None
         else []
     )
@@ -225,6 +301,7 @@ def run_lens(
         batch_size=args.batch_size,
         max_tokens=args.max_tokens,
         chunk_size=args.token_chunk_size,
+        memory_budget_mib=args.lens_memory_mib,
         student_name=Path(model_args.gguf_file or model_args.model_name_or_path).name
         or model_args.model_name_or_path,
         teacher_name=Path(args.teacher_gguf_file or args.teacher_model_name_or_path or "teacher").name,
@@ -281,6 +358,7 @@ def main(argv: Sequence[str]) -> int:
     prompt_format.prompt_template = choose_prompt_template(
         prompt_format.prompt_template if "prompt_template" in given_fields(argv) else None,
         [("student", model_args.model_name_or_path), ("teacher", lens_args.teacher_model_name_or_path)],
+        load_tokenizer=lambda: load_student_tokenizer(model_args),  # read only when nothing else decides it
     )
     with writing_into(lens_args.output_dir):
         report = run_lens(model_args, prompt_format, lens_args)

@@ -5,16 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from transformers import PreTrainedModel
 
-from ..files import check_output_dir, overwrite_output_dir_field, writing_into
+from ..files import (
+    check_output_dir,
+    give_user_modes,
+    make_staging_dir,
+    overwrite_output_dir_field,
+    writing_into,
+)
 from ..layer_map import KEPT_LAYERS_CONFIG_KEY
-from ..loading import load_causal_lm, load_tokenizer_from
+from ..loading import load_causal_lm, load_tokenizer_from, split_gguf_path
 from ..model_facts import DTYPE_NAMES, check_dtype_name, torch_dtype
 from ..model_info import recorded_prompt_template, write_model_info
 from ..shrink import block_list, check_keep_layers, evenly_spaced_layers, shrink_model
@@ -27,7 +32,9 @@ logger = logging.getLogger(__name__)
 class ShrinkArguments:
     """Settings of ``distillens shrink``."""
 
-    model_name_or_path: str = field(metadata={"help": "The model to cut: a local folder or a hub id."})
+    model_name_or_path: str = field(
+        metadata={"help": "The model to cut: a local folder, a hub id, or a .gguf file."}
+    )
     output_dir: str = field(metadata={"help": "Folder for the shrunk model (config, weights, tokenizer)."})
     gguf_file: str | None = field(
         default=None,
@@ -56,6 +63,7 @@ class ShrinkArguments:
                 "give either num_layers or keep_layers (exactly one) to say which blocks to keep."
             )
         check_dtype_name("dtype", self.dtype)
+        self.model_name_or_path, self.gguf_file = split_gguf_path(self.model_name_or_path, self.gguf_file)
 
 
 def prompt_format_of(model_name_or_path: str, tokenizer: object | None) -> str | None:
@@ -72,13 +80,14 @@ def _save_atomically(
 ) -> None:
     """Write into a temporary sibling folder, then move it in place: a failure leaves ``output_dir`` as it was."""
     output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}."))
+    staging = make_staging_dir(output_dir.parent, output_dir.name)
     try:
         model.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if prompt_template is not None:
             write_model_info(staging, prompt_template=prompt_template)
+        give_user_modes(staging)
         if output_dir.is_dir():
             for item in staging.iterdir():
                 os.replace(item, output_dir / item.name)

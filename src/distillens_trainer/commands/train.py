@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
@@ -24,12 +24,14 @@ from ..files import (
     write_json_atomic,
     writing_into,
 )
-from ..layer_map import resolve_student_layers
+from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
 from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_context, config_num_layers
-from ..model_info import MODEL_INFO_NAME, choose_prompt_template, write_model_info
+from ..model_info import MODEL_INFO_NAME, choose_prompt_template, decided_prompt_template, write_model_info
 from ..teacher import read_teacher_config
+from ..teacher_cache.format import CacheSettings
 from ..teacher_cache.reader import checked_manifest
+from ..trainer.cached_teacher import LENS_LAYER_FLAGS, check_layer_map_served
 from ..trainer.checkpoints import resolve_resume_from_checkpoint, resume_requested
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command
@@ -174,12 +176,15 @@ def run_training(
     *,
     lora_args: LoraArguments | None = None,
     overwrite_output_dir: bool = False,
+    choose_prompt_format: Callable[..., str] | None = None,
 ) -> DistillLensTrainer:
     """Distil (or SFT) a student as configured and save it with its tokenizer in ``output_dir``.
 
     Everything that can be checked is checked before training begins, and until then nothing is written: a run
     that fails during setup leaves ``output_dir`` as it found it (folders it created are removed again). A failed
     write into ``output_dir`` (full disk, read-only file system) is one line naming the folder.
+    ``choose_prompt_format(tokenizer=...)``, when given, sets ``data_args.prompt_template`` once the student's
+    tokenizer has loaded (:func:`~distillens_trainer.model_info.choose_prompt_template`'s rule).
     """
     output_dir = training_args.output_dir
     check_output_dir(
@@ -199,7 +204,14 @@ def run_training(
             "or choose another --output_dir",
         ):
             return _train_and_save(
-                model_args, data_args, training_args, record, callbacks, lora_args, resume_from_checkpoint
+                model_args,
+                data_args,
+                training_args,
+                record,
+                callbacks,
+                lora_args,
+                resume_from_checkpoint,
+                choose_prompt_format,
             )
     except BaseException:
         if not record.started:
@@ -215,9 +227,12 @@ def _train_and_save(
     callbacks: list | None,
     lora_args: LoraArguments | None,
     resume_from_checkpoint: str | None,
+    choose_prompt_format: Callable[..., str] | None = None,
 ) -> DistillLensTrainer:
     """Load the data and the student, train (``record`` writes the run record as training begins), save."""
     tokenizer = load_student_tokenizer(model_args)
+    if choose_prompt_format is not None:
+        data_args.prompt_template = choose_prompt_format(tokenizer=tokenizer)
     data_stats: dict[str, int] = {}
     train_dataset, eval_dataset = build_datasets(
         data_args,
@@ -274,6 +289,57 @@ def adopt_cache_prompt_format(data_args: DataArguments, teacher_cache: str, give
     data_args.__post_init__()
 
 
+def adopt_cache_layer_map(
+    model_args: ModelArguments, training_args: DistillLensConfig, teacher_cache: str, given: set[str]
+) -> list[LayerPair] | None:
+    """With ``--teacher_cache`` and the lens on: train on the layer map the cache was made for (it becomes the
+    run's ``lens_student_layers``/``lens_teacher_layers``), unless a lens layer flag was given; returns the adopted
+    map, else None. A given flag whose map reads a teacher layer the cache lacks is one line naming both maps and
+    the fix, from the student's config, before any weights load. A student of another depth than the one the cache
+    was resolved against keeps the automatic map (the trainer then checks that the cache serves it)."""
+    if not training_args.objective_spec.uses_lens:
+        return None
+    settings = CacheSettings.from_json(checked_manifest(teacher_cache)["settings"])
+    student = read_config(
+        model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
+    )
+    student_num_layers = config_num_layers(student) if student is not None else None
+    if any(flag in given for flag in LENS_LAYER_FLAGS):
+        if student_num_layers is not None:
+            layer_map = resolve_layer_map(
+                student_num_layers,
+                settings.teacher.num_layers,
+                training_args.lens_student_layers,
+                training_args.lens_teacher_layers,
+                training_args.lens_num_layers,
+                kept_layers=shrunk_kept_layers(student, training_args.lens_layer_map),
+            )
+            check_layer_map_served(layer_map, settings, teacher_cache)
+        return None
+    if not settings.layer_map or student_num_layers != settings.student.get("num_layers"):
+        return None
+    training_args.lens_student_layers = [student_layer for student_layer, _ in settings.layer_map]
+    training_args.lens_teacher_layers = [teacher_layer for _, teacher_layer in settings.layer_map]
+    return [tuple(pair) for pair in settings.layer_map]
+
+
+def cache_adoption_line(
+    data_args: DataArguments, teacher_cache: str, layer_map: list[LayerPair] | None
+) -> str:
+    """The one line ``train --teacher_cache`` prints about what it took from the cache."""
+    layers = (
+        f"; the layer map {layer_map} it was made for (a --lens_layer_map, --lens_num_layers or "
+        "--lens_student_layers flag chooses another that it holds)"
+        if layer_map is not None
+        else ""
+    )
+    return (
+        f"distillens train: as the teacher cache {teacher_cache} was made: prompt format "
+        f"{data_args.prompt_template!r}, max_length {data_args.max_length}, max_prompt_length "
+        f"{data_args.max_prompt_length}{layers}."
+    )
+
+
 # What `distillens train` parses its command line (and config file) into, in this order.
 TRAIN_ARGUMENTS = (ModelArguments, LoraArguments, DataArguments, DistillLensConfig, OutputArguments)
 
@@ -286,22 +352,30 @@ def main(argv: Sequence[str]) -> int:
     given = given_fields(argv)
     check_reporting_integrations(training_args.report_to)
     quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
+    choose_prompt_format = None  # with a cache, its prompt format is the run's
     if training_args.teacher_cache:
         adopt_cache_prompt_format(data_args, training_args.teacher_cache, given)
+        layer_map = adopt_cache_layer_map(model_args, training_args, training_args.teacher_cache, given)
+        if training_args.process_index == 0:
+            print(cache_adoption_line(data_args, training_args.teacher_cache, layer_map))
     else:
         teacher = (
             training_args.teacher_model_name_or_path if training_args.objective_spec.needs_teacher else None
         )
-        data_args.prompt_template = choose_prompt_template(
-            data_args.prompt_template if "prompt_template" in given else None,
-            [("teacher", teacher), ("student", model_args.model_name_or_path)],
-        )
+        template = data_args.prompt_template if "prompt_template" in given else None
+        models = [("teacher", teacher), ("student", model_args.model_name_or_path)]
+        decided = decided_prompt_template(template, models)
+        if decided is not None:
+            data_args.prompt_template = decided
+        else:  # no flag, no record: chosen from the student's tokenizer once it has loaded
+            choose_prompt_format = partial(choose_prompt_template, None, models)
     run_training(
         model_args,
         data_args,
         training_args,
         lora_args=lora_args,
         overwrite_output_dir=output_args.overwrite_output_dir,
+        choose_prompt_format=choose_prompt_format,
     )
     summary = output_summary(training_args, data_args.prompt_template, output_dir_given="output_dir" in given)
     if training_args.process_index == 0:  # one line for the run, not one per rank

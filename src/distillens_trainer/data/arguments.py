@@ -19,7 +19,8 @@ class PromptFormatArguments:
         metadata={
             "help": "Prompt format: 'alpaca' (the paper's template), 'chat' (the tokenizer's chat template) "
             "or 'plain' (prompt text followed directly by the completion). On the command line the default is "
-            "the format recorded with the teacher or student (distillens.json), else alpaca.",
+            "the format recorded with the teacher or student (distillens.json), else chat when the tokenizer has a "
+            "chat template, else alpaca.",
             "choices": list(PROMPT_TEMPLATES),
         },
     )

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..files import write_json_atomic
+from ..files import give_user_modes, make_staging_dir, write_json_atomic
 from ..model_info import write_model_info
 from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, DemoArguments
 
@@ -140,17 +139,17 @@ def store_model(
     """Save the model, its tokenizer, ``distillens.json`` (the prompt format) and, for a cache entry, ``info``
     into a temporary sibling folder, then rename it into place (safe against concurrent runs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    staging = make_staging_dir(path.parent, path.name)
     try:
         model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         write_model_info(staging, prompt_template=prompt_template)
         if info is not None:
             write_json_atomic(staging / TEACHER_INFO_NAME, info)
+        give_user_modes(staging)
         if path.exists():
             shutil.rmtree(path, ignore_errors=True)
         os.replace(staging, path)
-        path.chmod(0o755)  # mkdtemp made it private; models are meant to be shared
     except OSError:
         shutil.rmtree(staging, ignore_errors=True)
         if info is None or not (path / TEACHER_INFO_NAME).is_file():  # another run may have won the race

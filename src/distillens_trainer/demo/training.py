@@ -8,7 +8,6 @@ import copy
 import dataclasses
 import logging
 import statistics
-import sys
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
+from ..progress import PROGRESS_EVERY_S, ProgressLines, is_terminal
 from .arguments import CACHE_FORMAT, HEAD_DIM, METHODS, TEACHER_OBJECTIVE, DemoArguments
 from .cache import (
     TrainingRun,
@@ -201,7 +201,7 @@ def train_model(
         seed=seed,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
-        disable_tqdm=not sys.stderr.isatty(),
+        disable_tqdm=not is_terminal(),
         lens_num_layers=lens_num_layers,
         **explicit_lens_layers(model, lens_num_layers, lens_teacher_layers),
         **objective,
@@ -216,11 +216,11 @@ def train_model(
         data_collator=DataCollatorForCompletionOnly(suite.tokenizer),
         teacher_model=teacher if needs_teacher else None,
     )
-    if config.disable_tqdm:  # not a terminal: a few progress lines instead of a bar or a dict per log step
+    if config.disable_tqdm:  # not a terminal: a line every ~30 s instead of a bar or a dict per log step
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
-        trainer.add_callback(QuarterProgress(description or "training"))
+        trainer.add_callback(TrainingProgress(description or "training"))
     if description:
         logger.info("[demo] training %s: %s, %d steps", description, dict(objective), max_steps)
     start = time.perf_counter()
@@ -245,22 +245,43 @@ def train_model(
     )
 
 
-class QuarterProgress(TrainerCallback):
-    """Log a run's step and loss once per quarter of its steps (for logs that are not a terminal)."""
+class TrainingProgress(TrainerCallback):
+    """Progress lines of a run for logs that are not a terminal (:class:`~distillens_trainer.progress.ProgressLines`
+    through the demo's log): at most one every ``every_s`` seconds with the step, the time left and the last logged
+    loss, and one when the run ends."""
 
-    def __init__(self, description: str) -> None:
+    def __init__(self, description: str, *, every_s: float = PROGRESS_EVERY_S, clock=time.monotonic) -> None:
         self.description = description
-        self.next_quarter = 1
+        self.every_s = every_s
+        self.clock = clock
+        self.lines: ProgressLines | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.lines = ProgressLines(
+            state.max_steps,
+            f"[demo] {self.description}",
+            every_s=self.every_s,
+            emit=logger.info,
+            clock=self.clock,
+        )
+        return control
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "loss" not in logs or not state.max_steps:
-            return control
-        if state.global_step >= self.next_quarter * state.max_steps / 4:
-            logger.info(
-                "[demo] %s: step %d/%d, loss %.4f",
-                self.description, state.global_step, state.max_steps, float(logs["loss"]),
-            )  # fmt: skip
-            self.next_quarter = 4 * state.global_step // state.max_steps + 1
+        if self.lines is not None and logs and "loss" in logs:
+            self.lines.set_postfix_str(f"loss {float(logs['loss']):.4f}")
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if (
+            self.lines is not None and state.global_step < state.max_steps
+        ):  # the last: at the end, with its loss
+            self.lines.update(state.global_step - self.lines.done)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.lines is not None:
+            self.lines.update(state.global_step - self.lines.done)
+            self.lines.close()
         return control
 
 

@@ -9,28 +9,51 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
 - each model's cross-entropy of the target (response) token under its final layer, i.e. its own output
   distribution over the shared vocabulary (read from the same log-probabilities, at no extra cost).
 
-Work is done per chunk of ``chunk_size`` tokens, so at most ``[L + 1, chunk_size, V]`` log-probabilities
-per model exist at a time. With ``layer_statistics=False`` only the pair divergences and the cross-entropies are
-summed, from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
+Work is done per chunk of ``chunk_size`` tokens (by default as many as :data:`DEFAULT_MEMORY_BUDGET_MIB` of
+blocks hold, see :func:`chunk_size_for_budget`), on blocks allocated once and reused for every chunk: per model a
+``[n, chunk_size, V]`` fp32 block of log-probabilities and one of probabilities (``n`` = the layers read), and two
+``[chunk_size, V]`` work blocks. No ``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed
+from per-layer and per-pair sums over the vocabulary (``Σ p·λ`` per layer once; per pair one row dot such as
+``Σ t·λ_s``, or the JSD's mixture ``m`` in a work block, so a pair's value does not depend on which other layers
+are read), each per token in fp32 and accumulated in fp64, so they equal the elementwise definitions up to fp32
+rounding (a few 1e-6 nats per token at V = 49152). With ``layer_statistics=False`` only the pair divergences and the cross-entropies are summed,
+from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
 ``hidden_states`` convention (0 = embedding output, ``L`` = the last block's output, which equals the model's own
 logits through the lens).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import math
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..divergences import divergence_from_log_probs, log_probs
+from ..divergences import LOG_PROB_FLOOR, check_divergence_name, log_probs
+from ..fused_math import log_softmax_
 from ..layer_map import LayerPair, proportional_teacher_layer
 from ..lens import LogitLens
 from ..model_facts import forward_accepts, with_position_ids
 from ..response_tokens import response_mask, select_response
 
-DEFAULT_CHUNK_SIZE = 32
+# The default memory for a chunk's blocks (log-probabilities and probabilities of every layer read, two work
+# blocks): the chunk size follows from it (:func:`chunk_size_for_budget`), between 1 and MAX_CHUNK_SIZE tokens.
+DEFAULT_MEMORY_BUDGET_MIB = 1024
+JSD_TOKEN_BLOCK = 4  # tokens per block of the per-pair JSD pass: [4, V] fp32 blocks stay in the cache
+MAX_CHUNK_SIZE = 256
+WORK_BLOCKS = 2  # [chunk, V] fp32 work blocks besides the per-layer ones
+
+
+def chunk_size_for_budget(
+    layers_read: int, vocab_size: int, budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
+) -> int:
+    """Tokens per chunk whose fp32 blocks (``2·layers_read + WORK_BLOCKS`` rows of ``V`` per token) fit in
+    ``budget_mib``; at least 1, at most :data:`MAX_CHUNK_SIZE`. E.g. 6 + 30 blocks (38 layers read) at
+    V = 49152: 35 tokens in 512 MiB, 70 in 1 GiB."""
+    bytes_per_token = 4 * vocab_size * (2 * layers_read + WORK_BLOCKS)
+    return max(1, min(MAX_CHUNK_SIZE, int(budget_mib * 2**20) // bytes_per_token))
 
 
 def all_pairs(student_num_layers: int, teacher_num_layers: int) -> list[LayerPair]:
@@ -56,6 +79,148 @@ def layer_log_probs(
     ``n`` chosen ``layers`` (default every index, ``n = L + 1``), in that order."""
     layers = range(len(hidden_states)) if layers is None else layers
     return torch.stack([log_probs(lens(hidden_states[index], index)[..., :vocab_size]) for index in layers])
+
+
+@dataclass
+class ChunkLayers:
+    """One model's layers on one chunk of ``c`` tokens, in reused blocks: fp32 floored log-probabilities λ and
+    probabilities p (``[n, c, V]``, one row per layer read), their per-token ``Σ p·λ`` (``negentropy``) and
+    ``Σ p`` (``mass``), ``[n, c]`` each."""
+
+    log_probs: torch.Tensor
+    probs: torch.Tensor
+    negentropy: torch.Tensor
+    mass: torch.Tensor
+
+    @property
+    def num_rows(self) -> int:
+        return self.log_probs.shape[0]
+
+    def rows(self, rows: slice) -> ChunkLayers:
+        """A view of some rows (no copy)."""
+        return ChunkLayers(self.log_probs[rows], self.probs[rows], self.negentropy[rows], self.mass[rows])
+
+
+def _read_layers(
+    lens: LogitLens,
+    hidden_states: Sequence[torch.Tensor],
+    layers: Sequence[int],
+    vocab_size: int,
+    log_probs_block: torch.Tensor,
+    probs_block: torch.Tensor,
+    work: torch.Tensor,
+) -> ChunkLayers:
+    """Read ``layers`` (``hidden_states`` indices, ``[c, d]`` each) through ``lens`` into the reused
+    ``[n, c, V]`` blocks, in place: floored log-probabilities (dead rows made uniform, as
+    :func:`~distillens_trainer.divergences.log_probs` does) and probabilities; ``work`` is a ``[c, V]`` block."""
+    negentropy = log_probs_block.new_empty(log_probs_block.shape[:2])
+    for row, index in enumerate(layers):
+        log_probs_row, probs_row = log_probs_block[row], probs_block[row]
+        log_probs_row.copy_(lens(hidden_states[index], index)[..., :vocab_size])
+        log_softmax_(log_probs_row, probs_row, 1.0)
+        torch.sum(torch.mul(probs_row, log_probs_row, out=work), dim=-1, out=negentropy[row])
+    return ChunkLayers(log_probs_block, probs_block, negentropy, probs_block.sum(dim=-1))
+
+
+def pair_divergence_sums(
+    divergences: Sequence[str],
+    student: ChunkLayers,
+    teacher: ChunkLayers,
+    student_rows: Sequence[int],
+    teacher_rows: Sequence[int],
+    jsd_beta: float,
+    work: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """``{name: [P] fp64}``: the sum over the chunk's tokens of D(student row ‖ teacher row) for each pair
+    ``(student_rows[k], teacher_rows[k])``, student first as in training.
+
+    Per token, with λ floored log-probabilities, p their probabilities and ``H⁻ = Σ p·λ``:
+    ``fkl`` KL(t‖s) = H⁻_t − Σ t·λ_s; ``rkl`` KL(s‖t) = H⁻_s − Σ s·λ_t; ``skl`` their sum (the cross terms one row
+    dot per pair); ``jsd_β`` = β·H⁻_t + (1−β)·H⁻_s − Σ m·λ_m with
+    m = β·t + (1−β)·s (λ_m floored) computed per pair in ``work`` (``[2, c, V]``); ``tvd`` = ½·Σ|t − s|.
+    """
+    pairs = list(zip(student_rows, teacher_rows))
+    cross: dict[str, torch.Tensor] = {}
+
+    def cross_terms(key: str) -> torch.Tensor:
+        """``[c, P]``: Σ t·λ_s (key "ts") or Σ s·λ_t ("st") of each pair, per token (one row dot per pair, so
+        a pair's value does not depend on which other layers are read)."""
+        if key not in cross:
+            cross[key] = torch.stack(
+                [
+                    torch.mul(teacher.probs[t], student.log_probs[s], out=work[0]).sum(dim=-1)
+                    if key == "ts"
+                    else torch.mul(student.probs[s], teacher.log_probs[t], out=work[0]).sum(dim=-1)
+                    for s, t in pairs
+                ],
+                dim=1,
+            )
+        return cross[key]
+
+    def forward_kl() -> torch.Tensor:
+        return teacher.negentropy[list(teacher_rows)].T - cross_terms("ts")
+
+    def reverse_kl() -> torch.Tensor:
+        return student.negentropy[list(student_rows)].T - cross_terms("st")
+
+    sums: dict[str, torch.Tensor] = {}
+    for name in divergences:
+        if name == "fkl":
+            per_token = forward_kl()
+        elif name == "rkl":
+            per_token = reverse_kl()
+        elif name == "skl":
+            per_token = forward_kl() + reverse_kl()
+        elif name == "jsd":
+            per_token = _jensen_shannon_per_pair(student, teacher, student_rows, teacher_rows, jsd_beta, work)
+        elif name == "tvd":
+            per_token = torch.stack(
+                [
+                    torch.sub(teacher.probs[t], student.probs[s], out=work[0]).abs_().sum(dim=-1).mul_(0.5)
+                    for s, t in pairs
+                ],
+                dim=1,
+            )
+        else:
+            raise ValueError(f"divergence={name!r} is not a known divergence.")
+        sums[name] = per_token.double().sum(dim=0)  # [c, P] -> [P]
+    return sums
+
+
+def _jensen_shannon_per_pair(
+    student: ChunkLayers,
+    teacher: ChunkLayers,
+    student_rows: Sequence[int],
+    teacher_rows: Sequence[int],
+    beta: float,
+    work: torch.Tensor,
+) -> torch.Tensor:
+    """``[c, P]`` generalised JSD per token and pair: β·H⁻_t + (1−β)·H⁻_s − Σ m·λ_m, m = β·(t + α·s) with
+    α = (1−β)/β, so Σ m·λ_m = β·(log β·Σ w + Σ w·log w) for w = t + α·s (one add, one log, one product per
+    element; ``log w`` floored at ``LOG_PROB_FLOOR`` so that w = 0 adds 0). Zero for β outside (0, 1)."""
+    if beta <= 0.0 or beta >= 1.0:
+        return student.negentropy.new_zeros(student.negentropy.shape[1], len(student_rows))
+    alpha, log_beta = (1.0 - beta) / beta, math.log(beta)
+    num_tokens = student.probs.shape[1]  # this chunk's tokens (work may be larger)
+    w_log_w = work.new_empty(num_tokens, len(student_rows))  # [c, P]
+    # Tokens in blocks small enough that the mixture and its log stay in the CPU's cache between the four passes
+    # (1.5x faster here than whole chunks); each token's sum is the same either way.
+    for start in range(0, num_tokens, JSD_TOKEN_BLOCK):
+        stop = min(start + JSD_TOKEN_BLOCK, num_tokens)
+        mixture, log_mixture = work[0, : stop - start], work[1, : stop - start]
+        for column, (s, t) in enumerate(zip(student_rows, teacher_rows)):
+            torch.add(
+                teacher.probs[t, start:stop], student.probs[s, start:stop], alpha=alpha, out=mixture
+            )  # w = m/β
+            torch.log(mixture, out=log_mixture).clamp_min_(LOG_PROB_FLOOR)
+            w_log_w[start:stop, column] = log_mixture.mul_(mixture).sum(dim=-1)
+    rows_s, rows_t = list(student_rows), list(teacher_rows)
+    mass = teacher.mass[rows_t].T + alpha * student.mass[rows_s].T  # [c, P], Σ w
+    return (
+        beta * teacher.negentropy[rows_t].T
+        + (1.0 - beta) * student.negentropy[rows_s].T
+        - beta * (log_beta * mass + w_log_w)
+    )
 
 
 @dataclass
@@ -94,7 +259,9 @@ class LensProfileAccumulator:
         vocab_size: logits are compared on ``[..., :vocab_size]`` (the shared real vocabulary).
         pairs: (student, teacher) layer pairs whose divergence is summed; default every pair.
         divergences: names from :mod:`distillens_trainer.divergences` (student first, teacher second).
-        chunk_size: tokens whose log-probabilities are held at once.
+        chunk_size: tokens whose log-probabilities are held at once; None (default) takes as many as
+            ``memory_budget_mib`` of blocks hold (:func:`chunk_size_for_budget`).
+        memory_budget_mib: the memory of a chunk's reused blocks when ``chunk_size`` is None.
         layer_statistics: also sum each layer's entropy, top-1 agreement and divergence to the final layer
             (``means()["student"]`` / ``["teacher"]``); False reads only the layers the pairs use and the final
             ones (the pair divergences and ``final_ce`` are the same), and those entries are None.
@@ -106,14 +273,15 @@ class LensProfileAccumulator:
     pairs: list[LayerPair] | None = None
     divergences: Sequence[str] = ("jsd",)
     jsd_beta: float = 0.5
-    chunk_size: int = DEFAULT_CHUNK_SIZE
+    chunk_size: int | None = None
     layer_statistics: bool = True
+    memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
     num_tokens: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
-        if self.chunk_size < 1:
+        if self.chunk_size is not None and self.chunk_size < 1:
             raise ValueError(f"chunk_size={self.chunk_size} must be at least 1.")
-        self.divergences = list(self.divergences)
+        self.divergences = [check_divergence_name(name, "divergences") for name in self.divergences]
         reference = self.reference_lens
         if self.pairs is None:
             self.pairs = all_pairs(self.student_lens.num_layers, reference.num_layers)
@@ -134,12 +302,17 @@ class LensProfileAccumulator:
         self._teacher_layers = self._layers_read(reference.num_layers, [t for _, t in self.pairs])
         student_row = {layer: row for row, layer in enumerate(self._student_layers)}
         teacher_row = {layer: row for row, layer in enumerate(self._teacher_layers)}
-        # Student row -> (positions in self.pairs, teacher rows), so one student row meets all its partners.
-        self._rows: dict[int, tuple[list[int], list[int]]] = {}
-        for position, (student_layer, teacher_layer) in enumerate(self.pairs):
-            positions, teacher_rows = self._rows.setdefault(student_row[student_layer], ([], []))
-            positions.append(position)
-            teacher_rows.append(teacher_row[teacher_layer])
+        # The rows of each pair in the student's and the teacher's blocks.
+        self._pair_rows = (
+            [student_row[s] for s, _ in self.pairs],
+            [teacher_row[t] for _, t in self.pairs],
+        )
+        if self.chunk_size is None:
+            layers_read = len(self._student_layers) + (
+                len(self._teacher_layers) if self.teacher_lens is not None else 0
+            )
+            self.chunk_size = chunk_size_for_budget(layers_read, self.vocab_size, self.memory_budget_mib)
+        self._blocks: dict[str, torch.Tensor] = {}  # allocated at the first chunk, reused by every other
 
     def _layers_read(self, num_layers: int, paired: list[int]) -> list[int]:
         """Sorted ``hidden_states`` indices whose log-probabilities a chunk needs; the last is the final layer."""
@@ -158,6 +331,7 @@ class LensProfileAccumulator:
         teacher_hidden_states: Sequence[torch.Tensor] | None,
         labels: torch.Tensor,
         max_tokens: int | None = None,
+        on_chunk: Callable[[int], Any] | None = None,
     ) -> int:
         """Add the response tokens of one batch (at most ``max_tokens`` of them); returns how many were added.
 
@@ -166,6 +340,8 @@ class LensProfileAccumulator:
                 (the teacher's is ignored, and may be None, when profiling the student alone).
             labels: ``[B, T]`` unshifted, -100 outside the responses; the targets of ``final_ce``, which must lie
                 in the compared vocabulary ``[0, vocab_size)``.
+            on_chunk: called with the number of tokens of each chunk once it is added (e.g. a progress bar's
+                ``update``).
         """
         mask = response_mask(labels)
         targets = labels[:, 1:][mask]  # [N], the token each response position predicts
@@ -190,8 +366,19 @@ class LensProfileAccumulator:
                 [hidden[start:stop] for hidden in teacher_tokens] if teacher_tokens is not None else None,
                 targets[start:stop],
             )
+            if on_chunk is not None:
+                on_chunk(stop - start)
         self.num_tokens += num_tokens
         return num_tokens
+
+    def _block(self, name: str, rows: int, chunk: int, device: torch.device) -> torch.Tensor:
+        """The reused fp32 block ``name`` (``[rows, chunk_size, V]``), first ``chunk`` tokens: ``[rows, chunk, V]``."""
+        block = self._blocks.get(name)
+        if block is None or block.device != device:
+            assert self.chunk_size is not None
+            block = torch.empty(rows, self.chunk_size, self.vocab_size, dtype=torch.float32, device=device)
+            self._blocks[name] = block
+        return block[:, :chunk]
 
     @torch.no_grad()
     def _add_chunk(
@@ -200,32 +387,41 @@ class LensProfileAccumulator:
         teacher_hidden: list[torch.Tensor] | None,
         targets: torch.Tensor,
     ) -> None:
-        student_lp = layer_log_probs(
-            self.student_lens, student_hidden, self.vocab_size, self._student_layers
-        )  # [n_S, c, V], n_S = L_S + 1 with layer statistics
-        targets = targets.to(student_lp.device)  # [c]
-        self._add_model_sums(self.student, student_lp, targets)
+        chunk = targets.shape[0]
+        device = self.student_lens.head.weight.device
+        work = self._block("work", WORK_BLOCKS, chunk, device)  # [2, c, V]
+        student = _read_layers(
+            self.student_lens, student_hidden, self._student_layers, self.vocab_size,
+            self._block("student_log_probs", len(self._student_layers), chunk, device),
+            self._block("student_probs", len(self._student_layers), chunk, device),
+            work[0],
+        )  # fmt: skip
+        targets = targets.to(device)  # [c]
+        self._add_model_sums(self.student, student, targets, work)
         if teacher_hidden is None:
-            teacher_lp = student_lp
+            teacher = student
         else:
-            teacher_lp = layer_log_probs(
-                self.teacher_lens, teacher_hidden, self.vocab_size, self._teacher_layers
-            )
-            teacher_lp = teacher_lp.to(student_lp.device)  # [n_T, c, V], beside the student's
-            self._add_model_sums(self.teacher, teacher_lp, targets)
-        for student_row, (positions, teacher_rows) in self._rows.items():
-            partners = teacher_lp[teacher_rows]  # [P, c, V]
-            for name in self.divergences:
-                per_token = divergence_from_log_probs(
-                    name, student_lp[student_row].unsqueeze(0), partners, beta=self.jsd_beta
-                )  # [P, c]
-                self.pair_sums[name][positions] += per_token.sum(dim=-1).double()
+            teacher = _read_layers(
+                self.teacher_lens, teacher_hidden, self._teacher_layers, self.vocab_size,
+                self._block("teacher_log_probs", len(self._teacher_layers), chunk, device),
+                self._block("teacher_probs", len(self._teacher_layers), chunk, device),
+                work[0],
+            )  # fmt: skip
+            self._add_model_sums(self.teacher, teacher, targets, work)
+        student_rows, teacher_rows = self._pair_rows
+        sums = pair_divergence_sums(
+            self.divergences, student, teacher, student_rows, teacher_rows, self.jsd_beta, work
+        )
+        for name, total in sums.items():
+            self.pair_sums[name] += total
 
-    def _add_model_sums(self, sums: ModelLayerSums, layer_lp: torch.Tensor, targets: torch.Tensor) -> None:
+    def _add_model_sums(
+        self, sums: ModelLayerSums, layers: ChunkLayers, targets: torch.Tensor, work: torch.Tensor
+    ) -> None:
         if self.layer_statistics:
-            _add_layer_sums(sums, layer_lp, targets, self.jsd_beta)
+            _add_layer_sums(sums, layers, targets, self.divergences, self.jsd_beta, work)
         else:
-            _add_final_ce(sums, layer_lp[-1], targets)
+            _add_final_ce(sums, layers.log_probs[-1], targets)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every running sum, in a fixed order (for a cross-process reduction)."""
@@ -280,17 +476,24 @@ class LensProfileAccumulator:
 
 
 def _add_layer_sums(
-    sums: ModelLayerSums, layer_lp: torch.Tensor, targets: torch.Tensor, jsd_beta: float
+    sums: ModelLayerSums,
+    layers: ChunkLayers,
+    targets: torch.Tensor,
+    divergences: Sequence[str],
+    jsd_beta: float,
+    work: torch.Tensor,
 ) -> None:
-    """Add one chunk's entropy, top-1 agreement, divergence-to-final and final-layer CE sums; ``layer_lp`` is
-    ``[L + 1, c, V]``, ``targets`` ``[c]``."""
-    sums.entropy += -(layer_lp.exp() * layer_lp).sum(dim=-1).sum(dim=-1).double()
-    top1 = layer_lp.argmax(dim=-1)  # [L + 1, c]
+    """Add one chunk's entropy, top-1 agreement, divergence-to-final and final-layer CE sums; ``layers`` holds
+    every layer ``0..L`` of one model, ``targets`` is ``[c]``."""
+    sums.entropy -= layers.negentropy.double().sum(dim=-1)
+    top1 = layers.log_probs.argmax(dim=-1)  # [L + 1, c]
     sums.top1_agreement += (top1 == top1[-1:]).sum(dim=-1).double()
-    final = layer_lp[-1:]
+    rows = list(range(layers.num_rows))
+    final = layers.rows(slice(-1, None))  # the final layer alone: the cross terms are L + 1 dot products
+    to_final = pair_divergence_sums(divergences, layers, final, rows, [0] * len(rows), jsd_beta, work)
     for name, total in sums.divergence_to_final.items():
-        total += divergence_from_log_probs(name, layer_lp, final, beta=jsd_beta).sum(dim=-1).double()
-    _add_final_ce(sums, layer_lp[-1], targets)
+        total += to_final[name]
+    _add_final_ce(sums, layers.log_probs[-1], targets)
 
 
 def _add_final_ce(sums: ModelLayerSums, final_lp: torch.Tensor, targets: torch.Tensor) -> None:
@@ -319,7 +522,8 @@ def accumulate_batches(
 ) -> LensProfileAccumulator:
     """Run both models on each batch (already on their device) and add its response tokens.
 
-    Stops once ``max_tokens`` tokens were added; ``progress`` (a tqdm bar) is advanced by tokens.
+    Stops once ``max_tokens`` tokens were added; ``progress`` (a tqdm bar) is advanced by the tokens of each
+    chunk, as soon as it is added (a batch of a large pair takes minutes, a chunk seconds).
     """
     for batch in batches:
         remaining = None if max_tokens is None else max_tokens - int(accumulator.num_tokens)
@@ -327,9 +531,13 @@ def accumulate_batches(
             break
         student_hidden = hidden_states_of(student, batch)
         teacher_hidden = hidden_states_of(teacher, batch) if teacher is not None else None
-        added = accumulator.add(student_hidden, teacher_hidden, batch["labels"], max_tokens=remaining)
-        if progress is not None:
-            progress.update(added)
+        accumulator.add(
+            student_hidden,
+            teacher_hidden,
+            batch["labels"],
+            max_tokens=remaining,
+            on_chunk=progress.update if progress is not None else None,
+        )
     return accumulator
 
 

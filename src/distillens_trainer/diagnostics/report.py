@@ -30,7 +30,12 @@ import torch
 from ..data.collation import DataCollatorForCompletionOnly
 from ..layer_map import LayerPair
 from ..lens import LogitLens
-from .profile import DEFAULT_CHUNK_SIZE, LensProfileAccumulator, accumulate_batches, same_depth_pairs
+from .profile import (
+    DEFAULT_MEMORY_BUDGET_MIB,
+    LensProfileAccumulator,
+    accumulate_batches,
+    same_depth_pairs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +102,8 @@ def profile_models(
     lens_final_norm: bool = True,
     batch_size: int = 8,
     max_tokens: int | None = None,
-    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    chunk_size: int | None = None,
+    memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB,
     student_name: str = "student",
     teacher_name: str = "teacher",
     show_progress: bool = True,
@@ -112,6 +118,8 @@ def profile_models(
             builds them); the first ``max_tokens`` response tokens, in order, are used.
         vocab_size: the shared real vocabulary (see :func:`distillens_trainer.teacher.shared_vocab_size`).
         mapped_pairs: the training's layer map, reported under ``mapped``.
+        chunk_size: tokens per chunk; None takes as many as ``memory_budget_mib`` MiB of reused blocks hold.
+        show_progress: a tqdm bar advanced by the tokens of each chunk.
     """
     from tqdm.auto import tqdm
 
@@ -126,6 +134,7 @@ def profile_models(
         divergences=divergences,
         jsd_beta=jsd_beta,
         chunk_size=chunk_size,
+        memory_budget_mib=memory_budget_mib,
     )
     available = count_response_tokens(dataset)
     target = available if max_tokens is None else min(available, max_tokens)

@@ -40,7 +40,8 @@ class EvalArguments:
         default="alpaca",
         metadata={
             "help": "Prompt format: alpaca (paper), chat (tokenizer template) or plain. On the command line the "
-            "default is the format recorded with the model (distillens.json), else alpaca.",
+            "default is the format recorded with the model (distillens.json), else chat when its tokenizer has a chat "
+            "template, else alpaca.",
             "choices": list(PROMPT_TEMPLATES),
         },
     )

@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
 from ..model_facts import check_fits_context, resolve_pad_token_id, tokenizer_adds_bos, truncate_left
+from ..progress import track
 
 
 @dataclass(frozen=True)
@@ -234,8 +234,15 @@ def generate_responses(
     starts = range(0, len(order), batch_size)
     try:
         with torch.inference_mode(), only_generation_config(model, config):
-            for start in tqdm(starts, desc=f"generate (seed {seed})", disable=not show_progress):
-                indices = order[start : start + batch_size]
+            batches = [order[start : start + batch_size] for start in starts]
+            for indices in track(
+                batches,
+                len(order),
+                f"generate (seed {seed})",
+                size=len,
+                unit="prompts",
+                enabled=show_progress,
+            ):
                 input_ids, attention_mask = left_pad([encoded[i] for i in indices], pad_id)
                 output = model.generate(
                     input_ids=input_ids.to(device),

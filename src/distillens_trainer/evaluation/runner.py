@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -138,14 +139,18 @@ def evaluate_files(
 
 
 def run_evaluation(
-    model_args: ModelArguments, args: EvalArguments, settings: GenerationSettings
+    model_args: ModelArguments,
+    args: EvalArguments,
+    settings: GenerationSettings,
+    choose_prompt_format: Callable[..., str] | None = None,
 ) -> dict[str, Any]:
     """Load the model and tokenizer as `model_args` says, evaluate every file of `args` generating with
     `settings`, return the report.
 
     The model is loaded like a student (:func:`~distillens_trainer.loading.load_student`: dtype, GGUF file,
     attn_implementation, trust_remote_code). Runs in a single process on the first CUDA device when one is
-    available, else on the CPU.
+    available, else on the CPU. ``choose_prompt_format(tokenizer=...)``, when given, sets ``args.prompt_template``
+    once the tokenizer has loaded (:func:`~distillens_trainer.model_info.choose_prompt_template`'s rule).
     """
     refuse_existing_report(args)
     from ..loading import load_student, load_student_tokenizer, read_config
@@ -162,6 +167,8 @@ def run_evaluation(
         fix="pass a --max_prompt_length and --max_new_tokens that sum to at most {limit}",
     )
     tokenizer = load_student_tokenizer(model_args)
+    if choose_prompt_format is not None:
+        args.prompt_template = choose_prompt_format(tokenizer=tokenizer)
     model = load_student(model_args)
     model.to("cuda" if torch.cuda.is_available() else "cpu")
     check_finite_weights(model, model_args.model_name_or_path)

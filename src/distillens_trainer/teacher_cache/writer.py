@@ -23,7 +23,6 @@ import pyarrow as pa
 import torch
 from safetensors.torch import save
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.collation import DataCollatorForCompletionOnly
 from ..files import write_json_atomic
@@ -31,6 +30,7 @@ from ..heads import LinearHead, linear_head_refusal, output_linear_head
 from ..layer_map import LayerPair
 from ..lens import LogitLens
 from ..model_facts import forward_accepts, logit_postprocessing, model_vocab_size, with_position_ids
+from ..progress import progress
 from ..response_tokens import response_mask, select_response
 from ..topk_divergence import stored_log_probs, topk_of_logits
 from ..version import __version__
@@ -390,9 +390,7 @@ def write_shards(
             len(mine),
         )
     written = []
-    progress = tqdm(
-        total=sum(len(r) for _, r in todo), desc="caching the teacher", unit="row", disable=not show_progress
-    )
+    bar = progress(sum(len(r) for _, r in todo), "caching the teacher", unit="rows", enabled=show_progress)
     for index, rows_of in todo:
         path = folder / shard_name(index)
         tmp = folder / f".{path.name}.rank{rank}.tmp"
@@ -407,12 +405,12 @@ def write_shards(
                 columns = teacher_row_signals(teacher, lens, head, batch, settings)
                 columns["row_key"] = [r.key for r in batch_rows]
                 stream.write_batch(pa.record_batch([columns[f.name] for f in schema], schema=schema))
-                progress.update(len(batch_rows))
+                bar.update(len(batch_rows))
         # the record first: a shard in place always has one (a record without its shard is harmless)
         _write_bytes_atomic(checksum_path(path), f"{file_sha256(tmp)}\n".encode("ascii"))
         os.replace(tmp, path)
         written.append(index)
-    progress.close()
+    bar.close()
     return written
 
 

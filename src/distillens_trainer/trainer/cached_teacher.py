@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import DistillLensConfig
 from ..heads import LinearHead
-from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
+from ..layer_map import LayerPair, adapted_num_pairs_note, resolve_layer_map, shrunk_kept_layers
 from ..model_facts import DTYPES, model_vocab_size, num_hidden_layers, unwrap_model
 from ..teacher import load_teacher, shared_vocab_size_of_rows
 from ..teacher_cache.format import CacheSettings, tokenizer_fingerprint, weights_fingerprint
@@ -34,6 +34,23 @@ class CachedTeacher:
     @property
     def mode(self) -> str:
         return self.cache.settings.mode
+
+
+LENS_LAYER_FLAGS = ("lens_layer_map", "lens_num_layers", "lens_student_layers", "lens_teacher_layers")
+
+
+def check_layer_map_served(layer_map: Sequence[LayerPair], settings: CacheSettings, where: str) -> None:
+    """ValueError (one line, naming this run's map and the cache's, and the fix) when ``layer_map`` reads a
+    teacher layer the cache does not hold."""
+    missing = sorted({teacher for _, teacher in layer_map} - set(settings.layers))
+    if missing:
+        flags = "/".join(f"--{flag}" for flag in LENS_LAYER_FLAGS)
+        raise ValueError(
+            f"the layer map {[tuple(pair) for pair in layer_map]} reads teacher layers {missing}, which the teacher "
+            f"cache {where} lacks (it was made for the layer map {[tuple(pair) for pair in settings.layer_map]} and "
+            f"holds teacher layers {list(settings.layers)}): drop {flags} to train on the cache's map, or "
+            f"{REBUILD} with the same lens flags as this run."
+        )
 
 
 def check_cache_serves(
@@ -65,12 +82,7 @@ def check_cache_serves(
             args.lens_num_layers,
             kept_layers=shrunk_kept_layers(unwrap_model(student).config, args.lens_layer_map),
         )
-        missing = sorted({teacher for _, teacher in layer_map} - set(settings.layers))
-        if missing:
-            raise ValueError(
-                f"the layer map {layer_map} reads teacher layers {missing}, which the teacher cache {where} lacks (it "
-                f"holds {list(settings.layers)}): {REBUILD} with the same lens flags as this run."
-            )
+        check_layer_map_served(layer_map, settings, where)
         if args.lens_final_norm != settings.lens_final_norm and any(
             t != settings.output_layer for _, t in layer_map
         ):
@@ -133,6 +145,9 @@ def open_cached_teacher(
             args.teacher_model_name_or_path, args.teacher_gguf_file, settings, args.teacher_cache
         )
     head = cache.teacher_head(device) if settings.mode == "hidden" else None
+    note = adapted_num_pairs_note(num_hidden_layers(student), args.lens_num_layers)
+    if layer_map and note is not None and args.lens_student_layers is None:
+        logger.info(note)
     logger.info(
         "DistillLens: teacher read from the %s cache %s (%d rows, teacher layers %s); no teacher model is built.",
         settings.mode,

@@ -22,7 +22,13 @@ from ..diagnostics.profile import evaluation_lens_profile
 from ..evaluation.generation import eos_token_ids
 from ..feature_baseline import FeatureProjector
 from ..fsdp import fsdp_owners, fsdp_version, gather_for_objective, release
-from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
+from ..layer_map import (
+    LayerPair,
+    adapted_num_pairs_note,
+    resolve_layer_map,
+    resolve_student_layers,
+    shrunk_kept_layers,
+)
 from ..lens import LogitLens
 from ..loading import drop_gguf_quantization
 from ..model_card import model_card_text, summary_from_config, write_model_card
@@ -45,6 +51,7 @@ from ..on_policy import (
     sampling_seed,
     window_is_on_policy,
 )
+from ..quiet import hide_deepspeed_cpu_notice
 from ..teacher import resolve_teacher, shared_vocab_size
 from ..teacher_placement import prepare_teacher
 from ..version import __version__
@@ -143,6 +150,9 @@ class DistillLensTrainer(Trainer):
             )
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
+        hide_deepspeed_cpu_notice(
+            not args.deepspeed
+        )  # Trainer.__init__ imports an installed DeepSpeed, even unused
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # 2 under FSDP2, 1 under FSDP v1 (refused with the teacher), None otherwise; FSDP asked for but not running
         # (DDP on a machine without GPUs) is refused here.
@@ -193,6 +203,9 @@ class DistillLensTrainer(Trainer):
                     kept_layers=shrunk_kept_layers(unwrap_model(self.model).config, args.lens_layer_map),
                 )
                 logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
+                note = adapted_num_pairs_note(self.student_lens.num_layers, args.lens_num_layers)
+                if note is not None and args.lens_student_layers is None:
+                    logger.info(note)
             if self.objective_spec.feature_weight > 0:
                 self.feature_projector = self._build_feature_projector()
         self._student_takes_position_ids = forward_accepts(self.model, "position_ids")
