@@ -11,7 +11,8 @@ in one process, on the same hidden states:
   ``[tokens, d] x [d, V]``), plus one fused elementwise JSD pass over ``[tokens, V]`` per pair (``torch.compile``
   of the JSD of two precomputed distributions, timed on one chunk and scaled to every pair and token);
   per-layer log-softmaxes are not counted in it;
-- ``old``: the accumulator of git ``HEAD`` (``--old-tokens`` tokens; it is linear in tokens), and the largest
+- ``old``: the accumulator as it was at git ``--old-rev`` (default ``OLD_REV``, the last commit before it was
+  rebuilt on reused blocks; ``--old-tokens`` tokens, it is linear in tokens), and the largest
   difference between its pair means and the new path's on those tokens.
 
 The forward passes (the same for every variant) are reported apart. Run from the repository root, on a shared
@@ -39,6 +40,7 @@ from distillens_trainer.lens import LogitLens
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+OLD_REV = "7930de6"  # the accumulator that allocated [P, c, V] partner blocks per student row and chunk
 
 
 def smollm2_folder() -> Path | None:
@@ -72,17 +74,17 @@ def build_pair(student_blocks: int, tiny: bool = False) -> tuple[torch.nn.Module
     return student.eval(), teacher.eval(), f"{name}; student: {student_blocks} of its {num_blocks} blocks"
 
 
-def load_head_accumulator() -> type:
-    """``LensProfileAccumulator`` as it is at git ``HEAD`` (the code ``distillens lens`` ran before)."""
+def load_old_accumulator(rev: str) -> type:
+    """``LensProfileAccumulator`` as it was at git ``rev`` (the code ``distillens lens`` ran before)."""
     source = subprocess.run(
-        ["git", "show", "HEAD:src/distillens_trainer/diagnostics/profile.py"],
+        ["git", "show", f"{rev}:src/distillens_trainer/diagnostics/profile.py"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
     name = "distillens_trainer.diagnostics._profile_at_head"
     module = types.ModuleType(name)
     module.__package__ = "distillens_trainer.diagnostics"
     sys.modules[name] = module
-    exec(compile(source, "HEAD:profile.py", "exec"), module.__dict__)
+    exec(compile(source, f"{rev}:profile.py", "exec"), module.__dict__)
     return module.LensProfileAccumulator
 
 
@@ -144,7 +146,8 @@ def floor_seconds(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tokens", type=int, default=256)
-    parser.add_argument("--old-tokens", type=int, default=64, help="tokens for the HEAD path (0: skip it)")
+    parser.add_argument("--old-tokens", type=int, default=64, help="tokens for the old path (0: skip it)")
+    parser.add_argument("--old-rev", default=OLD_REV, help="git revision of the old accumulator")
     parser.add_argument("--student-blocks", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of the floor's fused JSD")
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.old_tokens > 0:
         old_tokens = min(args.old_tokens, args.tokens)
-        old = load_head_accumulator()(LogitLens(student), LogitLens(teacher), vocab_size)
+        old = load_old_accumulator(args.old_rev)(LogitLens(student), LogitLens(teacher), vocab_size)
         old_s, _ = timed(old.add, student_hidden, teacher_hidden, labels, max_tokens=old_tokens)
         same = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size)
         same_s, _ = timed(same.add, student_hidden, teacher_hidden, labels, max_tokens=old_tokens)
@@ -205,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             abs(a - b) for a, b in zip(old.means()["pairs"]["jsd"], same.means()["pairs"]["jsd"], strict=True)
         ]
         results["old"] = {
+            "rev": args.old_rev,
             "tokens": old_tokens,
             "seconds": old_s,
             "chunk_size": old.chunk_size,
@@ -241,7 +245,7 @@ def render(results: dict) -> str:
     if old is not None:
         per_token = old["seconds"] / old["tokens"] * results["tokens"]
         lines += [
-            f"| old (git HEAD, chunk {old['chunk_size']}; {old['tokens']} tokens, scaled) | {per_token:.1f} | "
+            f"| old (git {old['rev']}, chunk {old['chunk_size']}; {old['tokens']} tokens, scaled) | {per_token:.1f} | "
             f"{old['tokens_per_s']:.2f} | {per_token / floor['total_s']:.2f} |",
             "",
             f"On the same {old['tokens']} tokens: old {old['seconds']:.1f} s, new {old['new_seconds_same_tokens']:.1f} s "
