@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 import subprocess
 import sys
 
@@ -60,7 +61,9 @@ def test_importing_the_package_keeps_an_unused_deepspeed_quiet(uses_deepspeed):
     if uses_deepspeed:  # what the entry point and DistillLensTrainer do for a run that sets deepspeed
         code += "distillens_trainer.quiet.hide_deepspeed_cpu_notice(False)\n"
     code += "import deepspeed\n"
+    # DS_ACCELERATOR (which an in-process CLI test may have set, commands/process.py) silences the notice itself
+    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
     done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True, env=env
     )
     assert (DEEPSPEED_CPU_NOTICE in done.stdout + done.stderr) is uses_deepspeed
