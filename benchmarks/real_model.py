@@ -479,8 +479,9 @@ def run_file(args: RealModelArguments, method: str, seed: int | None) -> Path:
     )
 
 
-def check_settings(args: RealModelArguments) -> None:
-    """Resume only into an output_dir that holds runs of the same settings."""
+def check_settings(args: Any) -> None:
+    """Resume only into an output_dir that holds runs of the same settings (``args.fingerprint()``; also used by
+    ``real_model_round3.py``)."""
     path = Path(args.output_dir) / "settings.json"
     current = json.loads(json.dumps(args.fingerprint()))
     if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != current:
@@ -587,11 +588,13 @@ def plot_lens_jsd(methods: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-def _mean_std_cell(entry: dict[str, Any] | None, digits: int) -> str:
+def mean_std_cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
+    """``mean ± std`` of a summary entry, or ``-``."""
     return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if entry else "-"
 
 
-def _interval_cell(diff: dict[str, Any] | None, digits: int) -> str:
+def interval_cell(diff: dict[str, Any] | None, digits: int = 2) -> str:
+    """``mean [low, high]`` of a paired difference, or ``-``."""
     if diff is None:
         return "-"
     low, high = diff["ci95"]
@@ -608,7 +611,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|",
     ]
     for name, entry in report["methods"].items():
-        cells = [_mean_std_cell(entry.get(metric), places) for metric, places in digits.items()]
+        cells = [mean_std_cell(entry.get(metric), places) for metric, places in digits.items()]
         lines.append(f"| {name} | {' | '.join(cells)} | {len(entry['seeds'])} |")
     lines += [
         "",
@@ -616,7 +619,7 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, diff in report["paired"].items():
-        cells = [_interval_cell(diff.get(metric), places) for metric, places in digits.items()]
+        cells = [interval_cell(diff.get(metric), places) for metric, places in digits.items()]
         lines.append(f"| {name} | {' | '.join(cells)} |")
     if report.get("pending"):
         runs = ", ".join(

@@ -50,7 +50,16 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import mean_std, paired_difference
-from real_model import autocast, cpu_has_fast_bf16, teacher_source, tokenize, weights_digest
+from real_model import (
+    autocast,
+    check_settings,
+    cpu_has_fast_bf16,
+    interval_cell,
+    mean_std_cell,
+    teacher_source,
+    tokenize,
+    weights_digest,
+)
 
 from distillens_trainer.data import build_prompt
 from distillens_trainer.demo import (
@@ -733,17 +742,6 @@ def settings_of(study: Round3) -> dict[str, Any]:
     }
 
 
-def _cell(entry: dict[str, Any] | None, digits: int = 2) -> str:
-    return f"{entry['mean']:.{digits}f} ± {entry['std']:.{digits}f}" if entry else "-"
-
-
-def _interval(diff: dict[str, Any] | None, digits: int = 2) -> str:
-    if diff is None:
-        return "-"
-    low, high = diff["ci95"]
-    return f"{diff['mean']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
-
-
 def markdown(report: dict[str, Any]) -> str:
     """``results.md``: greedy ROUGE-L per set, sampled ROUGE-L, teacher-forced scores, paired differences."""
     sets = " | ".join(METRIC_KEYS)
@@ -756,7 +754,7 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     lines += [f"| method | lr | seeds | {sets} |", bar]
     for name, entry in report["methods"].items():
-        cells = " | ".join(_cell(entry["rougeL"][key]) for key in METRIC_KEYS)
+        cells = " | ".join(mean_std_cell(entry["rougeL"][key]) for key in METRIC_KEYS)
         lines.append(f"| {name} | {entry.get('learning_rate', '-')} | {len(entry['seeds'])} | {cells} |")
     sampled = {n: e for n, e in report["methods"].items() if "sampled_rougeL" in e}
     if sampled:
@@ -768,7 +766,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines += [f"| method | {sets} |", "|---" * (len(METRIC_KEYS) + 1) + "|"]
         for name, entry in sampled.items():
             lines.append(
-                f"| {name} | " + " | ".join(_cell(entry["sampled_rougeL"][key]) for key in METRIC_KEYS) + " |"
+                f"| {name} | "
+                + " | ".join(mean_std_cell(entry["sampled_rougeL"][key]) for key in METRIC_KEYS)
+                + " |"
             )
     lines += [
         "",
@@ -779,7 +779,9 @@ def markdown(report: dict[str, Any]) -> str:
     ]
     for name, entry in report["methods"].items():
         if "output_jsd" in entry:
-            lines.append(f"| {name} | {_cell(entry['output_jsd'], 4)} | {_cell(entry['validation_ce'], 3)} |")
+            lines.append(
+                f"| {name} | {mean_std_cell(entry['output_jsd'], 4)} | {mean_std_cell(entry['validation_ce'], 3)} |"
+            )
     if report["paired"]:
         lines += [
             "",
@@ -791,9 +793,9 @@ def markdown(report: dict[str, Any]) -> str:
             "|---" * (len(METRIC_KEYS) + 3) + "|",
         ]
         for name, diff in report["paired"].items():
-            cells = " | ".join(_interval(diff["rougeL"][key]) for key in METRIC_KEYS)
+            cells = " | ".join(interval_cell(diff["rougeL"][key]) for key in METRIC_KEYS)
             lines.append(
-                f"| {name} | {cells} | {_interval(diff['output_jsd'], 4)} | {_interval(diff['validation_ce'], 3)} |"
+                f"| {name} | {cells} | {interval_cell(diff['output_jsd'], 4)} | {interval_cell(diff['validation_ce'], 3)} |"
             )
     settings = report["settings"]
     lines += ["", f"Prompts per set: {settings['prompts_per_set']}; learning rates: {settings['learning_rates']}.",
@@ -862,16 +864,6 @@ def write_report(study: Round3) -> dict[str, Any]:
     plot_per_set(report["methods"], study.root / "rouge_per_set.png")
     plot_lens_jsd(report["methods"], study.root / "lens_jsd.png")
     return report
-
-
-def check_settings(args: Round3Arguments) -> None:
-    """Resume only into an output_dir that holds records of the same settings."""
-    path = Path(args.output_dir) / "settings.json"
-    current = json.loads(json.dumps(args.fingerprint()))
-    if path.is_file() and json.loads(path.read_text(encoding="utf-8")) != current:
-        raise ValueError(f"output_dir={args.output_dir!r} holds records with other settings ({path}): finish them "
-                         "with the same flags, or choose another output_dir.")  # fmt: skip
-    write_json_atomic(path, current)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,12 +80,10 @@ def write_json_atomic(path: str | os.PathLike[str], payload: Any, *, allow_nan: 
     return write_text_atomic(path, text + "\n")
 
 
-def nearest_existing(path: Path) -> Path:
+def nearest_existing(path: str | os.PathLike[str]) -> Path:
     """``path`` itself or its closest ancestor that exists (what creating ``path`` would write into)."""
-    current = path.absolute()
-    while not current.exists() and current.parent != current:
-        current = current.parent
-    return current
+    missing = missing_folders(path)
+    return missing[-1].parent if missing else Path(path).absolute()
 
 
 def check_output_dir(output_dir: str | os.PathLike[str], *, allowed: bool, how_to_allow: str) -> None:

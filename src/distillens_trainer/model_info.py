@@ -25,6 +25,8 @@ from .version import __version__
 logger = logging.getLogger(__name__)
 
 MODEL_INFO_NAME = "distillens.json"
+# The run record `distillens train` writes into its output folder: the resolved config of the run.
+RESOLVED_CONFIG_NAME = "distillens_config.json"
 DEFAULT_PROMPT_TEMPLATE = "alpaca"
 
 

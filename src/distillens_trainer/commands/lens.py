@@ -27,7 +27,7 @@ from ..files import check_output_dir, overwrite_output_dir_field, write_json_ato
 from ..layer_map import LAYER_MAPS, LayerPair, check_layer_map_choice, resolve_layer_map, shrunk_kept_layers
 from ..loading import ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_contexts, freeze, num_hidden_layers
-from ..model_info import choose_prompt_template
+from ..model_info import RESOLVED_CONFIG_NAME, choose_prompt_template
 from ..objective_spec import check_temperature_and_beta
 from ..teacher import (
     load_teacher,
@@ -41,9 +41,6 @@ from .parsing import given_fields, parse_command
 logger = logging.getLogger(__name__)
 
 REPORT_NAME = "lens.json"
-# The run record `distillens train` writes into the student's folder (commands.train.RESOLVED_CONFIG_NAME; a
-# test keeps the two equal: importing the train command here would put this one a floor above it).
-TRAINING_RECORD_NAME = "distillens_config.json"
 LAYER_MAP_FIELDS = ("lens_layer_map", "lens_num_layers", "lens_student_layers", "lens_teacher_layers")
 
 
@@ -170,7 +167,7 @@ def recorded_layer_map_settings(model_name_or_path: str | None) -> dict[str, Any
         return None
     folder = Path(model_name_or_path)
     for candidate in (folder, folder.parent if folder.name.startswith("checkpoint-") else None):
-        path = candidate / TRAINING_RECORD_NAME if candidate is not None else None
+        path = candidate / RESOLVED_CONFIG_NAME if candidate is not None else None
         if path is None or not path.is_file():
             continue
         try:
@@ -196,7 +193,7 @@ def layer_map_settings(args: LensArguments, model_name_or_path: str | None) -> d
     if recorded is not None:
         logger.info(
             "layer map as recorded with the student (%s): %s",
-            TRAINING_RECORD_NAME,
+            RESOLVED_CONFIG_NAME,
             ", ".join(f"{name}={value}" for name, value in recorded.items() if value is not None),
         )
         return recorded

@@ -27,7 +27,13 @@ from ..files import (
 from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
 from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
 from ..model_facts import check_fits_context, config_num_layers
-from ..model_info import MODEL_INFO_NAME, choose_prompt_template, decided_prompt_template, write_model_info
+from ..model_info import (
+    MODEL_INFO_NAME,
+    RESOLVED_CONFIG_NAME,
+    choose_prompt_template,
+    decided_prompt_template,
+    write_model_info,
+)
 from ..teacher import read_teacher_config
 from ..teacher_cache.format import CacheSettings
 from ..teacher_cache.reader import checked_manifest
@@ -38,8 +44,6 @@ from .parsing import given_fields, parse_command
 from .process import check_launched_world_size, quiet_deepspeed_accelerator_detection
 
 logger = logging.getLogger(__name__)
-
-RESOLVED_CONFIG_NAME = "distillens_config.json"
 
 
 @dataclass
