@@ -67,6 +67,7 @@ from .inputs import (
 from .nonfinite import (
     NonFiniteEvent,
     NonFiniteTrainingError,
+    StepCounts,
     all_finite,
     describe_tensors,
     drop_update,
@@ -244,7 +245,7 @@ class DistillLensTrainer(Trainer):
         # The non-finite guard (nonfinite.py): the first non-finite micro-batch of the current optimizer step, and
         # the steps taken / skipped since the last training log and in this train() call.
         self._nonfinite_event: NonFiniteEvent | None = None
-        self._guard_counts: dict[str, int] = defaultdict(int)
+        self._step_counts = StepCounts()
         self.add_callback(NonFiniteGuard(self))
         self.sampling: SamplingSettings | None = None
         if args.generates_completions:
@@ -627,8 +628,7 @@ class DistillLensTrainer(Trainer):
         )
         if self.accelerator.num_processes > 1:  # every process takes the same decision
             flags = self.accelerator.reduce(flags.float().to(self.args.device), reduction="sum").cpu() > 0
-        self._guard_counts["window_steps"] += 1
-        self._guard_counts["run_steps"] += 1
+        self._step_counts.count_step()
         if not flags[0]:
             return
         event = event or NonFiniteEvent(self.state.global_step + 1)
@@ -649,31 +649,8 @@ class DistillLensTrainer(Trainer):
             scaled and not all_finite(gradients)
         ):  # the scaler skips a step with non-finite gradients itself
             drop_update(self.optimizer)
-        self._guard_counts["window_skipped"] += 1
-        self._guard_counts["run_skipped"] += 1
+        self._step_counts.count_skip()
         logger.warning("nonfinite_policy='skip': skipped %s (no update applied).", line)
-
-    def _correct_for_skipped_steps(self, logs: dict[str, float]) -> None:
-        """Under ``nonfinite_policy="skip"``: ``loss`` (and ``train_loss``) as means over the applied steps, and
-        the number of skipped steps (``skipped_steps``, ``train_skipped_steps``); a window whose every step was
-        skipped logs no ``loss`` (never 0.0)."""
-        if self.args.nonfinite_policy != "skip":
-            return
-        counts = self._guard_counts
-        for key, steps, skipped, name in (
-            ("loss", "window_steps", "window_skipped", "skipped_steps"),
-            ("train_loss", "run_steps", "run_skipped", "train_skipped_steps"),
-        ):
-            if key not in logs:
-                continue
-            applied = counts[steps] - counts[skipped]
-            if counts[skipped] and applied > 0:
-                logs[key] *= counts[steps] / applied
-            elif counts[skipped]:
-                del logs[key]
-            logs[name] = counts[skipped]
-            if key == "loss":
-                counts[steps] = counts[skipped] = 0
 
     # ----------------------------------------------------------------------------------------- logging
     def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:
@@ -727,11 +704,9 @@ class DistillLensTrainer(Trainer):
         self._train_steps_seen.clear()
         self._window_stats.clear()
         self._nonfinite_event = None
-        self._guard_counts.clear()
+        self._step_counts = StepCounts()
         output = super().train(resume_from_checkpoint, *args, **kwargs)
-        if self._guard_counts[
-            "run_skipped"
-        ]:  # train_loss over the applied steps (see _correct_for_skipped_steps)
+        if self._step_counts.run_skipped:  # train_loss over the applied steps (StepCounts.correct_logs)
             output = TrainOutput(
                 output.global_step, output.metrics.get("train_loss", math.nan), output.metrics
             )
@@ -748,7 +723,8 @@ class DistillLensTrainer(Trainer):
         if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
             logs.update(self._pop_train_terms())
             logs.update(self._pop_window_stats())
-        self._correct_for_skipped_steps(logs)
+        if self.args.nonfinite_policy == "skip":
+            self._step_counts.correct_logs(logs)
         super().log(logs, start_time)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):

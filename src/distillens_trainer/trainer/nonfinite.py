@@ -223,3 +223,40 @@ def drop_update(optimizer: torch.optim.Optimizer) -> None:
     for group in optimizer.param_groups:
         for parameter in group["params"]:
             parameter.grad = None
+
+
+@dataclass
+class StepCounts:
+    """Optimizer steps taken and skipped under ``nonfinite_policy="skip"``, since the last training log (``window_``)
+    and in this ``train()`` call (``run_``)."""
+
+    window_steps: int = 0
+    window_skipped: int = 0
+    run_steps: int = 0
+    run_skipped: int = 0
+
+    def count_step(self) -> None:
+        self.window_steps += 1
+        self.run_steps += 1
+
+    def count_skip(self) -> None:
+        self.window_skipped += 1
+        self.run_skipped += 1
+
+    def correct_logs(self, logs: dict[str, float]) -> None:
+        """``loss`` (and ``train_loss``) as means over the applied steps, with the number of skipped steps
+        (``skipped_steps``, ``train_skipped_steps``); a window whose every step was skipped logs no ``loss`` (never
+        0.0). A training log (one with ``loss``) starts the next window."""
+        for key, steps, skipped, name in (
+            ("loss", self.window_steps, self.window_skipped, "skipped_steps"),
+            ("train_loss", self.run_steps, self.run_skipped, "train_skipped_steps"),
+        ):
+            if key not in logs:
+                continue
+            if skipped and steps > skipped:
+                logs[key] *= steps / (steps - skipped)
+            elif skipped:
+                del logs[key]
+            logs[name] = skipped
+        if "loss" in logs or "skipped_steps" in logs:
+            self.window_steps = self.window_skipped = 0
