@@ -25,8 +25,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import header_lines, new_results, setup_torch, write_results
 
-from distillens_trainer.fused import FusedJob, fused_head_loss, resolve_chunk_size
-from distillens_trainer.heads import LinearHead
+from distillens_trainer.loss.fused import FusedJob, fused_head_loss, resolve_chunk_size
+from distillens_trainer.loss.heads import LinearHead
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 

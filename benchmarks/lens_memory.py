@@ -47,9 +47,9 @@ from _measure import (
     write_results,
 )
 
-from distillens_trainer.fused import resolve_chunk_size
-from distillens_trainer.fused_math import CHUNK_BLOCKS
-from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, check_chunk_size
+from distillens_trainer.loss.fused import resolve_chunk_size
+from distillens_trainer.loss.fused_math import CHUNK_BLOCKS
+from distillens_trainer.loss.spec import DEFAULT_CHUNK_SIZE, check_chunk_size
 
 SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
@@ -71,7 +71,7 @@ CLOCK_KEYS = {"wall": "forward_backward_s", "cpu": "forward_backward_cpu_s"}
 def fused_lens_sum(inputs: dict, chunk_size: int, compiled: bool):
     """Σ over response tokens, mean over pairs, of D_lens through the fused chunked head (scalar fp32), with the
     jobs ``DistillLensObjective`` builds for the lens term."""
-    from distillens_trainer.fused import FusedJob, fused_head_loss
+    from distillens_trainer.loss.fused import FusedJob, fused_head_loss
 
     student_lens, teacher_lens, spec = inputs["student_lens"], inputs["teacher_lens"], inputs["spec"]
     teacher_head, pairs = teacher_lens.linear_head(), inputs["layer_map"]
@@ -104,7 +104,7 @@ def build_inputs(opts: argparse.Namespace, vocab: int, tokens: int, hidden: int)
     import torch
 
     from distillens_trainer import LogitLens, ObjectiveSpec, resolve_layer_map
-    from distillens_trainer.response_tokens import response_mask, select_response
+    from distillens_trainer.loss.response_tokens import response_mask, select_response
 
     dtype = getattr(torch, opts.dtype)
     rows = max(1, tokens // 512)
@@ -137,7 +137,7 @@ def build_inputs(opts: argparse.Namespace, vocab: int, tokens: int, hidden: int)
 
 
 def straightforward_lens_sum(inputs: dict):
-    from distillens_trainer.reference import lens_pair_sum
+    from distillens_trainer.loss.reference import lens_pair_sum
 
     sums = [
         lens_pair_sum(

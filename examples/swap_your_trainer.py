@@ -22,13 +22,13 @@ import datasets
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
+from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.data import (
     DataCollatorForCompletionOnly,
     format_alpaca_prompt,
     tokenize_prompt_completion,
 )
-from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 
 TASKS = ["copy_text", "compare_numbers", "letter_facts"]
 

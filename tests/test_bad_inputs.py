@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
+from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.cli import main
-from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 
 from conftest import tiny_llama
 

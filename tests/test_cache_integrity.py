@@ -16,8 +16,8 @@ from test_teacher_cache import (
     _shard_digests,
 )
 
-from distillens_trainer.teacher_cache import writer as writer_module
-from distillens_trainer.teacher_cache.format import (
+from distillens_trainer.teacher.cache import writer as writer_module
+from distillens_trainer.teacher.cache.format import (
     HEAD_NAME,
     MANIFEST_NAME,
     SHARD_GLOB,
@@ -25,7 +25,7 @@ from distillens_trainer.teacher_cache.format import (
     batch_row_keys,
     file_sha256,
 )
-from distillens_trainer.teacher_cache.reader import TeacherCache
+from distillens_trainer.teacher.cache.reader import TeacherCache
 
 from conftest import DATA_DIR, PAD_ID, pad_batch, shared_path, tiny_llama, token_rows
 

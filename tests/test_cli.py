@@ -13,8 +13,8 @@ from distillens_trainer.cli import main
 from distillens_trainer.commands.parsing import parse_command
 from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME, TRAIN_ARGUMENTS
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.layer_map import resolve_layer_map
-from distillens_trainer.loading import ModelArguments
+from distillens_trainer.loss.layer_map import resolve_layer_map
+from distillens_trainer.models.loading import ModelArguments
 
 from conftest import DATA_DIR, shared_path
 
@@ -213,7 +213,7 @@ def test_sft_then_distil_then_evaluate_from_the_command_line(gpt2_cli_models, tm
 
 def test_use_peft_loads_a_lora_student(tmp_path):
     pytest.importorskip("peft")
-    from distillens_trainer.loading import LoraArguments, load_student
+    from distillens_trainer.models.loading import LoraArguments, load_student
 
     from conftest import tiny_llama
 

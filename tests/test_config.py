@@ -10,8 +10,8 @@ import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.fused import resolve_chunk_size
-from distillens_trainer.objective_spec import ObjectiveSpec
+from distillens_trainer.loss.fused import resolve_chunk_size
+from distillens_trainer.loss.spec import ObjectiveSpec
 
 DISTILLENS_FIELDS = sorted(
     {f.name for f in dataclasses.fields(DistillLensConfig)}

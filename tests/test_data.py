@@ -24,7 +24,7 @@ from distillens_trainer.data import (
     to_prompt_completion,
     tokenize_prompt_completion,
 )
-from distillens_trainer.model_facts import IGNORE_INDEX
+from distillens_trainer.models.facts import IGNORE_INDEX
 
 from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
 

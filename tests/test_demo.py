@@ -12,10 +12,7 @@ import pytest
 import torch
 import transformers
 
-from distillens_trainer import cli
-from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
-from distillens_trainer.data import DataCollatorForCompletionOnly
-from distillens_trainer.demo import (
+from distillens_demo import (
     FIGURE_NAMES,
     INIT_NAME,
     PRESETS,
@@ -24,7 +21,7 @@ from distillens_trainer.demo import (
     lens_divergence_profile,
     output_summary,
 )
-from distillens_trainer.demo.arguments import (
+from distillens_demo.arguments import (
     BENCHMARK_EXACT_MATCH_RANGES,
     BENCHMARK_SEEDS,
     DEMO_MARKER_NAME,
@@ -35,15 +32,15 @@ from distillens_trainer.demo.arguments import (
     SMOKE_NOTE,
     TEACHER_INFO_NAME,
 )
-from distillens_trainer.demo.cache import teacher_cache_path
-from distillens_trainer.demo.run import _reading_notes, check_demo_output_dir
-from distillens_trainer.demo.suite import (
+from distillens_demo.cache import teacher_cache_path
+from distillens_demo.run import _reading_notes, check_demo_output_dir
+from distillens_demo.suite import (
     default_max_new_tokens,
     format_example,
     generate_examples,
     train_suite_tokenizer,
 )
-from distillens_trainer.demo.training import (
+from distillens_demo.training import (
     Suite,
     TrainingProgress,
     explicit_lens_layers,
@@ -51,8 +48,11 @@ from distillens_trainer.demo.training import (
     on_policy_means,
     tokenize_examples,
 )
-from distillens_trainer.layer_map import resolve_layer_map
-from distillens_trainer.model_info import recorded_prompt_template
+from distillens_trainer import cli
+from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
+from distillens_trainer.data import DataCollatorForCompletionOnly
+from distillens_trainer.loss.layer_map import resolve_layer_map
+from distillens_trainer.models.info import recorded_prompt_template
 
 from conftest import tiny_llama
 

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from distillens_trainer.demo import DemoArguments, get_student_init, get_teacher, train_student
-from distillens_trainer.demo.arguments import METHOD_DESCRIPTIONS, METHODS
-from distillens_trainer.demo.training import get_teacher_signals, method_objective
-from distillens_trainer.teacher_cache import writer
+from distillens_demo import DemoArguments, get_student_init, get_teacher, train_student
+from distillens_demo.arguments import METHOD_DESCRIPTIONS, METHODS
+from distillens_demo.training import get_teacher_signals, method_objective
+from distillens_trainer.teacher.cache import writer
 
 CACHE_METHODS = ("distillens_hidden", "distillens_topk8", "distillens_topk32", "distillens_topk128")
 

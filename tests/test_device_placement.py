@@ -17,17 +17,17 @@ from device_harness import (
 )
 
 from distillens_trainer import on_policy
-from distillens_trainer.divergences import DIVERGENCE_NAMES, token_divergence
-from distillens_trainer.fused import FusedJob, fused_head_loss
-from distillens_trainer.heads import LinearHead
-from distillens_trainer.teacher_cache.reader import TeacherCache
-from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
-from distillens_trainer.topk_divergence import (
+from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
+from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.heads import LinearHead
+from distillens_trainer.loss.topk import (
     TopKDistribution,
     stored_log_probs,
     topk_divergence,
     topk_of_logits,
 )
+from distillens_trainer.teacher.cache.reader import TeacherCache
+from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
 
 from conftest import EOS_ID, PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 

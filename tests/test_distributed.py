@@ -36,13 +36,13 @@ from torch import nn
 
 from distillens_trainer import cli
 from distillens_trainer.commands.process import end_process_group
-from distillens_trainer.fsdp import decoder_layer_classes, fsdp_version
-from distillens_trainer.on_policy import window_is_on_policy
-from distillens_trainer.teacher_placement import (
+from distillens_trainer.distributed.fsdp import decoder_layer_classes, fsdp_version
+from distillens_trainer.teacher.placement import (
     is_zero3_enabled,
     prepare_teacher,
     teacher_zero3_config,
 )
+from distillens_trainer.trainer.on_policy import window_is_on_policy
 
 from conftest import load_tiny_training_script
 
@@ -657,7 +657,7 @@ def test_zero3_teacher_cache_run_follows_the_single_process_online_losses(
 @distributed
 def test_cache_teacher_under_torchrun_writes_each_ranks_shards_and_equals_one_process(models, tmp_path):
     from distillens_trainer.cli import main
-    from distillens_trainer.teacher_cache.reader import TeacherCache
+    from distillens_trainer.teacher.cache.reader import TeacherCache
 
     rows = [
         {"instruction": f"Repeat w{i}", "input": "", "output": f"w{i} w{i + 1} w{i + 2}"} for i in range(10)
@@ -712,7 +712,7 @@ def test_cache_teacher_under_torchrun_writes_each_ranks_shards_and_equals_one_pr
     from distillens_trainer.data.arguments import DataArguments
     from distillens_trainer.data.building import build_datasets
     from distillens_trainer.data.collation import DataCollatorForCompletionOnly
-    from distillens_trainer.loading import load_tokenizer
+    from distillens_trainer.models.loading import load_tokenizer
 
     tokenizer = load_tokenizer(str(models / "student"))
     data = DataArguments(

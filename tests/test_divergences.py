@@ -1,4 +1,4 @@
-"""Tests for ``distillens_trainer.divergences.token_divergence``.
+"""Tests for ``distillens_trainer.loss.divergences.token_divergence``.
 
 Hand-computed values on 2- and 3-token vocabularies pin the conventions (which side is which, β's
 side, no T² rescale); a naive float64 reference pins everything else over shapes and dtypes.
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from distillens_trainer.divergences import DIVERGENCE_NAMES, token_divergence
+from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
 
 NAMES = ("fkl", "rkl", "skl", "jsd", "tvd")
 LN2 = math.log(2.0)

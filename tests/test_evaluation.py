@@ -26,8 +26,8 @@ from distillens_trainer.evaluation import (
     run_evaluation,
     unique_file_names,
 )
-from distillens_trainer.loading import ModelArguments
-from distillens_trainer.model_facts import IGNORE_INDEX, truncate_left
+from distillens_trainer.models.facts import IGNORE_INDEX, truncate_left
+from distillens_trainer.models.loading import ModelArguments
 
 from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
 

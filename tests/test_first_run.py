@@ -27,7 +27,7 @@ from distillens_trainer.commands.train import (
 )
 from distillens_trainer.evaluation import EvalArguments
 from distillens_trainer.evaluation import output_summary as eval_summary
-from distillens_trainer.model_info import (
+from distillens_trainer.models.info import (
     MODEL_INFO_NAME,
     choose_prompt_template,
     recorded_prompt_template,
@@ -81,7 +81,7 @@ def test_given_fields_reads_flags_negative_flags_and_config_files(tmp_path):
 # --------------------------------------------------------------------------------------- quiet start
 def test_importing_the_package_and_asking_for_help_does_not_import_deepspeed():
     code = (
-        "import sys\nfrom distillens_trainer.cli import main\nimport distillens_trainer.demo\n"
+        "import sys\nfrom distillens_trainer.cli import main\nimport distillens_demo\n"
         "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
         "print('DEEPSPEED' if 'deepspeed' in sys.modules else 'NO DEEPSPEED', file=sys.stderr)\n"
     )

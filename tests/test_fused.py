@@ -13,11 +13,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
-from distillens_trainer.divergences import token_divergence
-from distillens_trainer.fused import FusedJob, fused_head_loss
-from distillens_trainer.fused_math import divergence_chunk, postprocess
-from distillens_trainer.heads import LinearHead
-from distillens_trainer.lens import LogitLens
+from distillens_trainer.loss.divergences import token_divergence
+from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.fused_math import divergence_chunk, postprocess
+from distillens_trainer.loss.heads import LinearHead
+from distillens_trainer.loss.lens import LogitLens
 
 from conftest import TINY_VOCAB, assert_close_to_reference, pad_batch, tiny_llama, token_rows
 
@@ -505,7 +505,7 @@ def test_a_head_that_is_not_a_plain_linear_falls_back_and_says_why(tmp_path, cap
     student.get_output_embeddings = lambda: student.lm_head
     assert LogitLens(student).linear_head() is None
     batch = pad_batch(token_rows(4, seed=3))
-    with caplog.at_level("INFO", logger="distillens_trainer.objective"):
+    with caplog.at_level("INFO", logger="distillens_trainer.loss.objective"):
         fused = _step(tmp_path, student, teacher, batch, 5)
     reference = _step(tmp_path, student, teacher, batch, 0)
     torch.testing.assert_close(fused[0], reference[0])
@@ -553,7 +553,7 @@ def test_the_branch_free_chunk_math_used_under_compile_is_the_same(name):
 
 
 def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
-    import distillens_trainer.fused as fused_module
+    import distillens_trainer.loss.fused as fused_module
 
     def broken_compile(*args, **kwargs):
         def compiled(*call_args, **call_kwargs):
@@ -567,7 +567,7 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch,
     student_head, teacher_head = _heads()
     student_input, teacher_input = _inputs()
     kwargs = {"divergence": "jsd", "vocab_size": V, "chunk_size": 10}
-    with caplog.at_level("WARNING", logger="distillens_trainer.fused"):
+    with caplog.at_level("WARNING", logger="distillens_trainer.loss.fused"):
         compiled = [
             fused_divergence_sum(
                 student_input, teacher_input, student_head, teacher_head, compile_math=True, **kwargs

@@ -1,4 +1,4 @@
-"""Tests for ``distillens_trainer.layer_map.resolve_layer_map``."""
+"""Tests for ``distillens_trainer.loss.layer_map.resolve_layer_map``."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from distillens_trainer.layer_map import (
+from distillens_trainer.loss.layer_map import (
     adapted_num_pairs_note,
     default_num_pairs,
     resolve_layer_map,

@@ -11,7 +11,7 @@ import transformers
 from torch import nn
 
 from distillens_trainer import LogitLens
-from distillens_trainer.model_facts import unwrap_model
+from distillens_trainer.models.facts import unwrap_model
 
 from conftest import assert_close_to_reference
 

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
+from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.cli import main
-from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.diagnostics.figures import figure_pixels
 from distillens_trainer.diagnostics.profile import LensProfileAccumulator
 from distillens_trainer.diagnostics.report import SCHEMA, profile_models
-from distillens_trainer.divergences import token_divergence
-from distillens_trainer.lens import LogitLens
-from distillens_trainer.response_tokens import response_mask, select_response
+from distillens_trainer.loss.divergences import token_divergence
+from distillens_trainer.loss.lens import LogitLens
+from distillens_trainer.loss.response_tokens import response_mask, select_response
 
 from conftest import PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
@@ -262,7 +262,7 @@ def test_lens_command_profiles_a_student_alone(workspace, tmp_path):
 def test_lens_command_reads_the_data_in_the_prompt_format_recorded_with_the_student(workspace, tmp_path):
     import shutil
 
-    from distillens_trainer.model_info import write_model_info
+    from distillens_trainer.models.info import write_model_info
 
     shutil.copytree(workspace / "student", tmp_path / "student")
     write_model_info(tmp_path / "student", prompt_template="plain")
@@ -492,10 +492,10 @@ def test_progress_advances_by_the_tokens_of_each_chunk():
 
 
 def _shrunk_student(workspace: Path, folder: Path, keep: list[int]) -> Path:
-    """A student cut from the workspace's 4-block teacher with ``distillens_trainer.shrink.shrink_model``."""
+    """A student cut from the workspace's 4-block teacher with ``distillens_trainer.models.shrink.shrink_model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillens_trainer.shrink import shrink_model
+    from distillens_trainer.models.shrink import shrink_model
 
     teacher = AutoModelForCausalLM.from_pretrained(workspace / "teacher")
     shrink_model(teacher, keep).save_pretrained(folder)
@@ -504,7 +504,7 @@ def _shrunk_student(workspace: Path, folder: Path, keep: list[int]) -> Path:
 
 
 def test_lens_layer_map_shrunk_maps_the_pairs_a_shrunk_student_was_cut_from(workspace, tmp_path):
-    from distillens_trainer.layer_map import resolve_layer_map
+    from distillens_trainer.loss.layer_map import resolve_layer_map
 
     _shrunk_student(workspace, tmp_path / "shrunk", [0, 2, 3])
     argv = _lens_argv(workspace, tmp_path / "out", "--lens_layer_map", "shrunk", "--max_tokens", "20")

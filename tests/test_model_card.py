@@ -1,4 +1,4 @@
-"""Tests for ``distillens_trainer.model_card``: the README.md written beside a distilled student."""
+"""Tests for ``distillens_trainer.trainer.model_card``: the README.md written beside a distilled student."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
-from distillens_trainer.model_card import (
+from distillens_trainer.trainer.model_card import (
     DISTILLENS_CITATION,
     MODEL_CARD_TAGS,
     DistillationSummary,

@@ -1,4 +1,4 @@
-"""Model and tokenizer facts read in one place (``distillens_trainer.model_facts``)."""
+"""Model and tokenizer facts read in one place (``distillens_trainer.models.facts``)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from torch import nn
 from distillens_trainer import model_facts as modeling
 from distillens_trainer.commands.shrink import ShrinkArguments
 from distillens_trainer.config import DistillLensConfig
-from distillens_trainer.loading import ModelArguments
+from distillens_trainer.models.loading import ModelArguments
 
 from conftest import tiny_llama
 

@@ -11,7 +11,7 @@ import transformers
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
-from distillens_trainer.loading import (
+from distillens_trainer.models.loading import (
     ModelArguments,
     drop_gguf_quantization,
     is_gguf_model,

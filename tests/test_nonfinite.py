@@ -13,12 +13,12 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
+from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
-from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
-from distillens_trainer.heads import LinearHead
-from distillens_trainer.objective_spec import MIN_TEMPERATURE, ObjectiveSpec
-from distillens_trainer.teacher_signals import TeacherSignals
+from distillens_trainer.loss.heads import LinearHead
+from distillens_trainer.loss.spec import MIN_TEMPERATURE, ObjectiveSpec
+from distillens_trainer.loss.teacher_signals import TeacherSignals
 from distillens_trainer.trainer.nonfinite import NonFiniteTrainingError, nonfinite_sources
 
 from conftest import pad_batch, tiny_llama, token_rows
@@ -116,7 +116,7 @@ def test_the_lowest_temperature_is_accepted():
 def test_below_the_temperature_floor_the_loss_grows_while_its_gradient_vanishes():
     """Why MIN_TEMPERATURE: on LM-like logits (Gaussian, std 3, 32k tokens) the reverse KL's gradient collapses
     below it, while the loss keeps growing as 1/T (float64, so the test is about the maths, not rounding)."""
-    from distillens_trainer.divergences import token_divergence
+    from distillens_trainer.loss.divergences import token_divergence
 
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(16, 32000, generator=generator, dtype=torch.float64) * 3

@@ -16,9 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillens_trainer.lens import LogitLens
-from distillens_trainer.objective import DistillLensObjective
-from distillens_trainer.objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, lens_term_name
+from distillens_trainer.loss.lens import LogitLens
+from distillens_trainer.loss.objective import DistillLensObjective
+from distillens_trainer.loss.spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, lens_term_name
 
 from conftest import TINY_VOCAB, assert_close_to_reference, pad_batch, tiny_llama, token_rows
 

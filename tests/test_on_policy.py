@@ -7,7 +7,7 @@ import torch
 from datasets import Dataset
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
-from distillens_trainer.on_policy import (
+from distillens_trainer.trainer.on_policy import (
     completion_batch,
     completion_until_eos,
     prompts_of,
@@ -380,8 +380,8 @@ def test_a_resumed_run_continues_the_same_sequence_of_window_decisions(tmp_path)
 
 
 def test_sampling_has_its_own_seeded_stream_per_rank_and_window_and_leaves_the_training_rng_alone():
-    from distillens_trainer.on_policy import sampling_seed
-    from distillens_trainer.trainer.generation import SamplingSettings, sample_completions
+    from distillens_trainer.trainer.completions import SamplingSettings, sample_completions
+    from distillens_trainer.trainer.on_policy import sampling_seed
 
     model = tiny_llama(num_layers=2, seed=1)
     settings = SamplingSettings(
@@ -403,8 +403,8 @@ def test_sampling_has_its_own_seeded_stream_per_rank_and_window_and_leaves_the_t
 def test_distillens_train_runs_on_policy_from_the_command_line(tmp_path, capsys):
     import json
 
+    from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
     from distillens_trainer.cli import main
-    from distillens_trainer.demo.suite import format_example, generate_examples, train_suite_tokenizer
 
     examples = generate_examples(24, seed=0)
     tokenizer = train_suite_tokenizer([format_example(e) for e in examples], vocab_size=300)
@@ -434,7 +434,7 @@ def test_distillens_train_runs_on_policy_from_the_command_line(tmp_path, capsys)
 
 
 def test_a_checkpoints_own_generation_defaults_do_not_bend_the_students_samples():
-    from distillens_trainer.trainer.generation import SamplingSettings, sample_completions
+    from distillens_trainer.trainer.completions import SamplingSettings, sample_completions
 
     model = tiny_llama(num_layers=2, seed=1)
     model.generation_config.suppress_tokens = list(range(3, TINY_VOCAB))  # would leave only special tokens

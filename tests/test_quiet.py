@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from distillens_trainer.quiet import (
+from distillens_trainer.distributed.quiet import (
     DEEPSPEED_CPU_NOTICE,
     DropDeepSpeedCpuNotice,
     hide_deepspeed_cpu_notice,
@@ -59,7 +59,7 @@ def test_a_command_line_asks_for_deepspeed_by_flag_or_in_its_config_file(tmp_pat
 def test_importing_the_package_keeps_an_unused_deepspeed_quiet(uses_deepspeed):
     code = "import distillens_trainer\n"
     if uses_deepspeed:  # what the entry point and DistillLensTrainer do for a run that sets deepspeed
-        code += "distillens_trainer.quiet.hide_deepspeed_cpu_notice(False)\n"
+        code += "distillens_trainer.distributed.quiet.hide_deepspeed_cpu_notice(False)\n"
     code += "import deepspeed\n"
     # DS_ACCELERATOR (which an in-process CLI test may have set, commands/process.py) silences the notice itself
     env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}

@@ -11,12 +11,12 @@ import pytest
 import transformers
 
 from distillens_trainer.cli import main
-from distillens_trainer.model_info import (
+from distillens_trainer.models.info import (
     MODEL_INFO_NAME,
     choose_prompt_template,
     decided_prompt_template,
 )
-from distillens_trainer.teacher_cache.format import MANIFEST_NAME
+from distillens_trainer.teacher.cache.format import MANIFEST_NAME
 
 from conftest import DATA_DIR, GPT2_TOKENIZER_DIR, shared_path
 

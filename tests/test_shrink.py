@@ -13,9 +13,9 @@ import transformers
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
-from distillens_trainer.layer_map import resolve_layer_map
-from distillens_trainer.model_info import MODEL_INFO_NAME, recorded_prompt_template, write_model_info
-from distillens_trainer.shrink import BLOCK_PATHS, evenly_spaced_layers, shrink_model
+from distillens_trainer.loss.layer_map import resolve_layer_map
+from distillens_trainer.models.info import MODEL_INFO_NAME, recorded_prompt_template, write_model_info
+from distillens_trainer.models.shrink import BLOCK_PATHS, evenly_spaced_layers, shrink_model
 
 from conftest import tiny_llama
 

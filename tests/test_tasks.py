@@ -10,8 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from distillens_trainer.data import format_alpaca_prompt
-from distillens_trainer.demo.suite import (
+from distillens_demo.suite import (
     EOS_TOKEN,
     PAD_TOKEN,
     build_suite_tokenizer,
@@ -23,7 +22,8 @@ from distillens_trainer.demo.suite import (
     train_suite_tokenizer,
     write_task_suite,
 )
-from distillens_trainer.demo.tasks import TASK_FAMILIES
+from distillens_demo.tasks import TASK_FAMILIES
+from distillens_trainer.data import format_alpaca_prompt
 
 FIELDS = {"instruction", "input", "output", "task"}
 SAMPLES_PER_FAMILY = 150

@@ -13,19 +13,19 @@ from tokenizers import Tokenizer, models
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
-from distillens_trainer.divergences import DIVERGENCE_NAMES, token_divergence
-from distillens_trainer.fused import FusedJob, fused_head_loss
-from distillens_trainer.heads import LinearHead
-from distillens_trainer.teacher_cache import writer as writer_module
-from distillens_trainer.teacher_cache.format import MANIFEST_NAME, SHARD_GLOB, file_sha256, row_key
-from distillens_trainer.teacher_cache.reader import TeacherCache
-from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
-from distillens_trainer.topk_divergence import (
+from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
+from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.heads import LinearHead
+from distillens_trainer.loss.topk import (
     TopKDistribution,
     stored_log_probs,
     topk_divergence,
     topk_of_logits,
 )
+from distillens_trainer.teacher.cache import writer as writer_module
+from distillens_trainer.teacher.cache.format import MANIFEST_NAME, SHARD_GLOB, file_sha256, row_key
+from distillens_trainer.teacher.cache.reader import TeacherCache
+from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
 
 from conftest import (
     DATA_DIR,

@@ -15,8 +15,8 @@ from transformers import PreTrainedTokenizerFast
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
 from distillens_trainer import teacher as teacher_module
-from distillens_trainer.divergences import token_divergence
-from distillens_trainer.objective import DistillLensObjective
+from distillens_trainer.loss.divergences import token_divergence
+from distillens_trainer.loss.objective import DistillLensObjective
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
@@ -501,7 +501,7 @@ def test_a_teacher_folder_without_tokenizer_files_is_checked_by_vocabulary_size(
         tmp_path / "teacher"
     )  # no tokenizer files: AutoTokenizer returns a 1-token tokenizer
     tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
-    with caplog.at_level("WARNING", logger="distillens_trainer.teacher"):
+    with caplog.at_level("WARNING", logger="distillens_trainer.teacher.loading"):
         trainer = _trainer(tmp_path, teacher=str(tmp_path / "teacher"), processing_class=tokenizer)
     assert trainer.vocab_size == TINY_VOCAB
     assert "holds no vocabulary" in caplog.text

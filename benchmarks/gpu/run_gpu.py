@@ -34,9 +34,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from distillens_trainer.divergences import DIVERGENCE_NAMES, token_divergence
-from distillens_trainer.fused import FusedJob, fused_head_loss
-from distillens_trainer.heads import LinearHead
+from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
+from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.heads import LinearHead
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
 RESULTS = BENCHMARKS / "results" / "gpu"

@@ -1,12 +1,12 @@
 """DistillLens for Hugging Face: symmetric knowledge distillation through the logit lens."""
 
 from .config import DistillLensConfig
-from .divergences import token_divergence
-from .layer_map import resolve_layer_map
-from .lens import LogitLens
-from .objective import DistillLensObjective, distillens_loss
-from .objective_spec import ObjectiveSpec
-from .quiet import hide_deepspeed_cpu_notice
+from .distributed.quiet import hide_deepspeed_cpu_notice
+from .loss.divergences import token_divergence
+from .loss.layer_map import resolve_layer_map
+from .loss.lens import LogitLens
+from .loss.objective import DistillLensObjective, distillens_loss
+from .loss.spec import ObjectiveSpec
 from .trainer.distillens_trainer import DistillLensTrainer
 from .version import __version__
 

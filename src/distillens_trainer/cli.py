@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from .commands.parsing import CommandLineError
 from .commands.process import end_process_group, exit_launched_process, launched_world_size
-from .quiet import hide_deepspeed_cpu_notice, mentions_deepspeed
+from .distributed.quiet import hide_deepspeed_cpu_notice, mentions_deepspeed
 
 USAGE_ERROR, RUN_ERROR = 2, 1
 

@@ -11,12 +11,12 @@ from typing import Any
 
 from transformers import TrainingArguments
 
-from .divergences import DIVERGENCE_NAMES
-from .fsdp import check_fsdp_config
-from .layer_map import LAYER_MAPS, check_distinct_layer_lists, check_layer_map_choice
-from .loading import split_gguf_path
-from .model_facts import DTYPE_NAMES, check_dtype_name
-from .objective_spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
+from .distributed.fsdp import check_fsdp_config
+from .loss.divergences import DIVERGENCE_NAMES
+from .loss.layer_map import LAYER_MAPS, check_distinct_layer_lists, check_layer_map_choice
+from .loss.spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
+from .models.facts import DTYPE_NAMES, check_dtype_name
+from .models.loading import split_gguf_path
 
 # nonfinite_policy: what a non-finite loss, term or gradient does (distillens_trainer.trainer.nonfinite)
 NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip")

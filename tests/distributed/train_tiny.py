@@ -140,7 +140,7 @@ def fsdp_gather_recorder(trainer) -> list[dict[str, int]]:
     often the student head's gradient went into FSDP's reduce-scatter (``student_head_reductions``)."""
     from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
 
-    from distillens_trainer.model_facts import unwrap_model
+    from distillens_trainer.models.facts import unwrap_model
 
     heads = {
         "student": unwrap_model(trainer.model).get_output_embeddings(),
@@ -314,9 +314,9 @@ def make_cache(
     :func:`train` run with the same ``config_overrides`` resolves; returns the manifest."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillens_trainer.layer_map import resolve_layer_map
-    from distillens_trainer.teacher import shared_vocab_size
-    from distillens_trainer.teacher_cache.writer import teacher_cache_settings, write_teacher_cache
+    from distillens_trainer.loss.layer_map import resolve_layer_map
+    from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
+    from distillens_trainer.teacher.loading import shared_vocab_size
 
     models_dir = Path(models_dir)
     teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)
@@ -499,8 +499,8 @@ def train(
 ) -> dict[str, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distillens_trainer.model_facts import model_vocab_size
-    from distillens_trainer.teacher_placement import is_zero3_enabled
+    from distillens_trainer.models.facts import model_vocab_size
+    from distillens_trainer.teacher.placement import is_zero3_enabled
 
     out = Path(out)
     models_dir = Path(models_dir)
@@ -565,7 +565,7 @@ def train(
     result["zero3"] = zero3
     result["fsdp_version"] = trainer.fsdp_version
     if trainer.fsdp_version == 2:
-        from distillens_trainer.fsdp import local_parameter_bytes
+        from distillens_trainer.distributed.fsdp import local_parameter_bytes
 
         result["teacher_class"] = type(trainer.teacher_model).__name__
         local, whole = local_parameter_bytes(trainer.teacher_model)

@@ -26,9 +26,8 @@ from ..config import DistillLensConfig
 from ..data.arguments import DataArguments, PromptFormatArguments
 from ..data.building import build_datasets
 from ..files import check_output_dir, folder_contents, overwrite_output_dir_field, writing_into
-from ..layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
-from ..loading import ModelArguments, load_student_tokenizer, read_config
-from ..model_facts import (
+from ..loss.layer_map import LayerPair, resolve_layer_map, shrunk_kept_layers
+from ..models.facts import (
     check_fits_contexts,
     config_num_layers,
     freeze,
@@ -36,17 +35,18 @@ from ..model_facts import (
     num_hidden_layers,
     text_config,
 )
-from ..model_info import choose_prompt_template, decided_prompt_template
-from ..teacher import (
+from ..models.info import choose_prompt_template, decided_prompt_template
+from ..models.loading import ModelArguments, load_student_tokenizer, read_config
+from ..teacher.cache.format import CACHE_DTYPES, CACHE_MODES, MANIFEST_NAME, CacheSettings, read_manifest
+from ..teacher.cache.integrity import cache_damage, damage_line, recorded_bytes, recorded_files
+from ..teacher.cache.writer import teacher_cache_settings, write_teacher_cache
+from ..teacher.loading import (
     load_teacher,
     load_teacher_tokenizer,
     read_teacher_config,
     resolve_teacher_dtype,
     shared_vocab_size_of_rows,
 )
-from ..teacher_cache.format import CACHE_DTYPES, CACHE_MODES, MANIFEST_NAME, CacheSettings, read_manifest
-from ..teacher_cache.integrity import cache_damage, damage_line, recorded_bytes, recorded_files
-from ..teacher_cache.writer import teacher_cache_settings, write_teacher_cache
 from .parsing import _Parser, expand_config_file, given_fields, parse_command
 from .process import check_launched_world_size
 

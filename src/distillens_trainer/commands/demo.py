@@ -1,11 +1,12 @@
-"""``distillens demo``: the offline end-to-end comparison on the built-in task suite (:mod:`distillens_trainer.demo`)."""
+"""``distillens demo``: the offline end-to-end comparison on the built-in task suite (:mod:`distillens_demo`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..demo.arguments import DemoArguments
-from ..demo.run import output_summary, run_demo
+from distillens_demo.arguments import DemoArguments
+from distillens_demo.run import output_summary, run_demo
+
 from .parsing import parse_command
 from .process import quiet_deepspeed_accelerator_detection
 

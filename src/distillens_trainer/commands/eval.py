@@ -9,8 +9,8 @@ from ..evaluation.arguments import EvalArguments
 from ..evaluation.generation import GenerationSettings
 from ..evaluation.runner import output_summary, run_evaluation
 from ..files import writing_into
-from ..loading import ModelArguments
-from ..model_info import choose_prompt_template, decided_prompt_template
+from ..models.info import choose_prompt_template, decided_prompt_template
+from ..models.loading import ModelArguments
 from .parsing import given_fields, parse_command
 
 

@@ -22,14 +22,20 @@ from ..data.building import build_datasets
 from ..diagnostics.figures import write_figures
 from ..diagnostics.profile import DEFAULT_MEMORY_BUDGET_MIB
 from ..diagnostics.report import finite_or_null, profile_models
-from ..divergences import DIVERGENCE_NAMES, check_divergence_name
 from ..files import check_output_dir, overwrite_output_dir_field, write_json_atomic, writing_into
-from ..layer_map import LAYER_MAPS, LayerPair, check_layer_map_choice, resolve_layer_map, shrunk_kept_layers
-from ..loading import ModelArguments, load_student, load_student_tokenizer, read_config
-from ..model_facts import check_fits_contexts, freeze, num_hidden_layers
-from ..model_info import RESOLVED_CONFIG_NAME, choose_prompt_template
-from ..objective_spec import check_temperature_and_beta
-from ..teacher import (
+from ..loss.divergences import DIVERGENCE_NAMES, check_divergence_name
+from ..loss.layer_map import (
+    LAYER_MAPS,
+    LayerPair,
+    check_layer_map_choice,
+    resolve_layer_map,
+    shrunk_kept_layers,
+)
+from ..loss.spec import check_temperature_and_beta
+from ..models.facts import check_fits_contexts, freeze, num_hidden_layers
+from ..models.info import RESOLVED_CONFIG_NAME, choose_prompt_template
+from ..models.loading import ModelArguments, load_student, load_student_tokenizer, read_config
+from ..teacher.loading import (
     load_teacher,
     load_teacher_tokenizer,
     read_teacher_config,
@@ -46,7 +52,7 @@ LAYER_MAP_FIELDS = ("lens_layer_map", "lens_num_layers", "lens_student_layers", 
 
 @dataclass
 class LensArguments:
-    """What ``distillens lens`` profiles against the student (:class:`~distillens_trainer.loading.ModelArguments`),
+    """What ``distillens lens`` profiles against the student (:class:`~distillens_trainer.models.loading.ModelArguments`),
     on which data (read with :class:`~distillens_trainer.data.arguments.PromptFormatArguments`), and where the
     results go."""
 
@@ -203,7 +209,7 @@ def layer_map_settings(args: LensArguments, model_name_or_path: str | None) -> d
 def mapped_layer_pairs(
     args: LensArguments, student: torch.nn.Module, teacher_num_layers: int, model_name_or_path: str | None
 ) -> list[LayerPair]:
-    """The training's layer map, resolved by :func:`~distillens_trainer.layer_map.resolve_layer_map` as
+    """The training's layer map, resolved by :func:`~distillens_trainer.loss.layer_map.resolve_layer_map` as
     ``distillens train`` resolves it, from :func:`layer_map_settings`; none for a one-block student without
     explicit layers (it has no intermediate layer)."""
     settings = layer_map_settings(args, model_name_or_path)

@@ -18,11 +18,11 @@ from ..files import (
     overwrite_output_dir_field,
     writing_into,
 )
-from ..layer_map import KEPT_LAYERS_CONFIG_KEY
-from ..loading import load_causal_lm, load_tokenizer_from, split_gguf_path
-from ..model_facts import DTYPE_NAMES, check_dtype_name, torch_dtype
-from ..model_info import recorded_prompt_template, write_model_info
-from ..shrink import block_list, check_keep_layers, evenly_spaced_layers, shrink_model
+from ..loss.layer_map import KEPT_LAYERS_CONFIG_KEY
+from ..models.facts import DTYPE_NAMES, check_dtype_name, torch_dtype
+from ..models.info import recorded_prompt_template, write_model_info
+from ..models.loading import load_causal_lm, load_tokenizer_from, split_gguf_path
+from ..models.shrink import block_list, check_keep_layers, evenly_spaced_layers, shrink_model
 from .parsing import parse_command
 
 logger = logging.getLogger(__name__)

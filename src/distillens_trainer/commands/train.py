@@ -24,20 +24,20 @@ from ..files import (
     write_json_atomic,
     writing_into,
 )
-from ..layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
-from ..loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
-from ..model_facts import check_fits_context, config_num_layers
-from ..model_info import (
+from ..loss.layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
+from ..models.facts import check_fits_context, config_num_layers
+from ..models.info import (
     MODEL_INFO_NAME,
     RESOLVED_CONFIG_NAME,
     choose_prompt_template,
     decided_prompt_template,
     write_model_info,
 )
-from ..teacher import read_teacher_config
-from ..teacher_cache.format import CacheSettings
-from ..teacher_cache.reader import checked_manifest
-from ..trainer.cached_teacher import LENS_LAYER_FLAGS, check_layer_map_served
+from ..models.loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
+from ..teacher.cache.format import CacheSettings
+from ..teacher.cache.reader import checked_manifest
+from ..teacher.cached import LENS_LAYER_FLAGS, check_layer_map_served
+from ..teacher.loading import read_teacher_config
 from ..trainer.checkpoints import resolve_resume_from_checkpoint, resume_requested
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command
@@ -188,7 +188,7 @@ def run_training(
     that fails during setup leaves ``output_dir`` as it found it (folders it created are removed again). A failed
     write into ``output_dir`` (full disk, read-only file system) is one line naming the folder.
     ``choose_prompt_format(tokenizer=...)``, when given, sets ``data_args.prompt_template`` once the student's
-    tokenizer has loaded (:func:`~distillens_trainer.model_info.choose_prompt_template`'s rule).
+    tokenizer has loaded (:func:`~distillens_trainer.models.info.choose_prompt_template`'s rule).
     """
     output_dir = training_args.output_dir
     check_output_dir(

@@ -23,13 +23,6 @@ from __future__ import annotations
 from .arguments import LONG_PROMPT_STRATEGIES, PROMPT_TEMPLATES, DataArguments
 from .building import build_datasets, decontaminate, evaluation_prompt_set
 from .collation import DataCollatorForCompletionOnly
-from .loading import (
-    FILE_BUILDERS,
-    VALIDATION_SPLIT_SEED,
-    carve_validation_split,
-    load_raw_dataset,
-    load_raw_splits,
-)
 from .prompts import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
@@ -40,6 +33,13 @@ from .prompts import (
     render_messages_as_text,
     split_messages,
     to_prompt_completion,
+)
+from .sources import (
+    FILE_BUILDERS,
+    VALIDATION_SPLIT_SEED,
+    carve_validation_split,
+    load_raw_dataset,
+    load_raw_splits,
 )
 from .tokenization import assemble_example, split_at_prompt, tokenize_prompt_completion
 

@@ -10,10 +10,10 @@ from typing import Any
 
 import datasets
 
-from ..decontamination import drop_contaminated, prompt_set
 from .arguments import DataArguments
-from .loading import first_rows, load_raw_dataset, load_raw_splits
+from .decontamination import drop_contaminated, prompt_set
 from .prompts import build_prompt, to_prompt_completion
+from .sources import first_rows, load_raw_dataset, load_raw_splits
 from .tokenization import tokenize_prompt_completion
 
 logger = logging.getLogger(__name__)

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from ..model_facts import IGNORE_INDEX, resolve_pad_token_id
+from ..models.facts import IGNORE_INDEX, resolve_pad_token_id
 
 
 def _as_list(values: Any) -> list[int]:

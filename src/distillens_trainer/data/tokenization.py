@@ -9,7 +9,7 @@ from typing import Any
 
 import datasets
 
-from ..model_facts import IGNORE_INDEX, tokenizer_adds_bos, truncate_left
+from ..models.facts import IGNORE_INDEX, tokenizer_adds_bos, truncate_left
 from .arguments import LONG_PROMPT_STRATEGIES, check_choice, check_lengths
 
 logger = logging.getLogger(__name__)

@@ -31,12 +31,12 @@ from typing import Any
 
 import torch
 
-from ..divergences import LOG_PROB_FLOOR, check_divergence_name, log_probs
-from ..fused_math import log_softmax_
-from ..layer_map import LayerPair, proportional_teacher_layer
-from ..lens import LogitLens
-from ..model_facts import forward_accepts, with_position_ids
-from ..response_tokens import response_mask, select_response
+from ..loss.divergences import LOG_PROB_FLOOR, check_divergence_name, log_probs
+from ..loss.fused_math import log_softmax_
+from ..loss.layer_map import LayerPair, proportional_teacher_layer
+from ..loss.lens import LogitLens
+from ..loss.response_tokens import response_mask, select_response
+from ..models.facts import forward_accepts, with_position_ids
 
 # The default memory for a chunk's blocks (log-probabilities and probabilities of every layer read, two work
 # blocks): the chunk size follows from it (:func:`chunk_size_for_budget`), between 1 and MAX_CHUNK_SIZE tokens.
@@ -112,7 +112,7 @@ def _read_layers(
 ) -> ChunkLayers:
     """Read ``layers`` (``hidden_states`` indices, ``[c, d]`` each) through ``lens`` into the reused
     ``[n, c, V]`` blocks, in place: floored log-probabilities (dead rows made uniform, as
-    :func:`~distillens_trainer.divergences.log_probs` does) and probabilities; ``work`` is a ``[c, V]`` block."""
+    :func:`~distillens_trainer.loss.divergences.log_probs` does) and probabilities; ``work`` is a ``[c, V]`` block."""
     negentropy = log_probs_block.new_empty(log_probs_block.shape[:2])
     for row, index in enumerate(layers):
         log_probs_row, probs_row = log_probs_block[row], probs_block[row]
@@ -258,7 +258,7 @@ class LensProfileAccumulator:
             compares it with itself (the "teacher" side is then the student's own layers).
         vocab_size: logits are compared on ``[..., :vocab_size]`` (the shared real vocabulary).
         pairs: (student, teacher) layer pairs whose divergence is summed; default every pair.
-        divergences: names from :mod:`distillens_trainer.divergences` (student first, teacher second).
+        divergences: names from :mod:`distillens_trainer.loss.divergences` (student first, teacher second).
         chunk_size: tokens whose log-probabilities are held at once; None (default) takes as many as
             ``memory_budget_mib`` of blocks hold (:func:`chunk_size_for_budget`).
         memory_budget_mib: the memory of a chunk's reused blocks when ``chunk_size`` is None.

@@ -16,7 +16,7 @@ class EvalArguments:
 
     The default seeds are the paper's protocol (MiniLLM): five seeds, 10 to 50.
 
-    ``distillens eval`` parses two more dataclasses alongside: :class:`distillens_trainer.loading.ModelArguments`
+    ``distillens eval`` parses two more dataclasses alongside: :class:`distillens_trainer.models.loading.ModelArguments`
     (the model to evaluate and how it is loaded: model_name_or_path, gguf_file, tokenizer_name_or_path, dtype,
     attn_implementation, trust_remote_code) and :class:`GenerationSettings` (how responses are generated:
     do_sample, temperature, top_p, top_k, no_repeat_ngram_size, max_new_tokens, max_prompt_length, batch_size,

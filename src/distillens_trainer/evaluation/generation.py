@@ -11,7 +11,7 @@ import torch
 import transformers
 from transformers import GenerationConfig
 
-from ..model_facts import check_fits_context, resolve_pad_token_id, tokenizer_adds_bos, truncate_left
+from ..models.facts import check_fits_context, resolve_pad_token_id, tokenizer_adds_bos, truncate_left
 from ..progress import track
 
 

@@ -13,14 +13,14 @@ import torch
 
 from ..data.prompts import build_prompt
 from ..files import check_output_dir, write_text_atomic
-from ..model_facts import check_fits_context
+from ..models.facts import check_fits_context
 from .arguments import EvalArguments
 from .examples import load_eval_examples, references_of, unique_file_names
 from .generation import GenerationSettings, generate_responses
 from .metrics import EXACT_MATCH_DESCRIPTION, ROUGE_DESCRIPTION, mean_and_std, score_responses
 
 if TYPE_CHECKING:
-    from ..loading import ModelArguments
+    from ..models.loading import ModelArguments
 
 logger = logging.getLogger(__name__)
 
@@ -147,13 +147,13 @@ def run_evaluation(
     """Load the model and tokenizer as `model_args` says, evaluate every file of `args` generating with
     `settings`, return the report.
 
-    The model is loaded like a student (:func:`~distillens_trainer.loading.load_student`: dtype, GGUF file,
+    The model is loaded like a student (:func:`~distillens_trainer.models.loading.load_student`: dtype, GGUF file,
     attn_implementation, trust_remote_code). Runs in a single process on the first CUDA device when one is
     available, else on the CPU. ``choose_prompt_format(tokenizer=...)``, when given, sets ``args.prompt_template``
-    once the tokenizer has loaded (:func:`~distillens_trainer.model_info.choose_prompt_template`'s rule).
+    once the tokenizer has loaded (:func:`~distillens_trainer.models.info.choose_prompt_template`'s rule).
     """
     refuse_existing_report(args)
-    from ..loading import load_student, load_student_tokenizer, read_config
+    from ..models.loading import load_student, load_student_tokenizer, read_config
 
     check_fits_context(  # before any weights are read
         settings.max_prompt_length + settings.max_new_tokens,

@@ -19,20 +19,21 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 
 from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
+from ..distributed.fsdp import fsdp_owners, fsdp_version, gather_for_objective, release
+from ..distributed.quiet import hide_deepspeed_cpu_notice
 from ..evaluation.generation import eos_token_ids
-from ..feature_baseline import FeatureProjector
-from ..fsdp import fsdp_owners, fsdp_version, gather_for_objective, release
-from ..layer_map import (
+from ..loss.feature_baseline import FeatureProjector
+from ..loss.layer_map import (
     LayerPair,
     adapted_num_pairs_note,
     resolve_layer_map,
     resolve_student_layers,
     shrunk_kept_layers,
 )
-from ..lens import LogitLens
-from ..loading import drop_gguf_quantization
-from ..model_card import model_card_text, summary_from_config, write_model_card
-from ..model_facts import (
+from ..loss.lens import LogitLens
+from ..loss.objective import DistillLensObjective, ForwardRequest
+from ..loss.spec import ObjectiveOutput
+from ..models.facts import (
     context_length,
     forward_accepts,
     hidden_size,
@@ -41,29 +42,20 @@ from ..model_facts import (
     unwrap_model,
     with_position_ids,
 )
-from ..objective import DistillLensObjective, ForwardRequest
-from ..objective_spec import ObjectiveOutput
-from ..on_policy import (
-    completion_batch,
-    completion_until_eos,
-    has_responses,
-    prompts_of,
-    sampling_seed,
-    window_is_on_policy,
-)
-from ..quiet import hide_deepspeed_cpu_notice
-from ..teacher import resolve_teacher, shared_vocab_size
-from ..teacher_placement import prepare_teacher
+from ..models.loading import drop_gguf_quantization
+from ..teacher.cached import CachedTeacher, open_cached_teacher
+from ..teacher.loading import resolve_teacher, shared_vocab_size
+from ..teacher.placement import prepare_teacher
 from ..version import __version__
-from .cached_teacher import CachedTeacher, open_cached_teacher
 from .checkpoints import forget_completion, resolve_resume_from_checkpoint
-from .generation import SamplingSettings, sample_completions
+from .completions import SamplingSettings, sample_completions
 from .inputs import (
     refuse_compute_loss_func,
     token_count,
     tokenizer_of,
     upcast_half_trainable_parameters,
 )
+from .model_card import model_card_text, summary_from_config, write_model_card
 from .nonfinite import (
     NonFiniteEvent,
     NonFiniteTrainingError,
@@ -75,6 +67,14 @@ from .nonfinite import (
     nonfinite_tensors,
     nonfinite_terms,
     refuse_nonfinite_weights,
+)
+from .on_policy import (
+    completion_batch,
+    completion_until_eos,
+    has_responses,
+    prompts_of,
+    sampling_seed,
+    window_is_on_policy,
 )
 
 logger = logging.getLogger(__name__)

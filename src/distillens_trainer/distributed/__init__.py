@@ -1,0 +1,1 @@
+"""Distributed helpers: FSDP2 (:mod:`.fsdp`) and DeepSpeed's CPU notice (:mod:`.quiet`)."""
