@@ -61,7 +61,7 @@ LABELS = {
 }
 # Predicted peak over the inputs as multiples of one fp32 logits tensor, calibrated on --quick runs: autograd
 # keeps ~7.4 [N,V] tensors per pair for every pair until backward (straightforward), ~16 stacked [K,B,T,V]
-# tensors (naive); the fused path at most CHUNK_BLOCKS chunk x V blocks (tests/test_fused.py counts them).
+# tensors (naive); the fused path at most CHUNK_BLOCKS chunk x V blocks (tests/loss/test_fused.py counts them).
 STRAIGHTFORWARD_TEMPORARIES_PER_PAIR = 8
 NAIVE_TEMPORARIES = 16
 CLOCK_KEYS = {"wall": "forward_backward_s", "cpu": "forward_backward_cpu_s"}

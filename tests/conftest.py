@@ -14,7 +14,7 @@ does), never by testing ``Path.exists()`` themselves. One mechanism decides what
 
 ``DISTILLENS_SHARED_DIR`` overrides where ``shared`` is looked for (default: ``../shared`` beside the
 checkout); point it at a folder that does not exist to see what a clean clone sees, e.g.
-``DISTILLENS_SHARED_DIR=/nonexistent python -m pytest -q tests/test_data.py``, or at a copy with a file
+``DISTILLENS_SHARED_DIR=/nonexistent python -m pytest -q tests/data/test_data.py``, or at a copy with a file
 removed, plus ``CI=true``, to see the failure.
 """
 
@@ -100,8 +100,8 @@ def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Co
 # orders (chunked or not, and in whatever blocks the CPU's matrix product and reduction kernels choose for its
 # vector width and thread count), so they differ by a few ε of the LARGEST magnitude involved, which an
 # element-wise rtol does not see: a gradient element near 0 amid elements of ~1,700 is off by ~300 ε of itself
-# (tests/test_fused.py failed so on an AVX-512 EPYC at 2 threads). Comparisons allow ROUNDING_ULPS · ε(dtype) ·
-# max|reference| per element: 256 ε is > 10× the worst measured in tests/test_fused.py (≤ 20 ε, fp32 and fp64, 1 and
+# (tests/loss/test_fused.py failed so on an AVX-512 EPYC at 2 threads). Comparisons allow ROUNDING_ULPS · ε(dtype) ·
+# max|reference| per element: 256 ε is > 10× the worst measured in tests/loss/test_fused.py (≤ 20 ε, fp32 and fp64, 1 and
 # 2 threads), and in fp64, where the tests of the maths run, it is ~6e-14 relative: no error in the maths hides in
 # it. Only tests of the fp32 and bf16 paths themselves compare at their own ε.
 ROUNDING_ULPS = 256

@@ -133,7 +133,7 @@ SMOKE_NOTE = (
     "scores near 0 are expected. Drop --preset smoke for the real comparison (about 4 minutes)."
 )
 # Test exact match, min and max over the 5 student seeds of benchmarks/results/quality.json (the default preset,
-# seeds 0-4, the same cached teacher); tests/test_demo.py checks these against that file.
+# seeds 0-4, the same cached teacher); tests/demo/test_demo.py checks these against that file.
 BENCHMARK_SEEDS = 5
 BENCHMARK_EXACT_MATCH_RANGES: dict[str, tuple[float, float]] = {
     "teacher": (94.5, 94.5),

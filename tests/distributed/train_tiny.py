@@ -1,4 +1,4 @@
-"""Tiny deterministic DistillLens run, launched by tests/test_distributed.py (torchrun) or imported.
+"""Tiny deterministic DistillLens run, launched by tests/distributed/test_distributed.py (torchrun) or imported.
 
     python tests/distributed/train_tiny.py make-models MODELS_DIR
     torchrun --nproc_per_node 2 tests/distributed/train_tiny.py train --models MODELS_DIR --out OUT \
@@ -417,7 +417,7 @@ EOS_ID = 2  # "</s>"
 
 
 def scripted_completion(prompt: torch.Tensor) -> torch.Tensor:
-    """A deterministic stand-in for sampling (as tests/test_on_policy.py's): word tokens from the prompt; odd-length
+    """A deterministic stand-in for sampling (as tests/trainer/test_on_policy.py's): word tokens from the prompt; odd-length
     prompts get an EOS after two tokens, followed by tokens that must not be trained on."""
     first_word = len(SPECIAL_TOKENS)
     base = int(prompt.sum())

@@ -56,7 +56,7 @@ from distillens_trainer.models.info import recorded_prompt_template
 
 from conftest import tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 MODELS = ("teacher", "sft", "kd", "distillens")
 ON_POLICY_METHODS = ("kd_onpolicy", "distillens_onpolicy")

@@ -16,7 +16,7 @@ from device_harness import (
     to_host,
 )
 
-from distillens_trainer import on_policy
+from distillens_trainer.trainer import on_policy
 from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
 from distillens_trainer.loss.fused import FusedJob, fused_head_loss
 from distillens_trainer.loss.heads import LinearHead

@@ -18,7 +18,7 @@ from distillens_trainer.models.loading import ModelArguments
 
 from conftest import DATA_DIR, shared_path
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "examples" / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[2] / "examples" / "recipes").glob("*.yaml"))
 
 
 def _run(capsys, *argv: str) -> tuple[int, str]:

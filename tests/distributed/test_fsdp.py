@@ -1,6 +1,6 @@
 """FSDP2 on 2 CPU processes (gloo): ``tests/distributed/train_tiny.py`` launched with torchrun (the Trainer's ``fsdp``
 arguments) and with ``accelerate launch`` (``examples/fsdp/fsdp2.yaml``), a Qwen2 teacher distilled into a Llama
-student, compared with one process on the same global batch (2 x 2 vs 1 x 4; see tests/test_distributed.py for why
+student, compared with one process on the same global batch (2 x 2 vs 1 x 4; see tests/distributed/test_distributed.py for why
 the data order is the same). The student is sharded by accelerate, the teacher by DistillLensTrainer.
 """
 

@@ -36,7 +36,7 @@ from distillens_trainer.models.info import (
 
 from conftest import tiny_llama
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _help(command: str, capsys) -> str:
