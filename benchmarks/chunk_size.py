@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _measure import header_lines, new_results, setup_torch, write_results
 
-from distillens_trainer.loss.fused import FusedJob, fused_head_loss, resolve_chunk_size
+from distillens_trainer.loss.fused import FusedJob, HeadTeacher, fused_head_loss, resolve_chunk_size
 from distillens_trainer.loss.heads import LinearHead
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -58,7 +58,9 @@ def build(opts: argparse.Namespace) -> dict:
 
 def fused_step(inputs: dict, divergence: str, chunk_size: int | str, compiled: bool):
     student_input = inputs["student_input"].detach().requires_grad_(True)
-    job = FusedJob(student_input, inputs["teacher_input"], inputs["teacher_head"], divergence, weight=1.0)
+    job = FusedJob(
+        student_input, HeadTeacher(inputs["teacher_input"], inputs["teacher_head"]), divergence, weight=1.0
+    )
     total, _ = fused_head_loss(
         inputs["student_head"], [job], vocab_size=inputs["student_head"].weight.shape[0],
         chunk_size=chunk_size, compile_math=compiled,

@@ -71,15 +71,14 @@ CLOCK_KEYS = {"wall": "forward_backward_s", "cpu": "forward_backward_cpu_s"}
 def fused_lens_sum(inputs: dict, chunk_size: int, compiled: bool):
     """Σ over response tokens, mean over pairs, of D_lens through the fused chunked head (scalar fp32), with the
     jobs ``DistillLensObjective`` builds for the lens term."""
-    from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+    from distillens_trainer.loss.fused import FusedJob, HeadTeacher, fused_head_loss
 
     student_lens, teacher_lens, spec = inputs["student_lens"], inputs["teacher_lens"], inputs["spec"]
     teacher_head, pairs = teacher_lens.linear_head(), inputs["layer_map"]
     jobs = [
         FusedJob(
             student_input=student_lens.to_head_input(inputs["student_selected"][s], s),
-            teacher_input=teacher_lens.to_head_input(inputs["teacher_selected"][t], t),
-            teacher_head=teacher_head,
+            teacher=HeadTeacher(teacher_lens.to_head_input(inputs["teacher_selected"][t], t), teacher_head),
             divergence=spec.lens_divergence,
             weight=1.0 / len(pairs),
         )

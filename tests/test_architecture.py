@@ -91,3 +91,76 @@ def test_library_modules_import_names_where_they_are_defined_not_through_a_packa
                     any(f".{stem}" in f".{face}" for face in through_a_face)
                     and not all(any(target.endswith(i) for target in MODULES) for i in imported)
                 ), f"{name} imports through the face of {stem}"
+
+
+# ------------------------------------------------------------------------------------ the packages and the loss core
+TOP_LEVEL_MODULES_AT_MOST = 6
+# The loss core reads model facts (unwrapping, the ignore index) and FSDP's hook-free call; nothing above it.
+LOSS_CORE_MAY_IMPORT = (
+    "distillens_trainer.loss",
+    "distillens_trainer.models.facts",
+    "distillens_trainer.distributed.fsdp",
+)
+
+
+def test_the_package_top_level_holds_at_most_six_modules_beside_the_packages():
+    loose = sorted(path.name for path in PACKAGE.glob("*.py") if path.name != "__init__.py")
+    assert len(loose) <= TOP_LEVEL_MODULES_AT_MOST, loose
+
+
+def test_the_loss_core_and_the_teacher_are_packages_and_the_demo_lives_beside_the_library():
+    assert (PACKAGE / "loss" / "__init__.py").is_file()
+    assert (PACKAGE / "teacher" / "__init__.py").is_file()
+    assert (PACKAGE.parent / "distillens_demo" / "__init__.py").is_file()
+    assert not (PACKAGE / "demo").exists()
+
+
+def _absolute_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
+    return found
+
+
+@pytest.mark.parametrize(
+    "name", sorted(name for name in MODULES if name.startswith("distillens_trainer.loss"))
+)
+def test_the_loss_core_takes_tensors_not_trainers_datasets_or_files(name):
+    path = MODULES[name]
+    imports = _absolute_imports(path)
+    assert not {i for i in imports if i == "datasets" or i.startswith("datasets.")}, imports
+    assert "transformers.Trainer" not in imports and "transformers.trainer" not in {
+        i.rsplit(".", 1)[0] for i in imports
+    }, imports
+    below = {m for m in GRAPH[name] if not m.startswith(LOSS_CORE_MAY_IMPORT)}
+    assert not below, f"{name} imports from above the loss core: {sorted(below)}"
+    calls = {
+        node.func.attr if isinstance(node.func, ast.Attribute) else getattr(node.func, "id", "")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Call)
+    }
+    assert not calls & {
+        "open",
+        "read_text",
+        "write_text",
+        "read_bytes",
+        "write_bytes",
+        "save_file",
+        "load_file",
+    }
+
+
+@pytest.mark.parametrize("name", sorted(name for name in MODULES if not name.startswith(COMMAND_LAYER)))
+def test_no_library_module_imports_the_demo(name):
+    assert not {i for i in _absolute_imports(MODULES[name]) if i.split(".")[0] == "distillens_demo"}
+
+
+if __name__ == "__main__":  # python tests/test_architecture.py: the floors, top first
+    by_floor: dict[int, list[str]] = {}
+    for module in MODULES:
+        by_floor.setdefault(_floor(module), []).append(module.removeprefix("distillens_trainer."))
+    for floor in sorted(by_floor, reverse=True):
+        print(f"{floor:>2}  {', '.join(sorted(by_floor[floor]))}")

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
-from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.fused import FusedJob, HeadTeacher, fused_head_loss
 from distillens_trainer.loss.heads import LinearHead
 
 BENCHMARKS = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def head_case(name: str, dtype: torch.dtype, device: str, temperature: float, qu
     for fused in (True, False):
         x, w = student_x.clone().requires_grad_(), student_w.clone().requires_grad_()
         if fused:
-            job = FusedJob(x, teacher_x, LinearHead(teacher_w), name, 1.0)
+            job = FusedJob(x, HeadTeacher(teacher_x, LinearHead(teacher_w)), name, 1.0)
             total, _ = fused_head_loss(
                 LinearHead(w), [job], vocab_size=vocab, temperature=temperature, chunk_size=128
             )

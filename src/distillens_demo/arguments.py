@@ -10,10 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distillens_trainer.config import DistillLensConfig
 from distillens_trainer.data.arguments import PROMPT_TEMPLATES
 from distillens_trainer.files import overwrite_output_dir_field
-from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, check_divergence_name
-from distillens_trainer.loss.layer_map import paper_student_layers, resolve_layer_map
+from distillens_trainer.loss.divergences import check_divergence_name
+from distillens_trainer.loss.layer_map import LayerMapFields, paper_student_layers, resolve_run_layer_map
 
 from .suite import DEFAULT_VOCAB_SIZE
 from .tasks import TASK_FAMILIES, resolve_tasks
@@ -151,6 +152,18 @@ RUN_ONLY_FIELDS = (
 )  # fmt: skip
 
 
+def library_field(name: str, note: str = "") -> Any:
+    """A :class:`DemoArguments` field that is :class:`DistillLensConfig`'s field ``name`` for the demo's students:
+    its default, help and choices come from the library's declaration, the help followed by ``note`` (what the
+    demo applies it to)."""
+    source = next(item for item in dataclasses.fields(DistillLensConfig) if item.name == name)
+    metadata = dict(source.metadata)
+    metadata["help"] = f"{metadata['help']} {note}".strip()
+    if source.default_factory is not dataclasses.MISSING:
+        return field(default_factory=source.default_factory, metadata=metadata)
+    return field(default=copy.deepcopy(source.default), metadata=metadata)
+
+
 @dataclass
 class DemoArguments:
     """Settings of ``distillens demo``; every field left unset takes the value of ``--preset``."""
@@ -261,17 +274,11 @@ class DemoArguments:
         default=None, metadata={"help": "Peak learning rate of each method after the warm-up (cosine decay)."}
     )
     batch_size: int | None = field(default=None, metadata={"help": "Examples per optimizer step."})
-    kd_divergence: str = field(
-        default="rkl",
-        metadata={
-            "help": "Divergence on the final logits for every distilled student (the paper's: rkl; fkl is "
-            "Hinton-style KD).",
-            "choices": list(DIVERGENCE_NAMES),
-        },
+    # The students' objective fields, as DistillLensConfig declares them.
+    kd_divergence: str = library_field(
+        "kd_divergence", "The demo: every distilled student (paper: rkl; fkl is Hinton-style KD)."
     )
-    lens_weight: float = field(
-        default=1.0, metadata={"help": "Weight of the logit-lens term for the distillens methods (paper: 1)."}
-    )
+    lens_weight: float = library_field("lens_weight", "The demo: the distillens methods (paper: 1).")
     lens_num_layers: int | None = field(
         default=None,
         metadata={
@@ -279,12 +286,8 @@ class DemoArguments:
             "student_layers. The paper uses 5 with deeper students."
         },
     )
-    lens_teacher_layers: list[int] | None = field(
-        default=None,
-        metadata={
-            "help": "Teacher layer (hidden_states index) for each of the lens_num_layers student layers, in "
-            "order; default: the teacher layer at the same relative depth, floor(s*L_T/L_S)."
-        },
+    lens_teacher_layers: list[int] | None = library_field(  # noqa: RUF009 (library_field returns a field)
+        "lens_teacher_layers", "The demo: one per lens_num_layers evenly spaced student layer, in order."
     )
     logging_steps: int | None = field(
         default=None, metadata={"help": "Optimizer steps between logged losses (the curves' resolution)."}
@@ -382,8 +385,10 @@ class DemoArguments:
                 )
             student_layers = paper_student_layers(self.student_layers, self.lens_num_layers)
             # the trainer's own check, here so a bad index fails before the teacher is trained
-            resolve_layer_map(
-                self.student_layers, self.teacher_layers, student_layers, self.lens_teacher_layers
+            resolve_run_layer_map(
+                self.student_layers,
+                self.teacher_layers,
+                LayerMapFields(student_layers=student_layers, teacher_layers=self.lens_teacher_layers),
             )
         if self.student_layers > self.teacher_layers:
             raise ValueError(

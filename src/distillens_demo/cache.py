@@ -16,9 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from distillens_trainer.files import give_user_modes, make_staging_dir, write_json_atomic
 from distillens_trainer.models.info import write_model_info
+from distillens_trainer.teacher.cache.format import FORMAT_VERSION
 
 from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, DemoArguments
 
@@ -74,8 +77,6 @@ def stable_hash(payload: Mapping[str, Any]) -> str:
 
 def teacher_key(args: DemoArguments) -> dict[str, Any]:
     """Everything the trained teacher (and its tokenizer) depends on."""
-    import transformers
-
     return {
         "format": CACHE_FORMAT,
         "suite": suite_key(args),
@@ -99,8 +100,6 @@ def teacher_signals_key(
 ) -> dict[str, Any]:
     """Everything a teacher cache of a cache method depends on: the teacher (and with it the suite), the cache's
     settings (``cache``: a method's ``teacher_cache`` entry), the lens layer map and the shared vocabulary."""
-    from distillens_trainer.teacher.loading.cache.format import FORMAT_VERSION
-
     return {
         "format": CACHE_FORMAT,
         "cache_format": FORMAT_VERSION,
@@ -118,8 +117,6 @@ def teacher_signals_path(args: DemoArguments, key: Mapping[str, Any]) -> Path:
 
 def load_cached_model(path: Path) -> tuple[Any, Any, dict[str, Any]] | None:
     """(model, tokenizer, info) from a complete cache entry, or None."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     info_path = path / TEACHER_INFO_NAME
     if not info_path.is_file():  # written last: its absence means an incomplete entry
         return None

@@ -15,7 +15,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
 
 from distillens_trainer.files import check_output_dir, write_json_atomic, write_text_atomic
 from distillens_trainer.models.info import MODEL_INFO_NAME
@@ -42,9 +44,6 @@ logger = logging.getLogger(__name__)
 
 def configure_logging() -> None:
     """INFO lines for this package when nobody configured logging (a CLI run); quiet library chatter."""
-    import datasets
-    import transformers
-
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")

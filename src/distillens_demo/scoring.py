@@ -10,6 +10,17 @@ from typing import Any
 
 import torch
 
+from distillens_trainer.data.collation import DataCollatorForCompletionOnly
+from distillens_trainer.diagnostics.profile import (
+    LensProfileAccumulator,
+    accumulate_batches,
+    same_depth_pairs,
+)
+from distillens_trainer.evaluation.generation import generate_responses
+from distillens_trainer.evaluation.metrics import rouge_l
+from distillens_trainer.loss.lens import LogitLens
+from distillens_trainer.teacher.loading import shared_vocab_size
+
 from .arguments import LENS_EVAL_DIVERGENCE
 from .suite import prompt_of, score_answer
 
@@ -24,9 +35,6 @@ def evaluate_generation(
     max_new_tokens: int,
 ) -> dict[str, Any]:
     """Greedy answers to ``examples`` scored with exact match and ROUGE-L (both 0-100), overall and per task."""
-    from distillens_trainer.evaluation.generation import generate_responses
-    from distillens_trainer.evaluation.metrics import rouge_l
-
     prompts = [prompt_of(example, prompt_template) for example in examples]
     answers = generate_responses(
         model,
@@ -90,15 +98,6 @@ def lens_divergence_profile(
     of their output distributions; ``student_ce`` / ``teacher_ce`` are each model's mean cross-entropy of the
     reference response tokens.
     """
-    from distillens_trainer.data.collation import DataCollatorForCompletionOnly
-    from distillens_trainer.diagnostics.profile import (
-        LensProfileAccumulator,
-        accumulate_batches,
-        same_depth_pairs,
-    )
-    from distillens_trainer.loss.lens import LogitLens
-    from distillens_trainer.teacher.loading.loading import shared_vocab_size
-
     student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
     pairs = same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers)
     accumulator = LensProfileAccumulator(

@@ -12,18 +12,19 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
 
 from distillens_trainer.data.prompts import (
     ALPACA_PROMPT_NO_INPUT,
     ALPACA_PROMPT_WITH_INPUT,
+    build_prompt,
     format_alpaca_prompt,
 )
 
 from .tasks import TASK_FAMILIES, Example, describe_task, resolve_tasks
-
-if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerFast
 
 EXAMPLE_FIELDS = ("instruction", "input", "output", "task")
 SPLIT_FILES = {"train": "train.jsonl", "validation": "validation.jsonl", "test": "test.jsonl"}
@@ -261,9 +262,6 @@ def train_suite_tokenizer(
     compact template pass formatted prompts too (as `build_suite_tokenizer` does). Returns a
     ``transformers.PreTrainedTokenizerFast`` with at most ``vocab_size`` tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
     if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < _MIN_VOCAB_SIZE:
         raise ValueError(
             f"vocab_size must be an integer of at least {_MIN_VOCAB_SIZE} (256 bytes + 2 specials); got {vocab_size!r}"
@@ -307,8 +305,6 @@ def build_suite_tokenizer(
 
 def prompt_of(example: Mapping[str, str], template: str) -> str:
     """The prompt a model is trained on and generates from."""
-    from distillens_trainer.data.prompts import build_prompt
-
     return build_prompt(example, None, template)
 
 

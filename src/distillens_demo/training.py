@@ -15,10 +15,21 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
-from transformers import TrainerCallback
+from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, TrainerCallback, set_seed
 
+from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.data.collation import DataCollatorForCompletionOnly
+from distillens_trainer.data.tokenization import tokenize_prompt_completion
+from distillens_trainer.loss.layer_map import LayerMapFields, paper_student_layers, resolve_run_layer_map
+from distillens_trainer.models.facts import num_hidden_layers
+from distillens_trainer.models.shrink import recorded_kept_layers
 from distillens_trainer.progress import PROGRESS_EVERY_S, ProgressLines, is_terminal
+from distillens_trainer.teacher.cache.format import read_manifest
+from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
+from distillens_trainer.teacher.loading import shared_vocab_size
+from distillens_trainer.trainer.distillens_trainer import DistillLensTrainer
 
 from .arguments import CACHE_FORMAT, HEAD_DIM, METHODS, TEACHER_OBJECTIVE, DemoArguments
 from .cache import (
@@ -32,7 +43,7 @@ from .cache import (
     teacher_signals_key,
     teacher_signals_path,
 )
-from .suite import default_max_new_tokens, prompt_of, read_jsonl
+from .suite import build_suite_tokenizer, default_max_new_tokens, prompt_of, read_jsonl, write_task_suite
 
 logger = logging.getLogger(__name__)
 
@@ -59,8 +70,6 @@ class Suite:
 
 def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
     """Write the task suite to ``data_dir`` and read its splits back."""
-    from .suite import write_task_suite
-
     paths = write_task_suite(
         data_dir,
         num_train=args.num_train,
@@ -74,10 +83,6 @@ def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str,
 
 def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, template: str):
     """Tokenised ``input_ids``/``attention_mask``/``labels`` rows (prompt masked) as a ``datasets.Dataset``."""
-    import datasets
-
-    from distillens_trainer.data.tokenization import tokenize_prompt_completion
-
     raw = datasets.Dataset.from_list(
         [{"prompt": prompt_of(example, template), "completion": example["output"]} for example in examples]
     )
@@ -87,8 +92,6 @@ def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, tem
 
 def prepare_suite(args: DemoArguments, data_dir: Path, tokenizer: Any = None) -> Suite:
     """Write the suite, train the tokenizer unless one is given, and tokenise train and validation."""
-    from .suite import build_suite_tokenizer
-
     splits = write_suite(args, data_dir)
     if tokenizer is None:
         tokenizer = build_suite_tokenizer(data_dir.parent / "tokenizer", splits["train"], args.vocab_size)
@@ -100,8 +103,6 @@ def prepare_suite(args: DemoArguments, data_dir: Path, tokenizer: Any = None) ->
 
 def model_config(tokenizer: Any, num_layers: int, hidden_size: int):
     """A small Llama-style config (SwiGLU, RoPE, RMSNorm, tied embeddings) over the suite tokenizer."""
-    from transformers import LlamaConfig
-
     heads = hidden_size // HEAD_DIM
     return LlamaConfig(
         vocab_size=len(tokenizer),
@@ -120,8 +121,6 @@ def model_config(tokenizer: Any, num_layers: int, hidden_size: int):
 
 def build_model(tokenizer: Any, num_layers: int, hidden_size: int, seed: int):
     """A randomly initialised fp32 causal LM, deterministic given ``seed``."""
-    from transformers import LlamaForCausalLM, set_seed
-
     set_seed(seed)
     model = LlamaForCausalLM(model_config(tokenizer, num_layers, hidden_size))
     return model.to(torch.float32)
@@ -183,10 +182,6 @@ def train_model(
 
     ``config_overrides`` are further :class:`DistillLensConfig` fields (e.g. ``bf16``, ``lens_layer_map``).
     """
-    from distillens_trainer.config import DistillLensConfig
-    from distillens_trainer.data.collation import DataCollatorForCompletionOnly
-    from distillens_trainer.trainer.distillens_trainer import DistillLensTrainer
-
     config = DistillLensConfig(
         output_dir=str(output_dir),
         max_steps=max_steps,
@@ -218,8 +213,6 @@ def train_model(
         teacher_model=teacher if needs_teacher else None,
     )
     if config.disable_tqdm:  # not a terminal: a line every ~30 s instead of a bar or a dict per log step
-        from transformers import PrinterCallback
-
         trainer.remove_callback(PrinterCallback)
         trainer.add_callback(TrainingProgress(description or "training"))
     if description:
@@ -292,8 +285,6 @@ def explicit_lens_layers(
     """DistillLensConfig's explicit layer fields when the teacher layers are given, else nothing."""
     if lens_teacher_layers is None:
         return {}
-    from distillens_trainer.loss.layer_map import paper_student_layers
-
     student_layers = paper_student_layers(model.config.num_hidden_layers, lens_num_layers)
     return {"lens_student_layers": student_layers, "lens_teacher_layers": list(lens_teacher_layers)}
 
@@ -370,16 +361,12 @@ def lens_layer_map(
 ) -> list[list[int]]:
     """The (student, teacher) lens pairs the trainer resolves for ``student`` and ``teacher`` under ``args`` (the
     teacher layers a teacher cache must hold)."""
-    from distillens_trainer.loss.layer_map import resolve_layer_map
-    from distillens_trainer.models.facts import num_hidden_layers
-
     fields = explicit_lens_layers(student, args.lens_num_layers, args.lens_teacher_layers)
-    pairs = resolve_layer_map(
+    pairs = resolve_run_layer_map(
         num_hidden_layers(student),
         num_hidden_layers(teacher),
-        fields.get("lens_student_layers"),
-        fields.get("lens_teacher_layers"),
-        args.lens_num_layers,
+        LayerMapFields.of({"lens_num_layers": args.lens_num_layers, **fields}),
+        recorded_kept_layers(student.config),
     )
     return [list(pair) for pair in pairs]
 
@@ -401,10 +388,6 @@ def get_teacher_signals(
     ``dtype``, ``top_k``), over :func:`teacher_cache_rows`, for ``student``'s lens layer map and shared vocabulary:
     reused from ``<cache_dir>/teacher-signals-<hash>`` when complete with these settings, else built (an interrupted
     build is finished) there. Returns its folder."""
-    from distillens_trainer.teacher.loading.cache.format import read_manifest
-    from distillens_trainer.teacher.loading.cache.writer import teacher_cache_settings, write_teacher_cache
-    from distillens_trainer.teacher.loading.loading import shared_vocab_size
-
     layer_map = lens_layer_map(student, teacher, args)
     vocab_size = shared_vocab_size(student, teacher, suite.tokenizer)
     path = teacher_signals_path(args, teacher_signals_key(args, cache, layer_map, vocab_size))

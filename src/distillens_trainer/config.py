@@ -12,7 +12,13 @@ from typing import Any
 from transformers import TrainingArguments
 
 from .distributed.fsdp import check_fsdp_config
-from .loss.divergences import DIVERGENCE_NAMES
+from .loss.divergences import (
+    DIVERGENCE_NAMES,
+    DIVERGENCES,
+    PAPER_KD_DIVERGENCE,
+    PAPER_LENS_DIVERGENCE,
+    describe_divergences,
+)
 from .loss.layer_map import LAYER_MAPS, check_distinct_layer_lists, check_layer_map_choice
 from .loss.spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
 from .models.facts import DTYPE_NAMES, check_dtype_name
@@ -71,10 +77,9 @@ class DistillLensConfig(TrainingArguments):
     )
     kd_weight: float = field(default=1.0, metadata={"help": "Weight of the divergence between final logits."})
     kd_divergence: str = field(
-        default="rkl",
+        default=PAPER_KD_DIVERGENCE,
         metadata={
-            "help": "Divergence between final logits: fkl = KL(t||s), rkl = KL(s||t), skl = fkl + rkl "
-            "(Jeffreys), jsd (generalised Jensen-Shannon with jsd_beta), tvd (total variation).",
+            "help": f"Divergence between final logits: {describe_divergences()}.",
             "choices": list(DIVERGENCE_NAMES),
         },
     )
@@ -82,17 +87,17 @@ class DistillLensConfig(TrainingArguments):
         default=1.0, metadata={"help": "Weight of the logit-lens term (mean over the mapped layer pairs)."}
     )
     lens_divergence: str = field(
-        default="jsd",
+        default=PAPER_LENS_DIVERGENCE,
         metadata={
-            "help": "Divergence between logit-lens distributions (same names as kd_divergence).",
+            "help": "Divergence between logit-lens distributions (same choices as kd_divergence).",
             "choices": list(DIVERGENCE_NAMES),
         },
     )
     jsd_beta: float = field(
         default=0.5,
         metadata={
-            "help": "β of the generalised JSD: β·KL(t||m) + (1-β)·KL(s||m), m = β·t + (1-β)·s; 0.5 is the "
-            "usual symmetric JSD."
+            "help": f"β of {' and '.join(name for name, d in DIVERGENCES.items() if d.uses_beta)}, the "
+            "teacher's share of the mixture m (see kd_divergence); 0.5 is the usual symmetric JSD."
         },
     )
     temperature: float = field(

@@ -253,8 +253,8 @@ def test_a_padded_vocabulary_teacher_is_accepted(workspace, tmp_path, capsys):
 def test_a_too_shallow_student_is_refused_before_any_weights_are_read(
     workspace, tmp_path, capsys, monkeypatch
 ):
-    from distillens_trainer.teacher import loading as teacher
     from distillens_trainer.commands import train
+    from distillens_trainer.teacher import loading as teacher
 
     def no_loading(*args, **kwargs):
         raise AssertionError("model weights were read before the student's depth was checked")

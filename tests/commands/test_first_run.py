@@ -1,5 +1,5 @@
 """What a new user meets first: the help, the one-line errors, the recorded prompt format, the final output
-lines and a quiet start (issue 10)."""
+lines and a quiet start."""
 
 from __future__ import annotations
 
@@ -19,11 +19,15 @@ from datasets import Dataset
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
-from distillens_trainer.commands import process
 from distillens_trainer.commands.parsing import given_fields
 from distillens_trainer.commands.train import (
     check_reporting_integrations,
     output_summary,
+)
+from distillens_trainer.distributed.quiet import (
+    DEEPSPEED_LOGGER,
+    DropDeepSpeedCpuNotice,
+    hide_deepspeed_cpu_notice,
 )
 from distillens_trainer.evaluation import EvalArguments
 from distillens_trainer.evaluation import output_summary as eval_summary
@@ -92,18 +96,27 @@ def test_importing_the_package_and_asking_for_help_does_not_import_deepspeed():
     assert "Setting accelerator" not in done.stderr
 
 
-def test_a_run_without_deepspeed_or_cuda_tells_deepspeed_to_use_the_cpu_quietly(monkeypatch):
+def test_a_run_without_deepspeed_hides_its_cpu_notice_and_leaves_its_accelerator_alone(monkeypatch, capsys):
     for name in ("DS_ACCELERATOR", "ACCELERATE_USE_DEEPSPEED"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.delitem(sys.modules, "deepspeed", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=True)
+    deepspeed_logger = logging.getLogger(DEEPSPEED_LOGGER)
+    monkeypatch.setattr(deepspeed_logger, "filters", [])
+
+    def hidden() -> bool:
+        return any(isinstance(item, DropDeepSpeedCpuNotice) for item in deepspeed_logger.filters)
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert hidden()
+    with pytest.raises(SystemExit):
+        main(["train", "--deepspeed", "ds.json", "--help"])  # a DeepSpeed run shows it
+    assert not hidden()
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # accelerate launch with a DeepSpeed config
+    hide_deepspeed_cpu_notice()
+    assert not hidden()
+    # DeepSpeed picks its accelerator itself: DS_ACCELERATOR stays the user's to set
     assert "DS_ACCELERATOR" not in os.environ
-    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
-    assert os.environ["DS_ACCELERATOR"] == "cpu"
-    monkeypatch.setenv("DS_ACCELERATOR", "xpu")  # a user's choice is kept
-    process.quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
-    assert os.environ["DS_ACCELERATOR"] == "xpu"
+    capsys.readouterr()
 
 
 def _on_device(monkeypatch, device: str) -> None:

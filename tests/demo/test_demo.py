@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -48,7 +49,7 @@ from distillens_demo.training import (
     on_policy_means,
     tokenize_examples,
 )
-from distillens_trainer import cli
+from distillens_trainer import DistillLensConfig, cli
 from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
 from distillens_trainer.data import DataCollatorForCompletionOnly
 from distillens_trainer.loss.layer_map import resolve_layer_map
@@ -338,6 +339,17 @@ def test_the_preset_fills_only_unset_fields(tmp_path):
     assert default.student_layers < default.teacher_layers
     assert default.student_hidden_size < default.teacher_hidden_size
     assert default.resolved_cache_dir == tmp_path.parent / ".distillens-cache"
+
+
+def test_the_demo_arguments_shared_with_the_library_take_its_declaration():
+    library = {item.name: item for item in dataclasses.fields(DistillLensConfig)}
+    demo = {item.name: item for item in dataclasses.fields(DemoArguments)}
+    for name in ("kd_divergence", "lens_weight", "lens_teacher_layers"):
+        assert demo[name].default == library[name].default, name
+        assert demo[name].metadata.get("choices") == library[name].metadata.get("choices"), name
+        assert demo[name].metadata["help"].startswith(library[name].metadata["help"]), name
+    # the demo's command line as before
+    assert demo["kd_divergence"].metadata["choices"] == ["fkl", "rkl", "skl", "jsd", "tvd"]
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from distillens_trainer.distributed.quiet import (
+    ACCELERATE_DEEPSPEED_VARIABLE,
     DEEPSPEED_CPU_NOTICE,
     DropDeepSpeedCpuNotice,
     hide_deepspeed_cpu_notice,
@@ -44,6 +45,17 @@ def test_hiding_is_installed_once_and_undone_for_a_deepspeed_run():
         deepspeed_logger.filters[:] = before
 
 
+def test_a_process_accelerate_launched_with_deepspeed_keeps_the_notice(monkeypatch):
+    deepspeed_logger = logging.getLogger("DeepSpeed")
+    monkeypatch.setattr(deepspeed_logger, "filters", [])
+    monkeypatch.setenv(ACCELERATE_DEEPSPEED_VARIABLE, "true")
+    hide_deepspeed_cpu_notice()
+    assert not any(isinstance(item, DropDeepSpeedCpuNotice) for item in deepspeed_logger.filters)
+    monkeypatch.setenv(ACCELERATE_DEEPSPEED_VARIABLE, "false")
+    hide_deepspeed_cpu_notice()
+    assert any(isinstance(item, DropDeepSpeedCpuNotice) for item in deepspeed_logger.filters)
+
+
 def test_a_command_line_asks_for_deepspeed_by_flag_or_in_its_config_file(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("deepspeed: examples/deepspeed/zero2.json\n")
@@ -61,8 +73,12 @@ def test_importing_the_package_keeps_an_unused_deepspeed_quiet(uses_deepspeed):
     if uses_deepspeed:  # what the entry point and DistillLensTrainer do for a run that sets deepspeed
         code += "distillens_trainer.distributed.quiet.hide_deepspeed_cpu_notice(False)\n"
     code += "import deepspeed\n"
-    # DS_ACCELERATOR (which an in-process CLI test may have set, commands/process.py) silences the notice itself
-    env = {key: value for key, value in os.environ.items() if key != "DS_ACCELERATOR"}
+    # DS_ACCELERATOR (set by tests/launching.py for launched runs) makes DeepSpeed skip the detection that warns
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DS_ACCELERATOR", ACCELERATE_DEEPSPEED_VARIABLE)
+    }
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True, env=env
     )

@@ -61,6 +61,19 @@ LENS_STUDENT_LAYERS = [1, 2, 3]  # teacher layers follow proportionally: 1, 2, 4
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
+# --------------------------------------------------------------------------------------------- measuring
+def local_parameter_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(bytes of this rank's shards, bytes of the whole model) over ``model``'s parameters (FSDP2 ``DTensor`` s
+    count their local shard)."""
+    local = whole = 0
+    for param in model.parameters():
+        size = param.element_size()
+        shard = param.to_local() if hasattr(param, "to_local") else param
+        local += shard.numel() * size
+        whole += param.numel() * size
+    return local, whole
+
+
 # --------------------------------------------------------------------------------------------- CPU shims
 def _use_gloo_on_cpu() -> None:
     """Where accelerate finds no device backend for a launched CPU rank, choose gloo (``MULTI_CPU``)."""
@@ -565,8 +578,6 @@ def train(
     result["zero3"] = zero3
     result["fsdp_version"] = trainer.fsdp_version
     if trainer.fsdp_version == 2:
-        from distillens_trainer.distributed.fsdp import local_parameter_bytes
-
         result["teacher_class"] = type(trainer.teacher_model).__name__
         local, whole = local_parameter_bytes(trainer.teacher_model)
         dtype = str(next(trainer.teacher_model.parameters()).dtype)

@@ -16,9 +16,8 @@ from device_harness import (
     to_host,
 )
 
-from distillens_trainer.trainer import on_policy
 from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
-from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.fused import FusedJob, HeadTeacher, fused_head_loss
 from distillens_trainer.loss.heads import LinearHead
 from distillens_trainer.loss.topk import (
     TopKDistribution,
@@ -28,6 +27,7 @@ from distillens_trainer.loss.topk import (
 )
 from distillens_trainer.teacher.cache.reader import TeacherCache
 from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
+from distillens_trainer.trainer import on_policy
 
 from conftest import EOS_ID, PAD_ID, TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
@@ -101,9 +101,9 @@ def _fused_loss_and_grads(temperature, scale, softcap, chunk_size, **tensors):
     student_head = LinearHead(tensors["student_weight"], tensors.get("student_bias"), scale, softcap)
     teacher_head = LinearHead(tensors["teacher_weight"])
     jobs = [
-        FusedJob(tensors["student_input"], tensors["teacher_input"], teacher_head, "jsd", 0.5, name="lens"),
+        FusedJob(tensors["student_input"], HeadTeacher(tensors["teacher_input"], teacher_head), "jsd", 0.5, name="lens"),
         FusedJob(
-            tensors["student_input"], tensors["teacher_input"], teacher_head, "rkl", 1.0, tensors["targets"], 0.3,
+            tensors["student_input"], HeadTeacher(tensors["teacher_input"], teacher_head), "rkl", 1.0, tensors["targets"], 0.3,
             name="kd", ce_name="ce",
         ),
         FusedJob(tensors["student_input"], targets=tensors["targets"], ce_weight=1.0, ce_name="ce_only"),
@@ -138,7 +138,9 @@ def test_the_fused_head_loss_and_its_gradients_stay_on_the_device(
 
 def test_the_fused_head_loss_without_gradients_stays_on_the_device():
     def compute(student_weight, student_input, teacher_weight, teacher_input, targets):
-        job = FusedJob(student_input, teacher_input, LinearHead(teacher_weight), "fkl", 1.0, targets, 1.0)
+        job = FusedJob(
+            student_input, HeadTeacher(teacher_input, LinearHead(teacher_weight)), "fkl", 1.0, targets, 1.0
+        )
         with torch.no_grad():
             return fused_head_loss(LinearHead(student_weight), [job], vocab_size=V, chunk_size=8)
 
@@ -172,7 +174,7 @@ def test_the_top_k_path_stays_on_the_device(name):
         read_back = TopKDistribution.from_stored(teacher.ids.int(), stored.bfloat16())
         per_token = topk_divergence(name, student_logits, read_back, temperature=2.0)
         (logits_grad,) = torch.autograd.grad(per_token.sum(), student_logits)
-        job = FusedJob(student_input, teacher_topk=read_back, divergence=name, targets=targets, ce_weight=1.0)
+        job = FusedJob(student_input, read_back, divergence=name, targets=targets, ce_weight=1.0)
         total, sums = fused_head_loss(LinearHead(student_weight), [job], vocab_size=V, chunk_size=8)
         head_grads = torch.autograd.grad(total, [student_input, student_weight])
         return teacher, stored, read_back, per_token, logits_grad, total, sums, head_grads
@@ -241,8 +243,9 @@ def test_the_teacher_cache_reader_puts_the_signals_and_the_head_on_the_device(te
         got = cache.signals({name: on_device(value) for name, value in batch.items()}, DEVICE)
         head = cache.teacher_head(DEVICE) if mode == "hidden" else None
     assert got.layers == want.layers and got.layers
-    assert_on_device([got.head_inputs, got.topk])
-    _assert_same_values([got.head_inputs, got.topk], [want.head_inputs, want.topk])
+    field = "head_inputs" if mode == "hidden" else "topk"  # the per-layer tensors each kind of cache holds
+    assert_on_device(getattr(got, field))
+    _assert_same_values(getattr(got, field), getattr(want, field))
     if head is not None:
         assert_on_device(head.parameters())
         _assert_same_values(head.parameters(), cache.teacher_head("cpu").parameters())

@@ -6,12 +6,24 @@ side, no T² rescale); a naive float64 reference pins everything else over shape
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 import torch
 
-from distillens_trainer.loss.divergences import DIVERGENCE_NAMES, token_divergence
+from distillens_trainer.loss.divergences import (
+    DIVERGENCE_NAMES,
+    DIVERGENCES,
+    LOG_PROB_FLOOR,
+    check_divergence_name,
+    log_probs,
+    token_divergence,
+)
+from distillens_trainer.loss.fused_math import MASKED_DIVERGENCES
+
+REPO = Path(__file__).resolve().parents[2]
 
 NAMES = ("fkl", "rkl", "skl", "jsd", "tvd")
 LN2 = math.log(2.0)
@@ -430,3 +442,95 @@ def test_nan_temperature_raises_value_error():
     student, teacher = _logits([2, 3], seed=50), _logits([2, 3], seed=51)
     with pytest.raises(ValueError, match="temperature"):
         token_divergence("rkl", student, teacher, temperature=float("nan"))
+
+
+def test_an_unknown_name_is_refused_naming_the_field():
+    with pytest.raises(
+        ValueError, match=r"^lens_divergence='kl' is not a known divergence; choose one of fkl, rkl"
+    ):
+        check_divergence_name("kl", "lens_divergence")
+    assert check_divergence_name("tvd") == "tvd"
+
+
+# --------------------------------------------------------------------------------------------------
+# The registry: one record per divergence, everything else derived from it.
+# --------------------------------------------------------------------------------------------------
+
+
+def test_the_offered_names_are_the_registry_in_its_order():
+    assert DIVERGENCE_NAMES == tuple(DIVERGENCES) == NAMES
+    assert all(record.name == name for name, record in DIVERGENCES.items())
+    assert all(record.description.strip() for record in DIVERGENCES.values())
+
+
+def _docs_divergence_table() -> dict[str, str]:
+    """The ``| name | description |`` table of docs/objective.md, as name -> description (``\\|`` unescaped)."""
+    lines = (REPO / "docs" / "objective.md").read_text(encoding="utf-8").splitlines()
+    start = lines.index("| name | description |") + 2  # the header, then the |---|---| line
+    table: dict[str, str] = {}
+    for line in lines[start:]:
+        if not line.startswith("|"):
+            break
+        name, description = line[1:-1].replace("\\|", "\0").split("|")
+        table[name.strip().strip("`")] = description.strip().replace("\0", "|")
+    return table
+
+
+def test_the_docs_table_lists_exactly_the_registry_with_its_descriptions():
+    expected = {name: record.description for name, record in DIVERGENCES.items()}
+    assert _docs_divergence_table() == expected, (
+        "update the table in docs/objective.md from divergences.DIVERGENCES"
+    )
+    assert list(_docs_divergence_table()) == list(DIVERGENCES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_masked_is_whether_the_gradient_survives_at_a_floored_student_entry(name):
+    # The student gives token 1 no mass (its log-probability is floored), the teacher does. Without the floor's
+    # clamp, the gradient w.r.t. λ_s there is -t·(...) for the KL-from-teacher kinds and s·(...) = 0 otherwise.
+    log_s = log_probs(torch.tensor([[0.0, float("-inf"), 1.0]], dtype=torch.float64)).requires_grad_(True)
+    log_t = log_probs(torch.tensor([[0.0, 1.0, 0.5]], dtype=torch.float64))
+    assert log_s[0, 1].item() == LOG_PROB_FLOOR
+    (grad,) = torch.autograd.grad(DIVERGENCES[name].value(log_s, log_t, beta=0.5).sum(), log_s)
+    assert DIVERGENCES[name].masked == (grad[0, 1].item() != 0.0)
+    assert (name in MASKED_DIVERGENCES) == DIVERGENCES[name].masked
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.2])
+@pytest.mark.parametrize("name", NAMES)
+def test_each_closed_form_gradient_is_the_autograd_gradient_of_its_value(name, beta):
+    record = DIVERGENCES[name]
+    log_s = log_probs(_logits([4, 7], seed=60, dtype=torch.float64)).requires_grad_(True)
+    log_t = log_probs(_logits([4, 7], seed=61, dtype=torch.float64))
+    value = record.value(log_s, log_t, beta=beta)
+    (expected_grad,) = torch.autograd.grad(value.sum(), log_s)
+
+    blocks = [x.detach().clone() for x in (log_s, log_s.exp(), log_t, log_t.exp())]
+    mask = torch.empty(log_s.shape, dtype=torch.bool) if record.masked else None
+    per_row, grad = record.value_and_grad_(*blocks, beta=beta, need_grad=True, mask=mask)
+
+    torch.testing.assert_close(per_row, value.detach(), atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(grad, expected_grad, atol=1e-12, rtol=1e-10)
+
+
+def _string_literals(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return {
+        node.value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant) and isinstance(node.value, str)
+    }
+
+
+def test_no_module_but_the_registry_names_a_divergence():
+    # The diagnostics compute every layer pair at once with their own per-pair formulas (diagnostics.profile) and
+    # label their figures themselves: not yet drawn from the registry.
+    package = REPO / "src" / "distillens_trainer"
+    naming = sorted(
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if path.parent.name != "diagnostics"
+        and path.name != "divergences.py"
+        and _string_literals(path) & set(DIVERGENCES)
+    )
+    assert naming == [], "name divergences through loss.divergences (DIVERGENCES, PAPER_*_DIVERGENCE)"

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.loss.divergences import token_divergence
-from distillens_trainer.loss.fused import FusedJob, fused_head_loss
+from distillens_trainer.loss.fused import FusedJob, HeadTeacher, fused_head_loss
 from distillens_trainer.loss.fused_math import divergence_chunk, postprocess
 from distillens_trainer.loss.heads import LinearHead
 from distillens_trainer.loss.lens import LogitLens
@@ -28,7 +28,7 @@ def fused_divergence_sum(
     student_input, teacher_input, student_head, teacher_head, *, divergence, vocab_size, **settings
 ):
     """Σ over tokens of one divergence through the fused head: one job, its sum named ``divergence``."""
-    job = FusedJob(student_input, teacher_input, teacher_head, divergence, 1.0)
+    job = FusedJob(student_input, HeadTeacher(teacher_input, teacher_head), divergence, 1.0)
     total, sums = fused_head_loss(student_head, [job], vocab_size=vocab_size, **settings)
     torch.testing.assert_close(sums["job0"], total.detach())
     return total
@@ -39,8 +39,9 @@ def fused_output_terms(
     vocab_size, **settings,
 ):  # fmt: skip
     """The output term's job (KD against the teacher and CE on ``targets``): weighted total and named sums."""
+    teacher = HeadTeacher(teacher_input, teacher_head) if teacher_input is not None else None
     job = FusedJob(
-        student_input, teacher_input, teacher_head, kd_divergence, kd_weight, targets, ce_weight,
+        student_input, teacher, kd_divergence, kd_weight, targets, ce_weight,
         name="kd_loss", ce_name="ce_loss",
     )  # fmt: skip
     total, sums = fused_head_loss(student_head, [job], vocab_size=vocab_size, **settings)
@@ -351,7 +352,7 @@ def test_no_tensor_of_tokens_times_vocabulary_is_ever_built():
     teacher_head = LinearHead(torch.randn(vocab, hidden, generator=generator))
     jobs = [
         FusedJob(torch.randn(tokens, hidden, generator=generator, requires_grad=True),
-                 torch.randn(tokens, hidden, generator=generator), teacher_head, "jsd", 0.5)
+                 HeadTeacher(torch.randn(tokens, hidden, generator=generator), teacher_head), "jsd", 0.5)
         for _ in range(2)
     ]  # fmt: skip
     with _LargestTensor() as fused_mode:
@@ -419,10 +420,10 @@ def test_a_training_pass_holds_at_most_four_chunk_by_vocabulary_blocks(name, dty
     student_input = torch.randn(tokens, hidden, generator=generator).to(dtype).requires_grad_()
     targets = torch.randint(0, vocab, (tokens,), generator=generator)
     jobs = [  # a lens pair and the output term (KD + CE: they share the student's softmax)
-        FusedJob(student_input, torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head, name,
-                 0.5, name="lens"),
-        FusedJob(student_input, torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head, name,
-                 1.0, targets, 0.3, name="kd", ce_name="ce"),
+        FusedJob(student_input, HeadTeacher(torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head),
+                 name, 0.5, name="lens"),
+        FusedJob(student_input, HeadTeacher(torch.randn(tokens, hidden, generator=generator).to(dtype), teacher_head),
+                 name, 1.0, targets, 0.3, name="kd", ce_name="ce"),
     ]  # fmt: skip
     with _LiveLargeStorages(block // 4) as probe:
         total, _ = fused_head_loss(student_head, jobs, vocab_size=vocab, chunk_size=chunk)
@@ -562,15 +563,14 @@ def test_a_failing_compilation_falls_back_to_eager_with_one_warning(monkeypatch,
         return compiled
 
     monkeypatch.setattr(torch, "compile", broken_compile)
-    monkeypatch.setattr(fused_module, "_compiled_divergence_chunk", None)
-    monkeypatch.setattr(fused_module, "_compile_failed", False)
+    kernel = fused_module.ChunkDivergence(compile_math=True)  # the compile state of a run, kept across calls
     student_head, teacher_head = _heads()
     student_input, teacher_input = _inputs()
     kwargs = {"divergence": "jsd", "vocab_size": V, "chunk_size": 10}
     with caplog.at_level("WARNING", logger="distillens_trainer.loss.fused"):
         compiled = [
             fused_divergence_sum(
-                student_input, teacher_input, student_head, teacher_head, compile_math=True, **kwargs
+                student_input, teacher_input, student_head, teacher_head, kernel=kernel, **kwargs
             )
             for _ in range(2)
         ]

@@ -8,9 +8,11 @@ from fractions import Fraction
 import pytest
 
 from distillens_trainer.loss.layer_map import (
+    LayerMapFields,
     adapted_num_pairs_note,
     default_num_pairs,
     resolve_layer_map,
+    resolve_run_layer_map,
     resolve_student_layers,
 )
 
@@ -264,3 +266,76 @@ def test_a_one_layer_student_has_no_intermediate_layer_for_the_lens():
     with pytest.raises(ValueError, match="no intermediate layer to map: set lens_weight=0"):
         resolve_layer_map(1, 4)
     assert resolve_layer_map(1, 4, student_layers=[1]) == [(1, 4)]  # explicit layers still work
+
+
+# --------------------------------------------------------------------------------------------------
+# A run's pairs: one resolution for the trainer, cache-teacher, lens and the demo.
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        LayerMapFields(),
+        LayerMapFields(num_layers=2),
+        LayerMapFields(student_layers=[1, 3]),
+        LayerMapFields(student_layers=[1, 3], teacher_layers=[2, 7]),
+        LayerMapFields(layer_map="shrunk"),
+        LayerMapFields(layer_map="shrunk", num_layers=1),
+    ],
+)
+def test_the_run_layer_map_is_resolve_layer_map_of_the_fields(fields):
+    kept = [0, 2, 5, 7]  # a 4-block student cut from an 8-block teacher
+    expected = resolve_layer_map(
+        4,
+        8,
+        fields.student_layers,
+        fields.teacher_layers,
+        fields.num_layers,
+        kept_layers=kept if fields.layer_map == "shrunk" else None,
+    )
+    assert resolve_run_layer_map(4, 8, fields, kept) == expected
+    if fields.layer_map == "paper":  # the paper's map reads no record
+        assert resolve_run_layer_map(4, 8, fields, None) == expected
+
+
+def test_the_shrunk_map_needs_the_students_record():
+    with pytest.raises(
+        ValueError, match="lens_layer_map='shrunk' needs a student written by 'distillens shrink'"
+    ):
+        resolve_run_layer_map(4, 8, LayerMapFields(layer_map="shrunk"), None)
+    assert resolve_run_layer_map(3, 4, LayerMapFields(layer_map="shrunk"), [0, 2, 3]) == [(1, 1), (2, 3)]
+
+
+def test_the_fields_are_read_from_a_config_or_a_record_and_the_map_defaults_to_the_papers():
+    class Settings:
+        lens_layer_map = None  # distillens lens without --lens_layer_map
+        lens_num_layers = 2
+        lens_student_layers = None
+        lens_teacher_layers = None
+
+    assert LayerMapFields.of(Settings()) == LayerMapFields(num_layers=2)
+    record = {"lens_layer_map": "shrunk", "lens_num_layers": None, "lens_weight": 1.0}
+    assert LayerMapFields.of(record) == LayerMapFields(layer_map="shrunk")
+    assert LayerMapFields.of({}) == LayerMapFields()
+
+
+def test_a_profile_of_a_one_block_student_has_no_pairs_where_training_refuses():
+    with pytest.raises(ValueError, match="no intermediate layer to map"):
+        resolve_run_layer_map(1, 4, LayerMapFields())
+    assert resolve_run_layer_map(1, 4, LayerMapFields(), required=False) == []
+    assert resolve_run_layer_map(1, 4, LayerMapFields(student_layers=[1]), required=False) == [(1, 4)]
+    with pytest.raises(ValueError, match="too shallow for lens_num_layers=1"):
+        resolve_run_layer_map(1, 4, LayerMapFields(num_layers=1), required=False)
+    assert resolve_run_layer_map(3, 6, LayerMapFields(), required=False) == resolve_layer_map(3, 6)
+
+
+def test_the_old_shrunk_kept_layers_still_works_and_warns():
+    from types import SimpleNamespace
+
+    from distillens_trainer.loss.layer_map import shrunk_kept_layers
+
+    with pytest.warns(DeprecationWarning, match="recorded_kept_layers"):
+        assert shrunk_kept_layers(SimpleNamespace(distillens_kept_layers=[0, 2]), "shrunk") == [0, 2]
+    with pytest.warns(DeprecationWarning):
+        assert shrunk_kept_layers(SimpleNamespace(), "paper") is None

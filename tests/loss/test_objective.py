@@ -16,9 +16,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distillens_trainer.loss.forwards import ForwardRequest
 from distillens_trainer.loss.lens import LogitLens
 from distillens_trainer.loss.objective import DistillLensObjective
 from distillens_trainer.loss.spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, lens_term_name
+from distillens_trainer.loss.teacher_signals import ModelTeacher
 
 from conftest import TINY_VOCAB, assert_close_to_reference, pad_batch, tiny_llama, token_rows
 
@@ -91,13 +93,12 @@ def _forward(model, batch):
 
 def _objective(student, teacher, chunk_size, spec=SPEC):
     student_lens, teacher_lens = LogitLens(student), LogitLens(teacher)
-    objective = DistillLensObjective.for_models(
+    objective = DistillLensObjective(
         spec,
-        student,
-        teacher,
         vocab_size=TINY_VOCAB,
+        student=student,
+        teacher=ModelTeacher(teacher, teacher_lens),
         student_lens=student_lens,
-        teacher_lens=teacher_lens,
         layer_map=LAYER_MAP,
         chunk_size=chunk_size,
     )
@@ -112,10 +113,9 @@ def _run_objective(objective, student, teacher, batch, num_items=None, fused_out
         teacher_out = _forward(teacher, batch)
     result = objective(
         batch["labels"],
-        student_logits=None if fused_output else student_out.logits,
-        teacher_logits=None if fused_output else teacher_out.logits,
-        student_hidden_states=student_out.hidden_states,
-        teacher_hidden_states=teacher_out.hidden_states,
+        student_out,
+        objective.teacher.outputs_signals(teacher_out, batch["labels"]),
+        request=ForwardRequest(both_hidden_states=True, fused_output=fused_output),
         num_items_in_batch=num_items,
     )
     result.loss.backward()
@@ -129,7 +129,7 @@ def _run_naive(objective, student, teacher, batch, denominator):
         teacher_out = _forward(teacher, batch)
     sums = naive_term_sums(
         objective.spec, student_out, teacher_out, batch["labels"], objective.student_lens,
-        objective.teacher_lens, objective.layer_map, objective.vocab_size,
+        objective.teacher.lens, objective.layer_map, objective.vocab_size,
     )  # fmt: skip
     loss = naive_loss(objective.spec, sums, denominator)
     loss.backward()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from _measure import smollm2_gguf_path  # benchmarks/, on pytest's pythonpath
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
@@ -17,7 +18,6 @@ from distillens_trainer.models.loading import (
     is_gguf_model,
     load_causal_lm,
     load_tokenizer_from,
-    smollm2_gguf_path,
     split_gguf_path,
 )
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from distillens_trainer.models import facts as modeling
 from distillens_trainer.commands.shrink import ShrinkArguments
 from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.models import facts as modeling
 from distillens_trainer.models.loading import ModelArguments
 
 from conftest import tiny_llama

@@ -125,6 +125,13 @@ def test_the_shrunk_lens_map_pairs_each_student_layer_with_its_source_block():
     assert resolve_layer_map(10, 30, [10], kept_layers=kept) == [(10, 30)]
 
 
+def test_the_kept_layers_are_read_back_from_the_students_config():
+    from distillens_trainer.models.shrink import recorded_kept_layers
+
+    assert recorded_kept_layers(shrink_model(_tiny("llama", num_layers=6), [0, 3, 5]).config) == [0, 3, 5]
+    assert recorded_kept_layers(_tiny("llama", num_layers=3).config) is None
+
+
 def test_the_trainer_uses_the_shrunk_map_and_refuses_it_for_an_uncut_student(tmp_path):
     teacher = _tiny("llama", num_layers=6)
     student = shrink_model(teacher, [0, 3, 5])

@@ -136,7 +136,7 @@ def test_fused_top_k_job_equals_the_straightforward_bucket_divergence(name, chun
     teacher = topk_of_logits(torch.randn(10, 30, generator=generator) * 2, k=5, temperature=1.3)
     fused_total, sums = fused_head_loss(
         head,
-        [FusedJob(inputs, divergence=name, weight=0.7, teacher_topk=teacher, name="kd")],
+        [FusedJob(inputs, teacher, divergence=name, weight=0.7, name="kd")],
         vocab_size=30,
         temperature=1.3,
         beta=0.3,

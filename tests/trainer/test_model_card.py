@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 import yaml
 
+from distillens_trainer.loss.divergences import DIVERGENCES
+from distillens_trainer.loss.spec import ObjectiveSpec
 from distillens_trainer.trainer.model_card import (
     DISTILLENS_CITATION,
     MODEL_CARD_TAGS,
@@ -31,10 +33,15 @@ def paper_config(**overrides) -> SimpleNamespace:
         lens_divergence="jsd",
         jsd_beta=0.5,
         temperature=1.0,
+        feature_weight=0.0,
+        label_smoothing_factor=0.0,
         teacher_model_name_or_path="gpt2-xl",
     )
     values.update(overrides)
     return SimpleNamespace(**values)
+
+
+SPEC_FIELDS = {item.name for item in dataclasses.fields(ObjectiveSpec)}
 
 
 def gpt2_summary(**overrides) -> DistillationSummary:
@@ -53,7 +60,9 @@ def gpt2_summary(**overrides) -> DistillationSummary:
         library_version="0.1.0",
     )
     values.update(overrides)
-    return DistillationSummary(**values)
+    objective = ObjectiveSpec(**{name: value for name, value in values.items() if name in SPEC_FIELDS})
+    run = {name: value for name, value in values.items() if name not in SPEC_FIELDS}
+    return DistillationSummary(objective=objective, **run)
 
 
 def sft_summary() -> DistillationSummary:
@@ -116,11 +125,32 @@ def test_card_lists_the_weights_and_divergences_as_given():
     assert table_row(body, "Logit lens, mean over layer pairs") == [
         "Logit lens, mean over layer pairs",
         "0.5",
-        "`jsd` (generalised Jensen-Shannon)",
+        f"`jsd` ({DIVERGENCES['jsd'].description})",
     ]
     assert table_row(body, "JSD β")[1] == "0.3"
     assert table_row(body, "Temperature")[1] == "2"
     assert table_row(body, "On-policy share (λ)")[1] == "0"
+
+
+@pytest.mark.parametrize("name", sorted(DIVERGENCES))
+def test_card_describes_each_divergence_as_the_registry_does(name):
+    _, body = split_card(model_card_text(gpt2_summary(kd_divergence=name), model_name="m"))
+
+    description = DIVERGENCES[name].description.replace("|", "\\|")  # escaped in a Markdown table cell
+    assert f"| Final logits (KD) | 1 | `{name}` ({description}) |" in body
+
+
+def test_beta_is_shown_only_when_a_divergence_in_use_reads_it():
+    _, body = split_card(model_card_text(gpt2_summary(lens_weight=0.0), model_name="m"))  # rkl alone
+
+    assert "JSD β" not in body
+
+
+def test_the_summary_takes_the_objective_spec_and_does_not_repeat_its_fields():
+    summary_fields = {item.name for item in dataclasses.fields(DistillationSummary)}
+
+    assert not summary_fields & SPEC_FIELDS
+    assert "objective" in summary_fields
 
 
 def test_card_writes_the_layer_map_as_student_teacher_pairs():
@@ -295,13 +325,15 @@ def test_summary_from_config_reads_the_objective():
     assert summary == DistillationSummary(
         student="gpt2",
         teacher="gpt2-large",
-        ce_weight=0.0,
-        kd_weight=1.0,
-        kd_divergence="rkl",
-        lens_weight=1.0,
-        lens_divergence="jsd",
-        jsd_beta=0.5,
-        temperature=1.0,
+        objective=ObjectiveSpec(
+            ce_weight=0.0,
+            kd_weight=1.0,
+            kd_divergence="rkl",
+            lens_weight=1.0,
+            lens_divergence="jsd",
+            jsd_beta=0.5,
+            temperature=1.0,
+        ),
         layer_map=((2, 8), (4, 16)),
         datasets=("databricks/databricks-dolly-15k",),
         lmbda=0.0,
@@ -325,7 +357,7 @@ def test_summary_from_config_reads_optional_fields_when_present():
     summary = summary_from_config(config, student="s", teacher="t", layer_map=[(1, 2)], version="0.1.0")
     _, body = split_card(model_card_text(summary, model_name="m"))
 
-    assert (summary.lmbda, summary.feature_weight, summary.lens_final_norm) == (0.5, 0.1, False)
+    assert (summary.lmbda, summary.objective.feature_weight, summary.lens_final_norm) == (0.5, 0.1, False)
     assert table_row(body, "On-policy share (λ)")[1] == "0.5"
     assert table_row(body, "Hidden-state features (MSE)")[1] == "0.1"
     assert table_row(body, "Final norm applied in the lens")[1] == "no"
@@ -345,7 +377,7 @@ def test_summary_is_frozen_and_stores_sequences_as_tuples():
     assert summary.layer_map == ((2, 8),)
     assert summary.datasets == ("one/dataset",)
     with pytest.raises(dataclasses.FrozenInstanceError):
-        summary.kd_weight = 0.0  # type: ignore[misc]
+        summary.training_steps = 1  # type: ignore[misc]
 
 
 def test_hub_ids_are_told_apart_from_local_paths(tmp_path, monkeypatch):

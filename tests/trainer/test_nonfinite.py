@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,8 +17,9 @@ from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
 from distillens_trainer.loss.heads import LinearHead
 from distillens_trainer.loss.spec import MIN_TEMPERATURE, ObjectiveSpec
-from distillens_trainer.loss.teacher_signals import TeacherSignals
+from distillens_trainer.loss.teacher_signals import CachedHeadInputs
 from distillens_trainer.trainer.nonfinite import NonFiniteTrainingError, nonfinite_sources
+from distillens_trainer.trainer.setup import refuse_nonfinite_cached_head
 
 from conftest import pad_batch, tiny_llama, token_rows
 
@@ -275,19 +275,16 @@ def test_skipping_still_stops_once_the_student_weights_are_non_finite(tmp_path):
 
 def test_a_non_finite_lm_head_in_a_teacher_cache_is_refused_before_training():
     head = LinearHead(weight=torch.tensor([[1.0, INF], [0.0, 1.0]]))
-    trainer = SimpleNamespace(
-        cached_teacher=SimpleNamespace(head=head), args=SimpleNamespace(teacher_cache="C")
-    )
     with pytest.raises(ValueError, match=r"^the teacher cache C holds a non-finite LM head \(teacher_head"):
-        DistillLensTrainer._refuse_nonfinite_cached_head(trainer)
+        refuse_nonfinite_cached_head(head, "C")
 
 
 def test_the_source_is_the_cache_signals_or_else_the_objective_itself():
     student = tiny_llama(num_layers=2, hidden=32, seed=1)
-    signals = TeacherSignals(output_layer=4, head_inputs={4: torch.tensor([[1.0, NAN], [0.0, 1.0]])})
-    sources, student_weights = nonfinite_sources(
-        student=student, student_outputs=None, teacher_signals=signals, cache_path="C"
+    signals = CachedHeadInputs(
+        output_layer=4, head_inputs={4: torch.tensor([[1.0, NAN], [0.0, 1.0]])}, where="C"
     )
+    sources, student_weights = nonfinite_sources(student=student, student_outputs=None, teacher=signals)
     assert (
         sources == ["the teacher cache's signals (C: layer 4 head inputs: 1 non-finite)"]
         and not student_weights

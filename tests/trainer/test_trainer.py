@@ -14,9 +14,9 @@ from tokenizers import Tokenizer, models
 from transformers import PreTrainedTokenizerFast
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
-from distillens_trainer.teacher import loading as teacher_module
 from distillens_trainer.loss.divergences import token_divergence
 from distillens_trainer.loss.objective import DistillLensObjective
+from distillens_trainer.teacher import loading as teacher_module
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 

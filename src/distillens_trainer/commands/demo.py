@@ -8,13 +8,11 @@ from distillens_demo.arguments import DemoArguments
 from distillens_demo.run import output_summary, run_demo
 
 from .parsing import parse_command
-from .process import quiet_deepspeed_accelerator_detection
 
 
 def main(argv: Sequence[str]) -> int:
     """``distillens demo [CONFIG] [--output_dir runs/demo] [--preset smoke] ...``."""
     (demo_args,) = parse_command((DemoArguments,), argv, "distillens demo")
-    quiet_deepspeed_accelerator_detection(uses_deepspeed=False)
     results = run_demo(demo_args)
     print(output_summary(demo_args, results))
     return 0

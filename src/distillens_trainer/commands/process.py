@@ -1,6 +1,6 @@
 """How a ``distillens`` process starts and ends under a launcher (torchrun, ``deepspeed``, ``accelerate launch``):
-the world size it was launched into, the refusal of a launch whose ranks would each train alone, a quiet
-DeepSpeed accelerator detection, and the exit without interpreter shutdown."""
+the world size it was launched into, the refusal of a launch whose ranks would each train alone, and the exit
+without interpreter shutdown. (DeepSpeed's notices are quieted in one place, :mod:`distillens_trainer.distributed.quiet`.)"""
 
 from __future__ import annotations
 
@@ -11,22 +11,6 @@ import sys
 from typing import Any, NoReturn
 
 import torch
-
-
-def quiet_deepspeed_accelerator_detection(uses_deepspeed: bool) -> None:
-    """Spare a run that does not use DeepSpeed its "Setting accelerator to CPU" warning.
-
-    ``accelerate`` imports DeepSpeed, when it is installed, to unwrap any model, and DeepSpeed then warns on
-    every machine without CUDA. For a run without DeepSpeed and without CUDA this sets ``DS_ACCELERATOR=cpu``,
-    the accelerator DeepSpeed falls back to anyway; a value already set, or a run that uses DeepSpeed, is left
-    alone.
-    """
-    if uses_deepspeed or "DS_ACCELERATOR" in os.environ or "deepspeed" in sys.modules:
-        return
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in ("1", "true", "yes"):
-        return
-    if not torch.cuda.is_available():
-        os.environ["DS_ACCELERATOR"] = "cpu"
 
 
 # --------------------------------------------------------------------------------------------- launch

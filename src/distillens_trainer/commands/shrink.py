@@ -18,11 +18,16 @@ from ..files import (
     overwrite_output_dir_field,
     writing_into,
 )
-from ..loss.layer_map import KEPT_LAYERS_CONFIG_KEY
 from ..models.facts import DTYPE_NAMES, check_dtype_name, torch_dtype
 from ..models.info import recorded_prompt_template, write_model_info
 from ..models.loading import load_causal_lm, load_tokenizer_from, split_gguf_path
-from ..models.shrink import block_list, check_keep_layers, evenly_spaced_layers, shrink_model
+from ..models.shrink import (
+    block_list,
+    check_keep_layers,
+    evenly_spaced_layers,
+    recorded_kept_layers,
+    shrink_model,
+)
 from .parsing import parse_command
 
 logger = logging.getLogger(__name__)
@@ -131,6 +136,6 @@ def main(argv: Sequence[str]) -> int:
     (shrink_args,) = parse_command((ShrinkArguments,), argv, "distillens shrink")
     with writing_into(shrink_args.output_dir):
         model = run_shrink(shrink_args)
-    kept = getattr(model.config, KEPT_LAYERS_CONFIG_KEY)
+    kept = recorded_kept_layers(model.config)
     print(f"kept blocks {kept} -> {shrink_args.output_dir} ({model.num_parameters() / 1e6:.1f}M parameters)")
     return 0

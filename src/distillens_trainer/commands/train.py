@@ -24,7 +24,7 @@ from ..files import (
     write_json_atomic,
     writing_into,
 )
-from ..loss.layer_map import LayerPair, resolve_layer_map, resolve_student_layers, shrunk_kept_layers
+from ..loss.layer_map import LayerPair, resolve_student_layers
 from ..models.facts import check_fits_context, config_num_layers
 from ..models.info import (
     MODEL_INFO_NAME,
@@ -34,14 +34,12 @@ from ..models.info import (
     write_model_info,
 )
 from ..models.loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
-from ..teacher.cache.format import CacheSettings
-from ..teacher.cache.reader import checked_manifest
-from ..teacher.cached import LENS_LAYER_FLAGS, check_layer_map_served
+from ..teacher.cache.adoption import adopt_cache_layer_map, adopt_cache_prompt_format
 from ..teacher.loading import read_teacher_config
 from ..trainer.checkpoints import resolve_resume_from_checkpoint, resume_requested
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command
-from .process import check_launched_world_size, quiet_deepspeed_accelerator_detection
+from .process import check_launched_world_size
 
 logger = logging.getLogger(__name__)
 
@@ -276,57 +274,6 @@ def _train_and_save(
     return trainer
 
 
-def adopt_cache_prompt_format(data_args: DataArguments, teacher_cache: str, given: set[str]) -> None:
-    """With ``--teacher_cache``: tokenise as the cache was made (its prompt template, columns and length limits
-    fill the fields not given); ValueError (one line) when a given field differs, since no row would match, or when
-    the cache is not whole (every file is checked against its sha256 here, before any weights are loaded)."""
-    manifest = checked_manifest(teacher_cache)
-    for name, value in manifest["settings"]["prompt_format"].items():
-        if name not in given:
-            setattr(data_args, name, value)
-        elif getattr(data_args, name) != value:
-            raise ValueError(
-                f"--{name} {getattr(data_args, name)} differs from the teacher cache {teacher_cache}, tokenised with "
-                f"{name}={value}: drop --{name} (the cache's is used), or rebuild the cache with distillens "
-                "cache-teacher."
-            )
-    data_args.__post_init__()
-
-
-def adopt_cache_layer_map(
-    model_args: ModelArguments, training_args: DistillLensConfig, teacher_cache: str, given: set[str]
-) -> list[LayerPair] | None:
-    """With ``--teacher_cache`` and the lens on: train on the layer map the cache was made for (it becomes the
-    run's ``lens_student_layers``/``lens_teacher_layers``), unless a lens layer flag was given; returns the adopted
-    map, else None. A given flag whose map reads a teacher layer the cache lacks is one line naming both maps and
-    the fix, from the student's config, before any weights load. A student of another depth than the one the cache
-    was resolved against keeps the automatic map (the trainer then checks that the cache serves it)."""
-    if not training_args.objective_spec.uses_lens:
-        return None
-    settings = CacheSettings.from_json(checked_manifest(teacher_cache)["settings"])
-    student = read_config(
-        model_args.model_name_or_path, model_args.gguf_file, trust_remote_code=model_args.trust_remote_code
-    )
-    student_num_layers = config_num_layers(student) if student is not None else None
-    if any(flag in given for flag in LENS_LAYER_FLAGS):
-        if student_num_layers is not None:
-            layer_map = resolve_layer_map(
-                student_num_layers,
-                settings.teacher.num_layers,
-                training_args.lens_student_layers,
-                training_args.lens_teacher_layers,
-                training_args.lens_num_layers,
-                kept_layers=shrunk_kept_layers(student, training_args.lens_layer_map),
-            )
-            check_layer_map_served(layer_map, settings, teacher_cache)
-        return None
-    if not settings.layer_map or student_num_layers != settings.student.get("num_layers"):
-        return None
-    training_args.lens_student_layers = [student_layer for student_layer, _ in settings.layer_map]
-    training_args.lens_teacher_layers = [teacher_layer for _, teacher_layer in settings.layer_map]
-    return [tuple(pair) for pair in settings.layer_map]
-
-
 def cache_adoption_line(
     data_args: DataArguments, teacher_cache: str, layer_map: list[LayerPair] | None
 ) -> str:
@@ -355,7 +302,6 @@ def main(argv: Sequence[str]) -> int:
     )
     given = given_fields(argv)
     check_reporting_integrations(training_args.report_to)
-    quiet_deepspeed_accelerator_detection(uses_deepspeed=bool(training_args.deepspeed))
     choose_prompt_format = None  # with a cache, its prompt format is the run's
     if training_args.teacher_cache:
         adopt_cache_prompt_format(data_args, training_args.teacher_cache, given)

@@ -543,37 +543,47 @@ def accumulate_batches(
 
 # --------------------------------------------------------------------------------------------- during training
 @torch.no_grad()
-def evaluation_lens_profile(trainer: Any, dataloader: Any, prefix: str = "eval") -> dict[str, float]:
-    """The per-layer metrics of a :class:`~distillens_trainer.DistillLensTrainer` on ``dataloader`` (``lens_eval_profile``).
+def evaluation_lens_profile(
+    student: torch.nn.Module,
+    teacher: torch.nn.Module,
+    student_lens: LogitLens,
+    teacher_lens: LogitLens,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    vocab_size: int,
+    divergence: str,
+    jsd_beta: float,
+    reduce_sum: Callable[[torch.Tensor], torch.Tensor] = lambda flat: flat,
+    prefix: str = "eval",
+) -> dict[str, float]:
+    """The per-layer metrics of a training's evaluation (``lens_eval_profile``) on ``batches`` (collated, on the
+    models' device): ``student`` and ``teacher`` (as they are called; the student in eval mode meanwhile) are run
+    on every batch and read through their lenses.
 
     ``{prefix}_lens_profile/s{i}``: the student's layer ``i`` against the teacher layer at the same relative depth,
-    in the training's ``lens_divergence``; ``{prefix}_lens_entropy/s{i}`` / ``/t{j}``: entropy in nats of each
-    layer's lens distribution; per response token of the evaluation set, summed across processes. One extra
-    forward pass of both models over the evaluation set.
+    in ``divergence`` (the training's ``lens_divergence``); ``{prefix}_lens_entropy/s{i}`` / ``/t{j}``: entropy in
+    nats of each layer's lens distribution; per response token, the sums first passed through ``reduce_sum`` (a sum
+    across processes). One extra forward pass of both models over the batches.
     """
-    args = trainer.args
-    student_lens = trainer.student_lens or LogitLens(trainer.model, final_norm=args.lens_final_norm)
-    teacher_lens = trainer.teacher_lens or LogitLens(trainer.teacher_model, final_norm=args.lens_final_norm)
     accumulator = LensProfileAccumulator(
         student_lens,
         teacher_lens,
-        trainer.vocab_size,
+        vocab_size,
         pairs=same_depth_pairs(student_lens.num_layers, teacher_lens.num_layers),
-        divergences=[args.lens_divergence],
-        jsd_beta=args.jsd_beta,
+        divergences=[divergence],
+        jsd_beta=jsd_beta,
     )
-    was_training = trainer.model.training
-    trainer.model.eval()
+    was_training = student.training
+    student.eval()
     try:
-        batches = (trainer._prepare_inputs(batch) for batch in dataloader)
-        accumulate_batches(accumulator, trainer.model, trainer.teacher_model, batches)
+        accumulate_batches(accumulator, student, teacher, batches)
     finally:
-        trainer.model.train(was_training)
-    accumulator.reduce_(lambda flat: trainer.accelerator.reduce(flat, reduction="sum"))
+        student.train(was_training)
+    accumulator.reduce_(reduce_sum)
     means = accumulator.means()
     metrics = {
         f"{prefix}_lens_profile/s{s}": value
-        for (s, _), value in zip(accumulator.pairs, means["pairs"][args.lens_divergence])
+        for (s, _), value in zip(accumulator.pairs, means["pairs"][divergence])
     }
     for side, letter in (("student", "s"), ("teacher", "t")):
         for layer, value in enumerate(means[side]["entropy"]):

@@ -148,17 +148,6 @@ def shard_teacher(teacher: nn.Module, mesh: Any) -> tuple[nn.Module, int]:
     return teacher, len(layers)
 
 
-def local_parameter_bytes(model: nn.Module) -> tuple[int, int]:
-    """(bytes of this rank's shards, bytes of the whole model) over ``model``'s parameters."""
-    local = whole = 0
-    for param in model.parameters():
-        size = param.element_size()
-        shard = param.to_local() if hasattr(param, "to_local") else param
-        local += shard.numel() * size
-        whole += param.numel() * size
-    return local, whole
-
-
 def shard_mesh(accelerator: Any, device: torch.device) -> Any:
     """The mesh the student is sharded over: accelerate's FSDP dimensions where it built a mesh, else a 1-D mesh
     over every rank of the default process group on ``device``'s type."""

@@ -1,36 +1,38 @@
-"""Per-token divergences between a student's and a teacher's next-token distributions.
+"""Per-token divergences between a student's and a teacher's next-token distributions: the registry.
 
-Every function takes logits of shape ``[..., V]`` (student first, teacher second), computes in fp32 (in fp64
-for fp64 logits, as the fused path and the top-k path do: tests compare the maths in fp64) and
-returns the divergence per position, shape ``[...]``, with no reduction. All of them stay finite when
-logits hold ``-inf`` (masked vocabulary entries), also when a whole row is ``-inf``; such a row
-contributes zero.
+:data:`DIVERGENCES` holds one :class:`Divergence` record per divergence, the one place each is named and described:
+its name, its short description (the configuration's help, the model card and the table in ``docs/objective.md``
+read it from here), its value on log-probabilities (autograd: the straightforward and top-k paths, the reference of
+the tests) and its value with the closed-form gradient computed in place (the fused path,
+:func:`~distillens_trainer.loss.fused_math.divergence_`). :data:`DIVERGENCE_NAMES` (the config's and the command
+line's choices) is derived from it.
 
-Conventions (``t`` = teacher distribution, ``s`` = student distribution):
+Every divergence takes logits of shape ``[..., V]`` (student first, teacher second), computes in fp32 (in fp64 for
+fp64 logits, as the fused path and the top-k path do: tests compare the maths in fp64) and returns the divergence
+per position, shape ``[...]``, with no reduction. All of them stay finite when logits hold ``-inf`` (masked
+vocabulary entries), also when a whole row is ``-inf``; such a row contributes zero.
 
-- ``fkl``: forward KL, KL(t‖s) — mean-seeking, the classic KD loss.
-- ``rkl``: reverse KL, KL(s‖t) — mode-seeking, the paper's output loss.
-- ``skl``: symmetric KL (Jeffreys), KL(t‖s) + KL(s‖t).
-- ``jsd``: generalised Jensen-Shannon, β·KL(t‖m) + (1-β)·KL(s‖m) with m = β·t + (1-β)·s;
-  β = ½ is the usual JSD (bounded by ln 2), the paper's lens loss.
-- ``tvd``: total variation, ½·Σ|t − s|.
-
-Temperature: both logit tensors are divided by ``temperature`` before the softmax, and the result is
-*not* rescaled by T² (as in TRL's GKD trainer). Fold any T² factor into the loss weights.
+Temperature: both logit tensors are divided by ``temperature`` before the softmax, and the result is *not*
+rescaled by T² (as in TRL's GKD trainer). Fold any T² factor into the loss weights.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
+from torch import Tensor
 
 # Log-probabilities are floored here so that p·(log p − log q) stays finite where q has no mass.
 # exp(-1e4) underflows to exactly 0 in fp32, so floored entries carry no probability.
 LOG_PROB_FLOOR = -1.0e4
 
-DIVERGENCE_NAMES: tuple[str, ...] = ("fkl", "rkl", "skl", "jsd", "tvd")
+# The paper's choices (arXiv 2602.13567), the defaults of the objective: reverse KL on the final logits, the JSD
+# through the logit lens.
+PAPER_KD_DIVERGENCE = "rkl"
+PAPER_LENS_DIVERGENCE = "jsd"
 
 
 def log_probs_and_live_rows(
@@ -72,20 +74,23 @@ def kl_from_log_probs(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
     return (log_p.exp() * (log_p - log_q)).sum(dim=-1)
 
 
-def _forward_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+# ------------------------------------------------------------------------------ values on log-probabilities
+# Each: floored log-probabilities (student first) ``[..., V], [..., V] -> [...]``, under autograd; ``beta`` is
+# read by the JSD only.
+def _forward_kl(log_s: torch.Tensor, log_t: torch.Tensor, *, beta: float) -> torch.Tensor:
     return kl_from_log_probs(log_t, log_s)
 
 
-def _reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+def _reverse_kl(log_s: torch.Tensor, log_t: torch.Tensor, *, beta: float) -> torch.Tensor:
     return kl_from_log_probs(log_s, log_t)
 
 
-def _symmetric_kl(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+def _symmetric_kl(log_s: torch.Tensor, log_t: torch.Tensor, *, beta: float) -> torch.Tensor:
     # KL(t‖s) + KL(s‖t) = Σ (t − s)(log t − log s): one pass instead of two.
     return ((log_t.exp() - log_s.exp()) * (log_t - log_s)).sum(dim=-1)
 
 
-def _jensen_shannon(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> torch.Tensor:
+def _jensen_shannon(log_s: torch.Tensor, log_t: torch.Tensor, *, beta: float) -> torch.Tensor:
     if beta <= 0.0 or beta >= 1.0:
         return (0.0 * log_s).sum(dim=-1)  # m is one of the two sides: zero, still on the autograd graph
     # log m = logsumexp(log β + log t, log(1−β) + log s), computed without leaving log space.
@@ -93,27 +98,140 @@ def _jensen_shannon(log_s: torch.Tensor, log_t: torch.Tensor, beta: float) -> to
     return beta * kl_from_log_probs(log_t, log_m) + (1.0 - beta) * kl_from_log_probs(log_s, log_m)
 
 
-def _total_variation(log_s: torch.Tensor, log_t: torch.Tensor) -> torch.Tensor:
+def _total_variation(log_s: torch.Tensor, log_t: torch.Tensor, *, beta: float) -> torch.Tensor:
     return 0.5 * (log_t.exp() - log_s.exp()).abs().sum(dim=-1)
 
 
-# name -> divergence of floored log-probabilities (student first), ``[..., V], [..., V] -> [...]``.
-_DIVERGENCES: dict[str, Callable[..., torch.Tensor]] = {
-    "fkl": _forward_kl,
-    "rkl": _reverse_kl,
-    "skl": _symmetric_kl,
-    "jsd": _jensen_shannon,
-    "tvd": _total_variation,
+# ------------------------------------------------------------------------------ values and gradients, in place
+# Each: ``(λ_s, s, λ_t, t, *, beta, need_grad, mask) -> (per-row value [n], ∂D/∂λ_s [n, V] or None)`` on the
+# floored log-probs λ and probs of both sides (``[n, V]``, ``fused_math.log_softmax_``), with the floor's clamp
+# applied to the gradient. ``λ_s``, ``λ_t`` and ``t`` may be overwritten (the gradient comes back in one of them);
+# ``s`` is kept. ``mask``: a bool ``[n, V]`` buffer for a ``masked`` divergence (it marks the floored student
+# entries in it), None for the others.
+def _forward_kl_(
+    log_s: Tensor, s: Tensor, log_t: Tensor, t: Tensor, *, beta: float, need_grad: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """KL(t‖s): ∂/∂λ_s = −t."""
+    floored = torch.le(log_s, LOG_PROB_FLOOR, out=mask)  # the clamp passes no gradient there
+    diff = log_t.sub_(log_s)  # λ_t − λ_s
+    per_row = torch.mul(t, diff, out=log_s).sum(dim=-1)
+    return per_row, (t.neg_().masked_fill_(floored, 0.0) if need_grad else None)
+
+
+def _reverse_kl_(
+    log_s: Tensor, s: Tensor, log_t: Tensor, t: Tensor, *, beta: float, need_grad: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """KL(s‖t): ∂/∂λ_s = s·(λ_s − λ_t + 1)."""
+    diff = log_t.sub_(log_s).neg_()  # λ_s − λ_t
+    per_row = torch.mul(s, diff, out=t).sum(dim=-1)
+    return per_row, (diff.add_(1.0).mul_(s) if need_grad else None)
+
+
+def _symmetric_kl_(
+    log_s: Tensor, s: Tensor, log_t: Tensor, t: Tensor, *, beta: float, need_grad: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """KL(t‖s) + KL(s‖t): ∂/∂λ_s = s·(1 + λ_s − λ_t) − t."""
+    floored = torch.le(log_s, LOG_PROB_FLOOR, out=mask)  # the clamp passes no gradient there
+    diff = log_t.sub_(log_s)  # λ_t − λ_s
+    t_minus_s = t.sub_(s)
+    per_row = torch.mul(t_minus_s, diff, out=log_s).sum(dim=-1)
+    # s·(1 + λ_s − λ_t) − t = −(s·(λ_t − λ_s) + (t − s))
+    return per_row, (diff.mul_(s).add_(t_minus_s).neg_().masked_fill_(floored, 0.0) if need_grad else None)
+
+
+def _jensen_shannon_(
+    log_s: Tensor, s: Tensor, log_t: Tensor, t: Tensor, *, beta: float, need_grad: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """β·KL(t‖m) + (1−β)·KL(s‖m), m = βt + (1−β)s: ∂/∂λ_s = (1−β)·s·(λ_s − λ_m)."""
+    if beta <= 0.0 or beta >= 1.0:
+        return log_s.new_zeros(log_s.shape[:-1]), (log_s.zero_() if need_grad else None)
+    teacher_entropy_term = log_t.mul_(t).sum(dim=-1)  # Σ t·λ_t
+    log_m = torch.mul(t, beta, out=log_t).add_(s, alpha=1.0 - beta).log_().clamp_min_(LOG_PROB_FLOOR)
+    per_row = beta * (teacher_entropy_term - t.mul_(log_m).sum(dim=-1))
+    student_side = log_s.sub_(log_m).mul_(s)  # s·(λ_s − λ_m)
+    per_row = per_row + (1.0 - beta) * student_side.sum(dim=-1)
+    return per_row, (student_side.mul_(1.0 - beta) if need_grad else None)
+
+
+def _total_variation_(
+    log_s: Tensor, s: Tensor, log_t: Tensor, t: Tensor, *, beta: float, need_grad: bool, mask: Tensor | None
+) -> tuple[Tensor, Tensor | None]:
+    """½·Σ|t − s|: ∂/∂λ_s = ½·sign(s − t)·s."""
+    s_minus_t = t.sub_(s).neg_()
+    sign = torch.sign(s_minus_t, out=log_s)
+    per_row = 0.5 * s_minus_t.mul_(sign).sum(dim=-1)
+    return per_row, (sign.mul_(s).mul_(0.5) if need_grad else None)
+
+
+# ------------------------------------------------------------------------------ the registry
+@dataclass(frozen=True)
+class Divergence:
+    """One divergence D(student, teacher), everything the library knows about it.
+
+    Attributes:
+        name: what the configuration, the command line and the logs call it.
+        description: a short line, words then formula (the configuration's help, the model card and
+            ``docs/objective.md``).
+        value: ``(λ_s, λ_t, *, beta) -> [...]`` on floored log-probabilities ``[..., V]``, under autograd.
+        value_and_grad_: the per-row value and ``∂D/∂λ_s`` in closed form, in place on the fused path's blocks
+            (see the comment above the in-place functions).
+        masked: its gradient does not vanish where the student's log-probability is floored, so the fused path
+            hands it a bool ``[n, V]`` mask of the floored entries.
+        uses_beta: it reads ``jsd_beta``.
+    """
+
+    name: str
+    description: str
+    value: Callable[..., torch.Tensor]
+    value_and_grad_: Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+    masked: bool = False
+    uses_beta: bool = False
+
+
+DIVERGENCES: dict[str, Divergence] = {
+    record.name: record
+    for record in (
+        Divergence("fkl", "forward KL, KL(teacher ‖ student)", _forward_kl, _forward_kl_, masked=True),
+        Divergence("rkl", "reverse KL, KL(student ‖ teacher)", _reverse_kl, _reverse_kl_),
+        Divergence(
+            "skl", "symmetric KL (Jeffreys), forward + reverse", _symmetric_kl, _symmetric_kl_, masked=True
+        ),
+        Divergence(
+            "jsd",
+            "generalised Jensen-Shannon, β·KL(teacher ‖ m) + (1−β)·KL(student ‖ m) with m = β·teacher + "
+            "(1−β)·student and β = jsd_beta (½: the usual JSD)",
+            _jensen_shannon,
+            _jensen_shannon_,
+            uses_beta=True,
+        ),
+        Divergence(
+            "tvd", "total variation distance, ½·Σ|teacher − student|", _total_variation, _total_variation_
+        ),
+    )
 }
+"""Every divergence, by name, in the order the choices are offered."""
+
+DIVERGENCE_NAMES: tuple[str, ...] = tuple(DIVERGENCES)
+
+
+def divergence_record(name: str, field: str = "divergence") -> Divergence:
+    """The :class:`Divergence` called ``name``; a ``ValueError`` naming ``field`` if there is none."""
+    record = DIVERGENCES.get(name) if isinstance(name, str) else None
+    if record is None:
+        raise ValueError(
+            f"{field}={name!r} is not a known divergence; choose one of {', '.join(DIVERGENCE_NAMES)}."
+        )
+    return record
 
 
 def check_divergence_name(name: str, field: str = "divergence") -> str:
     """Return ``name`` if it is a known divergence, else raise a ``ValueError`` naming ``field``."""
-    if name not in _DIVERGENCES:
-        raise ValueError(
-            f"{field}={name!r} is not a known divergence; choose one of {', '.join(DIVERGENCE_NAMES)}."
-        )
-    return name
+    return divergence_record(name, field).name
+
+
+def describe_divergences() -> str:
+    """Every divergence as ``name = description``, separated by ``;`` (the help of a divergence setting)."""
+    return "; ".join(f"{record.name} = {record.description}" for record in DIVERGENCES.values())
 
 
 def divergence_from_log_probs(
@@ -124,9 +242,7 @@ def divergence_from_log_probs(
     For callers that reuse one side's log-probabilities many times (the lens diagnostics). The inputs
     broadcast: ``[1, N, V]`` against ``[L, N, V]`` gives ``[L, N]``.
     """
-    check_divergence_name(name)
-    kwargs = {"beta": beta} if name == "jsd" else {}
-    return _DIVERGENCES[name](student_log_probs, teacher_log_probs, **kwargs)
+    return divergence_record(name).value(student_log_probs, teacher_log_probs, beta=beta)
 
 
 def token_divergence(
@@ -140,11 +256,11 @@ def token_divergence(
     """Divergence ``name`` between student and teacher at every position, no reduction.
 
     Args:
-        name: one of ``fkl``, ``rkl``, ``skl``, ``jsd``, ``tvd`` (see the module docstring).
+        name: one of :data:`DIVERGENCE_NAMES` (see :data:`DIVERGENCES`).
         student_logits: ``[..., V]``.
         teacher_logits: ``[..., V]``, same shape; detached by the caller if it must not get gradients.
         temperature: both sides are divided by it before the softmax (no T² rescaling).
-        beta: the mixture weight of ``jsd``; ignored by the others.
+        beta: the mixture weight of a divergence that ``uses_beta``; ignored by the others.
     Returns:
         ``[...]`` fp32 divergence (fp64 for fp64 logits); rows where either side is all ``-inf`` are 0.
     """

@@ -16,15 +16,15 @@ and divergence arithmetic is fp32.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar, Protocol
 
 import torch
 
-from .divergences import check_divergence_name
+from .divergences import PAPER_KD_DIVERGENCE, check_divergence_name
 from .fused_math import (
     CHUNK_BLOCKS,
     MASKED_DIVERGENCES,
@@ -38,9 +38,8 @@ from .fused_math import (
     postprocess_backward,
     softcap_derivative_,
 )
-from .heads import LinearHead
+from .heads import LinearHead, gathered
 from .spec import AUTO_CHUNK, DEFAULT_CHUNK_SIZE, check_chunk_size, check_temperature_and_beta
-from .topk import TopKDistribution, topk_divergence_chunk
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +61,103 @@ def resolve_chunk_size(chunk_size: int | str, vocab_size: int) -> int:
     return max(low, min(high, rows // 64 * 64))
 
 
+class FusedTeacher(Protocol):
+    """The teacher side of one fused job, at the job's ``N`` token positions: what the loop asks of it per chunk.
+
+    Implementations: :class:`HeadTeacher` (head inputs and the head that makes their logits: the online teacher, a
+    ``hidden`` cache) and :class:`~distillens_trainer.loss.topk.TopKDistribution` (top-k buckets: a ``topk``
+    cache). The loop never asks which one it holds.
+
+    Attributes:
+        has_logits: the teacher's chunk logits can be written into the loop's reused blocks
+            (:meth:`chunk_logits_`), so the chunk runs in place; otherwise the chunk runs on copies
+            (:meth:`chunk_divergence` alone).
+    """
+
+    has_logits: bool
+
+    @property
+    def num_rows(self) -> int:
+        """``N``, the token positions held."""
+        ...
+
+    def heads(self) -> list[LinearHead]:
+        """The heads whose (ZeRO-3 partitioned) weights the loop gathers while it runs."""
+        ...
+
+    def chunk_logits_(self, rows: slice, blocks: ChunkBlocks, math_dtype: torch.dtype) -> torch.Tensor:
+        """``[n, V]`` teacher logits of positions ``rows`` in the chunk's ``teacher_logits`` block (no grad)."""
+        ...
+
+    def chunk_divergence(
+        self,
+        name: str,
+        student_logits: torch.Tensor,
+        rows: slice,
+        *,
+        temperature: float,
+        beta: float,
+        need_grad: bool,
+        kernel: ChunkDivergence,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(Σ D, ∂Σ D/∂z ``[n, V]`` or None) of divergence ``name`` between ``student_logits`` ``[n, V]`` (left as
+        they are) and the teacher at positions ``rows``; ``kernel`` computes a divergence against teacher logits."""
+        ...
+
+
+@dataclass(frozen=True)
+class HeadTeacher:
+    """A teacher side given as head inputs and its head (a :class:`FusedTeacher`): logits made chunk by chunk.
+
+    Attributes:
+        head_input: ``[N, d_t]`` teacher head inputs (no grad).
+        head: the teacher's LM head and logit post-processing.
+    """
+
+    head_input: torch.Tensor
+    head: LinearHead
+    has_logits: ClassVar[bool] = True
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.head_input.shape[0])
+
+    def heads(self) -> list[LinearHead]:
+        return [self.head]
+
+    def chunk_logits_(self, rows: slice, blocks: ChunkBlocks, math_dtype: torch.dtype) -> torch.Tensor:
+        head_input = self.head_input[rows].detach()
+        n = head_input.shape[0]
+        out = blocks.get("teacher_logits", n, math_dtype)
+        with torch.no_grad():
+            self.head.logits_into(head_input, out, _raw_block(self.head, blocks, n))
+        return out
+
+    def chunk_divergence(
+        self,
+        name: str,
+        student_logits: torch.Tensor,
+        rows: slice,
+        *,
+        temperature: float,
+        beta: float,
+        need_grad: bool,
+        kernel: ChunkDivergence,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            teacher_logits = self.head.logits(self.head_input[rows].detach(), student_logits.shape[-1])
+        return kernel(
+            name, student_logits, teacher_logits, temperature=temperature, beta=beta, need_grad=need_grad
+        )
+
+
 @dataclass(frozen=True)
 class FusedJob:
     """One term computed against the student head: a lens layer pair, or the output KD (+ CE) term.
 
     Attributes:
         student_input: ``[N, d_s]`` student head input (with grad).
-        teacher_input: ``[N, d_t]`` teacher head input, or None (CE only, or a top-k teacher).
-        teacher_head: the teacher's head, or None (CE only, or a top-k teacher).
-        teacher_topk: the teacher as top-k buckets at the ``N`` positions (a ``topk`` cache) instead of
-            ``teacher_input`` and ``teacher_head``; the divergence is then over k + 1 buckets.
+        teacher: the teacher side at the ``N`` positions (:class:`FusedTeacher`), or None (CE only).
         divergence: divergence name between student and teacher (ignored without a teacher).
         weight: multiplier of Σ_tokens D in the weighted total (0: computed for its value only).
         targets: ``[N]`` next-token ids for the cross-entropy, or None.
@@ -82,27 +168,17 @@ class FusedJob:
     """
 
     student_input: torch.Tensor
-    teacher_input: torch.Tensor | None = None
-    teacher_head: LinearHead | None = None
-    divergence: str = "rkl"
+    teacher: FusedTeacher | None = None
+    divergence: str = PAPER_KD_DIVERGENCE
     weight: float = 1.0
     targets: torch.Tensor | None = None
     ce_weight: float = 0.0
     name: str | None = None
     ce_name: str | None = None
-    teacher_topk: TopKDistribution | None = None
 
     @property
     def has_teacher(self) -> bool:
-        return (
-            self.teacher_input is not None and self.teacher_head is not None
-        ) or self.teacher_topk is not None
-
-    @property
-    def num_teacher_rows(self) -> int:
-        if self.teacher_topk is not None:
-            return int(self.teacher_topk.ids.shape[0])
-        return int(self.teacher_input.shape[0])
+        return self.teacher is not None
 
 
 @dataclass(frozen=True)
@@ -112,47 +188,55 @@ class _Settings:
     beta: float
     chunk_size: int
     label_smoothing: float
-    compile: bool = False
+    kernel: ChunkDivergence
+
+    @property
+    def compile(self) -> bool:
+        return self.kernel.compile_math
 
 
 # --------------------------------------------------------------------------------------------- torch.compile
-_compiled_divergence_chunk: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
-_compile_failed = False
+class ChunkDivergence:
+    """:func:`~distillens_trainer.loss.fused_math.divergence_chunk` (a chunk's divergence against teacher logits),
+    through ``torch.compile`` when ``compile_math``: compiled by the first call, eager from the first failure on
+    (said once). Holds its compile state; :class:`~distillens_trainer.loss.objective.DistillLensObjective` keeps one
+    for its run."""
 
+    def __init__(self, compile_math: bool = False) -> None:
+        self.compile_math = compile_math
+        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
+        self._failed = False
 
-def _divergence_chunk(compile_math: bool, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """:func:`divergence_chunk`, through ``torch.compile`` when asked and it works (else eager, said once)."""
-    global _compiled_divergence_chunk, _compile_failed
-    if compile_math and not _compile_failed:
-        try:
-            if _compiled_divergence_chunk is None:
-                _compiled_divergence_chunk = torch.compile(
-                    functools.partial(divergence_chunk, branch_free=True), dynamic=True
+    def __call__(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.compile_math and not self._failed:
+            try:
+                if self._compiled is None:
+                    self._compiled = torch.compile(
+                        functools.partial(divergence_chunk, branch_free=True), dynamic=True
+                    )
+                return self._compiled(*args, **kwargs)
+            except Exception as error:
+                self._failed = True
+                logger.warning(
+                    "DistillLens: torch.compile of the fused divergence failed (%s: %s); using eager mode.",
+                    type(error).__name__,
+                    str(error).splitlines()[0] if str(error) else "",
                 )
-            return _compiled_divergence_chunk(*args, **kwargs)
-        except Exception as error:
-            _compile_failed = True
-            logger.warning(
-                "DistillLens: torch.compile of the fused divergence failed (%s: %s); using eager mode.",
-                type(error).__name__,
-                str(error).splitlines()[0] if str(error) else "",
-            )
-    return divergence_chunk(*args, **kwargs)
+        return divergence_chunk(*args, **kwargs)
 
 
 def _chunk_terms_on_copies(
     job: FusedJob,
     logits: torch.Tensor,
     rows: slice,
-    vocab: int,
     settings: _Settings,
     kd_grad: bool,
     ce_grad: bool,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """(Σ D, Σ CE, ∂(w·Σ D + w_ce·Σ CE)/∂z) of one chunk, each term on its own copies of ``[n, V]`` logits.
 
-    The general form: a top-k teacher, ``torch.compile``, or a cross-entropy at a temperature ≠ 1 (it needs the
-    logits at T = 1 beside the divergence's). ``logits`` is left as it is.
+    The general form: a teacher without logits (top-k), ``torch.compile``, or a cross-entropy at a temperature ≠ 1
+    (it needs the logits at T = 1 beside the divergence's). ``logits`` is left as it is.
     """
     kd_value = ce_value = grad = None
     if job.targets is not None:
@@ -161,29 +245,17 @@ def _chunk_terms_on_copies(
         )
         if grad is not None:
             grad.mul_(job.ce_weight)
-    if not job.has_teacher:
+    if job.teacher is None:
         return kd_value, ce_value, grad
-    if job.teacher_topk is not None:
-        kd_value, kd_grad_chunk = topk_divergence_chunk(
-            job.divergence,
-            logits,
-            job.teacher_topk.rows(rows),
-            temperature=settings.temperature,
-            beta=settings.beta,
-            need_grad=kd_grad,
-        )
-    else:
-        with torch.no_grad():
-            teacher_logits = job.teacher_head.logits(job.teacher_input[rows].detach(), vocab)
-        kd_value, kd_grad_chunk = _divergence_chunk(
-            settings.compile,
-            job.divergence,
-            logits,
-            teacher_logits,
-            temperature=settings.temperature,
-            beta=settings.beta,
-            need_grad=kd_grad,
-        )
+    kd_value, kd_grad_chunk = job.teacher.chunk_divergence(
+        job.divergence,
+        logits,
+        rows,
+        temperature=settings.temperature,
+        beta=settings.beta,
+        need_grad=kd_grad,
+        kernel=settings.kernel,
+    )
     if kd_grad_chunk is not None:
         grad = kd_grad_chunk.mul_(job.weight) if grad is None else grad.add_(kd_grad_chunk, alpha=job.weight)
     return kd_value, ce_value, grad
@@ -208,12 +280,8 @@ def _chunk_terms_in_place(
     targets = job.targets[rows] if job.targets is not None else None
     if targets is not None:  # here the temperature is 1: the student's log-probs are the CE's
         ce_value = cross_entropy_from_log_probs(logits, targets, settings.label_smoothing)
-    if job.has_teacher:
-        teacher_logits = blocks.get("teacher_logits", n, math_dtype)
-        with torch.no_grad():
-            job.teacher_head.logits_into(
-                job.teacher_input[rows].detach(), teacher_logits, _raw_block(job.teacher_head, blocks, n)
-            )
+    if job.teacher is not None:
+        teacher_logits = job.teacher.chunk_logits_(rows, blocks, math_dtype)
         kd_value, grad = divergence_chunk_(
             job.divergence,
             logits,
@@ -244,7 +312,7 @@ def _raw_block(head: LinearHead, blocks: ChunkBlocks, rows: int) -> torch.Tensor
 
 def _in_place(job: FusedJob, settings: _Settings) -> bool:
     """Whether a job's chunk math runs in the reused blocks (everything but the general forms above)."""
-    if settings.compile or job.teacher_topk is not None:
+    if settings.compile or (job.teacher is not None and not job.teacher.has_logits):
         return False
     return job.targets is None or not job.has_teacher or settings.temperature == 1.0
 
@@ -300,7 +368,7 @@ def _run_jobs(
                 )
             else:
                 kd_value, ce_value, grad = _chunk_terms_on_copies(
-                    job, logits, rows, vocab, settings, kd_grad, ce_grad
+                    job, logits, rows, settings, kd_grad, ce_grad
                 )
             if kd_value is not None:
                 values[index, 0] += kd_value
@@ -377,27 +445,13 @@ class _FusedHeadLoss(torch.autograd.Function):
         return (None, None, None, full_weight_grad, full_bias_grad, *input_grads)
 
 
-@contextlib.contextmanager
-def gathered(heads: Sequence[LinearHead | None]) -> Iterator[None]:
-    """Gather the heads' ZeRO-3 partitioned weights for the duration (a no-op without DeepSpeed)."""
-    params = [p for head in heads if head is not None for p in head.parameters() if hasattr(p, "ds_id")]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
-
-
 def _check(jobs: Sequence[FusedJob], chunk_size: int | str, temperature: float, beta: float) -> None:
-    if chunk_size != "auto" and not (isinstance(chunk_size, int) and chunk_size >= 1):
-        raise ValueError(f"chunk_size={chunk_size!r} must be 'auto' or an integer >= 1.")
+    check_chunk_size(chunk_size, name="chunk_size", smallest=1)
     check_temperature_and_beta(temperature, beta)
     for job in jobs:
-        if job.has_teacher:
+        if job.teacher is not None:
             check_divergence_name(job.divergence)
-            if job.num_teacher_rows != job.student_input.shape[0]:
+            if job.teacher.num_rows != job.student_input.shape[0]:
                 raise ValueError("student and teacher head inputs must hold the same number of tokens.")
 
 
@@ -411,6 +465,7 @@ def fused_head_loss(
     chunk_size: int | str = DEFAULT_CHUNK_SIZE,
     label_smoothing: float = 0.0,
     compile_math: bool = False,
+    kernel: ChunkDivergence | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Every job against one student head in a single fused pass (one shared weight-gradient accumulator).
 
@@ -419,13 +474,19 @@ def fused_head_loss(
         ``student_input`` and the head's weight and bias; and the detached fp32 sums over tokens keyed by
         name: ``job.name`` -> Σ D for a job with a teacher, ``job.ce_name`` -> Σ CE for a job with targets.
         ``compile_math`` runs the per-chunk divergence through ``torch.compile`` (falls back to eager, with
-        one warning, when compilation fails). ``chunk_size``: tokens per chunk, or ``"auto"`` (from the
-        vocabulary: :func:`resolve_chunk_size`).
+        one warning, when compilation fails); ``kernel``, a :class:`ChunkDivergence` kept across calls, replaces
+        it (one compilation for a run). ``chunk_size``: tokens per chunk, or ``"auto"`` (from the vocabulary:
+        :func:`resolve_chunk_size`).
     """
     _check(jobs, chunk_size, temperature, beta)
+    if kernel is not None and compile_math:
+        raise ValueError(
+            "give fused_head_loss either compile_math or a kernel (built with compile_math), not both."
+        )
     chunk_size = resolve_chunk_size(chunk_size, vocab_size)
-    settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, compile_math)
-    heads = [student_head, *(job.teacher_head for job in jobs)]
+    kernel = kernel if kernel is not None else ChunkDivergence(compile_math)
+    settings = _Settings(vocab_size, temperature, beta, chunk_size, label_smoothing, kernel)
+    heads = [student_head, *(head for job in jobs if job.teacher is not None for head in job.teacher.heads())]
     bias = student_head.bias
     tensors = [student_head.weight, bias, *(job.student_input for job in jobs)]
     needs_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)

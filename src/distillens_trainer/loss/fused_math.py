@@ -5,9 +5,10 @@ Everything here works on one chunk of rows, ``[n, V]`` fp32 logits, and reproduc
 ``F.cross_entropy``, values AND gradients, without autograd. Notation: ``u = z / T``, ``s = softmax(u)``
 (student), ``t`` (teacher), ``λ = max(log_softmax(u), floor)``.
 
-Each divergence gives ``∂D/∂λ_s``; the floor's clamp passes it where the unfloored log-probability is above
-the floor, and the log-softmax backward maps it to ``∂D/∂u = g − s·Σg``. Then ``∂D/∂z = ∂D/∂u / T``, and
-:func:`postprocess_backward` applies the chain rule of the logit post-processing (scale, soft-cap).
+Each divergence gives ``∂D/∂λ_s`` (its closed form is registered with it in ``divergences.DIVERGENCES``); the
+floor's clamp passes it where the unfloored log-probability is above the floor, and the log-softmax backward maps
+it to ``∂D/∂u = g − s·Σg``. Then ``∂D/∂z = ∂D/∂u / T``, and :func:`postprocess_backward` applies the chain rule
+of the logit post-processing (scale, soft-cap).
 
 The eager path works **in place** on four ``[n, V]`` blocks that the caller owns and reuses for every chunk
 (:class:`ChunkBlocks`): the student's and the teacher's logits, which become their floored log-probabilities,
@@ -23,15 +24,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .divergences import LOG_PROB_FLOOR
+from .divergences import DIVERGENCES, LOG_PROB_FLOOR, divergence_record
 
 # [n, V] blocks one chunk's math needs at the most (student / teacher log-probs and probs), besides the
-# ¼-block bool mask of fkl/skl; the soft-cap's derivative and a weight-dtype copy of the gradient add one
-# block and half of one where they apply.
+# ¼-block bool mask of the MASKED_DIVERGENCES; the soft-cap's derivative and a weight-dtype copy of the gradient
+# add one block and half of one where they apply.
 CHUNK_BLOCKS = 4
 # the divergences whose gradient does not vanish where the student's log-probability is floored: they need the
 # clamp's mask (a bool [n, V] block)
-MASKED_DIVERGENCES: tuple[str, ...] = ("fkl", "skl")
+MASKED_DIVERGENCES: tuple[str, ...] = tuple(name for name, record in DIVERGENCES.items() if record.masked)
 
 
 def postprocess(raw_logits: torch.Tensor, scale: float | None, softcap: float | None) -> torch.Tensor:
@@ -140,41 +141,11 @@ def divergence_(
     Inputs are the floored log-probs and probs of both sides (:func:`log_softmax_`). ``log_s``, ``log_t`` and
     ``t`` are overwritten (the gradient is returned in one of them); ``s`` is kept. ``mask``: a bool
     ``[n, V]`` buffer for the :data:`MASKED_DIVERGENCES` (they mark the floored student entries in it).
-
-    ``fkl`` KL(t‖s): −t.  ``rkl`` KL(s‖t): s·(λ_s − λ_t + 1).  ``skl``: s·(1 + λ_s − λ_t) − t.
-    ``jsd_β`` (m = βt + (1−β)s): (1−β)·s·(λ_s − λ_m).  ``tvd``: ½·sign(s − t)·s.
+    Each divergence's closed form is its record's ``value_and_grad_`` in :data:`~.divergences.DIVERGENCES`.
     """
-    if name == "rkl":
-        diff = log_t.sub_(log_s).neg_()  # λ_s − λ_t
-        per_row = torch.mul(s, diff, out=t).sum(dim=-1)
-        return per_row, (diff.add_(1.0).mul_(s) if need_grad else None)
-    if name in MASKED_DIVERGENCES:
-        floored = torch.le(log_s, LOG_PROB_FLOOR, out=mask)  # the clamp passes no gradient there
-        diff = log_t.sub_(log_s)  # λ_t − λ_s
-        if name == "fkl":
-            per_row = torch.mul(t, diff, out=log_s).sum(dim=-1)
-            return per_row, (t.neg_().masked_fill_(floored, 0.0) if need_grad else None)
-        t_minus_s = t.sub_(s)
-        per_row = torch.mul(t_minus_s, diff, out=log_s).sum(dim=-1)
-        # s·(1 + λ_s − λ_t) − t = −(s·(λ_t − λ_s) + (t − s))
-        return per_row, (
-            diff.mul_(s).add_(t_minus_s).neg_().masked_fill_(floored, 0.0) if need_grad else None
-        )
-    if name == "jsd":
-        if beta <= 0.0 or beta >= 1.0:
-            return log_s.new_zeros(log_s.shape[:-1]), (log_s.zero_() if need_grad else None)
-        teacher_entropy_term = log_t.mul_(t).sum(dim=-1)  # Σ t·λ_t
-        log_m = torch.mul(t, beta, out=log_t).add_(s, alpha=1.0 - beta).log_().clamp_min_(LOG_PROB_FLOOR)
-        per_row = beta * (teacher_entropy_term - t.mul_(log_m).sum(dim=-1))
-        student_side = log_s.sub_(log_m).mul_(s)  # s·(λ_s − λ_m)
-        per_row = per_row + (1.0 - beta) * student_side.sum(dim=-1)
-        return per_row, (student_side.mul_(1.0 - beta) if need_grad else None)
-    if name == "tvd":
-        s_minus_t = t.sub_(s).neg_()
-        sign = torch.sign(s_minus_t, out=log_s)
-        per_row = 0.5 * s_minus_t.mul_(sign).sum(dim=-1)
-        return per_row, (sign.mul_(s).mul_(0.5) if need_grad else None)
-    raise ValueError(f"divergence={name!r} is not a known divergence.")
+    return divergence_record(name).value_and_grad_(
+        log_s, s, log_t, t, beta=beta, need_grad=need_grad, mask=mask
+    )
 
 
 def log_softmax_backward_(grad_log_probs: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:

@@ -2,13 +2,16 @@
 
 :class:`LinearHead` is a plain linear head plus the model's post-processing (Granite/Cohere scaling, Gemma-2
 soft-capping), the form the fused path computes with; :func:`output_linear_head` reads it off a model, and
-:func:`linear_head_refusal` says why a head cannot take that form. The post-processing itself is
+:func:`linear_head_refusal` says why a head cannot take that form; :func:`gathered` gathers a head's ZeRO-3
+partitioned weights and :func:`head_reproduces_logits` checks a head against its model's own logits. The post-processing itself is
 :func:`~distillens_trainer.loss.fused_math.postprocess` (its closed-form gradient sits beside it), which the logit
 lens applies too.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +20,8 @@ from torch import nn
 
 from ..models.facts import logit_postprocessing, module_class, unwrap_model
 from .fused_math import postprocess, postprocess_
+
+HEAD_PROBE_TOKENS = 8  # tokens of the one-off forward that checks a fused output head
 
 
 @dataclass(frozen=True)
@@ -89,3 +94,36 @@ def output_linear_head(model: nn.Module) -> LinearHead | None:
         return None
     scale, softcap = logit_postprocessing(model)
     return LinearHead(head.weight, head.bias, scale, softcap)
+
+
+@contextlib.contextmanager
+def gathered(heads: Sequence[LinearHead | None]) -> Iterator[None]:
+    """Gather the heads' ZeRO-3 partitioned weights for the duration (a no-op without DeepSpeed)."""
+    params = [p for head in heads if head is not None for p in head.parameters() if hasattr(p, "ds_id")]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+@torch.no_grad()
+def head_reproduces_logits(model: nn.Module, head: LinearHead, vocab_size: int) -> bool:
+    """Whether ``head`` applied to the model's ``hidden_states[-1]`` reproduces its own logits, on a short probe
+    forward (:data:`HEAD_PROBE_TOKENS` tokens) in eval mode (no dropout, no random numbers drawn); under FSDP2 the
+    caller gathers the head's parameters first (they are read after the forward)."""
+    device = next(model.parameters()).device
+    probe = torch.arange(min(HEAD_PROBE_TOKENS, vocab_size), device=device)[None]
+    was_training = model.training
+    model.eval()
+    try:
+        outputs = model(input_ids=probe, output_hidden_states=True, use_cache=False)
+    finally:
+        model.train(was_training)
+    own = outputs.logits[0, :, :vocab_size].float()
+    with gathered([head]):
+        recomputed = head.logits(outputs.hidden_states[-1][0], vocab_size)
+    tolerance = 1e-3 + 2e-2 * float(own.abs().amax())
+    return bool(((recomputed - own).abs() <= tolerance).all())

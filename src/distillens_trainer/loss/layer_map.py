@@ -6,7 +6,9 @@ residual stream after block ``i``, and ``num_layers`` the last block's output (a
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 LayerPair = tuple[int, int]
@@ -31,18 +33,30 @@ KEPT_LAYERS_CONFIG_KEY = (
 )
 
 
-def shrunk_kept_layers(student_config: Any, lens_layer_map: str) -> list[int] | None:
-    """The teacher blocks a shrunk student was cut from (its config's record), for ``lens_layer_map='shrunk'``;
-    None for the paper's map. ValueError when the student was not written by ``distillens shrink``."""
+def kept_layers_for_map(lens_layer_map: str, recorded_kept_layers: Sequence[int] | None) -> list[int] | None:
+    """The kept teacher blocks ``lens_layer_map`` pairs with: the student's record for ``'shrunk'``, None for the
+    paper's map. ValueError when ``'shrunk'`` meets a student that recorded none (not written by ``shrink``)."""
     if lens_layer_map != "shrunk":
         return None
-    kept = getattr(student_config, KEPT_LAYERS_CONFIG_KEY, None)
-    if kept is None:
+    if recorded_kept_layers is None:
         raise ValueError(
             f"lens_layer_map='shrunk' needs a student written by 'distillens shrink' (its config records "
             f"{KEPT_LAYERS_CONFIG_KEY}); this one has none: use lens_layer_map='paper'."
         )
-    return list(kept)
+    return list(recorded_kept_layers)
+
+
+def shrunk_kept_layers(student_config: Any, lens_layer_map: str) -> list[int] | None:
+    """Deprecated: pass the student's record (``models.shrink.recorded_kept_layers(config)``) to
+    :func:`resolve_run_layer_map`, or use :func:`kept_layers_for_map`. The teacher blocks a shrunk student was cut
+    from, for ``lens_layer_map='shrunk'``; None for the paper's map."""
+    warnings.warn(
+        "shrunk_kept_layers is deprecated: pass the student's kept layers (models.shrink.recorded_kept_layers) "
+        "to resolve_run_layer_map, or use kept_layers_for_map.",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return kept_layers_for_map(lens_layer_map, getattr(student_config, KEPT_LAYERS_CONFIG_KEY, None))
 
 
 def paper_student_layers(student_num_layers: int, num_pairs: int) -> list[int]:
@@ -182,6 +196,79 @@ def resolve_layer_map(
     pairs = list(zip(student_layers, teacher_layers))
     check_distinct_pairs(pairs)
     return pairs
+
+
+@dataclass(frozen=True)
+class LayerMapFields:
+    """A run's lens fields that choose its layer pairs (``DistillLensConfig``'s ``lens_layer_map``,
+    ``lens_num_layers``, ``lens_student_layers``, ``lens_teacher_layers``).
+
+    Attributes:
+        layer_map: the automatic map's teacher layers: ``paper`` (the same relative depth) or ``shrunk``.
+        num_layers: K, the automatic map's number of pairs; None = :func:`default_num_pairs` (``min(5, L_S - 1)``).
+        student_layers: explicit student ``hidden_states`` indices, or None.
+        teacher_layers: explicit teacher indices, one per student layer, or None.
+    """
+
+    layer_map: str = "paper"
+    num_layers: int | None = None
+    student_layers: Sequence[int] | None = None
+    teacher_layers: Sequence[int] | None = None
+
+    @classmethod
+    def of(cls, settings: Any) -> LayerMapFields:
+        """The fields of an object (a config, ``distillens lens``'s arguments) or a mapping (a run record) that
+        holds them as ``lens_*``; a missing one is its default (a missing or None ``lens_layer_map``: ``paper``)."""
+
+        def value(name: str) -> Any:
+            return settings.get(name) if isinstance(settings, Mapping) else getattr(settings, name, None)
+
+        return cls(
+            layer_map=value("lens_layer_map") or "paper",
+            num_layers=value("lens_num_layers"),
+            student_layers=value("lens_student_layers"),
+            teacher_layers=value("lens_teacher_layers"),
+        )
+
+
+def resolve_run_layer_map(
+    student_num_layers: int,
+    teacher_num_layers: int,
+    fields: LayerMapFields,
+    kept_layers: Sequence[int] | None = None,
+    *,
+    required: bool = True,
+) -> list[LayerPair]:
+    """A run's (student, teacher) ``hidden_states`` pairs: the one resolution behind the trainer (a live teacher
+    or a cache), ``distillens train``, ``cache-teacher``, ``lens`` and the demo (:func:`resolve_layer_map` of the
+    fields, one default).
+
+    Args:
+        student_num_layers: L_S, the student's block count.
+        teacher_num_layers: L_T, the teacher's block count.
+        fields: the run's lens fields (:class:`LayerMapFields`).
+        kept_layers: the teacher blocks (0-based) the student was cut from, as ``distillens shrink`` recorded
+            them in its config (None: no record); read only for ``layer_map='shrunk'``, which needs them.
+        required: False where the pairs are optional (a lens profile): a student without an intermediate layer,
+            with no layers or number of pairs asked for, then has no pairs ([]) instead of the error.
+    Returns:
+        The pairs, in order, each listed once.
+    """
+    if (
+        not required
+        and fields.student_layers is None
+        and fields.num_layers is None
+        and default_num_pairs(student_num_layers) < 1
+    ):
+        return []
+    return resolve_layer_map(
+        student_num_layers,
+        teacher_num_layers,
+        fields.student_layers,
+        fields.teacher_layers,
+        fields.num_layers,
+        kept_layers=kept_layers_for_map(fields.layer_map, kept_layers),
+    )
 
 
 def check_distinct_layer_lists(

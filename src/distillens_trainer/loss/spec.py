@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .divergences import check_divergence_name
+from .divergences import PAPER_KD_DIVERGENCE, PAPER_LENS_DIVERGENCE, check_divergence_name
 
 # lens_chunk_size="auto": the fused path picks the chunk from the vocabulary (fused.resolve_chunk_size)
 AUTO_CHUNK = "auto"
@@ -49,18 +49,18 @@ def check_temperature_and_beta(temperature: float, beta: float) -> None:
         raise ValueError(f"jsd_beta={beta} must lie in [0, 1].")
 
 
-def check_chunk_size(chunk_size: int | str) -> int | str:
-    """``lens_chunk_size`` as an integer >= 0 (0 = the straightforward computation) or ``"auto"``; a string of
-    digits (a command line's) becomes its integer. ValueError otherwise."""
+def check_chunk_size(chunk_size: int | str, *, name: str = "lens_chunk_size", smallest: int = 0) -> int | str:
+    """The one rule for a chunk size: ``"auto"`` or an integer >= ``smallest``; a string of digits (a command
+    line's) becomes its integer. ``lens_chunk_size`` takes 0 (the straightforward computation); the fused loop
+    itself (``fused.fused_head_loss``) needs ``smallest=1``. ValueError naming ``name`` otherwise."""
     if isinstance(chunk_size, str) and chunk_size.strip().isdigit():
         chunk_size = int(chunk_size)
     if chunk_size == AUTO_CHUNK or (
-        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= 0
+        isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size >= smallest
     ):
         return chunk_size
-    raise ValueError(
-        f"lens_chunk_size={chunk_size!r} must be 'auto' or an integer >= 0 (tokens per chunk; 0 = no chunking)."
-    )
+    meaning = "tokens per chunk; 0 = no chunking" if smallest == 0 else "tokens per chunk"
+    raise ValueError(f"{name}={chunk_size!r} must be 'auto' or an integer >= {smallest} ({meaning}).")
 
 
 @dataclass(frozen=True)
@@ -69,9 +69,9 @@ class ObjectiveSpec:
 
     ce_weight: float = 0.0
     kd_weight: float = 1.0
-    kd_divergence: str = "rkl"
+    kd_divergence: str = PAPER_KD_DIVERGENCE
     lens_weight: float = 1.0
-    lens_divergence: str = "jsd"
+    lens_divergence: str = PAPER_LENS_DIVERGENCE
     jsd_beta: float = 0.5
     temperature: float = 1.0
     feature_weight: float = 0.0

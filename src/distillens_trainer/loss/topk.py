@@ -20,6 +20,7 @@ softmax, log-probabilities floored at ``LOG_PROB_FLOOR``, rows that are all ``-i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -41,9 +42,47 @@ class TopKDistribution:
     log_probs: torch.Tensor
     live: torch.Tensor
 
+    # a FusedTeacher (fused.py) with no logits: the fused loop runs its chunks on copies, through
+    # chunk_divergence; a TeacherDistribution (reference.py) through divergence_sum
+    has_logits: ClassVar[bool] = False
+
     @property
     def k(self) -> int:
         return int(self.ids.shape[-1])
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.ids.shape[0])
+
+    def heads(self) -> list:
+        """No head: the buckets are the teacher's distribution itself."""
+        return []
+
+    def chunk_logits_(self, rows: slice, blocks: object, math_dtype: torch.dtype) -> torch.Tensor:
+        raise ValueError("a top-k teacher has no logits, only buckets: its fused chunks run on copies.")
+
+    def chunk_divergence(
+        self,
+        name: str,
+        student_logits: torch.Tensor,
+        rows: slice,
+        *,
+        temperature: float,
+        beta: float,
+        need_grad: bool,
+        kernel: object = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fused loop's chunk step: :func:`topk_divergence_chunk` at positions ``rows`` (``kernel``, for
+        teacher logits, is not used)."""
+        return topk_divergence_chunk(
+            name, student_logits, self.rows(rows), temperature=temperature, beta=beta, need_grad=need_grad
+        )
+
+    def divergence_sum(
+        self, name: str, student_logits: torch.Tensor, *, temperature: float, beta: float
+    ) -> torch.Tensor:
+        """Σ over the ``N`` rows of :func:`topk_divergence` against ``student_logits`` ``[N, V]`` (the reference)."""
+        return topk_divergence(name, student_logits, self, temperature=temperature, beta=beta).sum()
 
     def rows(self, rows: slice) -> TopKDistribution:
         """The distributions of positions ``rows``."""

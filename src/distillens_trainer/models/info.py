@@ -109,3 +109,23 @@ def choose_prompt_template(
     if given is None and recorded:
         logger.info("prompt format %r, as recorded with the %s (%s)", chosen, recorded[0][0], recorded[0][1])
     return chosen
+
+
+def recorded_training_settings(model_name_or_path: str | os.PathLike[str] | None) -> dict[str, Any] | None:
+    """The ``training`` fields of the run record ``distillens train`` wrote with a model (:data:`RESOLVED_CONFIG_NAME`
+    in its folder; for a ``checkpoint-*`` folder, its run's); None without a record, for an unreadable one (with a
+    warning) or one without training fields."""
+    if not model_name_or_path:
+        return None
+    folder = Path(model_name_or_path)
+    for candidate in (folder, folder.parent if folder.name.startswith("checkpoint-") else None):
+        path = candidate / RESOLVED_CONFIG_NAME if candidate is not None else None
+        if path is None or not path.is_file():
+            continue
+        try:
+            training = json.loads(path.read_text(encoding="utf-8")).get("training")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            logger.warning("ignoring the unreadable %s", path)
+            return None
+        return training if isinstance(training, dict) else None
+    return None

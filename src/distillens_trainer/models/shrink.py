@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from itertools import pairwise
+from typing import Any
 
 from torch import nn
 from transformers import PreTrainedModel
@@ -116,3 +117,10 @@ def shrink_model(model: PreTrainedModel, keep_layers: Sequence[int]) -> PreTrain
     config.num_hidden_layers = len(keep_layers)
     setattr(config, KEPT_LAYERS_CONFIG_KEY, keep_layers)
     return shrunk.requires_grad_(True)
+
+
+def recorded_kept_layers(config: Any) -> list[int] | None:
+    """The teacher blocks (0-based) a student was cut from, as ``shrink_model`` recorded them in its config
+    (``distillens_kept_layers``); None for a model not written by ``distillens shrink``."""
+    kept = getattr(config, KEPT_LAYERS_CONFIG_KEY, None)
+    return None if kept is None else list(kept)

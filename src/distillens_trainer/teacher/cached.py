@@ -12,9 +12,12 @@ import torch
 from torch import nn
 
 from ..config import DistillLensConfig
+from ..loss.forwards import ForwardRequest
 from ..loss.heads import LinearHead
-from ..loss.layer_map import LayerPair, adapted_num_pairs_note, resolve_layer_map, shrunk_kept_layers
+from ..loss.layer_map import LayerMapFields, LayerPair, adapted_num_pairs_note, resolve_run_layer_map
+from ..loss.teacher_signals import TeacherSignals, TeacherSource
 from ..models.facts import DTYPES, model_vocab_size, num_hidden_layers, unwrap_model
+from ..models.shrink import recorded_kept_layers
 from .cache.format import CacheSettings, tokenizer_fingerprint, weights_fingerprint
 from .cache.reader import REBUILD, TeacherCache
 from .loading import load_teacher, shared_vocab_size_of_rows
@@ -23,17 +26,33 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class CachedTeacher:
-    """An opened cache and what the objective takes from it."""
+class CachedTeacher(TeacherSource):
+    """An opened cache and what the objective takes from it: a run's teacher read from a cache (a
+    :class:`~distillens_trainer.loss.teacher_signals.TeacherSource`), no teacher model built.
+
+    Attributes:
+        cache: the opened cache.
+        layer_map: the run's layer map, served by the cache.
+        vocab_size: the shared vocabulary the cache compares.
+        head: the cached LM head (``hidden`` mode), else None.
+        device: where each batch's signals are put.
+    """
 
     cache: TeacherCache
     layer_map: list[LayerPair]
     vocab_size: int
     head: LinearHead | None  # hidden mode: the cached LM head
+    device: torch.device | str = "cpu"
 
     @property
     def mode(self) -> str:
         return self.cache.settings.mode
+
+    def fused_refusal(self) -> str | None:
+        return None  # the cached head is a LinearHead; top-k buckets need none
+
+    def signals(self, inputs: Mapping[str, torch.Tensor], request: ForwardRequest) -> TeacherSignals:
+        return self.cache.signals(inputs, self.device, head=self.head)
 
 
 LENS_LAYER_FLAGS = ("lens_layer_map", "lens_num_layers", "lens_student_layers", "lens_teacher_layers")
@@ -74,13 +93,11 @@ def check_cache_serves(
     spec = args.objective_spec
     layer_map: list[LayerPair] = []
     if spec.uses_lens:
-        layer_map = resolve_layer_map(
+        layer_map = resolve_run_layer_map(
             num_hidden_layers(student),
             settings.teacher.num_layers,
-            args.lens_student_layers,
-            args.lens_teacher_layers,
-            args.lens_num_layers,
-            kept_layers=shrunk_kept_layers(unwrap_model(student).config, args.lens_layer_map),
+            LayerMapFields.of(args),
+            recorded_kept_layers(unwrap_model(student).config),
         )
         check_layer_map_served(layer_map, settings, where)
         if args.lens_final_norm != settings.lens_final_norm and any(
@@ -155,4 +172,4 @@ def open_cached_teacher(
         len(cache),
         list(settings.layers),
     )
-    return CachedTeacher(cache, layer_map, vocab_size, head)
+    return CachedTeacher(cache, layer_map, vocab_size, head, device)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..models.facts import DTYPES, model_vocab_size
+from ..models.facts import DTYPES, freeze, model_vocab_size
 from ..models.loading import load_causal_lm, load_tokenizer_from, read_config
 
 if TYPE_CHECKING:
@@ -49,6 +49,21 @@ def load_teacher(
     )
 
 
+def load_frozen_teacher(
+    name_or_path: str,
+    dtype: torch.dtype | None = None,
+    *,
+    gguf_file: str | None = None,
+    device: torch.device | str | None = None,
+    **from_pretrained_kwargs: Any,
+) -> PreTrainedModel:
+    """The teacher as every command gets it: loaded (:func:`load_teacher`, in ``dtype``; None: the checkpoint's),
+    frozen (eval mode, no gradients) and, when ``device`` is given, moved there. The trainer then places it for
+    the run (:func:`~distillens_trainer.teacher.placement.prepare_teacher`, which freezes a given model too)."""
+    teacher = freeze(load_teacher(name_or_path, dtype, gguf_file=gguf_file, **from_pretrained_kwargs))
+    return teacher.to(device) if device is not None else teacher
+
+
 def read_teacher_config(name_or_path: str | None, gguf_file: str | None = None, **kwargs: Any) -> Any | None:
     """The teacher's config without its weights (None when it cannot be read here), errors naming the teacher's
     fields."""
@@ -85,7 +100,7 @@ def resolve_teacher(
         )
     if isinstance(teacher_model, str):
         path = teacher_model
-        teacher_model = load_teacher(
+        teacher_model = load_frozen_teacher(
             path,
             resolve_teacher_dtype(args.teacher_dtype, bf16=args.bf16, fp16=args.fp16),
             gguf_file=args.teacher_gguf_file,

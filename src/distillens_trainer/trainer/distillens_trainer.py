@@ -13,9 +13,10 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 from transformers import PreTrainedModel, Trainer, TrainerCallback
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, EvalLoopOutput, TrainOutput
 
 from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
@@ -25,27 +26,22 @@ from ..evaluation.generation import eos_token_ids
 from ..loss.feature_baseline import FeatureProjector
 from ..loss.layer_map import (
     LayerPair,
-    adapted_num_pairs_note,
-    resolve_layer_map,
     resolve_student_layers,
-    shrunk_kept_layers,
 )
 from ..loss.lens import LogitLens
-from ..loss.objective import DistillLensObjective, ForwardRequest
+from ..loss.objective import DistillLensObjective
 from ..loss.spec import ObjectiveOutput
+from ..loss.teacher_signals import TeacherSignals, TeacherSource
 from ..models.facts import (
     context_length,
     forward_accepts,
-    hidden_size,
-    model_vocab_size,
     num_hidden_layers,
     unwrap_model,
     with_position_ids,
 )
 from ..models.loading import drop_gguf_quantization
 from ..teacher.cached import CachedTeacher, open_cached_teacher
-from ..teacher.loading import resolve_teacher, shared_vocab_size
-from ..teacher.placement import prepare_teacher
+from ..teacher.loading import resolve_teacher
 from ..version import __version__
 from .checkpoints import forget_completion, resolve_resume_from_checkpoint
 from .completions import SamplingSettings, sample_completions
@@ -61,7 +57,6 @@ from .nonfinite import (
     NonFiniteTrainingError,
     StepCounts,
     all_finite,
-    describe_tensors,
     drop_update,
     nonfinite_sources,
     nonfinite_tensors,
@@ -76,6 +71,7 @@ from .on_policy import (
     sampling_seed,
     window_is_on_policy,
 )
+from .setup import set_up_distillation
 
 logger = logging.getLogger(__name__)
 
@@ -160,73 +156,36 @@ class DistillLensTrainer(Trainer):
         self.fsdp_version = fsdp_version(self.args, self.accelerator)
         self._fsdp_owners: dict[str, list[nn.Module]] | None = None
 
-        self.teacher_model = self._prepare_teacher(teacher_model) if teacher_model is not None else None
-        refuse_nonfinite_weights(
-            self.teacher_model,
-            "the teacher",
-            f"check or re-save the teacher ({self._teacher_name or 'teacher_model'}), or load it in another "
-            "teacher_dtype (a bfloat16 checkpoint can overflow in float16)",
-        )
-        self.student_lens: LogitLens | None = None
-        self.teacher_lens: LogitLens | None = None
-        self.layer_map: list[LayerPair] = []
-        self.vocab_size: int | None = None
-        self.feature_projector: FeatureProjector | None = None
-        self.cached_teacher: CachedTeacher | None = None
+        cached_teacher = None
         if args.teacher_cache:
-            self.cached_teacher = open_cached_teacher(
-                args,
-                self.model,
-                tokenizer_of(self.processing_class),
-                {"training": self.train_dataset, "evaluation": self.eval_dataset},
-                self.args.device,
+            datasets = {"training": self.train_dataset, "evaluation": self.eval_dataset}
+            cached_teacher = open_cached_teacher(
+                args, self.model, tokenizer_of(self.processing_class), datasets, args.device
             )
-            self.vocab_size, self.layer_map = self.cached_teacher.vocab_size, self.cached_teacher.layer_map
-            self._refuse_nonfinite_cached_head()
-            if self.objective_spec.uses_lens:
-                self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
-        if self.teacher_model is not None:
-            self.vocab_size = shared_vocab_size(
-                self.model,
-                self.teacher_model,
-                tokenizer_of(self.processing_class),
-                tokenizer_of(teacher_processing_class),
-            )
-            if self.objective_spec.uses_hidden_states:
-                self.student_lens = LogitLens(self.model, final_norm=args.lens_final_norm)
-                self.teacher_lens = LogitLens(self.teacher_model, final_norm=args.lens_final_norm)
-                self.layer_map = resolve_layer_map(
-                    self.student_lens.num_layers,
-                    self.teacher_lens.num_layers,
-                    args.lens_student_layers,
-                    args.lens_teacher_layers,
-                    args.lens_num_layers,
-                    kept_layers=shrunk_kept_layers(unwrap_model(self.model).config, args.lens_layer_map),
-                )
-                logger.info("DistillLens layer map (student, teacher): %s", self.layer_map)
-                note = adapted_num_pairs_note(self.student_lens.num_layers, args.lens_num_layers)
-                if note is not None and args.lens_student_layers is None:
-                    logger.info(note)
-            if self.objective_spec.feature_weight > 0:
-                self.feature_projector = self._build_feature_projector()
-        self._student_takes_position_ids = forward_accepts(self.model, "position_ids")
-        self._teacher_takes_position_ids = self.teacher_model is not None and forward_accepts(
-            self.teacher_model, "position_ids"
-        )
-        self.objective = DistillLensObjective.for_models(
-            self.objective_spec,
+        distillation = set_up_distillation(
+            args,
             self.model,
-            self.teacher_model,
-            vocab_size=self.vocab_size or model_vocab_size(self.model),
-            student_lens=self.student_lens,
-            teacher_lens=self.teacher_lens,
-            layer_map=self.layer_map,
-            feature_projector=self.feature_projector,
-            chunk_size=args.lens_chunk_size,
-            compile_math=args.lens_compile,
-            teacher_head=self.cached_teacher.head if self.cached_teacher else None,
-            cached_teacher=self.cached_teacher.mode if self.cached_teacher else None,
+            teacher_model,
+            cached_teacher,
+            processing_class=self.processing_class,
+            teacher_processing_class=teacher_processing_class,
+            accelerator=self.accelerator,
+            distributed=self.args.world_size > 1
+            or self.is_deepspeed_enabled
+            or self.fsdp_version is not None,
+            teacher_name=self._teacher_name,
         )
+        self.teacher_model: nn.Module | None = distillation.teacher_model
+        self.cached_teacher: CachedTeacher | None = cached_teacher
+        self.teacher: TeacherSource | None = distillation.teacher
+        self.student_lens: LogitLens | None = distillation.student_lens
+        self.teacher_lens: LogitLens | None = distillation.teacher_lens
+        self.layer_map: list[LayerPair] = distillation.layer_map
+        self.vocab_size: int | None = distillation.vocab_size
+        self.feature_projector: FeatureProjector | None = distillation.feature_projector
+        self.objective: DistillLensObjective = distillation.objective
+        self._feature_params_added = False  # the feature projector's parameter group is in the optimizer
+        self._student_takes_position_ids = forward_accepts(self.model, "position_ids")
         # compute_loss normalises by the accumulation window's response-token count (num_items_in_batch), counted
         # over shifted labels, so the Trainer must neither rescale by the accumulation steps nor count position 0.
         self.model_accepts_loss_kwargs = True
@@ -270,40 +229,6 @@ class DistillLensTrainer(Trainer):
                     converted,
                     "bf16" if args.bf16 else "fp16",
                 )
-
-    def _refuse_nonfinite_cached_head(self) -> None:
-        """ValueError (one line) when the teacher cache's LM head holds NaN or inf."""
-        head = self.cached_teacher.head
-        if head is None:
-            return
-        found = nonfinite_tensors(
-            [
-                (name, tensor)
-                for name, tensor in (("weight", head.weight), ("bias", head.bias))
-                if tensor is not None
-            ]
-        )
-        if found:
-            raise ValueError(
-                f"the teacher cache {self.args.teacher_cache} holds a non-finite LM head (teacher_head.safetensors: "
-                f"{describe_tensors(found)}): rebuild it with distillens cache-teacher --overwrite_output_dir true."
-            )
-
-    # ----------------------------------------------------------------------------------------- teacher
-    def _prepare_teacher(self, teacher: nn.Module) -> nn.Module:
-        """Frozen, in eval mode, in ``teacher_dtype``: replicated on the student's device, or a ZeRO-3 engine."""
-        drop_gguf_quantization(unwrap_model(teacher))
-        return prepare_teacher(teacher, self.args, self.accelerator)
-
-    def _build_feature_projector(self) -> FeatureProjector:
-        if self.args.world_size > 1 or self.is_deepspeed_enabled or self.fsdp_version is not None:
-            raise ValueError(
-                "feature_weight > 0 (the MSE feature baseline) runs in a single process only: its projections are "
-                "not synchronised across devices; set feature_weight=0 for distributed runs."
-            )
-
-        projector = FeatureProjector(self.layer_map, hidden_size(self.teacher_model), hidden_size(self.model))
-        return projector.to(self.args.device)
 
     # ----------------------------------------------------------------------------------------- on-policy windows
     def _sampling_settings(self, args: DistillLensConfig) -> SamplingSettings:
@@ -458,9 +383,9 @@ class DistillLensTrainer(Trainer):
         )
         write_model_card(self.args.output_dir, text)
 
-    def create_optimizer(self, *args: Any, **kwargs: Any):
-        optimizer = super().create_optimizer(*args, **kwargs)
-        if self.feature_projector is not None and not getattr(self, "_feature_params_added", False):
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        optimizer = super().create_optimizer(model)
+        if self.feature_projector is not None and not self._feature_params_added:
             optimizer.add_param_group(
                 {"params": list(self.feature_projector.parameters()), "weight_decay": 0.0}
             )
@@ -514,12 +439,6 @@ class DistillLensTrainer(Trainer):
             owners = self._objective_owners(model)
             release(owners.get("teacher", []) + ([] if training else owners["student"]))
 
-    @torch.no_grad()
-    def _teacher_forward(self, model_inputs: dict[str, Any], request: ForwardRequest) -> Any:
-        self.teacher_model.eval()  # stays in eval mode whatever was called on the student
-        inputs = with_position_ids(model_inputs, self._teacher_takes_position_ids)
-        return self.teacher_model(**inputs, **request.forward_kwargs("teacher"), use_cache=False)
-
     # ----------------------------------------------------------------------------------------- loss
     def compute_loss(
         self,
@@ -529,28 +448,27 @@ class DistillLensTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """The DistillLens objective on one micro-batch; with ``return_outputs`` also the student's full logits."""
-        if self.objective.probes_heads_next:
-            self._gather_objective_parameters(model)  # FSDP2: the probe reads the heads after its forwards
+        if not self.objective.heads_checked:
+            if self.objective.fuses_output:
+                self._gather_objective_parameters(
+                    model
+                )  # FSDP2: the probe reads the heads after its forwards
+            self.objective.check_heads()
         request = self.objective.forward_request(full_logits=return_outputs)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
         student_inputs = with_position_ids(model_inputs, self._student_takes_position_ids)
         student_outputs = model(**student_inputs, **request.forward_kwargs("student"), use_cache=False)
-        teacher_outputs = teacher_signals = None
-        if self.teacher_model is not None:
-            teacher_outputs = self._teacher_forward(model_inputs, request)
-        elif self.cached_teacher is not None:
-            teacher_signals = self.cached_teacher.cache.signals(inputs, self.args.device)
+        teacher_signals = self.teacher.signals(inputs, request) if self.teacher is not None else None
         window_tokens = token_count(
             num_items_in_batch, n_gpu=self.args.n_gpu, averaged=self.args.average_tokens_across_devices
         )
         self._gather_objective_parameters(model)  # FSDP2: once for every pair and chunk of this micro-batch
-        result = self.objective.loss(
+        result = self.objective(
             inputs["labels"],
             student_outputs,
-            teacher_outputs,
-            request,
+            teacher_signals,
+            request=request,
             num_items_in_batch=window_tokens,
-            teacher_signals=teacher_signals,
         )
         self._release_objective_parameters(model, training=model.training)
         # Same convention as Trainer.compute_loss: with a token count taken across devices, undo the
@@ -560,7 +478,7 @@ class DistillLensTrainer(Trainer):
             scale = self.accelerator.num_processes
         loss = result.loss * scale if scale != 1 else result.loss
         if model.training and self._check_finite(
-            result, model, student_outputs, teacher_outputs, teacher_signals, inputs.get("attention_mask")
+            result, model, student_outputs, teacher_signals, inputs.get("attention_mask")
         ):
             return (
                 (loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits))
@@ -578,8 +496,7 @@ class DistillLensTrainer(Trainer):
         result: ObjectiveOutput,
         model: nn.Module,
         student_outputs: Any,
-        teacher_outputs: Any,
-        teacher_signals: Any,
+        teacher_signals: TeacherSignals | None,
         attention_mask: torch.Tensor | None,
     ) -> bool:
         """Whether this training micro-batch's loss or a term is non-finite (one host sync); the step's first such
@@ -591,9 +508,7 @@ class DistillLensTrainer(Trainer):
             sources, student_weights = nonfinite_sources(
                 student=unwrap_model(model),
                 student_outputs=student_outputs,
-                teacher_outputs=teacher_outputs,
-                teacher_signals=teacher_signals,
-                cache_path=self.args.teacher_cache,
+                teacher=teacher_signals,
                 attention_mask=attention_mask,
             )
             self._nonfinite_event = NonFiniteEvent(
@@ -696,7 +611,12 @@ class DistillLensTrainer(Trainer):
         )
         return {f"{prefix}_{name}": value for name, value in means.items()}
 
-    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any):
+    def train(
+        self,
+        resume_from_checkpoint: str | bool | None = None,
+        trial: Any = None,
+        ignore_keys_for_eval: list[str] | None = None,
+    ) -> TrainOutput:
         """``Trainer.train``; ``resume_from_checkpoint=True`` (or ``"true"``) resumes from the newest *complete*
         checkpoint in ``output_dir``, and a named incomplete checkpoint is refused in one line naming the file."""
         resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
@@ -705,7 +625,7 @@ class DistillLensTrainer(Trainer):
         self._window_stats.clear()
         self._nonfinite_event = None
         self._step_counts = StepCounts()
-        output = super().train(resume_from_checkpoint, *args, **kwargs)
+        output = super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
         if self._step_counts.run_skipped:  # train_loss over the applied steps (StepCounts.correct_logs)
             output = TrainOutput(
                 output.global_step, output.metrics.get("train_loss", math.nan), output.metrics
@@ -727,15 +647,42 @@ class DistillLensTrainer(Trainer):
             self._step_counts.correct_logs(logs)
         super().log(logs, start_time)
 
-    def evaluation_loop(self, *args: Any, **kwargs: Any):
+    def evaluation_loop(
+        self,
+        dataloader: DataLoader,
+        description: str,
+        prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> EvalLoopOutput:
+        """``Trainer.evaluation_loop``, with the terms' means over every response token and, under
+        ``lens_eval_profile``, the per-layer lens metrics."""
         self._eval_term_sums.clear()
         self._eval_tokens.zero_()
-        output = super().evaluation_loop(*args, **kwargs)
-        prefix = kwargs.get("metric_key_prefix", args[4] if len(args) > 4 else "eval")
-        output.metrics.update(self._pop_eval_terms(prefix))
+        output = super().evaluation_loop(
+            dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+        )
+        output.metrics.update(self._pop_eval_terms(metric_key_prefix))
         if self.args.lens_eval_profile and self.teacher_model is not None:
-            dataloader = kwargs.get("dataloader", args[0] if args else None)
-            # Under FSDP2 each batch's forwards leave the norm and head groups gathered for the lens to read.
-            output.metrics.update(evaluation_lens_profile(self, dataloader, prefix))
-            self._release_objective_parameters(self.model_wrapped, training=False)
+            output.metrics.update(self._lens_profile(dataloader, metric_key_prefix))
         return output
+
+    def _lens_profile(self, dataloader: DataLoader, prefix: str) -> dict[str, float]:
+        """``lens_eval_profile``'s metrics on the evaluation set; under FSDP2 each batch's forwards leave the norm and
+        head groups gathered for the lenses to read, released here after the last batch."""
+        args = self.args
+        try:
+            return evaluation_lens_profile(
+                self.model,
+                self.teacher_model,
+                self.student_lens or LogitLens(self.model, final_norm=args.lens_final_norm),
+                self.teacher_lens or LogitLens(self.teacher_model, final_norm=args.lens_final_norm),
+                (self._prepare_inputs(batch) for batch in dataloader),
+                vocab_size=self.vocab_size,
+                divergence=args.lens_divergence,
+                jsd_beta=args.jsd_beta,
+                reduce_sum=lambda flat: self.accelerator.reduce(flat, reduction="sum"),
+                prefix=prefix,
+            )
+        finally:
+            self._release_objective_parameters(self.model_wrapped, training=False)

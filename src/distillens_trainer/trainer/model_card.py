@@ -4,12 +4,16 @@ The card names the teacher and the student the run started from, the objective (
 temperature, the logit-lens layer map), the training data, shows how to load the model and cites the
 DistillLens paper. Its YAML front matter carries the hub metadata, including :data:`MODEL_CARD_TAGS`.
 
-This module takes plain values (a :class:`DistillationSummary`), not the trainer, so that it stays low in the
-import graph: it imports nothing from the package but :mod:`distillens_trainer.files`.
+This module takes plain values (a :class:`DistillationSummary`: the run's :class:`ObjectiveSpec` and a few facts
+of the run), not the trainer, so that it stays low in the import graph: it imports nothing from the package but
+the objective's settings (:mod:`~distillens_trainer.loss.spec`), the divergences' descriptions
+(:mod:`~distillens_trainer.loss.divergences`) and :mod:`distillens_trainer.files`. The card is one template,
+:data:`CARD_TEMPLATE`, filled by :func:`model_card_text`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -21,6 +25,8 @@ from typing import Any
 import yaml
 
 from ..files import write_text_atomic
+from ..loss.divergences import DIVERGENCES
+from ..loss.spec import ObjectiveSpec
 
 MODEL_CARD_NAME = "README.md"
 
@@ -43,29 +49,18 @@ DISTILLENS_CITATION = """\
 }"""
 """BibTeX entry of the paper (arXiv 2602.13567)."""
 
-_DIVERGENCE_TEXT = {
-    "fkl": "forward KL, KL(teacher ‖ student)",
-    "rkl": "reverse KL, KL(student ‖ teacher)",
-    "skl": "symmetric KL (Jeffreys), forward + reverse",
-    "jsd": "generalised Jensen-Shannon",
-    "tvd": "total variation distance",
-}
-
 # A hub repository id: "name" or "owner/name" (letters, digits, '-', '_', '.'), at most 96 characters.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
 
 
 @dataclass(frozen=True)
 class DistillationSummary:
-    """What a model card says about one training run.
+    """What a model card says about one training run: its objective and a few facts of the run.
 
     Attributes:
         student: name or path of the checkpoint the student started from.
         teacher: name or path of the frozen teacher; None for a run without one (plain SFT).
-        ce_weight, kd_weight, lens_weight, feature_weight: weights of the objective's terms.
-        kd_divergence, lens_divergence: divergence names (fkl, rkl, skl, jsd, tvd).
-        jsd_beta: β of the generalised Jensen-Shannon divergence.
-        temperature: softmax temperature of every divergence.
+        objective: the objective's settings (weights, divergences, β, temperature), as the run used them.
         layer_map: (student, teacher) ``hidden_states`` index pairs of the lens term; stored as a tuple.
         datasets: names or paths of the training data; stored as a tuple.
         lmbda: share of on-policy (student-generated) sequences, 0 = all from the dataset.
@@ -76,22 +71,17 @@ class DistillationSummary:
 
     student: str
     teacher: str | None
-    ce_weight: float
-    kd_weight: float
-    kd_divergence: str
-    lens_weight: float
-    lens_divergence: str
-    jsd_beta: float
-    temperature: float
+    objective: ObjectiveSpec
     layer_map: Sequence[tuple[int, int]] = ()
     datasets: Sequence[str] = ()
     lmbda: float = 0.0
     library_version: str = ""
-    feature_weight: float = 0.0
     training_steps: int | None = None
     lens_final_norm: bool | None = None
 
     def __post_init__(self) -> None:
+        if not isinstance(self.objective, ObjectiveSpec):
+            raise TypeError(f"objective={self.objective!r} must be an ObjectiveSpec.")
         pairs = tuple((int(s), int(t)) for s, t in self.layer_map)
         object.__setattr__(self, "layer_map", pairs)
         if isinstance(self.datasets, str | os.PathLike):
@@ -109,7 +99,7 @@ class DistillationSummary:
 
         A named ``teacher`` with all three weights at 0 was never used; a run that used one whose name was
         not recorded (``teacher`` None) still distilled."""
-        return self.kd_weight > 0 or self.lens_weight > 0 or self.feature_weight > 0
+        return self.objective.needs_teacher
 
 
 def summary_from_config(
@@ -124,21 +114,12 @@ def summary_from_config(
 ) -> DistillationSummary:
     """A :class:`DistillationSummary` from a ``DistillLensConfig`` or any object with its attributes.
 
-    ``config`` must have ``ce_weight``, ``kd_weight``, ``kd_divergence``, ``lens_weight``,
-    ``lens_divergence``, ``jsd_beta`` and ``temperature``; ``feature_weight``, ``lmbda`` and
+    ``config`` must have every field of :class:`ObjectiveSpec` (``DistillLensConfig`` does); ``lmbda`` and
     ``lens_final_norm`` are read when present. ``teacher`` None falls back to the config's
     ``teacher_model_name_or_path`` (itself None for plain SFT).
     """
-    required = (
-        "ce_weight",
-        "kd_weight",
-        "kd_divergence",
-        "lens_weight",
-        "lens_divergence",
-        "jsd_beta",
-        "temperature",
-    )
-    missing = [name for name in required if not hasattr(config, name)]
+    names = [item.name for item in dataclasses.fields(ObjectiveSpec)]
+    missing = [name for name in names if not hasattr(config, name)]
     if missing:
         raise AttributeError(
             f"{type(config).__name__} has no {', '.join(missing)}: cannot describe the objective."
@@ -149,18 +130,11 @@ def summary_from_config(
     return DistillationSummary(
         student=os.fspath(student),
         teacher=None if teacher is None else os.fspath(teacher),
-        ce_weight=float(config.ce_weight),
-        kd_weight=float(config.kd_weight),
-        kd_divergence=str(config.kd_divergence),
-        lens_weight=float(config.lens_weight),
-        lens_divergence=str(config.lens_divergence),
-        jsd_beta=float(config.jsd_beta),
-        temperature=float(config.temperature),
+        objective=ObjectiveSpec(**{name: getattr(config, name) for name in names}),
         layer_map=tuple(layer_map or ()),
         datasets=datasets,
         lmbda=float(getattr(config, "lmbda", 0.0) or 0.0),
         library_version=version,
-        feature_weight=float(getattr(config, "feature_weight", 0.0) or 0.0),
         training_steps=training_steps,
         lens_final_norm=None if lens_final_norm is None else bool(lens_final_norm),
     )
@@ -230,8 +204,7 @@ def _number(value: float) -> str:
 
 
 def _divergence(name: str) -> str:
-    text = _DIVERGENCE_TEXT.get(name)
-    return f"`{name}` ({text})" if text else _code(name)
+    return f"`{name}` ({DIVERGENCES[name].description})"
 
 
 def format_layer_map(layer_map: Iterable[tuple[int, int]]) -> str:
@@ -261,17 +234,59 @@ def _front_matter(
         data["datasets"] = datasets
     data["tags"] = tags
     data["pipeline_tag"] = "text-generation"
-    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False)
+    return yaml.safe_dump(data, sort_keys=False, allow_unicode=True, default_flow_style=False).rstrip("\n")
+
+
+def _introduction(summary: DistillationSummary) -> str:
+    """Who taught whom, and what the student was trained to match (one paragraph)."""
+    spec = summary.objective
+    if not summary.uses_teacher:
+        return (
+            f"This model was fine-tuned from {_name(summary.student)} on cross-entropy alone, without a "
+            "teacher, with distillens-trainer (a DistillLens library)."
+        )
+    teacher = _name(summary.teacher) if summary.teacher else "a teacher whose name was not recorded"
+    matched = []
+    if spec.kd_weight > 0:
+        matched.append("the teacher's output distribution")
+    if spec.lens_weight > 0:
+        matched.append("its intermediate layers read through the logit lens")
+    if spec.feature_weight > 0:
+        matched.append("a projection of its hidden states")
+    if spec.ce_weight > 0:
+        matched.append("the training responses (cross-entropy)")
+    return (
+        f"This model is a student distilled from the teacher {teacher} with [DistillLens]({PAPER_URL}) "
+        f"(symmetric knowledge distillation through the logit lens, arXiv {PAPER_ARXIV_ID}), "
+        f"starting from {_name(summary.student)}.\n"
+        f"The student was trained to match {_join(matched)}."
+    )
+
+
+def _formula(spec: ObjectiveSpec) -> list[str]:
+    """The objective as a code block (runs with a teacher only)."""
+    lines = [
+        "```",
+        "loss = ce_weight · CE",
+        "     + kd_weight · D_kd(student, teacher)",
+        "     + lens_weight · mean over layer pairs (i, j) of D_lens(lens(student h[i]), lens(teacher h[j]))",
+    ]
+    if spec.feature_weight > 0:
+        lines.append(
+            "     + feature_weight · mean over layer pairs (i, j) of MSE(student h[i], W · teacher h[j])"
+        )
+    return [*lines, "```", ""]
 
 
 def _objective_table(summary: DistillationSummary) -> list[str]:
+    spec = summary.objective
     terms = [
-        ("Cross-entropy on response tokens", summary.ce_weight, None),
-        ("Final logits (KD)", summary.kd_weight, summary.kd_divergence),
-        ("Logit lens, mean over layer pairs", summary.lens_weight, summary.lens_divergence),
+        ("Cross-entropy on response tokens", spec.ce_weight, None),
+        ("Final logits (KD)", spec.kd_weight, spec.kd_divergence),
+        ("Logit lens, mean over layer pairs", spec.lens_weight, spec.lens_divergence),
     ]
-    if summary.feature_weight > 0:
-        terms.append(("Hidden-state features (MSE)", summary.feature_weight, None))
+    if spec.feature_weight > 0:
+        terms.append(("Hidden-state features (MSE)", spec.feature_weight, None))
     lines = ["| Term | Weight | Divergence |", "|---|---|---|"]
     for term, weight, divergence in terms:
         cell = _divergence(divergence) if divergence is not None and weight > 0 else "—"
@@ -279,21 +294,18 @@ def _objective_table(summary: DistillationSummary) -> list[str]:
 
     settings: list[tuple[str, str]] = []
     if summary.uses_teacher:
-        in_use = {
+        in_use = [
             d
-            for w, d in (
-                (summary.kd_weight, summary.kd_divergence),
-                (summary.lens_weight, summary.lens_divergence),
-            )
+            for w, d in ((spec.kd_weight, spec.kd_divergence), (spec.lens_weight, spec.lens_divergence))
             if w > 0
-        }
-        if "jsd" in in_use:
-            settings.append(("JSD β", _number(summary.jsd_beta)))
-        settings.append(("Temperature", _number(summary.temperature)))
-        if summary.lens_weight > 0 or summary.feature_weight > 0:
+        ]
+        if any(DIVERGENCES[d].uses_beta for d in in_use):
+            settings.append(("JSD β", _number(spec.jsd_beta)))
+        settings.append(("Temperature", _number(spec.temperature)))
+        if spec.lens_weight > 0 or spec.feature_weight > 0:
             pairs = format_layer_map(summary.layer_map) or "not recorded"
             settings.append(("Layer map, (student, teacher) `hidden_states` indices", pairs))
-        if summary.lens_weight > 0 and summary.lens_final_norm is not None:
+        if spec.lens_weight > 0 and summary.lens_final_norm is not None:
             settings.append(("Final norm applied in the lens", "yes" if summary.lens_final_norm else "no"))
         settings.append(("On-policy share (λ)", _number(summary.lmbda)))
     if summary.training_steps is not None:
@@ -302,6 +314,48 @@ def _objective_table(summary: DistillationSummary) -> list[str]:
         lines += ["", "| Setting | Value |", "|---|---|"]
         lines += [f"| {name} | {_cell(value)} |" for name, value in settings]
     return lines
+
+
+CARD_TEMPLATE = """\
+---
+{front_matter}
+---
+
+# {model_name}
+
+{introduction}
+
+Trained with distillens-trainer{version}.
+
+## Training objective
+
+{objective}
+
+## Training data
+
+{data}
+
+## How to use
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+tokenizer = AutoTokenizer.from_pretrained({repo})
+model = AutoModelForCausalLM.from_pretrained({repo})
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+outputs = model.generate(**inputs, max_new_tokens=32)
+print(tokenizer.decode(outputs[0], skip_special_tokens=True))
+```
+
+{extra}## Citation
+
+{paper_title} (arXiv {paper_arxiv_id}):
+
+```bibtex
+{citation}
+```
+"""
+"""The model card, the one template: its slots are filled by :func:`model_card_text` (``str.format``)."""
 
 
 def model_card_text(
@@ -315,7 +369,7 @@ def model_card_text(
     license: str | None = None,
     language: str | Sequence[str] | None = None,
 ) -> str:
-    """The ``README.md`` of a model trained with DistillLens: YAML front matter, then Markdown.
+    """The ``README.md`` of a model trained with DistillLens: :data:`CARD_TEMPLATE` filled from ``summary``.
 
     Args:
         summary: what the run did.
@@ -327,100 +381,28 @@ def model_card_text(
         hub_model_id: repository id used in the loading snippet (default: ``model_name``).
         license, language: hub metadata, left out when None.
     """
-    tag_list = card_tags(summary, tags)
-    repo = hub_model_id or model_name
-    lines = [
-        "---",
-        _front_matter(
+    objective = _formula(summary.objective) if summary.uses_teacher else []
+    data = [f"- {_name(d)}" for d in summary.datasets] or ["The training data was not recorded."]
+    return CARD_TEMPLATE.format(
+        front_matter=_front_matter(
             summary,
             model_name=model_name,
             base_model=base_model,
-            tags=tag_list,
+            tags=card_tags(summary, tags),
             license=license,
             language=language,
-        ).rstrip("\n"),
-        "---",
-        "",
-        f"# {model_name}",
-        "",
-    ]
-    paper = f"[DistillLens]({PAPER_URL})"
-    if summary.uses_teacher:
-        teacher = _name(summary.teacher) if summary.teacher else "a teacher whose name was not recorded"
-        lines.append(
-            f"This model is a student distilled from the teacher {teacher} with {paper} "
-            f"(symmetric knowledge distillation through the logit lens, arXiv {PAPER_ARXIV_ID}), "
-            f"starting from {_name(summary.student)}."
-        )
-        matched = []
-        if summary.kd_weight > 0:
-            matched.append("the teacher's output distribution")
-        if summary.lens_weight > 0:
-            matched.append("its intermediate layers read through the logit lens")
-        if summary.feature_weight > 0:
-            matched.append("a projection of its hidden states")
-        if summary.ce_weight > 0:
-            matched.append("the training responses (cross-entropy)")
-        lines.append(f"The student was trained to match {_join(matched)}.")
-    else:
-        lines.append(
-            f"This model was fine-tuned from {_name(summary.student)} on cross-entropy alone, without a "
-            "teacher, with distillens-trainer (a DistillLens library)."
-        )
-    version = f" {summary.library_version}" if summary.library_version else ""
-    lines += ["", f"Trained with distillens-trainer{version}.", ""]
-
-    lines += ["## Training objective", ""]
-    if summary.uses_teacher:
-        lines += [
-            "```",
-            "loss = ce_weight · CE",
-            "     + kd_weight · D_kd(student, teacher)",
-            "     + lens_weight · mean over layer pairs (i, j) of D_lens(lens(student h[i]), lens(teacher h[j]))",
-        ]
-        if summary.feature_weight > 0:
-            lines.append(
-                "     + feature_weight · mean over layer pairs (i, j) of MSE(student h[i], W · teacher h[j])"
-            )
-        lines += ["```", ""]
-    lines += [*_objective_table(summary), ""]
-
-    lines += ["## Training data", ""]
-    if summary.datasets:
-        lines += [f"- {_name(d)}" for d in summary.datasets]
-    else:
-        lines.append("The training data was not recorded.")
-    lines.append("")
-
-    lines += [
-        "## How to use",
-        "",
-        "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f"tokenizer = AutoTokenizer.from_pretrained({json.dumps(repo)})",
-        f"model = AutoModelForCausalLM.from_pretrained({json.dumps(repo)})",
-        'inputs = tokenizer("The capital of France is", return_tensors="pt")',
-        "outputs = model.generate(**inputs, max_new_tokens=32)",
-        "print(tokenizer.decode(outputs[0], skip_special_tokens=True))",
-        "```",
-        "",
-    ]
-
-    if extra_markdown.strip():
-        lines += [extra_markdown.strip(), ""]
-
-    lines += [
-        "## Citation",
-        "",
-        f"{PAPER_TITLE} (arXiv {PAPER_ARXIV_ID}):",
-        "",
-        "```bibtex",
-        DISTILLENS_CITATION,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
+        ),
+        model_name=model_name,
+        introduction=_introduction(summary),
+        version=f" {summary.library_version}" if summary.library_version else "",
+        objective="\n".join([*objective, *_objective_table(summary)]),
+        data="\n".join(data),
+        repo=json.dumps(hub_model_id or model_name),
+        extra=f"{extra_markdown.strip()}\n\n" if extra_markdown.strip() else "",
+        paper_title=PAPER_TITLE,
+        paper_arxiv_id=PAPER_ARXIV_ID,
+        citation=DISTILLENS_CITATION,
+    )
 
 
 def write_model_card(output_dir: str | os.PathLike[str], text: str) -> Path:

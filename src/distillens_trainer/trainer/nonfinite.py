@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..loss.teacher_signals import TeacherSignals
+
 # dtypes whose values can be NaN or inf (float8 and integer / quantised storage are not checked)
 CHECKED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -136,15 +138,6 @@ def _output_tensors(outputs: Any, attention_mask: torch.Tensor | None) -> Iterat
         yield name, tensor
 
 
-def _signal_tensors(signals: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    if signals is None:
-        return
-    for layer, tensor in signals.head_inputs.items():
-        yield f"layer {layer} head inputs", tensor
-    for layer, distribution in signals.topk.items():
-        yield f"layer {layer} top-k log-probabilities", distribution.log_probs[distribution.live]
-
-
 def _names(found: list[tuple[str, int, int]]) -> str:
     """``"logits: 256 non-finite, hidden_states [0, 1, 2]"``: a count per tensor, the hidden states by index."""
     prefix = "hidden_states["
@@ -159,21 +152,17 @@ def nonfinite_sources(
     *,
     student: nn.Module,
     student_outputs: Any,
-    teacher_outputs: Any = None,
-    teacher_signals: Any = None,
-    cache_path: str | None = None,
+    teacher: TeacherSignals | None = None,
     attention_mask: torch.Tensor | None = None,
 ) -> tuple[list[str], bool]:
     """Where a micro-batch's non-finite values came from, as phrases, and whether the student's own weights are
     non-finite (then skipping a step cannot help). Checked in the order the values flow: the teacher's side
-    first, then the student's outputs and weights; when every input is finite, the objective itself overflowed."""
+    first (its model's outputs or a cache's signals: ``teacher``), then the student's outputs and weights; when every
+    input is finite, the objective itself overflowed."""
     sources = []
-    found = nonfinite_tensors(_output_tensors(teacher_outputs, attention_mask))
+    found = nonfinite_tensors(teacher.named_tensors(attention_mask)) if teacher is not None else []
     if found:
-        sources.append(f"the teacher's outputs ({_names(found)})")
-    found = nonfinite_tensors(_signal_tensors(teacher_signals))
-    if found:
-        sources.append(f"the teacher cache's signals ({cache_path}: {_names(found)})")
+        sources.append(teacher.source_phrase(_names(found)))
     student_weights = (
         []
         if all_finite(t for _, t in _model_tensors(student))

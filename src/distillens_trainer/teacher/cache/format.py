@@ -198,6 +198,16 @@ def bytes_tensor(buffer: Any, dtype: str, shape: Sequence[int]) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------------------------- fingerprints
+def config_fingerprint(config: Any) -> str:
+    """sha256 of a model config's architecture fields (not its path, dtype or library version)."""
+    values = {
+        key: value
+        for key, value in config.to_dict().items()
+        if not key.startswith("_") and key not in ("transformers_version", "dtype", "torch_dtype")
+    }
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """sha256 of a tokenizer's vocabulary and special tokens."""
     payload = {

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from ...loss.heads import LinearHead
 from ...loss.response_tokens import response_mask
-from ...loss.teacher_signals import TeacherSignals
+from ...loss.teacher_signals import CachedHeadInputs, CachedTopK
 from ...loss.topk import TopKDistribution
 from .format import (
     DTYPES,
@@ -40,7 +40,7 @@ REBUILD = "rebuild it with distillens cache-teacher"
 class TeacherCache:
     """A finished teacher cache, its shards memory-mapped, its rows indexed by content hash.
 
-    Use :meth:`open`; :meth:`signals` gives a batch's :class:`TeacherSignals`, :meth:`teacher_head` the cached LM
+    Use :meth:`open`; :meth:`signals` gives a batch's teacher signals, :meth:`teacher_head` the cached LM
     head (``hidden`` mode).
     """
 
@@ -123,8 +123,12 @@ class TeacherCache:
             tensors["weight"], tensors.get("bias"), self.settings.logit_scale, self.settings.logit_softcap
         )
 
-    def signals(self, batch: Mapping[str, torch.Tensor], device: torch.device | str) -> TeacherSignals:
-        """The cached teacher signals of a padded batch's response tokens, in the objective's order."""
+    def signals(
+        self, batch: Mapping[str, torch.Tensor], device: torch.device | str, head: LinearHead | None = None
+    ) -> CachedHeadInputs | CachedTopK:
+        """The cached teacher signals of a padded batch's response tokens, in the objective's order: a ``hidden``
+        cache's head inputs (with ``head``, the cached LM head of :meth:`teacher_head`, which its terms need) or a
+        ``topk`` cache's buckets."""
         keys = batch_row_keys(batch)
         counts = response_mask(batch["labels"]).sum(dim=1).tolist()
         located = []
@@ -141,17 +145,21 @@ class TeacherCache:
                 )
             located.append((table, row, count, self._files[table_index]))
         settings = self.settings
-        signals = TeacherSignals(output_layer=settings.output_layer)
+        if settings.mode == "hidden":
+            size = settings.teacher.head_input_size
+            head_inputs = {
+                layer: torch.cat(
+                    [
+                        self._read(table, file, hidden_column(layer), row, settings.dtype, (n, size))
+                        for table, row, n, file in located
+                    ]
+                ).to(device)
+                for layer in settings.layers
+            }
+            return CachedHeadInputs(settings.output_layer, head_inputs, head, str(self.path))
+        k = settings.top_k
+        topk = {}
         for layer in settings.layers:
-            if settings.mode == "hidden":
-                size = settings.teacher.head_input_size
-                parts = [
-                    self._read(table, file, hidden_column(layer), row, settings.dtype, (n, size))
-                    for table, row, n, file in located
-                ]
-                signals.head_inputs[layer] = torch.cat(parts).to(device)
-                continue
-            k = settings.top_k
             ids = [
                 self._checked_ids(
                     self._read(table, file, ids_column(layer), row, settings.id_dtype, (n, k)).long(), file
@@ -162,10 +170,8 @@ class TeacherCache:
                 self._read(table, file, log_probs_column(layer), row, settings.dtype, (n, k + 1))
                 for table, row, n, file in located
             ]
-            signals.topk[layer] = TopKDistribution.from_stored(torch.cat(ids), torch.cat(log_probs)).to(
-                device
-            )
-        return signals
+            topk[layer] = TopKDistribution.from_stored(torch.cat(ids), torch.cat(log_probs)).to(device)
+        return CachedTopK(settings.output_layer, topk, str(self.path))
 
     def _read(
         self, table: pa.Table, file: str, column: str, row: int, dtype: str, shape: tuple[int, int]
