@@ -90,7 +90,7 @@ from distillens_trainer.models.loading import (
     read_config,
 )
 from distillens_trainer.models.shrink import evenly_spaced_layers, shrink_model
-from distillens_trainer.teacher.loading import shared_vocab_size
+from distillens_trainer.teacher.frozen import shared_vocab_size
 
 logger = logging.getLogger("distillens_trainer.benchmarks.real_model")
 

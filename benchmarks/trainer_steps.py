@@ -347,7 +347,7 @@ def worker_cache_build(opts: argparse.Namespace, variant: str) -> dict:
     from distillens_trainer.teacher.cache.format import HEAD_NAME
     from distillens_trainer.teacher.cache.settings import cached_layer_map
     from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
-    from distillens_trainer.teacher.loading import shared_vocab_size
+    from distillens_trainer.teacher.frozen import shared_vocab_size
 
     if not opts.cache_dir:
         raise SystemExit("a cache build needs --cache-dir")

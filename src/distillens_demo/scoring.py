@@ -19,7 +19,7 @@ from distillens_trainer.diagnostics.profile import (
 from distillens_trainer.evaluation.generation import generate_responses
 from distillens_trainer.evaluation.metrics import rouge_l
 from distillens_trainer.loss.lens import LogitLens
-from distillens_trainer.teacher.loading import shared_vocab_size
+from distillens_trainer.teacher.frozen import shared_vocab_size
 
 from .arguments import LENS_EVAL_DIVERGENCE
 from .suite import prompt_of, score_answer

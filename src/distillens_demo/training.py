@@ -28,7 +28,7 @@ from distillens_trainer.models.shrink import recorded_kept_layers
 from distillens_trainer.progress import PROGRESS_EVERY_S, ProgressLines, is_terminal
 from distillens_trainer.teacher.cache.format import read_manifest
 from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
-from distillens_trainer.teacher.loading import shared_vocab_size
+from distillens_trainer.teacher.frozen import shared_vocab_size
 from distillens_trainer.trainer.distillens_trainer import DistillLensTrainer
 
 from .arguments import CACHE_FORMAT, HEAD_DIM, METHODS, TEACHER_OBJECTIVE, DemoArguments

@@ -521,7 +521,7 @@ def test_lens_defaults_to_the_layer_map_recorded_with_the_student_and_a_flag_ove
     workspace, tmp_path
 ):
     from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
-    from distillens_trainer.diagnostics.models import RESOLVED_CONFIG_NAME as TRAINING_RECORD_NAME
+    from distillens_trainer.diagnostics.profiled_models import RESOLVED_CONFIG_NAME as TRAINING_RECORD_NAME
 
     assert TRAINING_RECORD_NAME == RESOLVED_CONFIG_NAME
     student = _shrunk_student(workspace, tmp_path / "trained", [0, 2, 3])

@@ -329,7 +329,7 @@ def make_cache(
 
     from distillens_trainer.loss.layer_map import resolve_layer_map
     from distillens_trainer.teacher.cache.writer import teacher_cache_settings, write_teacher_cache
-    from distillens_trainer.teacher.loading import shared_vocab_size
+    from distillens_trainer.teacher.frozen import shared_vocab_size
 
     models_dir = Path(models_dir)
     teacher = AutoModelForCausalLM.from_pretrained(models_dir / "teacher", dtype=torch.float32)

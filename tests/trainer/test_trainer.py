@@ -501,7 +501,7 @@ def test_a_teacher_folder_without_tokenizer_files_is_checked_by_vocabulary_size(
         tmp_path / "teacher"
     )  # no tokenizer files: AutoTokenizer returns a 1-token tokenizer
     tokenizer = _word_tokenizer([f"w{i}" for i in range(TINY_VOCAB)])
-    with caplog.at_level("WARNING", logger="distillens_trainer.teacher.loading"):
+    with caplog.at_level("WARNING", logger="distillens_trainer.teacher.frozen"):
         trainer = _trainer(tmp_path, teacher=str(tmp_path / "teacher"), processing_class=tokenizer)
     assert trainer.vocab_size == TINY_VOCAB
     assert "holds no vocabulary" in caplog.text

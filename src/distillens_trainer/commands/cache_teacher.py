@@ -30,7 +30,7 @@ from ..teacher.cache.format import MANIFEST_NAME, read_manifest
 from ..teacher.cache.integrity import cache_damage, damage_line, recorded_bytes, recorded_files
 from ..teacher.cache.settings import CacheArguments, cache_settings
 from ..teacher.cache.writer import write_teacher_cache
-from ..teacher.loading import (
+from ..teacher.frozen import (
     load_frozen_teacher,
     load_teacher_tokenizer,
     read_teacher_config,

@@ -17,7 +17,11 @@ from ..data.arguments import PromptFormatArguments
 from ..data.building import build_datasets
 from ..diagnostics.arguments import LensArguments
 from ..diagnostics.figures import write_figures
-from ..diagnostics.models import check_lengths_before_loading, load_profiled_models, mapped_layer_pairs
+from ..diagnostics.profiled_models import (
+    check_lengths_before_loading,
+    load_profiled_models,
+    mapped_layer_pairs,
+)
 from ..diagnostics.report import finite_or_null, profile_models
 from ..files import check_output_dir, write_json_atomic, writing_into
 from ..models.facts import num_hidden_layers

@@ -35,7 +35,7 @@ from ..models.info import (
 )
 from ..models.loading import LoraArguments, ModelArguments, load_student, load_student_tokenizer, read_config
 from ..teacher.cache.adoption import adopt_cache_layer_map, adopt_cache_prompt_format
-from ..teacher.loading import read_teacher_config
+from ..teacher.frozen import read_teacher_config
 from ..trainer.checkpoints import resolve_resume_from_checkpoint, resume_requested
 from ..trainer.distillens_trainer import DistillLensTrainer
 from .parsing import given_fields, parse_command

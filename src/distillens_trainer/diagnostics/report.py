@@ -116,7 +116,7 @@ def profile_models(
             moved to the student's device.
         dataset: tokenised rows with ``input_ids``, ``attention_mask`` and ``labels`` (as ``distillens train``
             builds them); the first ``max_tokens`` response tokens, in order, are used.
-        vocab_size: the shared real vocabulary (see :func:`distillens_trainer.teacher.loading.shared_vocab_size`).
+        vocab_size: the shared real vocabulary (see :func:`distillens_trainer.teacher.frozen.shared_vocab_size`).
         mapped_pairs: the training's layer map, reported under ``mapped``.
         chunk_size: tokens per chunk; None takes as many as ``memory_budget_mib`` MiB of reused blocks hold.
         show_progress: a tqdm bar advanced by the tokens of each chunk.

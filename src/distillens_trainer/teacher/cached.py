@@ -20,7 +20,7 @@ from ..models.facts import DTYPES, model_vocab_size, num_hidden_layers, unwrap_m
 from ..models.shrink import recorded_kept_layers
 from .cache.format import CacheSettings, tokenizer_fingerprint, weights_fingerprint
 from .cache.reader import REBUILD, TeacherCache
-from .loading import load_teacher, shared_vocab_size_of_rows
+from .frozen import load_teacher, shared_vocab_size_of_rows
 
 logger = logging.getLogger(__name__)
 

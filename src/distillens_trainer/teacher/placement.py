@@ -24,7 +24,7 @@ from torch import nn
 
 from ..distributed.fsdp import FSDP_V1_REFUSAL, fsdp_version, shard_mesh, shard_teacher
 from ..models.facts import freeze, hidden_size, is_partitioned
-from .loading import resolve_teacher_dtype
+from .frozen import resolve_teacher_dtype
 
 logger = logging.getLogger(__name__)
 

@@ -41,7 +41,7 @@ from ..models.facts import (
 )
 from ..models.loading import drop_gguf_quantization
 from ..teacher.cached import CachedTeacher, open_cached_teacher
-from ..teacher.loading import resolve_teacher
+from ..teacher.frozen import resolve_teacher
 from ..version import __version__
 from .checkpoints import forget_completion, resolve_resume_from_checkpoint
 from .completions import SamplingSettings, sample_completions

@@ -20,7 +20,7 @@ from ..loss.teacher_signals import ModelTeacher, TeacherSource
 from ..models.facts import hidden_size, model_vocab_size, unwrap_model
 from ..models.loading import drop_gguf_quantization
 from ..models.shrink import recorded_kept_layers
-from ..teacher.loading import shared_vocab_size
+from ..teacher.frozen import shared_vocab_size
 from ..teacher.placement import prepare_teacher
 from .inputs import tokenizer_of
 from .nonfinite import describe_tensors, nonfinite_tensors, refuse_nonfinite_weights

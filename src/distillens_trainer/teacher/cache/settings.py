@@ -15,7 +15,7 @@ from ...loss.layer_map import LayerMapFields, LayerPair, resolve_run_layer_map
 from ...models.facts import config_num_layers, model_vocab_size, num_hidden_layers, text_config
 from ...models.loading import ModelArguments
 from ...models.shrink import recorded_kept_layers
-from ..loading import shared_vocab_size_of_rows
+from ..frozen import shared_vocab_size_of_rows
 from .format import CACHE_DTYPES, CACHE_MODES, CacheSettings, config_fingerprint
 from .writer import teacher_cache_settings
 

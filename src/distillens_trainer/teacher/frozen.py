@@ -1,4 +1,5 @@
-"""The frozen teacher: loading, dtype, and vocabulary compatibility with the student."""
+"""The frozen teacher: resolved, loaded and frozen (the one way), its dtype, and vocabulary compatibility with
+the student."""
 
 from __future__ import annotations
 

@@ -14,7 +14,7 @@ from ..models.facts import check_fits_contexts, freeze, num_hidden_layers
 from ..models.info import RESOLVED_CONFIG_NAME, recorded_training_settings
 from ..models.loading import ModelArguments, load_student, read_config
 from ..models.shrink import recorded_kept_layers
-from ..teacher.loading import (
+from ..teacher.frozen import (
     load_frozen_teacher,
     load_teacher_tokenizer,
     read_teacher_config,
