@@ -1,6 +1,6 @@
 """One fused job (a lens pair or the output term) forward + backward at several chunk sizes, eager and compiled.
 
-What ``lens_chunk_size="auto"`` and ``lens_compile`` rest on: N response tokens of random head inputs (student
+What ``head_chunk_size="auto"`` and ``head_compile`` rest on: N response tokens of random head inputs (student
 width d, teacher width 1.5 d), SmolLM2's shapes by default (V = 49,152, d = 576), one ``FusedJob`` through
 ``fused_head_loss`` and ``.backward()``, timed at every chunk size, then under ``torch.compile`` (first call apart:
 the compilation), beside the *floor*: the job's four matrix products alone (teacher head, student head, the two

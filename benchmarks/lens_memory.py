@@ -5,7 +5,7 @@ the same inputs):
 
 - ``naive``: the research-code layout, every position of all K layers stacked into ``[K, B, T, V]`` logits,
   masked afterwards (``speed.naive_lens_sum``);
-- ``straightforward``: the library with ``lens_chunk_size=0`` — response tokens first, one layer pair at a
+- ``straightforward``: the library with ``head_chunk_size=0`` — response tokens first, one layer pair at a
   time, ``[N, V]`` logits and autograd's temporaries per pair (``objective.lens_pair_sum``);
 - ``fused``: the chunked head + divergence with closed-form gradients (``fused.fused_head_loss``, all K pairs
   in one pass, never more than chunk × V logits alive);
@@ -55,7 +55,7 @@ SCRIPT = Path(__file__).resolve()
 VARIANTS = ("naive", "straightforward", "fused", "fused_compiled")
 LABELS = {
     "naive": "naive: stack [K,B,T,V], mask last",
-    "straightforward": "straightforward (`lens_chunk_size=0`)",
+    "straightforward": "straightforward (`head_chunk_size=0`)",
     "fused": "fused, eager",
     "fused_compiled": "fused, `torch.compile`",
 }

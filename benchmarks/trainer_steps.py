@@ -5,9 +5,9 @@ the first half of every row prompt), each in its own subprocess, with the Traine
 
 - ``trainer``: plain ``transformers.Trainer`` (the model's own CE);
 - ``sft``: ``DistillLensTrainer`` with ce_weight 1, no teacher;
-- ``kd`` / ``kd_fused``: reverse-KL on the final logits only, ``lens_chunk_size=0`` / the library default;
+- ``kd`` / ``kd_fused``: reverse-KL on the final logits only, ``head_chunk_size=0`` / the library default;
 - ``distillens`` / ``distillens_fused`` / ``distillens_compiled``: KD + JSD lens on 5 pairs, straightforward /
-  fused / fused with ``lens_compile=True`` (the per-chunk math under ``torch.compile``);
+  fused / fused with ``head_compile=True`` (the per-chunk math under ``torch.compile``);
 - ``gkd``: TRL's ``GKDTrainer`` off-policy (``lmbda=0``, ``beta=1``: reverse KL, the same objective as ``kd``);
 - ``kd_onpolicy`` / ``distillens_onpolicy``: ``kd_fused`` / ``distillens_fused`` with ``lmbda=1`` (every window
   trains on the student's own completions of the prompts, ``max_new_tokens`` = the dataset's response length, so
@@ -109,26 +109,28 @@ BUILD_PREFIX = "build_cache:"  # worker name of a cache build child
 LABELS = {
     "trainer": "plain `transformers.Trainer` (CE)",
     "sft": "DistillLensTrainer SFT (ce 1)",
-    "kd": "KD only, `lens_chunk_size=0`",
+    "kd": "KD only, `head_chunk_size=0`",
     "kd_fused": "KD only, fused (default chunk)",
     "gkd": "TRL `GKDTrainer` (lmbda 0, beta 1 = reverse KL)",
     "gkd_liger": "TRL `GKDTrainer` + `use_liger_kernel=True` (lmbda 0, beta 1)",
-    "distillens": "DistillLens 5 pairs, `lens_chunk_size=0`",
+    "distillens": "DistillLens 5 pairs, `head_chunk_size=0`",
     "distillens_fused": "DistillLens 5 pairs, fused (default chunk)",
-    "distillens_compiled": "DistillLens 5 pairs, fused, `lens_compile=True`",
+    "distillens_compiled": "DistillLens 5 pairs, fused, `head_compile=True`",
     "kd_onpolicy": "KD only, fused, on-policy (`lmbda=1`)",
     "distillens_onpolicy": "DistillLens 5 pairs, fused, on-policy (`lmbda=1`)",
     "kd_cache_hidden": "KD only, fused, teacher cache (hidden, bf16)",
     "distillens_cache_hidden": "DistillLens 5 pairs, fused, teacher cache (hidden, bf16)",
     "distillens_cache_topk": "DistillLens 5 pairs, fused, teacher cache (top-32, bf16)",
 }
+# The fused head's fields as libraries before the rename (lens_chunk_size -> head_chunk_size) named them.
+OLD_FIELD_NAMES = {"head_chunk_size": "lens_chunk_size", "head_compile": "lens_compile"}
 WEIGHTS = {
     "sft": {"ce_weight": 1.0, "kd_weight": 0.0, "lens_weight": 0.0},
-    "kd": {"kd_weight": 1.0, "lens_weight": 0.0, "lens_chunk_size": 0},
+    "kd": {"kd_weight": 1.0, "lens_weight": 0.0, "head_chunk_size": 0},
     "kd_fused": {"kd_weight": 1.0, "lens_weight": 0.0},
-    "distillens": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_chunk_size": 0},
+    "distillens": {"kd_weight": 1.0, "lens_weight": 1.0, "head_chunk_size": 0},
     "distillens_fused": {"kd_weight": 1.0, "lens_weight": 1.0},
-    "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "lens_compile": True},
+    "distillens_compiled": {"kd_weight": 1.0, "lens_weight": 1.0, "head_compile": True},
     "kd_onpolicy": {"kd_weight": 1.0, "lens_weight": 0.0, "lmbda": 1.0},
     "distillens_onpolicy": {"kd_weight": 1.0, "lens_weight": 1.0, "lmbda": 1.0},
     "kd_cache_hidden": {"kd_weight": 1.0, "lens_weight": 0.0},
@@ -316,10 +318,13 @@ def distill_config(opts: argparse.Namespace, variant: str, output_dir: str, comm
     weights = dict(WEIGHTS[variant])
     if weights.get("lmbda"):  # completions as long as the dataset's responses: the same trained length
         weights["max_new_tokens"] = opts.seq - round(opts.prompt_frac * opts.seq)
-    if "lens_chunk_size" not in DistillLensConfig.__dataclass_fields__:
+    library_fields = DistillLensConfig.__dataclass_fields__
+    if "head_chunk_size" not in library_fields and "lens_chunk_size" in library_fields:  # named lens_* before
+        weights = {OLD_FIELD_NAMES.get(name, name): value for name, value in weights.items()}
+    elif "head_chunk_size" not in library_fields:
         if variant.endswith(("_fused", "_compiled")) or variant in CACHE_VARIANTS:
-            raise SystemExit("this version of the library has no lens_chunk_size (no fused path)")
-        weights.pop("lens_chunk_size", None)
+            raise SystemExit("this version of the library has no head_chunk_size (no fused path)")
+        weights.pop("head_chunk_size", None)
     return DistillLensConfig(output_dir=output_dir, lens_num_layers=opts.pairs, **common, **weights, **extra)
 
 
@@ -517,7 +522,9 @@ def worker_trainer(opts: argparse.Namespace, variant: str) -> dict:
                 callbacks=[timer],
             )
             extra["layer_map"] = [list(pair) for pair in trainer.layer_map]
-            extra["lens_chunk_size"] = getattr(args, "lens_chunk_size", None)
+            extra["head_chunk_size"] = getattr(
+                args, "head_chunk_size", getattr(args, "lens_chunk_size", None)
+            )
         held = getattr(trainer, "teacher_model", None)
         if held is not None:  # the teacher as the trainer holds it (its teacher_dtype)
             extra |= teacher_bytes(held)
@@ -672,7 +679,7 @@ def run(opts: argparse.Namespace) -> dict:
             "peak_rss_method": info[variant].get("peak_rss_method"),
             "train_loss": info[variant].get("train_loss"),
             "layer_map": info[variant].get("layer_map"),
-            "lens_chunk_size": info[variant].get("lens_chunk_size"),
+            "head_chunk_size": info[variant].get("head_chunk_size"),
         }
         response_tokens = opts.batch * (opts.seq - round(opts.prompt_frac * opts.seq))
         out[variant]["tokens_per_s"] = response_tokens / out[variant]["step_wall_s"]["median"]

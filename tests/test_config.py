@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 from transformers import HfArgumentParser, TrainingArguments
 
-from distillens_trainer.config import DistillLensConfig
+from distillens_trainer.config import DEPRECATED_FIELDS, DistillLensConfig
 from distillens_trainer.loss.fused import resolve_chunk_size
 from distillens_trainer.loss.spec import ObjectiveSpec
 
@@ -49,8 +50,8 @@ def test_distillens_fields_include_the_objective_and_lens_settings():
         "lens_teacher_layers",
         "lens_num_layers",
         "lens_final_norm",
-        "lens_chunk_size",
-        "lens_compile",
+        "head_chunk_size",
+        "head_compile",
     }
     missing = required - set(DISTILLENS_FIELDS)
     assert not missing, missing
@@ -71,8 +72,9 @@ def test_defaults_are_the_papers(tmp_path):
     assert config.lens_teacher_layers is None
     assert config.lens_final_norm is True
     assert (
-        config.lens_chunk_size == "auto" and config.lens_compile is False
+        config.head_chunk_size == "auto" and config.head_compile is False
     )  # fused, chunked, eager by default
+    assert config.head_chunk_tokens == "auto"
     assert config.teacher_dtype == "auto"
     assert config.teacher_model_name_or_path is None
 
@@ -271,11 +273,62 @@ def test_hf_argument_parser_parses_numbers_and_dtype(tmp_path):
 def test_the_chunk_size_is_auto_or_a_number_of_tokens_on_the_command_line(tmp_path, given, parsed):
     parser = HfArgumentParser(DistillLensConfig)
     (config,) = parser.parse_args_into_dataclasses(
-        ["--output_dir", str(tmp_path), "--lens_chunk_size", given]
+        ["--output_dir", str(tmp_path), "--head_chunk_size", given]
     )
-    assert config.lens_chunk_size == parsed
-    with pytest.raises(ValueError, match="lens_chunk_size='big' must be 'auto' or an integer >= 0"):
-        DistillLensConfig(output_dir=str(tmp_path), lens_chunk_size="big")
+    assert config.head_chunk_size == given  # the field keeps the string it is annotated as
+    assert config.head_chunk_tokens == parsed  # the checked value: an int, or "auto"
+    assert make_config(tmp_path, head_chunk_size=parsed).head_chunk_size == given  # a Python int too
+    with pytest.raises(ValueError, match="head_chunk_size='big' must be 'auto' or an integer >= 0"):
+        DistillLensConfig(output_dir=str(tmp_path), head_chunk_size="big")
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "value", "read"),
+    [("lens_chunk_size", "head_chunk_size", 5, "5"), ("lens_compile", "head_compile", True, True)],
+)
+def test_the_deprecated_lens_names_still_work_and_warn(tmp_path, old, new, value, read):
+    with pytest.warns(FutureWarning, match=f"DistillLensConfig.{old} is deprecated .*: use {new}"):
+        config = make_config(tmp_path, **{old: value})
+    assert getattr(config, new) == read
+    with pytest.warns(FutureWarning, match=old):  # the same value under both names is no conflict
+        assert getattr(make_config(tmp_path, **{old: value, new: value}), new) == read
+    with pytest.warns(FutureWarning, match=old):  # the command line takes the old flag too
+        (parsed,) = HfArgumentParser(DistillLensConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), f"--{old}", str(value).lower()]
+        )
+    assert getattr(parsed, new) == read
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        make_config(tmp_path, **{new: value})  # the new name alone says nothing
+
+
+def test_the_deprecated_and_the_new_name_with_different_values_are_refused_in_one_line(tmp_path):
+    for old, new, value, other in [
+        ("lens_chunk_size", "head_chunk_size", 5, 16),
+        ("lens_compile", "head_compile", False, True),
+    ]:
+        with pytest.warns(FutureWarning), pytest.raises(ValueError) as error:
+            make_config(tmp_path, **{old: value, new: other})
+        message = str(error.value)
+        assert len(message.splitlines()) == 1
+        assert f"{old}={value!r} and {new}={other!r} disagree" in message and f"give only {new}" in message
+
+
+def test_the_head_fields_say_they_govern_every_terms_fused_head():
+    fields = {f.name: f for f in dataclasses.fields(DistillLensConfig)}
+    assert "for every term that reads logits" in fields["head_chunk_size"].metadata["help"]
+    assert "every term's fused LM head" in fields["head_compile"].metadata["help"]
+    for old, new in DEPRECATED_FIELDS.items():
+        assert fields[old].default is None
+        assert fields[old].metadata["help"].startswith(f"Deprecated: use --{new}")
+
+
+def test_from_training_arguments_does_not_repeat_a_deprecated_name(tmp_path):
+    with pytest.warns(FutureWarning):
+        config = make_config(tmp_path, lens_chunk_size=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        assert DistillLensConfig.from_training_arguments(config).head_chunk_size == "5"
 
 
 @pytest.mark.parametrize(
@@ -338,9 +391,9 @@ def test_nan_jsd_beta_raises_value_error(tmp_path):
         make_config(tmp_path, jsd_beta=float("nan"))
 
 
-def test_the_ce_weight_help_and_the_readme_swap_section_explain_eval_loss():
+def test_the_ce_weight_help_and_the_readme_explain_eval_loss():
     (ce_field,) = [f for f in dataclasses.fields(DistillLensConfig) if f.name == "ce_weight"]
     assert "eval_ce_loss" in ce_field.metadata["help"] and "perplexity" in ce_field.metadata["help"]
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
-    swap_section = readme.split("## Swap your Trainer", 1)[1].split("\n## ", 1)[0]
-    assert "eval_ce_loss" in swap_section and "perplexity" in swap_section
+    section = readme.split("## What it computes", 1)[1].split("\n## ", 1)[0]
+    assert "eval_ce_loss" in section and "perplexity" in section

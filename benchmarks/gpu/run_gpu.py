@@ -4,7 +4,7 @@ time and peak memory at real shapes beside TRL's GKD (with and without Liger), r
 1. *Equality*: every divergence through ``fused_head_loss`` against the straightforward computation (full logits,
    autograd) on the device, in fp32 (TF32 off) and bf16 (head inputs and weights in bf16, as under autocast), values
    and gradients w.r.t. the head input and weight, padded teacher vocabulary and temperature 2 included; then a
-   whole ``DistillLensTrainer.compute_loss`` (KD + CE + 3 lens pairs) fused against ``lens_chunk_size=0`` with
+   whole ``DistillLensTrainer.compute_loss`` (KD + CE + 3 lens pairs) fused against ``head_chunk_size=0`` with
    its gradients on tiny Llamas. Tolerances: fp32 1e-4, bf16 2e-2 (relative to the largest entry).
 2. *Steps*: ``benchmarks/trainer_steps.py --device cuda --shapes llama-1b-3b --bf16``: a random Llama-3.2-1B-shaped
    student (V = 128,256, fp32 master weights, bf16 autocast) and a 3B-shaped teacher (bf16) at 2,048 and 8,192
@@ -79,7 +79,7 @@ def head_case(name: str, dtype: torch.dtype, device: str, temperature: float, qu
 
 
 def trainer_case(dtype: torch.dtype, device: str) -> dict:
-    """``DistillLensTrainer.compute_loss`` (KD + CE + lens) fused against ``lens_chunk_size=0``, with gradients."""
+    """``DistillLensTrainer.compute_loss`` (KD + CE + lens) fused against ``head_chunk_size=0``, with gradients."""
     import transformers
 
     from distillens_trainer import DistillLensConfig, DistillLensTrainer
@@ -104,7 +104,7 @@ def trainer_case(dtype: torch.dtype, device: str) -> dict:
         for chunk_size in (64, 0):
             args = DistillLensConfig(
                 output_dir=output_dir, report_to=[], use_cpu=device == "cpu", lens_num_layers=3,
-                ce_weight=0.5, lens_chunk_size=chunk_size,
+                ce_weight=0.5, head_chunk_size=chunk_size,
             )  # fmt: skip
             trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
             model = trainer.model

@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from transformers import TrainingArguments
 
@@ -23,6 +24,9 @@ from .loss.layer_map import LAYER_MAPS, check_distinct_layer_lists, check_layer_
 from .loss.spec import DEFAULT_CHUNK_SIZE, ObjectiveSpec, check_chunk_size
 from .models.facts import DTYPE_NAMES, check_dtype_name
 from .models.loading import split_gguf_path
+
+# Renamed fields, old -> new: the old name still works (with a FutureWarning) until the next minor release.
+DEPRECATED_FIELDS: dict[str, str] = {"lens_chunk_size": "head_chunk_size", "lens_compile": "head_compile"}
 
 # nonfinite_policy: what a non-finite loss, term or gradient does (distillens_trainer.trainer.nonfinite)
 NONFINITE_POLICIES: tuple[str, ...] = ("stop", "skip")
@@ -151,21 +155,23 @@ class DistillLensConfig(TrainingArguments):
             "not: set False to reproduce it)."
         },
     )
-    lens_chunk_size: str = field(
+    head_chunk_size: str = field(
         default=DEFAULT_CHUNK_SIZE,
         metadata={
-            "help": "Response tokens per chunk of the fused LM head + divergence (lens and output terms): memory "
-            "stays flat in the number of tokens and no [tokens, vocabulary] tensor is built. 'auto' (default): "
-            "from the vocabulary, 4 fp32 chunk x V blocks within 256 MiB (320 tokens at V=49k, 128 at V=128k); "
-            "an integer sets it; 0 = the straightforward computation on full logits (the reference)."
+            "help": "Response tokens per chunk of the fused, chunked LM head + divergence, for every term that reads "
+            "logits (the output KD and CE terms and each lens pair): memory stays flat in the number of tokens and "
+            "no [tokens, vocabulary] tensor is built. 'auto' (default): from the vocabulary, 4 fp32 chunk x V "
+            "blocks within 256 MiB (320 tokens at V=49k, 128 at V=128k); an integer sets it; 0 = the "
+            "straightforward computation on full logits (the reference). Kept as given (a string); the checked "
+            "value is DistillLensConfig.head_chunk_tokens."
         },
     )
-    lens_compile: bool = field(
+    head_compile: bool = field(
         default=False,
         metadata={
-            "help": "Run the fused path's per-chunk softmax and divergence through torch.compile (needs a C++ "
-            "compiler on CPU; about 1.6x faster math after a one-off compilation). Falls back to eager mode, "
-            "with one warning, when compilation fails."
+            "help": "Run the per-chunk softmax and divergence of every term's fused LM head (output and lens) "
+            "through torch.compile (needs a C++ compiler on CPU; about 1.6x faster math after a one-off "
+            "compilation). Falls back to eager mode, with one warning, when compilation fails."
         },
     )
     lens_eval_profile: bool = field(
@@ -221,7 +227,21 @@ class DistillLensConfig(TrainingArguments):
         default=0, metadata={"help": "Top-k sampling of those completions; 0 = off (untruncated sampling)."}
     )
 
+    lens_chunk_size: str | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated: use --head_chunk_size (it governs every term's fused LM head, not only the lens)."
+        },
+    )
+    lens_compile: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Deprecated: use --head_compile (it governs every term's fused LM head, not only the lens)."
+        },
+    )
+
     def __post_init__(self) -> None:
+        self._adopt_deprecated_fields()
         self._check_optimisation()
         check_deepspeed_config(self.deepspeed)
         super().__post_init__()
@@ -239,7 +259,7 @@ class DistillLensConfig(TrainingArguments):
             "teacher_gguf_file",
         )
         check_layer_map_choice(self.lens_layer_map, self.lens_teacher_layers)
-        self.lens_chunk_size = check_chunk_size(self.lens_chunk_size)
+        self.head_chunk_size = str(check_chunk_size(self.head_chunk_size))
         self._check_generation()
         self._check_teacher_cache()
         uses_layers = self.lens_weight > 0 or self.feature_weight > 0
@@ -251,6 +271,34 @@ class DistillLensConfig(TrainingArguments):
         ):
             raise ValueError(f"lens_num_layers={self.lens_num_layers} must be >= 1 while lens_weight > 0.")
         self._check_layer_lists()
+
+    def _adopt_deprecated_fields(self) -> None:
+        """A deprecated field (:data:`DEPRECATED_FIELDS`) that was given: a FutureWarning naming its new field,
+        and its value copied there; ValueError when both were given with different values."""
+        for old, new in DEPRECATED_FIELDS.items():
+            value = getattr(self, old)
+            if value is None:
+                continue
+            warnings.warn(
+                f"DistillLensConfig.{old} is deprecated and will be removed in the next minor release: use {new} "
+                f"(--{new}), which governs every term's fused LM head, not only the lens.",
+                FutureWarning,
+                stacklevel=4,  # the caller of DistillLensConfig(...): __init__ -> __post_init__ -> here
+            )
+            current, default = getattr(self, new), self.__dataclass_fields__[new].default
+            if not (_same_setting(current, default) or _same_setting(current, value)):
+                raise ValueError(
+                    f"{old}={value!r} and {new}={current!r} disagree: {old} is the deprecated name of {new}; "
+                    f"give only {new}."
+                )
+            setattr(self, new, value)
+
+    @property
+    def head_chunk_tokens(self) -> int | Literal["auto"]:
+        """The checked ``head_chunk_size``: tokens per chunk of every term's fused LM head, ``"auto"`` (sized from
+        the vocabulary when the objective is built), or 0 (the straightforward computation on full logits).
+        The field itself stays the string the command line parses."""
+        return check_chunk_size(self.head_chunk_size)  # type: ignore[return-value]
 
     def _check_optimisation(self) -> None:
         """The settings that would make every update non-finite or empty, and ``nonfinite_policy``."""
@@ -365,10 +413,19 @@ class DistillLensConfig(TrainingArguments):
         values = {
             item.name: getattr(args, item.name) for item in dataclasses.fields(TrainingArguments) if item.init
         }
-        if isinstance(args, cls):
-            own = {item.name for item in dataclasses.fields(cls) if item.init} - set(values)
+        if isinstance(args, cls):  # the deprecated names' values already live in their new fields
+            own = (
+                {item.name for item in dataclasses.fields(cls) if item.init}
+                - set(values)
+                - set(DEPRECATED_FIELDS)
+            )
             values |= {name: getattr(args, name) for name in own}
         return cls(**(values | distillation_fields))
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Whether two values of one setting agree, a chunk size given as ``256`` or ``"256"`` alike."""
+    return str(a).strip() == str(b).strip()
 
 
 def check_deepspeed_config(value: Any) -> None:

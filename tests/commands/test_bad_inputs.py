@@ -112,7 +112,15 @@ CASES = [
     ("negative_weight", ["--kd_weight", "-1"], {}, 1, "kd_weight"),
     ("temperature_zero", ["--temperature", "0"], {}, 1, "temperature"),
     ("jsd_beta_out_of_range", ["--jsd_beta", "1.5"], {}, 1, "jsd_beta"),
-    ("negative_chunk_size", ["--lens_chunk_size", "-1"], {}, 1, "lens_chunk_size"),
+    ("negative_chunk_size", ["--head_chunk_size", "-1"], {}, 1, "head_chunk_size='-1' must be 'auto'"),
+    (
+        "deprecated_and_new_chunk_size_disagree",
+        ["--lens_chunk_size", "5", "--head_chunk_size", "16"],
+        {},
+        1,
+        "lens_chunk_size='5' and head_chunk_size='16' disagree: lens_chunk_size is the deprecated name of "
+        "head_chunk_size; give only head_chunk_size.",
+    ),
     ("all_weights_zero", ["--kd_weight", "0", "--lens_weight", "0"], {}, 1, "all 0"),
     ("empty_dataset", [], {"data": "empty.jsonl"}, 1, "empty"),
     ("missing_train_file", [], {"data": "nowhere.jsonl"}, 1, "nowhere.jsonl"),
@@ -254,7 +262,7 @@ def test_a_too_shallow_student_is_refused_before_any_weights_are_read(
     workspace, tmp_path, capsys, monkeypatch
 ):
     from distillens_trainer.commands import train
-    from distillens_trainer.teacher import loading as teacher
+    from distillens_trainer.teacher import frozen as teacher
 
     def no_loading(*args, **kwargs):
         raise AssertionError("model weights were read before the student's depth was checked")

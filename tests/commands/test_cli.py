@@ -51,6 +51,39 @@ def test_json_config_files_work_too(tmp_path):
     assert config.kd_divergence == "skl"
 
 
+def test_the_deprecated_lens_chunk_flags_still_parse_and_warn(tmp_path):
+    # A recipe written for an older version (the old names), then an old flag on the command line.
+    recipe = tmp_path / "old_recipe.yaml"
+    recipe.write_text(
+        "model_name_or_path: s\noutput_dir: o\nuse_cpu: true\nlens_chunk_size: 256\nlens_compile: true\n"
+    )
+    with pytest.warns(FutureWarning, match="use head_chunk_size") as caught:
+        config = parse_command(TRAIN_ARGUMENTS, [str(recipe)], "distillens train")[3]
+    assert any("use head_compile" in str(warning.message) for warning in caught)
+    assert config.head_chunk_size == "256" and config.head_chunk_tokens == 256 and config.head_compile is True
+    with pytest.warns(FutureWarning, match="lens_chunk_size"):
+        argv = [
+            "--model_name_or_path",
+            "s",
+            "--output_dir",
+            "o",
+            "--use_cpu",
+            "true",
+            "--lens-chunk-size",
+            "0",
+        ]
+        assert parse_command(TRAIN_ARGUMENTS, argv, "distillens train")[3].head_chunk_tokens == 0
+
+
+def test_the_head_flags_say_they_govern_every_terms_fused_head(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps the help
+    assert "for every term that reads logits (the output KD and CE terms and each lens pair)" in text
+    assert "of every term's fused LM head (output and lens)" in text
+    assert "Deprecated: use --head_chunk_size" in text and "Deprecated: use --head_compile" in text
+
+
 def test_help_lists_every_distillens_field(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["train", "--help"])

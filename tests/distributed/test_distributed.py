@@ -305,8 +305,8 @@ def models(tiny_run_models) -> Path:
 @pytest.fixture(scope="module")
 def single(models, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("single")
-    # The straightforward computation (lens_chunk_size=0) is the reference; the distributed runs use the fused default.
-    tiny.train(models, out, per_device_batch=4, steps=4, evaluate=True, lens_chunk_size=0)
+    # The straightforward computation (head_chunk_size=0) is the reference; the distributed runs use the fused default.
+    tiny.train(models, out, per_device_batch=4, steps=4, evaluate=True, head_chunk_size=0)
     return json.loads((out / "result.json").read_text()), out
 
 
@@ -497,7 +497,7 @@ def _rank_results(out: Path) -> list[dict]:
 def single_on_policy(models, tmp_path_factory) -> tuple[dict, Path]:
     out = tmp_path_factory.mktemp("single_on_policy")
     on_policy = {"lmbda": 1.0, "max_new_tokens": 8, "scripted": True}  # as SCRIPTED
-    tiny.train(models, out, per_device_batch=4, steps=4, lens_chunk_size=0, **on_policy)
+    tiny.train(models, out, per_device_batch=4, steps=4, head_chunk_size=0, **on_policy)
     return json.loads((out / "result.json").read_text()), out
 
 

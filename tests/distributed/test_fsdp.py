@@ -28,7 +28,7 @@ SAVE_STEPS = 3
 # reduction order (the goal is 2e-3).
 STEP_RTOL = 1e-4
 STEP_KEYS = ("loss", "grad_norm", "kd_loss", "lens_loss", "ce_loss")
-PATHS = {"fused": [], "straightforward": ["--lens-chunk-size", "0"]}
+PATHS = {"fused": [], "straightforward": ["--head-chunk-size", "0"]}
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def single(models, tmp_path_factory) -> dict[str, tuple[dict, Path]]:
     runs = {}
     for path, extra in PATHS.items():
         out = tmp_path_factory.mktemp(f"single_{path}")
-        overrides = {"lens_chunk_size": 0} if extra else {"lens_eval_profile": True}
+        overrides = {"head_chunk_size": 0} if extra else {"lens_eval_profile": True}
         tiny.train(
             models, out, per_device_batch=4, steps=STEPS, evaluate=True, teacher_name=TEACHER, **overrides
         )

@@ -658,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--teacher", default="teacher", help="the teacher's folder under --models")
     run.add_argument("--fsdp", action="store_true", help="FSDP2 through the Trainer's fsdp arguments")
     run.add_argument("--resume", help="resume_from_checkpoint (a checkpoint folder)")
-    run.add_argument("--lens-chunk-size", type=int, help="lens_chunk_size (default: the config's)")
+    run.add_argument("--head-chunk-size", type=int, help="head_chunk_size (default: the config's)")
     run.add_argument("--bf16", action="store_true", help="bf16 mixed precision")
     run.add_argument("--lens-eval-profile", action="store_true", help="lens_eval_profile (with --evaluate)")
     options = parser.parse_args(argv)
@@ -695,7 +695,7 @@ def main(argv: list[str] | None = None) -> None:
         lmbda=options.lmbda,
         **({"use_cpu": True} if options.use_cpu else {}),
         **({} if options.max_new_tokens is None else {"max_new_tokens": options.max_new_tokens}),
-        **({} if options.lens_chunk_size is None else {"lens_chunk_size": options.lens_chunk_size}),
+        **({} if options.head_chunk_size is None else {"head_chunk_size": options.head_chunk_size}),
         **({"bf16": True} if options.bf16 else {}),
         **({"lens_eval_profile": True} if options.lens_eval_profile else {}),
     )

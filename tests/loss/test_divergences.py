@@ -9,6 +9,7 @@ from __future__ import annotations
 import ast
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from distillens_trainer.loss.divergences import (
     DIVERGENCE_NAMES,
     DIVERGENCES,
     LOG_PROB_FLOOR,
+    LayerPairs,
     check_divergence_name,
     log_probs,
     token_divergence,
@@ -522,15 +524,60 @@ def _string_literals(path: Path) -> set[str]:
     }
 
 
+def _layer_statistics(num_layers: int, num_tokens: int, vocab_size: int, seed: int) -> SimpleNamespace:
+    """fp64 per-layer statistics (log_probs, probs, negentropy, mass) of random layers, one entry floored."""
+    logits = _logits([num_layers, num_tokens, vocab_size], seed=seed, dtype=torch.float64)
+    logits[0, 0, 1] = NEG_INF
+    log_p = log_probs(logits)
+    probs = log_p.exp()
+    return SimpleNamespace(
+        log_probs=log_p, probs=probs, negentropy=(probs * log_p).sum(dim=-1), mass=probs.sum(dim=-1)
+    )
+
+
+@pytest.mark.parametrize("beta", [0.5, 0.2, 0.0])
+@pytest.mark.parametrize("name", NAMES)
+def test_each_per_pair_formula_is_its_value_on_every_pair(name, beta):
+    student, teacher = _layer_statistics(4, 6, 9, seed=70), _layer_statistics(3, 6, 9, seed=71)
+    student_rows, teacher_rows = [0, 1, 3, 2, 0], [2, 0, 1, 1, 0]
+    pairs = LayerPairs(
+        student, teacher, student_rows, teacher_rows, torch.empty(2, 6, 9, dtype=torch.float64)
+    )
+    record = DIVERGENCES[name]
+    expected = torch.stack(
+        [
+            record.value(student.log_probs[s], teacher.log_probs[t], beta=beta)
+            for s, t in zip(student_rows, teacher_rows)
+        ],
+        dim=1,
+    )  # [c, P]
+    torch.testing.assert_close(record.per_pair(pairs, beta=beta), expected, atol=1e-12, rtol=1e-10)
+
+
+def test_the_cross_terms_of_a_chunk_are_computed_once():
+    student, teacher = _layer_statistics(2, 3, 5, seed=72), _layer_statistics(2, 3, 5, seed=73)
+    pairs = LayerPairs(student, teacher, [0, 1], [1, 0], torch.empty(2, 3, 5, dtype=torch.float64))
+    assert pairs.teacher_probs_dot_student_log_probs() is pairs.teacher_probs_dot_student_log_probs()
+    assert pairs.student_probs_dot_teacher_log_probs() is pairs.student_probs_dot_teacher_log_probs()
+
+
+def test_every_divergence_has_its_own_label_and_a_unit():
+    labels = [record.label for record in DIVERGENCES.values()]
+    assert all(label.strip() for label in labels) and len(set(labels)) == len(labels)
+    assert {name: record.unit for name, record in DIVERGENCES.items()} == {
+        "fkl": "nats",
+        "rkl": "nats",
+        "skl": "nats",
+        "jsd": "nats",
+        "tvd": "",
+    }
+
+
 def test_no_module_but_the_registry_names_a_divergence():
-    # The diagnostics compute every layer pair at once with their own per-pair formulas (diagnostics.profile) and
-    # label their figures themselves: not yet drawn from the registry.
     package = REPO / "src" / "distillens_trainer"
     naming = sorted(
         str(path.relative_to(package))
         for path in package.rglob("*.py")
-        if path.parent.name != "diagnostics"
-        and path.name != "divergences.py"
-        and _string_literals(path) & set(DIVERGENCES)
+        if path.name != "divergences.py" and _string_literals(path) & set(DIVERGENCES)
     )
     assert naming == [], "name divergences through loss.divergences (DIVERGENCES, PAPER_*_DIVERGENCE)"

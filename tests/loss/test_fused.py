@@ -450,7 +450,7 @@ def _step(tmp_path, student, teacher, batch, chunk, **overrides):
     """Loss, logged term sums and parameter gradients of one training micro-batch."""
     settings = {
         "output_dir": str(tmp_path / f"out{chunk}"), "per_device_train_batch_size": 4, "report_to": [],
-        "use_cpu": True, "lens_num_layers": 2, "ce_weight": 0.5, "lens_chunk_size": chunk, "disable_tqdm": True,
+        "use_cpu": True, "lens_num_layers": 2, "ce_weight": 0.5, "head_chunk_size": chunk, "disable_tqdm": True,
     }  # fmt: skip
     args = DistillLensConfig(**(settings | overrides))
     trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
@@ -524,7 +524,7 @@ def test_a_last_hidden_state_that_is_not_the_head_input_switches_the_fused_outpu
         report_to=[],
         lens_num_layers=2,
         ce_weight=0.5,
-        lens_chunk_size=5,
+        head_chunk_size=5,
     )
     trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
     head = trainer.objective.student_head
@@ -597,7 +597,7 @@ class _RecordingForward:
 def test_the_objective_asks_both_forwards_for_one_position_of_logits_when_the_output_term_is_fused(tmp_path):
     student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
     args = DistillLensConfig(
-        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, lens_chunk_size=5
+        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, head_chunk_size=5
     )
     trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
     student_calls = _RecordingForward(trainer.model).calls
@@ -616,7 +616,7 @@ def test_return_outputs_always_gives_the_students_full_logits_and_the_same_loss(
     student, teacher = tiny_llama(num_layers=3, seed=1), tiny_llama(num_layers=4, seed=2)
     batch = pad_batch(token_rows(4, seed=3))
     args = DistillLensConfig(
-        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, lens_chunk_size=5
+        output_dir=str(tmp_path / "x"), use_cpu=True, report_to=[], lens_num_layers=2, head_chunk_size=5
     )
     trainer = DistillLensTrainer(model=copy.deepcopy(student), args=args, teacher_model=teacher)
     fused_loss = trainer.compute_loss(trainer.model, batch, num_items_in_batch=torch.tensor(17))
@@ -643,7 +643,7 @@ def test_evaluation_with_compute_metrics_keeps_the_output_term_fused_and_the_tea
     for chunk_size in (5, 0):
         args = DistillLensConfig(
             output_dir=str(tmp_path / str(chunk_size)), use_cpu=True, report_to=[], lens_num_layers=2,
-            lens_chunk_size=chunk_size, per_device_eval_batch_size=3, ce_weight=0.5,
+            head_chunk_size=chunk_size, per_device_eval_batch_size=3, ce_weight=0.5,
             remove_unused_columns=False,  # the recording wrapper hides the forward's signature
         )  # fmt: skip
         trainer = DistillLensTrainer(

@@ -276,12 +276,12 @@ def test_an_fp32_hidden_cache_gives_the_online_losses_and_gradients(tmp_path, pa
     assert_same_loss_and_grads(cached, online, pad_batch(rows[:6]))
 
 
-@pytest.mark.parametrize("lens_chunk_size", [0, 5])
-def test_the_straightforward_path_and_small_chunks_read_the_cache_too(tmp_path, lens_chunk_size):
+@pytest.mark.parametrize("head_chunk_size", [0, 5])
+def test_the_straightforward_path_and_small_chunks_read_the_cache_too(tmp_path, head_chunk_size):
     student, teacher = PAIRS["llama"]()
     rows = token_rows(12, seed=4)
-    online = _online(tmp_path, student, teacher, rows, lens_chunk_size=lens_chunk_size)
-    cached = _cached(tmp_path, student, _cache(tmp_path, online, rows), rows, lens_chunk_size=lens_chunk_size)
+    online = _online(tmp_path, student, teacher, rows, head_chunk_size=head_chunk_size)
+    cached = _cached(tmp_path, student, _cache(tmp_path, online, rows), rows, head_chunk_size=head_chunk_size)
     batch = pad_batch(rows[:6], padding_side="left")
     torch.testing.assert_close(
         _loss_and_grads(cached, batch)[0], _loss_and_grads(online, batch)[0], rtol=1e-5, atol=1e-6

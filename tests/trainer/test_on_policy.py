@@ -116,7 +116,7 @@ def _train(
     settings = {
         "output_dir": str(tmp_path / name), "per_device_train_batch_size": 4, "learning_rate": 1e-2, "max_steps": 3,
         "logging_steps": 1, "save_strategy": "no", "report_to": [], "use_cpu": True, "lens_num_layers": 2,
-        "seed": 0, "disable_tqdm": True, "ce_weight": 0.5, "lens_chunk_size": 5,
+        "seed": 0, "disable_tqdm": True, "ce_weight": 0.5, "head_chunk_size": 5,
     }  # fmt: skip
     trainer = trainer_class(
         model=student,
@@ -368,7 +368,7 @@ def test_a_resumed_run_continues_the_same_sequence_of_window_decisions(tmp_path)
     args = DistillLensConfig(
         output_dir=str(tmp_path / "first"), per_device_train_batch_size=4, learning_rate=1e-2, max_steps=6,
         logging_steps=1, save_strategy="no", report_to=[], use_cpu=True, lens_num_layers=2, seed=0,
-        disable_tqdm=True, ce_weight=0.5, lens_chunk_size=5, lmbda=0.5,
+        disable_tqdm=True, ce_weight=0.5, head_chunk_size=5, lmbda=0.5,
     )  # fmt: skip
     resumed = ScriptedTrainer(
         model=student, teacher_model=teacher, args=args, train_dataset=Dataset.from_list(rows),

@@ -30,7 +30,7 @@ RUNS = {
         "lens_divergence": "skl",
         "gradient_accumulation_steps": 2,
     },
-    "unfused_tvd": {"kd_divergence": "tvd", "lens_divergence": "jsd", "lens_chunk_size": 0},
+    "unfused_tvd": {"kd_divergence": "tvd", "lens_divergence": "jsd", "head_chunk_size": 0},
 }
 FLOAT32_ULP = 2.0**-23
 

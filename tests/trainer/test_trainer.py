@@ -16,7 +16,7 @@ from transformers import PreTrainedTokenizerFast
 from distillens_trainer import DistillLensConfig, DistillLensTrainer, LogitLens
 from distillens_trainer.loss.divergences import token_divergence
 from distillens_trainer.loss.objective import DistillLensObjective
-from distillens_trainer.teacher import loading as teacher_module
+from distillens_trainer.teacher import frozen as teacher_module
 
 from conftest import TINY_VOCAB, pad_batch, tiny_llama, token_rows
 
@@ -375,9 +375,9 @@ def test_a_lora_student_trains_only_its_adapters(tmp_path):
     assert any("lora" in n and p.abs().sum() > 0 for n, p in student.named_parameters() if "lora_B" in n)
 
 
-@pytest.mark.parametrize("lens_chunk_size", [0, 16])
-def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path, monkeypatch, lens_chunk_size):
-    trainer = _trainer(tmp_path, bf16=True, ce_weight=0.5, max_steps=1, lens_chunk_size=lens_chunk_size)
+@pytest.mark.parametrize("head_chunk_size", [0, 16])
+def test_divergences_stay_in_fp32_under_bf16_autocast(tmp_path, monkeypatch, head_chunk_size):
+    trainer = _trainer(tmp_path, bf16=True, ce_weight=0.5, max_steps=1, head_chunk_size=head_chunk_size)
     head_output_dtypes, captured = [], []
     trainer.model.lm_head.register_forward_hook(
         lambda module, args, output: head_output_dtypes.append(output.dtype)

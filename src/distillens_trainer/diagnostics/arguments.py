@@ -11,7 +11,7 @@ import torch
 
 from ..data.arguments import DataArguments, PromptFormatArguments
 from ..files import overwrite_output_dir_field
-from ..loss.divergences import DIVERGENCE_NAMES, check_divergence_name
+from ..loss.divergences import DIVERGENCE_NAMES, PAPER_LENS_DIVERGENCE, check_divergence_name
 from ..loss.layer_map import LAYER_MAPS, check_layer_map_choice
 from ..loss.spec import check_temperature_and_beta
 from .profile import DEFAULT_MEMORY_BUDGET_MIB
@@ -57,10 +57,10 @@ class LensArguments:
         },
     )
     divergences: list[str] = field(
-        default_factory=lambda: ["jsd"],
+        default_factory=lambda: [PAPER_LENS_DIVERGENCE],
         metadata={
-            "help": "Divergences for the heatmap and curves (first = the curves'); fkl, rkl, skl, jsd, tvd as "
-            "in training, student layer first.",
+            "help": "Divergences for the heatmap and curves (first = the curves'); "
+            f"{', '.join(DIVERGENCE_NAMES)} as in training, student layer first.",
             "choices": list(DIVERGENCE_NAMES),
         },
     )
@@ -107,7 +107,9 @@ class LensArguments:
         if self.lens_layer_map is not None:  # None: what the student's record says
             check_layer_map_choice(self.lens_layer_map, self.lens_teacher_layers)
         if not self.divergences:
-            raise ValueError("divergences is empty: give at least one, e.g. --divergences jsd.")
+            raise ValueError(
+                f"divergences is empty: give at least one, e.g. --divergences {PAPER_LENS_DIVERGENCE}."
+            )
         for name in self.divergences:
             check_divergence_name(name, "divergences")
         check_temperature_and_beta(1.0, self.jsd_beta)

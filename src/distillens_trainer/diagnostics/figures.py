@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..loss.divergences import divergence_record
+
 logger = logging.getLogger(__name__)
 
 DPI = 100
@@ -65,17 +67,14 @@ def _save(plt, figure, path: Path) -> Path:
 
 
 def _label(name: str) -> str:
-    return {
-        "jsd": "JSD",
-        "rkl": "reverse KL",
-        "fkl": "forward KL",
-        "skl": "symmetric KL",
-        "tvd": "total variation",
-    }[name]
+    """The divergence ``name`` in words (its registry ``label``), e.g. "JSD"."""
+    return divergence_record(name).label
 
 
 def _units(name: str) -> str:
-    return "" if name == "tvd" else " (nats)"
+    """`` (nats)`` after a label, or nothing for a divergence without a unit (its registry ``unit``)."""
+    unit = divergence_record(name).unit
+    return f" ({unit})" if unit else ""
 
 
 def _who(report: Mapping[str, Any]) -> tuple[str, str]:

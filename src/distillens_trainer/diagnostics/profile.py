@@ -13,25 +13,31 @@ Work is done per chunk of ``chunk_size`` tokens (by default as many as :data:`DE
 blocks hold, see :func:`chunk_size_for_budget`), on blocks allocated once and reused for every chunk: per model a
 ``[n, chunk_size, V]`` fp32 block of log-probabilities and one of probabilities (``n`` = the layers read), and two
 ``[chunk_size, V]`` work blocks. No ``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed
-from per-layer and per-pair sums over the vocabulary (``Σ p·λ`` per layer once; per pair one row dot such as
+by each divergence's ``per_pair`` formula in the registry (:mod:`distillens_trainer.loss.divergences`) from
+per-layer and per-pair sums over the vocabulary (``Σ p·λ`` per layer once; per pair one row dot such as
 ``Σ t·λ_s``, or the JSD's mixture ``m`` in a work block, so a pair's value does not depend on which other layers
 are read), each per token in fp32 and accumulated in fp64, so they equal the elementwise definitions up to fp32
-rounding (a few 1e-6 nats per token at V = 49152). With ``layer_statistics=False`` only the pair divergences and the cross-entropies are summed,
-from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
+rounding (a few 1e-6 nats per token at V = 49152). With ``layer_statistics=False`` only the pair divergences and
+the cross-entropies are summed, from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
 ``hidden_states`` convention (0 = embedding output, ``L`` = the last block's output, which equals the model's own
 logits through the lens).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from ..loss.divergences import LOG_PROB_FLOOR, check_divergence_name, log_probs
+from ..loss.divergences import (
+    PAPER_LENS_DIVERGENCE,
+    LayerPairs,
+    check_divergence_name,
+    divergence_record,
+    log_probs,
+)
 from ..loss.fused_math import log_softmax_
 from ..loss.layer_map import LayerPair, proportional_teacher_layer
 from ..loss.lens import LogitLens
@@ -41,7 +47,6 @@ from ..models.facts import forward_accepts, with_position_ids
 # The default memory for a chunk's blocks (log-probabilities and probabilities of every layer read, two work
 # blocks): the chunk size follows from it (:func:`chunk_size_for_budget`), between 1 and MAX_CHUNK_SIZE tokens.
 DEFAULT_MEMORY_BUDGET_MIB = 1024
-JSD_TOKEN_BLOCK = 4  # tokens per block of the per-pair JSD pass: [4, V] fp32 blocks stay in the cache
 MAX_CHUNK_SIZE = 256
 WORK_BLOCKS = 2  # [chunk, V] fp32 work blocks besides the per-layer ones
 
@@ -85,7 +90,8 @@ def layer_log_probs(
 class ChunkLayers:
     """One model's layers on one chunk of ``c`` tokens, in reused blocks: fp32 floored log-probabilities λ and
     probabilities p (``[n, c, V]``, one row per layer read), their per-token ``Σ p·λ`` (``negentropy``) and
-    ``Σ p`` (``mass``), ``[n, c]`` each."""
+    ``Σ p`` (``mass``), ``[n, c]`` each: the
+    :class:`~distillens_trainer.loss.divergences.LayerStatistics` the divergences' per-pair formulas read."""
 
     log_probs: torch.Tensor
     probs: torch.Tensor
@@ -134,93 +140,16 @@ def pair_divergence_sums(
     """``{name: [P] fp64}``: the sum over the chunk's tokens of D(student row ‖ teacher row) for each pair
     ``(student_rows[k], teacher_rows[k])``, student first as in training.
 
-    Per token, with λ floored log-probabilities, p their probabilities and ``H⁻ = Σ p·λ``:
-    ``fkl`` KL(t‖s) = H⁻_t − Σ t·λ_s; ``rkl`` KL(s‖t) = H⁻_s − Σ s·λ_t; ``skl`` their sum (the cross terms one row
-    dot per pair); ``jsd_β`` = β·H⁻_t + (1−β)·H⁻_s − Σ m·λ_m with
-    m = β·t + (1−β)·s (λ_m floored) computed per pair in ``work`` (``[2, c, V]``); ``tvd`` = ½·Σ|t − s|.
+    Each divergence's ``per_pair`` formula (:data:`~distillens_trainer.loss.divergences.DIVERGENCES`) gives it per
+    token in fp32, from the chunk's per-layer sums and per-pair row dots (the cross terms shared by the KL kinds
+    computed once); ``work`` is a ``[2, c, V]`` block it may overwrite. The sums are accumulated in fp64.
     """
-    pairs = list(zip(student_rows, teacher_rows))
-    cross: dict[str, torch.Tensor] = {}
-
-    def cross_terms(key: str) -> torch.Tensor:
-        """``[c, P]``: Σ t·λ_s (key "ts") or Σ s·λ_t ("st") of each pair, per token (one row dot per pair, so
-        a pair's value does not depend on which other layers are read)."""
-        if key not in cross:
-            cross[key] = torch.stack(
-                [
-                    torch.mul(teacher.probs[t], student.log_probs[s], out=work[0]).sum(dim=-1)
-                    if key == "ts"
-                    else torch.mul(student.probs[s], teacher.log_probs[t], out=work[0]).sum(dim=-1)
-                    for s, t in pairs
-                ],
-                dim=1,
-            )
-        return cross[key]
-
-    def forward_kl() -> torch.Tensor:
-        return teacher.negentropy[list(teacher_rows)].T - cross_terms("ts")
-
-    def reverse_kl() -> torch.Tensor:
-        return student.negentropy[list(student_rows)].T - cross_terms("st")
-
+    pairs = LayerPairs(student, teacher, student_rows, teacher_rows, work)
     sums: dict[str, torch.Tensor] = {}
     for name in divergences:
-        if name == "fkl":
-            per_token = forward_kl()
-        elif name == "rkl":
-            per_token = reverse_kl()
-        elif name == "skl":
-            per_token = forward_kl() + reverse_kl()
-        elif name == "jsd":
-            per_token = _jensen_shannon_per_pair(student, teacher, student_rows, teacher_rows, jsd_beta, work)
-        elif name == "tvd":
-            per_token = torch.stack(
-                [
-                    torch.sub(teacher.probs[t], student.probs[s], out=work[0]).abs_().sum(dim=-1).mul_(0.5)
-                    for s, t in pairs
-                ],
-                dim=1,
-            )
-        else:
-            raise ValueError(f"divergence={name!r} is not a known divergence.")
+        per_token = divergence_record(name, "divergences").per_pair(pairs, beta=jsd_beta)  # [c, P]
         sums[name] = per_token.double().sum(dim=0)  # [c, P] -> [P]
     return sums
-
-
-def _jensen_shannon_per_pair(
-    student: ChunkLayers,
-    teacher: ChunkLayers,
-    student_rows: Sequence[int],
-    teacher_rows: Sequence[int],
-    beta: float,
-    work: torch.Tensor,
-) -> torch.Tensor:
-    """``[c, P]`` generalised JSD per token and pair: β·H⁻_t + (1−β)·H⁻_s − Σ m·λ_m, m = β·(t + α·s) with
-    α = (1−β)/β, so Σ m·λ_m = β·(log β·Σ w + Σ w·log w) for w = t + α·s (one add, one log, one product per
-    element; ``log w`` floored at ``LOG_PROB_FLOOR`` so that w = 0 adds 0). Zero for β outside (0, 1)."""
-    if beta <= 0.0 or beta >= 1.0:
-        return student.negentropy.new_zeros(student.negentropy.shape[1], len(student_rows))
-    alpha, log_beta = (1.0 - beta) / beta, math.log(beta)
-    num_tokens = student.probs.shape[1]  # this chunk's tokens (work may be larger)
-    w_log_w = work.new_empty(num_tokens, len(student_rows))  # [c, P]
-    # Tokens in blocks small enough that the mixture and its log stay in the CPU's cache between the four passes
-    # (1.5x faster here than whole chunks); each token's sum is the same either way.
-    for start in range(0, num_tokens, JSD_TOKEN_BLOCK):
-        stop = min(start + JSD_TOKEN_BLOCK, num_tokens)
-        mixture, log_mixture = work[0, : stop - start], work[1, : stop - start]
-        for column, (s, t) in enumerate(zip(student_rows, teacher_rows)):
-            torch.add(
-                teacher.probs[t, start:stop], student.probs[s, start:stop], alpha=alpha, out=mixture
-            )  # w = m/β
-            torch.log(mixture, out=log_mixture).clamp_min_(LOG_PROB_FLOOR)
-            w_log_w[start:stop, column] = log_mixture.mul_(mixture).sum(dim=-1)
-    rows_s, rows_t = list(student_rows), list(teacher_rows)
-    mass = teacher.mass[rows_t].T + alpha * student.mass[rows_s].T  # [c, P], Σ w
-    return (
-        beta * teacher.negentropy[rows_t].T
-        + (1.0 - beta) * student.negentropy[rows_s].T
-        - beta * (log_beta * mass + w_log_w)
-    )
 
 
 @dataclass
@@ -271,7 +200,7 @@ class LensProfileAccumulator:
     teacher_lens: LogitLens | None
     vocab_size: int
     pairs: list[LayerPair] | None = None
-    divergences: Sequence[str] = ("jsd",)
+    divergences: Sequence[str] = (PAPER_LENS_DIVERGENCE,)
     jsd_beta: float = 0.5
     chunk_size: int | None = None
     layer_statistics: bool = True

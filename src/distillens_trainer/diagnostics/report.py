@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from ..data.collation import DataCollatorForCompletionOnly
+from ..loss.divergences import PAPER_LENS_DIVERGENCE
 from ..loss.layer_map import LayerPair
 from ..loss.lens import LogitLens
 from .profile import (
@@ -97,7 +98,7 @@ def profile_models(
     *,
     vocab_size: int,
     mapped_pairs: Sequence[LayerPair] = (),
-    divergences: Sequence[str] = ("jsd",),
+    divergences: Sequence[str] = (PAPER_LENS_DIVERGENCE,),
     jsd_beta: float = 0.5,
     lens_final_norm: bool = True,
     batch_size: int = 8,

@@ -43,7 +43,7 @@ from .spec import AUTO_CHUNK, DEFAULT_CHUNK_SIZE, check_chunk_size, check_temper
 
 logger = logging.getLogger(__name__)
 
-# lens_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
+# head_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
 # within AUTO_CHUNK_BUDGET_BYTES, a multiple of 64 in AUTO_CHUNK_LIMITS: 512 at V = 32,000, 320 at V = 49,152, 128 at
 # V = 128,256. The time per token is flat from 128 to 512 tokens at V = 49,152 (benchmarks/results/chunk_size.md).
 AUTO_CHUNK_BUDGET_BYTES = 256 * 2**20

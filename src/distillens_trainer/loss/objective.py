@@ -152,13 +152,12 @@ class DistillLensObjective:
         self.student_keeps_logits = self.student is not None and forward_accepts(
             self.student, "logits_to_keep"
         )
-        self.output_fusable = (
-            True  # off once check_heads finds heads that do not reproduce the models' logits
-        )
+        # off once check_heads finds heads that do not reproduce the models' logits
+        self.output_fusable = True
         self.heads_checked = False
         if chunk_size == AUTO_CHUNK:
             logger.info(
-                "DistillLens: lens_chunk_size=auto: %d tokens per chunk at V=%d.", self.chunk_size, vocab_size
+                "DistillLens: head_chunk_size=auto: %d tokens per chunk at V=%d.", self.chunk_size, vocab_size
             )
         if self.chunk_size and spec.uses_lens and self.layer_map and not self.fuses_lens:
             logger.info(

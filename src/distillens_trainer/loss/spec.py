@@ -12,7 +12,7 @@ import torch
 
 from .divergences import PAPER_KD_DIVERGENCE, PAPER_LENS_DIVERGENCE, check_divergence_name
 
-# lens_chunk_size="auto": the fused path picks the chunk from the vocabulary (fused.resolve_chunk_size)
+# head_chunk_size="auto": the fused path picks the chunk from the vocabulary (fused.resolve_chunk_size)
 AUTO_CHUNK = "auto"
 DEFAULT_CHUNK_SIZE = AUTO_CHUNK
 WEIGHT_NAMES: tuple[str, ...] = ("ce_weight", "kd_weight", "lens_weight", "feature_weight")
@@ -49,9 +49,9 @@ def check_temperature_and_beta(temperature: float, beta: float) -> None:
         raise ValueError(f"jsd_beta={beta} must lie in [0, 1].")
 
 
-def check_chunk_size(chunk_size: int | str, *, name: str = "lens_chunk_size", smallest: int = 0) -> int | str:
+def check_chunk_size(chunk_size: int | str, *, name: str = "head_chunk_size", smallest: int = 0) -> int | str:
     """The one rule for a chunk size: ``"auto"`` or an integer >= ``smallest``; a string of digits (a command
-    line's) becomes its integer. ``lens_chunk_size`` takes 0 (the straightforward computation); the fused loop
+    line's) becomes its integer. ``head_chunk_size`` takes 0 (the straightforward computation); the fused loop
     itself (``fused.fused_head_loss``) needs ``smallest=1``. ValueError naming ``name`` otherwise."""
     if isinstance(chunk_size, str) and chunk_size.strip().isdigit():
         chunk_size = int(chunk_size)

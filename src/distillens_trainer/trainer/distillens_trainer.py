@@ -147,9 +147,8 @@ class DistillLensTrainer(Trainer):
             )
         if model is not None:
             drop_gguf_quantization(unwrap_model(model))  # a GGUF-loaded student trains and saves as usual
-        hide_deepspeed_cpu_notice(
-            not args.deepspeed
-        )  # Trainer.__init__ imports an installed DeepSpeed, even unused
+        # Trainer.__init__ imports an installed DeepSpeed, even unused: its CPU notice only for a DeepSpeed run
+        hide_deepspeed_cpu_notice(not args.deepspeed)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         # 2 under FSDP2, 1 under FSDP v1 (refused with the teacher), None otherwise; FSDP asked for but not running
         # (DDP on a machine without GPUs) is refused here.

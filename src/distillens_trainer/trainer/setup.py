@@ -174,8 +174,8 @@ def set_up_distillation(
         student_lens=student_lens,
         layer_map=layer_map,
         feature_projector=feature_projector,
-        chunk_size=args.lens_chunk_size,
-        compile_math=args.lens_compile,
+        chunk_size=args.head_chunk_tokens,
+        compile_math=args.head_compile,
     )
     return DistillationSetup(
         teacher_model,
