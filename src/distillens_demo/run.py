@@ -47,7 +47,8 @@ def configure_logging() -> None:
     root = logging.getLogger()
     if not root.handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("distillens_trainer").setLevel(logging.INFO)
+    for package in ("distillens_demo", "distillens_trainer"):
+        logging.getLogger(package).setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.WARNING)  # rouge_score's "Using default tokenizer."
     transformers.logging.set_verbosity_error()
     datasets.logging.set_verbosity_error()

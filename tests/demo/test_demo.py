@@ -406,7 +406,7 @@ def test_without_a_terminal_training_logs_a_line_every_30_s_with_the_time_left_a
     clock = SimpleNamespace(now=0.0)
     progress = TrainingProgress("student 'kd'", clock=lambda: clock.now)
     state = SimpleNamespace(global_step=0, max_steps=12)
-    with caplog.at_level(logging.INFO, logger="distillens_trainer"):
+    with caplog.at_level(logging.INFO, logger="distillens_demo"):
         progress.on_train_begin(None, state, None)
         for step in range(1, 13):
             clock.now += 10.0  # 10 s a step: a line after steps 3, 6 and 9, then the last one
