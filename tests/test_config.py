@@ -397,3 +397,11 @@ def test_the_ce_weight_help_and_the_readme_explain_eval_loss():
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     section = readme.split("## What it computes", 1)[1].split("\n## ", 1)[0]
     assert "eval_ce_loss" in section and "perplexity" in section
+
+
+def test_a_deprecated_name_hands_its_value_over_and_keeps_no_copy(tmp_path):
+    with pytest.warns(FutureWarning):
+        config = make_config(tmp_path, lens_chunk_size=5, lens_compile=True)
+    assert (config.head_chunk_size, config.head_compile) == ("5", True)
+    assert (config.lens_chunk_size, config.lens_compile) == (None, None)
+    assert config.to_dict()["lens_chunk_size"] is None

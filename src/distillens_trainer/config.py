@@ -245,9 +245,8 @@ class DistillLensConfig(TrainingArguments):
         self._check_optimisation()
         check_deepspeed_config(self.deepspeed)
         super().__post_init__()
-        if (
-            self.device.type == "cpu"
-        ):  # pinning only speeds up copies to an accelerator; torch warns without one
+        # pinning only speeds up copies to an accelerator; torch warns without one
+        if self.device.type == "cpu":
             self.dataloader_pin_memory = False
         check_fsdp_config(self)
         _ = self.objective_spec  # building the spec validates the weights, divergences, temperature and β
@@ -292,6 +291,8 @@ class DistillLensConfig(TrainingArguments):
                     f"give only {new}."
                 )
             setattr(self, new, value)
+            # one place for the value: copies and run records carry only the new name
+            setattr(self, old, None)
 
     @property
     def head_chunk_tokens(self) -> int | Literal["auto"]:
