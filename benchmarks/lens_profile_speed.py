@@ -40,6 +40,14 @@ from distillens_trainer.loss.lens import LogitLens
 
 ROOT = Path(__file__).resolve().parents[1]
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Where the old accumulator's imports live now (`..divergences` was `distillens_trainer/divergences.py`).
+MOVED_MODULES = {
+    "divergences": "loss.divergences",
+    "layer_map": "loss.layer_map",
+    "lens": "loss.lens",
+    "model_facts": "models.facts",
+    "response_tokens": "loss.response_tokens",
+}
 OLD_REV = "7930de6"  # the accumulator that allocated [P, c, V] partner blocks per student row and chunk
 
 
@@ -80,6 +88,8 @@ def load_old_accumulator(rev: str) -> type:
         ["git", "show", f"{rev}:src/distillens_trainer/diagnostics/profile.py"],
         cwd=ROOT, check=True, capture_output=True, text=True,
     ).stdout  # fmt: skip
+    for old_module, new_module in MOVED_MODULES.items():  # the library was split into packages since
+        source = source.replace(f"from ..{old_module} import", f"from ..{new_module} import")
     name = "distillens_trainer.diagnostics._profile_at_head"
     module = types.ModuleType(name)
     module.__package__ = "distillens_trainer.diagnostics"

@@ -156,13 +156,13 @@ def test_without_layer_statistics_only_the_paired_and_final_layers_are_read_and_
         teacher_hidden = teacher(**inputs, output_hidden_states=True).hidden_states
     pairs = [(1, 2), (2, 2), (2, 5), (3, 6)]
     read: list[int] = []
-    original = LogitLens.__call__
+    original = LogitLens.to_head_input  # every read of a layer through the lens goes through it
 
     def counting_call(self, hidden, index):
         read.append(index)
         return original(self, hidden, index)
 
-    monkeypatch.setattr(LogitLens, "__call__", counting_call)
+    monkeypatch.setattr(LogitLens, "to_head_input", counting_call)
     means = {}
     for statistics in (True, False):
         read.clear()

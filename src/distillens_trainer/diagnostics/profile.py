@@ -120,10 +120,15 @@ def _read_layers(
     ``[n, c, V]`` blocks, in place: floored log-probabilities (dead rows made uniform, as
     :func:`~distillens_trainer.loss.divergences.log_probs` does) and probabilities; ``work`` is a ``[c, V]`` block."""
     negentropy = log_probs_block.new_empty(log_probs_block.shape[:2])
+    head = lens.linear_head()
+    writes_in_place = head is not None and head.weight.dtype == log_probs_block.dtype
     for row, index in enumerate(layers):
         log_probs_row, probs_row = log_probs_block[row], probs_block[row]
-        log_probs_row.copy_(lens(hidden_states[index], index)[..., :vocab_size])
-        log_softmax_(log_probs_row, probs_row, 1.0)
+        if writes_in_place:  # the head product straight into the block: no [c, V] copy
+            head.logits_into(lens.to_head_input(hidden_states[index], index), log_probs_row)
+        else:
+            log_probs_row.copy_(lens(hidden_states[index], index)[..., :vocab_size])
+        log_softmax_(log_probs_row, probs_row, 1.0, probs_by_division=True)
         torch.sum(torch.mul(probs_row, log_probs_row, out=work), dim=-1, out=negentropy[row])
     return ChunkLayers(log_probs_block, probs_block, negentropy, probs_block.sum(dim=-1))
 

@@ -102,12 +102,19 @@ class ChunkBlocks:
 
 # --------------------------------------------------------------------------------------------- in place
 def log_softmax_(
-    logits: torch.Tensor, probs: torch.Tensor, temperature: float, branch_free: bool = False
+    logits: torch.Tensor,
+    probs: torch.Tensor,
+    temperature: float,
+    branch_free: bool = False,
+    *,
+    probs_by_division: bool = False,
 ) -> torch.Tensor:
     """In place: ``[n, V]`` logits -> floored log-probs of ``logits / T``; ``probs`` <- their softmax.
 
     Dead rows (all ``-inf``) are made uniform, as ``divergences.log_probs_and_live_rows`` does; ``branch_free``
-    skips the data-dependent test (for ``torch.compile``). Returns the ``[n]`` live rows.
+    skips the data-dependent test (for ``torch.compile``). Returns the ``[n]`` live rows. ``probs_by_division``:
+    the probabilities as exp(shifted logits) / their sum (one pass fewer; within an ulp of the exp of the floored
+    log-probs the training path uses, so the reference's rounding is not kept: the lens profile's choice).
     """
     if temperature != 1.0:
         logits.div_(temperature)
@@ -118,7 +125,11 @@ def log_softmax_(
         row_max.masked_fill_(dead, 0.0)
     logits.sub_(row_max)
     total = torch.exp(logits, out=probs).sum(dim=-1, keepdim=True)  # >= 1
+    if probs_by_division:
+        probs.div_(total)
     logits.sub_(total.log_()).clamp_min_(LOG_PROB_FLOOR)
+    if probs_by_division:
+        return ~dead.squeeze(-1)
     torch.exp(
         logits, out=probs
     )  # exp of the floored log-probs, as the reference (not a division: same rounding)
