@@ -447,11 +447,10 @@ class DistillLensTrainer(Trainer):
         num_items_in_batch: torch.Tensor | int | None = None,
     ):
         """The DistillLens objective on one micro-batch; with ``return_outputs`` also the student's full logits."""
-        if not self.objective.heads_checked:
+        if not self.objective.heads_checked:  # the objective's one setup step, on the first micro-batch
             if self.objective.fuses_output:
-                self._gather_objective_parameters(
-                    model
-                )  # FSDP2: the probe reads the heads after its forwards
+                # FSDP2: the probe reads the heads after its forwards
+                self._gather_objective_parameters(model)
             self.objective.check_heads()
         request = self.objective.forward_request(full_logits=return_outputs)
         model_inputs = {key: value for key, value in inputs.items() if key != "labels"}
@@ -476,15 +475,11 @@ class DistillLensTrainer(Trainer):
         if self.args.average_tokens_across_devices and window_tokens is not None:
             scale = self.accelerator.num_processes
         loss = result.loss * scale if scale != 1 else result.loss
-        if model.training and self._check_finite(
+        skipped = model.training and self._check_finite(
             result, model, student_outputs, teacher_signals, inputs.get("attention_mask")
-        ):
-            return (
-                (loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits))
-                if return_outputs
-                else loss
-            )
-        self._record_terms(result, training=model.training, scale=scale)
+        )
+        if not skipped:
+            self._record_terms(result, training=model.training, scale=scale)
         if return_outputs:
             return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
         return loss
