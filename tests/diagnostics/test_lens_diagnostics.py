@@ -308,6 +308,7 @@ LENS_ERRORS = [
         "lens_layer_map='shrunk' derives the teacher layers",
     ),
     ("zero_lens_memory", ["--lens_memory_mib", "0"], {}, 1, "lens_memory_mib=0.0 must be > 0"),
+    ("unknown_compile_choice", ["--torch_compile", "always"], {}, 2, "torch_compile"),
 ]
 
 
@@ -411,20 +412,36 @@ def _float64_reference(student, teacher, batch, max_tokens: int, beta: float) ->
         for name in DIVERGENCES
     }
     statistics = {}
+    final_ce = {}
+    targets = batch["labels"][:, 1:][mask][:max_tokens]
     for side, logits in sides.items():
         log_p = [torch.log_softmax(layer, dim=-1) for layer in logits]
         statistics[side] = {
             "entropy": [-(lp.exp() * lp).sum(-1).mean().item() for lp in log_p],
+            "top1_agreement": [
+                (layer.argmax(-1) == logits[-1].argmax(-1)).double().mean().item() for layer in logits
+            ],
             "divergence_to_final": {
                 name: [token_divergence(name, layer, logits[-1], beta=beta).mean().item() for layer in logits]
                 for name in DIVERGENCES
             },
         }
-    return {"pairs": pairs, **statistics}
+        final_ce[side] = -log_p[-1].gather(-1, targets[:, None]).mean().item()
+    return {"pairs": pairs, "final_ce": final_ce, **statistics}
 
 
-@pytest.mark.parametrize("beta", [0.5, 0.3])
-def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_divergence(beta):
+@pytest.mark.parametrize(
+    ("beta", "divergences", "compile"),
+    [
+        (0.5, DIVERGENCES, False),  # the KL kinds read every layer's log-probabilities: all kept
+        (0.3, DIVERGENCES, False),
+        (0.5, ("jsd", "tvd"), False),  # only the final layers' log-probabilities kept
+        (0.3, ("jsd",), True),  # the JSD pass through torch.compile
+    ],
+)
+def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_divergence(
+    beta, divergences, compile
+):
     student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2, hidden=48)
     batch = pad_batch(token_rows(5, seed=3))
     max_tokens = 21  # the last chunk is a partial one
@@ -432,9 +449,10 @@ def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_di
         LogitLens(student),
         LogitLens(teacher),
         TINY_VOCAB,
-        divergences=DIVERGENCES,
+        divergences=divergences,
         jsd_beta=beta,
         chunk_size=4,
+        compile=compile,
     )
     with torch.no_grad():
         inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -446,8 +464,8 @@ def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_di
         )
     means = accumulator.means()
     expected = _float64_reference(student, teacher, batch, max_tokens, beta)
-    assert len(means["pairs"]["jsd"]) == 3 * 4  # every (student, teacher) pair
-    for name in DIVERGENCES:
+    assert len(means["pairs"][divergences[0]]) == 3 * 4  # every (student, teacher) pair
+    for name in divergences:
         assert means["pairs"][name] == pytest.approx(expected["pairs"][name], rel=1e-5, abs=1e-6), name
         for side in ("student", "teacher"):
             assert means[side]["divergence_to_final"][name] == pytest.approx(
@@ -455,23 +473,111 @@ def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_di
             ), (side, name)
     for side in ("student", "teacher"):
         assert means[side]["entropy"] == pytest.approx(expected[side]["entropy"], rel=1e-5)
+        assert means[side]["top1_agreement"] == pytest.approx(expected[side]["top1_agreement"])
+        assert means["final_ce"][side] == pytest.approx(expected["final_ce"][side], rel=1e-5)
+
+
+@pytest.mark.parametrize("keep_every_layer", [True, False])
+def test_the_block_softmax_matches_float64_with_masked_entries_and_dead_rows(keep_every_layer):
+    from distillens_trainer.diagnostics.profile import softmax_statistics_
+
+    generator = torch.Generator().manual_seed(5)
+    logits = 20 * torch.randn(3, 5, 300, generator=generator, dtype=torch.float64)
+    logits[0, 1, 7:40] = float("-inf")  # masked vocabulary entries
+    logits[1, 2] = float("-inf")  # a dead row: made uniform
+    logits[2, 0, :100] -= 500.0  # far below the top: exp's slow arguments
+    logits[2, 3, 10] = logits[2, 3, 11] = logits[2, 3].max() + 1.0  # a tie for the top-1: the first wins
+    live = logits.clone()
+    live[1, 2] = 0.0
+    expected_log_p = torch.log_softmax(live, dim=-1).clamp_min(-1.0e4)
+    expected_p = expected_log_p.exp()
+    block = logits.float()
+    log_probs = torch.empty(3 if keep_every_layer else 1, 5, 300)
+    negentropy, mass, top1 = softmax_statistics_(block, log_probs, torch.empty(2, 5, 300))
+    kept = slice(None) if keep_every_layer else slice(-1, None)
+    torch.testing.assert_close(log_probs.double(), expected_log_p[kept], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(block.double(), expected_p, atol=1e-6, rtol=1e-5)
+    assert float(block[0, 1, 7:40].max()) <= 1e-31  # masked entries: no mass that any sum can see
+    torch.testing.assert_close(
+        negentropy.double(), (expected_p * expected_log_p).sum(-1), atol=1e-5, rtol=1e-5
+    )
+    torch.testing.assert_close(mass.double(), torch.ones(3, 5, dtype=torch.float64), atol=1e-6, rtol=0)
+    assert torch.equal(top1, live.argmax(dim=-1)) and int(top1[2, 3]) == 10 and int(top1[1, 2]) == 0
+
+
+@pytest.mark.parametrize("vocab_size", [7, 64, 300, 4097])
+def test_first_max_index_is_argmax_with_ties_and_a_partial_last_block(vocab_size):
+    from distillens_trainer.diagnostics.profile import first_max_index
+
+    generator = torch.Generator().manual_seed(vocab_size)
+    values = torch.randint(0, 4, (40, vocab_size), generator=generator).float()  # ties everywhere
+    values[0] = float("-inf")
+    values[1, -1] = 9.0  # the largest value in the last, partial block
+    assert torch.equal(first_max_index(values), values.argmax(dim=-1))
+
+
+def test_a_failing_compilation_of_the_profile_falls_back_to_eager_with_one_warning(monkeypatch, caplog):
+    def broken_compile(*args, **kwargs):
+        def compiled(*call_args, **call_kwargs):
+            raise RuntimeError("no C++ compiler here")
+
+        return compiled
+
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
+    batch = pad_batch(token_rows(3, seed=4))
+    with torch.no_grad():
+        inputs = {key: value for key, value in batch.items() if key != "labels"}
+        hidden = [model(**inputs, output_hidden_states=True).hidden_states for model in (student, teacher)]
+    means = {}
+    for compile in (False, True):
+        if compile:
+            monkeypatch.setattr(torch, "compile", broken_compile)
+        accumulator = LensProfileAccumulator(
+            LogitLens(student), LogitLens(teacher), TINY_VOCAB, chunk_size=4, compile=compile
+        )
+        with caplog.at_level("WARNING"):
+            for _ in range(2):
+                accumulator.add(*hidden, batch["labels"])
+        means[compile] = accumulator.means()
+    assert means[True] == means[False]
+    warnings = [record.message for record in caplog.records if "torch.compile" in record.message]
+    assert len(warnings) == 1 and "no C++ compiler here" in warnings[0]
+
+
+def test_compiling_the_profile_pays_off_from_thirty_billion_pair_elements():
+    from distillens_trainer.diagnostics.profile import compile_pays_off
+
+    assert compile_pays_off(8192, 7 * 31, 49152)  # the SmolLM2 pair at the default 8,192 tokens: compiled
+    assert not compile_pays_off(1024, 7 * 31, 49152)  # 1,024 tokens: compiling costs what it saves
+    assert not compile_pays_off(8192, 3 * 4, 128)  # a tiny pair: eager
 
 
 def test_the_chunk_size_follows_the_memory_budget():
     from distillens_trainer.diagnostics.profile import MAX_CHUNK_SIZE, chunk_size_for_budget
 
     # SmolLM2: 6 + 30 blocks, every hidden_states index read (7 + 31 layers), V = 49152
-    assert chunk_size_for_budget(38, 49152, 1024) == 70
-    assert chunk_size_for_budget(38, 49152, 512) == 35
-    assert chunk_size_for_budget(38, 49152, 1) == 1  # never below one token
-    assert chunk_size_for_budget(3, TINY_VOCAB, 1024) == MAX_CHUNK_SIZE
+    assert chunk_size_for_budget(38 + 2 + 2, 49152, 1024) == 130  # JSD: probabilities, 2 final λ rows, 2 work
+    assert chunk_size_for_budget(2 * 38 + 2, 49152, 1024) == 70  # a KL kind: every layer's λ too
+    assert chunk_size_for_budget(2 * 38 + 2, 49152, 512) == 35
+    assert chunk_size_for_budget(78, 49152, 1) == 1  # never below one token
+    assert chunk_size_for_budget(6, TINY_VOCAB, 1024) == MAX_CHUNK_SIZE
     student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
-    one_token = 4 * TINY_VOCAB * (2 * (3 + 4) + 2) / 2**20  # fp32 rows: 3 + 4 layers × (λ, p), 2 work rows
-    for tokens in (1, 2):
-        accumulator = LensProfileAccumulator(
-            LogitLens(student), LogitLens(teacher), TINY_VOCAB, memory_budget_mib=(tokens + 0.5) * one_token
-        )
-        assert accumulator.chunk_size == tokens
+    row = 4 * TINY_VOCAB / 2**20  # one fp32 row of V, in MiB
+    rows_per_token = {
+        ("jsd",): (3 + 4) + 2 + 2,  # 3 + 4 layers' probabilities, the final λ of each model, 2 work rows
+        ("jsd", "fkl"): 2 * (3 + 4) + 2,  # the KL's cross terms read every layer's λ
+        ("tvd",): (3 + 4) + 2 + 2,
+    }
+    for divergences, rows in rows_per_token.items():
+        for tokens in (1, 2):
+            accumulator = LensProfileAccumulator(
+                LogitLens(student),
+                LogitLens(teacher),
+                TINY_VOCAB,
+                divergences=divergences,
+                memory_budget_mib=(tokens + 0.5) * rows * row,
+            )
+            assert accumulator.chunk_size == tokens, divergences
     assert LensProfileAccumulator(LogitLens(student), None, TINY_VOCAB, chunk_size=5).chunk_size == 5
 
 

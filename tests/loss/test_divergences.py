@@ -21,6 +21,7 @@ from distillens_trainer.loss.divergences import (
     LayerPairs,
     check_divergence_name,
     log_probs,
+    mixture_entropy_sums,
     token_divergence,
 )
 from distillens_trainer.loss.fused_math import MASKED_DIVERGENCES
@@ -535,13 +536,22 @@ def _layer_statistics(num_layers: int, num_tokens: int, vocab_size: int, seed: i
     )
 
 
+@pytest.mark.parametrize("mixture_sums", [None, mixture_entropy_sums], ids=["token_by_token", "all_tokens"])
 @pytest.mark.parametrize("beta", [0.5, 0.2, 0.0])
 @pytest.mark.parametrize("name", NAMES)
-def test_each_per_pair_formula_is_its_value_on_every_pair(name, beta):
+def test_each_per_pair_formula_is_its_value_on_every_pair(name, beta, mixture_sums):
     student, teacher = _layer_statistics(4, 6, 9, seed=70), _layer_statistics(3, 6, 9, seed=71)
-    student_rows, teacher_rows = [0, 1, 3, 2, 0], [2, 0, 1, 1, 0]
+    student_rows, teacher_rows = (
+        [0, 1, 3, 2, 0, 1, 2],
+        [2, 0, 1, 1, 0, 2, 2],
+    )  # runs of consecutive rows, and not
     pairs = LayerPairs(
-        student, teacher, student_rows, teacher_rows, torch.empty(2, 6, 9, dtype=torch.float64)
+        student,
+        teacher,
+        student_rows,
+        teacher_rows,
+        torch.empty(2, 6, 9, dtype=torch.float64),
+        mixture_sums=mixture_sums,
     )
     record = DIVERGENCES[name]
     expected = torch.stack(

@@ -18,6 +18,7 @@ from distillens_trainer.models.loading import (
     is_gguf_model,
     load_causal_lm,
     load_tokenizer_from,
+    read_config,
     split_gguf_path,
 )
 
@@ -54,6 +55,32 @@ def test_a_gguf_model_has_the_written_logits_and_no_quantization_left(gguf_dir):
     torch.testing.assert_close(loaded(ids).logits, original(ids).logits)
     assert not is_gguf_model(loaded) and not loaded.is_quantized
     assert "quantization_config" not in loaded.config.to_dict()
+
+
+def test_a_gguf_config_is_parsed_once_per_file_and_loading_reuses_it(gguf_dir, tmp_path, monkeypatch):
+    parsed = []
+    from_pretrained = transformers.AutoConfig.from_pretrained.__func__
+
+    def counting(cls, name_or_path, *args, **kwargs):
+        parsed.append(kwargs.get("gguf_file"))
+        return from_pretrained(cls, name_or_path, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", classmethod(counting))
+    folder = tmp_path / "copy"
+    folder.mkdir()
+    (folder / "student.gguf").write_bytes((gguf_dir / "student.gguf").read_bytes())
+    first, second = read_config(str(folder), "student.gguf"), read_config(str(folder / "student.gguf"), None)
+    assert parsed == ["student.gguf"]  # the second read, and the file's path, hit the parsed config
+    assert first is not second and first.to_dict() == second.to_dict()  # each caller gets its own copy
+    first.num_hidden_layers = 99
+    model = load_causal_lm(str(folder), gguf_file="student.gguf")
+    assert parsed == ["student.gguf"] and model.config.num_hidden_layers == 2  # loading parsed nothing again
+    torch.testing.assert_close(
+        model(torch.tensor([[0, 5, 9]])).logits,
+        tiny_gguf_llama(num_layers=2, seed=1)(torch.tensor([[0, 5, 9]])).logits,
+    )
+    (folder / "student.gguf").write_bytes((gguf_dir / "teacher.gguf").read_bytes())  # the file changed
+    assert read_config(str(folder), "student.gguf").num_hidden_layers == 4 and len(parsed) == 2
 
 
 def test_the_tokenizer_comes_from_the_gguf_file(gguf_dir):

@@ -66,6 +66,7 @@ def run_lens(
         max_tokens=args.max_tokens,
         chunk_size=args.token_chunk_size,
         memory_budget_mib=args.lens_memory_mib,
+        compile=args.compile(),
         student_name=Path(model_args.gguf_file or model_args.model_name_or_path).name
         or model_args.model_name_or_path,
         teacher_name=Path(args.teacher_gguf_file or args.teacher_model_name_or_path or "teacher").name,

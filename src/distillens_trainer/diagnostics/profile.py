@@ -11,8 +11,10 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
 
 Work is done per chunk of ``chunk_size`` tokens (by default as many as :data:`DEFAULT_MEMORY_BUDGET_MIB` of
 blocks hold, see :func:`chunk_size_for_budget`), on blocks allocated once and reused for every chunk: per model a
-``[n, chunk_size, V]`` fp32 block of log-probabilities and one of probabilities (``n`` = the layers read), and two
-``[chunk_size, V]`` work blocks. No ``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed
+``[n, chunk_size, V]`` fp32 block of probabilities (``n`` = the layers read; each layer's head product is written
+there and turned into its probabilities in place), one of log-probabilities (every layer where a requested
+divergence's per-pair formula reads them, the KL kinds; else the final layer only), and two ``[chunk_size, V]``
+work blocks. No ``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed
 by each divergence's ``per_pair`` formula in the registry (:mod:`distillens_trainer.loss.divergences`) from
 per-layer and per-pair sums over the vocabulary (``Σ p·λ`` per layer once; per pair one row dot such as
 ``Σ t·λ_s``, or the JSD's mixture ``m`` in a work block, so a pair's value does not depend on which other layers
@@ -31,12 +33,14 @@ from typing import Any
 
 import torch
 
+from ..loss.compiled import CompiledOrEager
 from ..loss.divergences import (
     PAPER_LENS_DIVERGENCE,
     LayerPairs,
     check_divergence_name,
     divergence_record,
     log_probs,
+    mixture_entropy_sums,
 )
 from ..loss.fused_math import log_softmax_
 from ..loss.layer_map import LayerPair, proportional_teacher_layer
@@ -49,16 +53,30 @@ from ..models.facts import forward_accepts, with_position_ids
 DEFAULT_MEMORY_BUDGET_MIB = 1024
 MAX_CHUNK_SIZE = 256
 WORK_BLOCKS = 2  # [chunk, V] fp32 work blocks besides the per-layer ones
+# A tile of the per-layer softmax (its log-probabilities, probabilities and a work row): small enough for the three
+# to stay in a CPU core's L2 cache (1-2 MiB) across the softmax's passes.
+TILE_BYTES = 512 * 2**10
+# The elements (tokens × layer pairs × V) from which compiling the JSD pass pays for itself: compiling takes 10-12 s
+# here, and saves about a quarter of the eager profile's time (SmolLM2's 7 × 31 layers at V = 49,152: even at about
+# 1,000 tokens, ahead from about 3,000; `distillens lens` defaults to 8,192).
+AUTO_COMPILE_MIN_ELEMENTS = 3 * 10**10
 
 
 def chunk_size_for_budget(
-    layers_read: int, vocab_size: int, budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
+    block_rows: int, vocab_size: int, budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
 ) -> int:
-    """Tokens per chunk whose fp32 blocks (``2·layers_read + WORK_BLOCKS`` rows of ``V`` per token) fit in
-    ``budget_mib``; at least 1, at most :data:`MAX_CHUNK_SIZE`. E.g. 6 + 30 blocks (38 layers read) at
-    V = 49152: 35 tokens in 512 MiB, 70 in 1 GiB."""
-    bytes_per_token = 4 * vocab_size * (2 * layers_read + WORK_BLOCKS)
+    """Tokens per chunk whose fp32 blocks (``block_rows`` rows of ``V`` per token, the work blocks' included) fit
+    in ``budget_mib``; at least 1, at most :data:`MAX_CHUNK_SIZE`. E.g. 6 + 30 blocks (38 layers read) at
+    V = 49152: the JSD's 38 + 2 + 2 rows (probabilities, two final log-probability rows, the work rows) give 130
+    tokens in 1 GiB; a KL's 2·38 + 2 rows give 70."""
+    bytes_per_token = 4 * vocab_size * block_rows
     return max(1, min(MAX_CHUNK_SIZE, int(budget_mib * 2**20) // bytes_per_token))
+
+
+def compile_pays_off(num_tokens: int, num_pairs: int, vocab_size: int) -> bool:
+    """Whether compiling the JSD pass (``LensProfileAccumulator(compile=True)``) is worth its one-time cost: when the
+    profile's passes over the vocabulary (tokens × pairs × V) hold at least :data:`AUTO_COMPILE_MIN_ELEMENTS`."""
+    return num_tokens * num_pairs * vocab_size >= AUTO_COMPILE_MIN_ELEMENTS
 
 
 def all_pairs(student_num_layers: int, teacher_num_layers: int) -> list[LayerPair]:
@@ -89,22 +107,27 @@ def layer_log_probs(
 @dataclass
 class ChunkLayers:
     """One model's layers on one chunk of ``c`` tokens, in reused blocks: fp32 floored log-probabilities λ and
-    probabilities p (``[n, c, V]``, one row per layer read), their per-token ``Σ p·λ`` (``negentropy``) and
-    ``Σ p`` (``mass``), ``[n, c]`` each: the
-    :class:`~distillens_trainer.loss.divergences.LayerStatistics` the divergences' per-pair formulas read."""
+    probabilities p (``[n, c, V]``, one row per layer read; λ only the last layer's, ``[1, c, V]``, where no
+    per-pair formula reads it), their per-token ``Σ p·λ`` (``negentropy``) and ``Σ p`` (``mass``), ``[n, c]`` each
+    (the :class:`~distillens_trainer.loss.divergences.LayerStatistics` the divergences' per-pair formulas read),
+    and each token's top-1 entry (``top1``, ``[n, c]``)."""
 
     log_probs: torch.Tensor
     probs: torch.Tensor
     negentropy: torch.Tensor
     mass: torch.Tensor
+    top1: torch.Tensor
 
     @property
     def num_rows(self) -> int:
-        return self.log_probs.shape[0]
+        return self.probs.shape[0]
 
-    def rows(self, rows: slice) -> ChunkLayers:
-        """A view of some rows (no copy)."""
-        return ChunkLayers(self.log_probs[rows], self.probs[rows], self.negentropy[rows], self.mass[rows])
+    def final(self) -> ChunkLayers:
+        """A view of the last layer alone (no copy)."""
+        last = slice(-1, None)
+        return ChunkLayers(
+            self.log_probs[last], self.probs[last], self.negentropy[last], self.mass[last], self.top1[last]
+        )
 
 
 def _read_layers(
@@ -112,25 +135,80 @@ def _read_layers(
     hidden_states: Sequence[torch.Tensor],
     layers: Sequence[int],
     vocab_size: int,
-    log_probs_block: torch.Tensor,
     probs_block: torch.Tensor,
+    log_probs_block: torch.Tensor,
     work: torch.Tensor,
 ) -> ChunkLayers:
-    """Read ``layers`` (``hidden_states`` indices, ``[c, d]`` each) through ``lens`` into the reused
-    ``[n, c, V]`` blocks, in place: floored log-probabilities (dead rows made uniform, as
-    :func:`~distillens_trainer.loss.divergences.log_probs` does) and probabilities; ``work`` is a ``[c, V]`` block."""
-    negentropy = log_probs_block.new_empty(log_probs_block.shape[:2])
+    """Read ``layers`` (``hidden_states`` indices, ``[c, d]`` each) through ``lens`` into the reused blocks, in
+    place: probabilities into ``probs_block`` (``[n, c, V]``), floored log-probabilities (dead rows made uniform,
+    as :func:`~distillens_trainer.loss.divergences.log_probs` does) into ``log_probs_block``, which holds every
+    layer (``[n, c, V]``) or the last one alone (``[1, c, V]``); ``work`` is a ``[2, c, V]`` block.
+
+    The head products come first, back to back (the head's weight stays in the CPU's cache between them), each
+    straight into its row of ``probs_block``; :func:`softmax_statistics_` then turns each row into probabilities in
+    place."""
     head = lens.linear_head()
-    writes_in_place = head is not None and head.weight.dtype == log_probs_block.dtype
+    writes_in_place = head is not None and head.weight.dtype == probs_block.dtype
     for row, index in enumerate(layers):
-        log_probs_row, probs_row = log_probs_block[row], probs_block[row]
         if writes_in_place:  # the head product straight into the block: no [c, V] copy
-            head.logits_into(lens.to_head_input(hidden_states[index], index), log_probs_row)
+            head.logits_into(lens.to_head_input(hidden_states[index], index), probs_block[row])
         else:
-            log_probs_row.copy_(lens(hidden_states[index], index)[..., :vocab_size])
-        log_softmax_(log_probs_row, probs_row, 1.0, probs_by_division=True)
-        torch.sum(torch.mul(probs_row, log_probs_row, out=work), dim=-1, out=negentropy[row])
-    return ChunkLayers(log_probs_block, probs_block, negentropy, probs_block.sum(dim=-1))
+            probs_block[row].copy_(lens(hidden_states[index], index)[..., :vocab_size])
+    negentropy, mass, top1 = softmax_statistics_(probs_block, log_probs_block, work)
+    return ChunkLayers(log_probs_block, probs_block, negentropy, mass, top1)
+
+
+def softmax_statistics_(
+    logits: torch.Tensor, log_probs: torch.Tensor, work: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """In place: ``[n, c, V]`` fp32 logits -> their probabilities; their floored log-probabilities (dead rows
+    uniform) into ``log_probs``, which keeps every row (``[n, c, V]``) or the last one alone (``[1, c, V]``); returns
+    the ``Σ p·λ``, ``Σ p`` and top-1 entry of each row and token, ``[n, c]`` each. ``work``: ``[2, c', V]``.
+
+    On tiles of a few tokens (:func:`tile_tokens`) whose rows stay in the CPU's cache across the passes; every
+    value is that of the whole row at once (the passes are per token)."""
+    num_rows, num_tokens, vocab_size = logits.shape
+    negentropy = logits.new_empty(num_rows, num_tokens)
+    mass = logits.new_empty(num_rows, num_tokens)
+    top1 = torch.empty(num_rows, num_tokens, dtype=torch.long, device=logits.device)
+    first_kept = num_rows - log_probs.shape[0]  # the rows before it leave their log-probabilities in work
+    tile = tile_tokens(vocab_size)
+    for row in range(num_rows):
+        top1[row] = first_max_index(logits[row])  # [c]: the largest logit is the largest log-probability
+        for start in range(0, num_tokens, tile):
+            tokens = slice(start, min(start + tile, num_tokens))
+            p = logits[row, tokens]  # [t, V]: logits in, probabilities out
+            log_p = log_probs[row - first_kept, tokens] if row >= first_kept else work[0, : p.shape[0]]
+            log_softmax_(log_p.copy_(p), p, 1.0, probs_by_division=True)
+            torch.sum(torch.mul(p, log_p, out=work[1, : p.shape[0]]), dim=-1, out=negentropy[row, tokens])
+            torch.sum(p, dim=-1, out=mass[row, tokens])
+    return negentropy, mass, top1
+
+
+def first_max_index(values: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``[t, V]`` -> ``[t]``: the first index of each row's largest value, as ``values.argmax(dim=-1)`` gives it for
+    rows without NaN, from vectorised max-reductions (the CPU's ``argmax`` is ten times slower than ``amax``): the
+    largest value, then the first ``block`` of entries holding it, then the first entry of that block."""
+    num_rows, vocab_size = values.shape
+    num_blocks = vocab_size // block
+    if num_blocks == 0:
+        return values.argmax(dim=-1)
+    row_max = values.amax(dim=-1, keepdim=True)  # [t, 1]
+    blocked = values[:, : num_blocks * block].reshape(num_rows, num_blocks, block)  # [t, nb, B]
+    in_blocks = blocked.amax(dim=-1) == row_max  # [t, nb]: blocks holding the largest value
+    first_block = in_blocks.byte().argmax(dim=-1)  # [t], 0 where none does
+    rows = torch.arange(num_rows, device=values.device)
+    index = first_block * block + blocked[rows, first_block].argmax(dim=-1)
+    if num_blocks * block < vocab_size:  # the tail after the last whole block: where no block holds the max
+        tail = values[:, num_blocks * block :].argmax(dim=-1) + num_blocks * block
+        index = torch.where(in_blocks.any(dim=-1), index, tail)
+    return index
+
+
+def tile_tokens(vocab_size: int) -> int:
+    """Tokens per tile of the per-layer softmax: as many ``V``-wide fp32 rows as :data:`TILE_BYTES` hold, at least
+    one (2 at V = 49152)."""
+    return max(1, TILE_BYTES // (4 * vocab_size))
 
 
 def pair_divergence_sums(
@@ -141,15 +219,17 @@ def pair_divergence_sums(
     teacher_rows: Sequence[int],
     jsd_beta: float,
     work: torch.Tensor,
+    mixture_sums: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """``{name: [P] fp64}``: the sum over the chunk's tokens of D(student row ‖ teacher row) for each pair
     ``(student_rows[k], teacher_rows[k])``, student first as in training.
 
     Each divergence's ``per_pair`` formula (:data:`~distillens_trainer.loss.divergences.DIVERGENCES`) gives it per
     token in fp32, from the chunk's per-layer sums and per-pair row dots (the cross terms shared by the KL kinds
-    computed once); ``work`` is a ``[2, c, V]`` block it may overwrite. The sums are accumulated in fp64.
+    computed once); ``work`` is a ``[2, c, V]`` block it may overwrite; ``mixture_sums`` replaces the JSD's eager
+    pass (:class:`~distillens_trainer.loss.divergences.LayerPairs`). The sums are accumulated in fp64.
     """
-    pairs = LayerPairs(student, teacher, student_rows, teacher_rows, work)
+    pairs = LayerPairs(student, teacher, student_rows, teacher_rows, work, mixture_sums)
     sums: dict[str, torch.Tensor] = {}
     for name in divergences:
         per_token = divergence_record(name, "divergences").per_pair(pairs, beta=jsd_beta)  # [c, P]
@@ -199,6 +279,9 @@ class LensProfileAccumulator:
         layer_statistics: also sum each layer's entropy, top-1 agreement and divergence to the final layer
             (``means()["student"]`` / ``["teacher"]``); False reads only the layers the pairs use and the final
             ones (the pair divergences and ``final_ce`` are the same), and those entries are None.
+        compile: run the JSD's pass over the vocabulary (one per pair and token, most of the work with many
+            pairs) through ``torch.compile`` (eager if that fails, said once): one fused pass instead of four
+            eager ones, the same values up to fp32 rounding (the order of the sums differs).
     """
 
     student_lens: LogitLens
@@ -210,6 +293,7 @@ class LensProfileAccumulator:
     chunk_size: int | None = None
     layer_statistics: bool = True
     memory_budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
+    compile: bool = False
     num_tokens: torch.Tensor = field(init=False)
 
     def __post_init__(self) -> None:
@@ -241,12 +325,24 @@ class LensProfileAccumulator:
             [student_row[s] for s, _ in self.pairs],
             [teacher_row[t] for _, t in self.pairs],
         )
+        # Every layer's log-probabilities are kept only where a per-pair formula reads them; else the final one's.
+        self._keeps_log_probs = any(
+            divergence_record(name, "divergences").per_pair_reads_log_probs for name in self.divergences
+        )
         if self.chunk_size is None:
-            layers_read = len(self._student_layers) + (
-                len(self._teacher_layers) if self.teacher_lens is not None else 0
+            models = [self._student_layers] + (
+                [self._teacher_layers] if self.teacher_lens is not None else []
             )
-            self.chunk_size = chunk_size_for_budget(layers_read, self.vocab_size, self.memory_budget_mib)
+            block_rows = WORK_BLOCKS + sum(len(layers) + self._log_prob_rows(layers) for layers in models)
+            self.chunk_size = chunk_size_for_budget(block_rows, self.vocab_size, self.memory_budget_mib)
         self._blocks: dict[str, torch.Tensor] = {}  # allocated at the first chunk, reused by every other
+        self._mixture_sums = (
+            CompiledOrEager(mixture_entropy_sums, "the lens profile's JSD pass") if self.compile else None
+        )
+
+    def _log_prob_rows(self, layers: list[int]) -> int:
+        """Rows of a model's log-probability block: one per layer read, or the final layer's alone."""
+        return len(layers) if self._keeps_log_probs else 1
 
     def _layers_read(self, num_layers: int, paired: list[int]) -> list[int]:
         """Sorted ``hidden_states`` indices whose log-probabilities a chunk needs; the last is the final layer."""
@@ -326,9 +422,9 @@ class LensProfileAccumulator:
         work = self._block("work", WORK_BLOCKS, chunk, device)  # [2, c, V]
         student = _read_layers(
             self.student_lens, student_hidden, self._student_layers, self.vocab_size,
-            self._block("student_log_probs", len(self._student_layers), chunk, device),
             self._block("student_probs", len(self._student_layers), chunk, device),
-            work[0],
+            self._block("student_log_probs", self._log_prob_rows(self._student_layers), chunk, device),
+            work,
         )  # fmt: skip
         targets = targets.to(device)  # [c]
         self._add_model_sums(self.student, student, targets, work)
@@ -337,14 +433,21 @@ class LensProfileAccumulator:
         else:
             teacher = _read_layers(
                 self.teacher_lens, teacher_hidden, self._teacher_layers, self.vocab_size,
-                self._block("teacher_log_probs", len(self._teacher_layers), chunk, device),
                 self._block("teacher_probs", len(self._teacher_layers), chunk, device),
-                work[0],
+                self._block("teacher_log_probs", self._log_prob_rows(self._teacher_layers), chunk, device),
+                work,
             )  # fmt: skip
             self._add_model_sums(self.teacher, teacher, targets, work)
         student_rows, teacher_rows = self._pair_rows
         sums = pair_divergence_sums(
-            self.divergences, student, teacher, student_rows, teacher_rows, self.jsd_beta, work
+            self.divergences,
+            student,
+            teacher,
+            student_rows,
+            teacher_rows,
+            self.jsd_beta,
+            work,
+            self._mixture_sums,
         )
         for name, total in sums.items():
             self.pair_sums[name] += total
@@ -353,7 +456,7 @@ class LensProfileAccumulator:
         self, sums: ModelLayerSums, layers: ChunkLayers, targets: torch.Tensor, work: torch.Tensor
     ) -> None:
         if self.layer_statistics:
-            _add_layer_sums(sums, layers, targets, self.divergences, self.jsd_beta, work)
+            _add_layer_sums(sums, layers, targets, self.divergences, self.jsd_beta, work, self._mixture_sums)
         else:
             _add_final_ce(sums, layers.log_probs[-1], targets)
 
@@ -416,15 +519,17 @@ def _add_layer_sums(
     divergences: Sequence[str],
     jsd_beta: float,
     work: torch.Tensor,
+    mixture_sums: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
 ) -> None:
     """Add one chunk's entropy, top-1 agreement, divergence-to-final and final-layer CE sums; ``layers`` holds
     every layer ``0..L`` of one model, ``targets`` is ``[c]``."""
     sums.entropy -= layers.negentropy.double().sum(dim=-1)
-    top1 = layers.log_probs.argmax(dim=-1)  # [L + 1, c]
-    sums.top1_agreement += (top1 == top1[-1:]).sum(dim=-1).double()
+    sums.top1_agreement += (layers.top1 == layers.top1[-1:]).sum(dim=-1).double()  # [L + 1]
     rows = list(range(layers.num_rows))
-    final = layers.rows(slice(-1, None))  # the final layer alone: the cross terms are L + 1 dot products
-    to_final = pair_divergence_sums(divergences, layers, final, rows, [0] * len(rows), jsd_beta, work)
+    final = layers.final()  # the final layer alone: the cross terms are L + 1 dot products
+    to_final = pair_divergence_sums(
+        divergences, layers, final, rows, [0] * len(rows), jsd_beta, work, mixture_sums
+    )
     for name, total in sums.divergence_to_final.items():
         total += to_final[name]
     _add_final_ce(sums, layers.log_probs[-1], targets)

@@ -35,6 +35,7 @@ from .profile import (
     DEFAULT_MEMORY_BUDGET_MIB,
     LensProfileAccumulator,
     accumulate_batches,
+    compile_pays_off,
     same_depth_pairs,
 )
 
@@ -108,6 +109,7 @@ def profile_models(
     student_name: str = "student",
     teacher_name: str = "teacher",
     show_progress: bool = True,
+    compile: bool | None = None,
 ) -> dict[str, Any]:
     """The lens profile (see the module docstring) on the response tokens of ``dataset``.
 
@@ -121,6 +123,8 @@ def profile_models(
         mapped_pairs: the training's layer map, reported under ``mapped``.
         chunk_size: tokens per chunk; None takes as many as ``memory_budget_mib`` MiB of reused blocks hold.
         show_progress: a tqdm bar advanced by the tokens of each chunk.
+        compile: ``torch.compile`` the JSD pass (:class:`LensProfileAccumulator`); None (default) compiles where
+            that pays off (:func:`~distillens_trainer.diagnostics.profile.compile_pays_off`).
     """
     from tqdm.auto import tqdm
 
@@ -128,6 +132,12 @@ def profile_models(
         raise ValueError("the dataset has no examples: give a data file with at least one example.")
     student_lens = LogitLens(student, final_norm=lens_final_norm)
     teacher_lens = LogitLens(teacher, final_norm=lens_final_norm) if teacher is not None else None
+    available = count_response_tokens(dataset)
+    target = available if max_tokens is None else min(available, max_tokens)
+    if compile is None:
+        compared = teacher_lens if teacher_lens is not None else student_lens
+        num_pairs = (student_lens.num_layers + 1) * (compared.num_layers + 1)
+        compile = compile_pays_off(target, num_pairs, vocab_size)
     accumulator = LensProfileAccumulator(
         student_lens,
         teacher_lens,
@@ -136,9 +146,8 @@ def profile_models(
         jsd_beta=jsd_beta,
         chunk_size=chunk_size,
         memory_budget_mib=memory_budget_mib,
+        compile=compile,
     )
-    available = count_response_tokens(dataset)
-    target = available if max_tokens is None else min(available, max_tokens)
     models = [model for model in (student, teacher) if model is not None]
     was_training = [model.training for model in models]
     for model in models:

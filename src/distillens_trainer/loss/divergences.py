@@ -169,7 +169,8 @@ def _total_variation_(
 class LayerStatistics(Protocol):
     """One model's layers on one chunk of ``c`` tokens, ``n`` layers read (the lens profile's ``ChunkLayers``):
     fp32 floored log-probabilities λ and probabilities p, ``[n, c, V]``; their per-token ``Σ p·λ`` (``negentropy``)
-    and ``Σ p`` (``mass``), ``[n, c]`` each."""
+    and ``Σ p`` (``mass``), ``[n, c]`` each. ``log_probs`` may hold only the last layer (``[1, c, V]``) where no
+    requested divergence has ``per_pair_reads_log_probs``."""
 
     log_probs: Tensor
     probs: Tensor
@@ -184,7 +185,8 @@ class LayerPairs:
     and the cross terms ``Σ t·λ_s`` and ``Σ s·λ_t`` once computed (fkl, rkl and skl share them).
 
     Every term is one row dot per pair (or the JSD's mixture in ``work``), so a pair's value does not depend on
-    which other layers are read.
+    which other layers are read. ``mixture_sums``: a replacement for :func:`mixture_entropy_sums` (the JSD's one
+    pass over the vocabulary per pair), e.g. it compiled; None walks the tokens eagerly in ``work``.
     """
 
     student: LayerStatistics
@@ -192,6 +194,7 @@ class LayerPairs:
     student_rows: Sequence[int]
     teacher_rows: Sequence[int]
     work: Tensor
+    mixture_sums: Callable[[Tensor, Tensor, float], Tensor] | None = None
     _cross_terms: dict[str, Tensor] = field(default_factory=dict, init=False, repr=False)
 
     def teacher_probs_dot_student_log_probs(self) -> Tensor:
@@ -234,6 +237,15 @@ def _symmetric_kl_per_pair(pairs: LayerPairs, *, beta: float) -> Tensor:
     return _forward_kl_per_pair(pairs, beta=beta) + _reverse_kl_per_pair(pairs, beta=beta)
 
 
+def mixture_entropy_sums(teacher_probs: Tensor, student_probs: Tensor, alpha: float) -> Tensor:
+    """``[c, V]`` teacher probabilities t and ``[k, c, V]`` student probabilities s -> ``[k, c]``: Σ w·log w over the
+    vocabulary for w = t + α·s (``log w`` floored at ``LOG_PROB_FLOOR``, so w = 0 adds 0): the JSD's one pass per
+    pair, for k student rows against one teacher row, as one elementwise expression (what ``torch.compile`` fuses
+    into a single pass)."""
+    mixture = teacher_probs.unsqueeze(0) + alpha * student_probs  # [k, c, V]
+    return (mixture * torch.log(mixture).clamp_min(LOG_PROB_FLOOR)).sum(dim=-1)
+
+
 def _jensen_shannon_per_pair(pairs: LayerPairs, *, beta: float) -> Tensor:
     """Generalised JSD: β·H⁻_t + (1−β)·H⁻_s − Σ m·λ_m, m = β·(t + α·s) with α = (1−β)/β, so
     Σ m·λ_m = β·(log β·Σ w + Σ w·log w) for w = t + α·s (one add, one log, one product per element; ``log w``
@@ -245,20 +257,28 @@ def _jensen_shannon_per_pair(pairs: LayerPairs, *, beta: float) -> Tensor:
     alpha, log_beta = (1.0 - beta) / beta, math.log(beta)
     num_tokens, vocab_size = student.probs.shape[1:]  # this chunk's (work may be larger)
     w_log_w = pairs.work.new_empty(num_tokens, len(student_rows))  # [c, P]
-    # Token by token, each teacher row against all its student rows at once: the k student rows of a token (k·V
-    # fp32) stay in the CPU's cache while the teacher rows stream past, so each row is read from memory once per
-    # token, not once per pair. Each pair's sum is the same row sum as pair by pair.
-    max_rows = pairs.work.shape[1]  # work is [2, c', V]: a mixture and its log for up to c' student rows
-    for teacher_row, columns, student_index in _pairs_by_teacher_row(student_rows, teacher_rows, max_rows):
-        k = columns.numel()
-        mixture, log_mixture = pairs.work[0, :k, :vocab_size], pairs.work[1, :k, :vocab_size]
-        for token in range(num_tokens):
-            student_probs = student.probs[student_index, token]  # [k, V]
-            torch.add(
-                teacher.probs[teacher_row, token].expand(k, -1), student_probs, alpha=alpha, out=mixture
-            )
-            torch.log(mixture, out=log_mixture).clamp_min_(LOG_PROB_FLOOR)
-            w_log_w[token, columns] = log_mixture.mul_(mixture).sum(dim=-1)
+    if pairs.mixture_sums is not None:  # each teacher row against all its student rows, every token at once
+        for teacher_row, columns, rows in _pairs_by_teacher_row(
+            student_rows, teacher_rows, len(student_rows)
+        ):
+            w_log_w[:, columns] = pairs.mixture_sums(teacher.probs[teacher_row], student.probs[rows], alpha).T
+    else:
+        # Token by token, each teacher row against all its student rows at once: the k student rows of a token
+        # (k·V fp32) stay in the CPU's cache while the teacher rows stream past, so each row is read from memory
+        # once per token, not once per pair. Each pair's sum is the same row sum as pair by pair.
+        max_rows = pairs.work.shape[1]  # work is [2, c', V]: a mixture and its log for up to c' student rows
+        for teacher_row, columns, rows in _pairs_by_teacher_row(student_rows, teacher_rows, max_rows):
+            k = columns.numel()
+            mixture, log_mixture = pairs.work[0, :k, :vocab_size], pairs.work[1, :k, :vocab_size]
+            for token in range(num_tokens):
+                torch.add(
+                    teacher.probs[teacher_row, token].expand(k, -1),
+                    student.probs[rows, token],  # [k, V]
+                    alpha=alpha,
+                    out=mixture,
+                )
+                torch.log(mixture, out=log_mixture).clamp_min_(LOG_PROB_FLOOR)
+                w_log_w[token, columns] = log_mixture.mul_(mixture).sum(dim=-1)
     rows_s, rows_t = list(student_rows), list(teacher_rows)
     mass = teacher.mass[rows_t].T + alpha * student.mass[rows_s].T  # [c, P], Σ w
     return (
@@ -270,23 +290,25 @@ def _jensen_shannon_per_pair(pairs: LayerPairs, *, beta: float) -> Tensor:
 
 def _pairs_by_teacher_row(
     student_rows: Sequence[int], teacher_rows: Sequence[int], max_rows: int
-) -> list[tuple[int, Tensor, slice | Tensor]]:
+) -> list[tuple[int, Tensor, slice]]:
     """The pairs grouped by teacher row: ``(teacher row, [k] pair columns, the k student rows)``, the student rows
-    as a slice where they are consecutive (a view, no copy), in groups of at most ``max_rows``. Each pair appears
-    once."""
+    a slice of consecutive rows (a view, no copy; a teacher row's student rows that are not consecutive make
+    several groups), at most ``max_rows`` of them. Each pair appears once."""
     groups: dict[int, list[tuple[int, int]]] = {}
     for column, (s, t) in enumerate(zip(student_rows, teacher_rows)):
         groups.setdefault(t, []).append((column, s))
     plan = []
     for t, members in groups.items():
-        for start in range(0, len(members), max_rows):
-            part = members[start : start + max_rows]
-            columns = torch.tensor([column for column, _ in part])
-            rows = [s for _, s in part]
-            consecutive = rows == list(range(rows[0], rows[0] + len(rows)))
-            plan.append(
-                (t, columns, slice(rows[0], rows[0] + len(rows)) if consecutive else torch.tensor(rows))
-            )
+        runs: list[list[tuple[int, int]]] = []
+        for column, s in members:
+            run = runs[-1] if runs else None
+            if run is not None and run[-1][1] + 1 == s and len(run) < max_rows:
+                run.append((column, s))
+            else:
+                runs.append([(column, s)])
+        for run in runs:
+            columns = torch.tensor([column for column, _ in run])
+            plan.append((t, columns, slice(run[0][1], run[-1][1] + 1)))
     return plan
 
 
@@ -321,6 +343,9 @@ class Divergence:
         masked: its gradient does not vanish where the student's log-probability is floored, so the fused path
             hands it a bool ``[n, V]`` mask of the floored entries.
         uses_beta: it reads ``jsd_beta``.
+        per_pair_reads_log_probs: ``per_pair`` reads the layers' log-probabilities (``LayerStatistics.log_probs``),
+            not only their probabilities and per-layer sums; without it the lens profile keeps no log-probability
+            block of the layers.
     """
 
     name: str
@@ -332,6 +357,7 @@ class Divergence:
     unit: str = "nats"
     masked: bool = False
     uses_beta: bool = False
+    per_pair_reads_log_probs: bool = True
 
 
 DIVERGENCES: dict[str, Divergence] = {
@@ -372,6 +398,7 @@ DIVERGENCES: dict[str, Divergence] = {
             value_and_grad_=_jensen_shannon_,
             per_pair=_jensen_shannon_per_pair,
             uses_beta=True,
+            per_pair_reads_log_probs=False,
         ),
         Divergence(
             "tvd",
@@ -381,6 +408,7 @@ DIVERGENCES: dict[str, Divergence] = {
             value_and_grad_=_total_variation_,
             per_pair=_total_variation_per_pair,
             unit="",
+            per_pair_reads_log_probs=False,
         ),
     )
 }

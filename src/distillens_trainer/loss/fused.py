@@ -17,13 +17,13 @@ and divergence arithmetic is fp32.
 from __future__ import annotations
 
 import functools
-import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Protocol
 
 import torch
 
+from .compiled import CompiledOrEager
 from .divergences import PAPER_KD_DIVERGENCE, check_divergence_name
 from .fused_math import (
     CHUNK_BLOCKS,
@@ -40,8 +40,6 @@ from .fused_math import (
 )
 from .heads import LinearHead, gathered
 from .spec import AUTO_CHUNK, DEFAULT_CHUNK_SIZE, check_chunk_size, check_temperature_and_beta
-
-logger = logging.getLogger(__name__)
 
 # head_chunk_size="auto": as many tokens per chunk as keep the chunk math's CHUNK_BLOCKS fp32 [chunk, V] blocks
 # within AUTO_CHUNK_BUDGET_BYTES, a multiple of 64 in AUTO_CHUNK_LIMITS: 512 at V = 32,000, 320 at V = 49,152, 128 at
@@ -196,33 +194,23 @@ class _Settings:
 
 
 # --------------------------------------------------------------------------------------------- torch.compile
-class ChunkDivergence:
+class ChunkDivergence(CompiledOrEager):
     """:func:`~distillens_trainer.loss.fused_math.divergence_chunk` (a chunk's divergence against teacher logits),
-    through ``torch.compile`` when ``compile_math``: compiled by the first call, eager from the first failure on
-    (said once). Holds its compile state; :class:`~distillens_trainer.loss.objective.DistillLensObjective` keeps one
-    for its run."""
+    through ``torch.compile`` when ``compile_math`` (its branch-free form): compiled by the first call, eager from
+    the first failure on (said once). Holds its compile state;
+    :class:`~distillens_trainer.loss.objective.DistillLensObjective` keeps one for its run."""
 
     def __init__(self, compile_math: bool = False) -> None:
-        self.compile_math = compile_math
-        self._compiled: Callable[..., tuple[torch.Tensor, torch.Tensor | None]] | None = None
-        self._failed = False
+        super().__init__(
+            divergence_chunk,
+            "the fused divergence",
+            enabled=compile_math,
+            compiled_form=functools.partial(divergence_chunk, branch_free=True),
+        )
 
-    def __call__(self, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if self.compile_math and not self._failed:
-            try:
-                if self._compiled is None:
-                    self._compiled = torch.compile(
-                        functools.partial(divergence_chunk, branch_free=True), dynamic=True
-                    )
-                return self._compiled(*args, **kwargs)
-            except Exception as error:
-                self._failed = True
-                logger.warning(
-                    "DistillLens: torch.compile of the fused divergence failed (%s: %s); using eager mode.",
-                    type(error).__name__,
-                    str(error).splitlines()[0] if str(error) else "",
-                )
-        return divergence_chunk(*args, **kwargs)
+    @property
+    def compile_math(self) -> bool:
+        return self.enabled
 
 
 def _chunk_terms_on_copies(

@@ -5,10 +5,15 @@ A GGUF file is de-quantised by transformers on load (``from_pretrained(folder, g
 it returns still carries GGUF quantisation markers, so ``Trainer`` and ``save_pretrained`` refuse it. Its
 weights are plain tensors, so dropping the markers (:func:`drop_gguf_quantization`) makes it an ordinary
 model that trains and saves as safetensors.
+
+A local GGUF file's config is parsed once per process (:func:`gguf_config`): transformers reads the whole file's
+metadata, the tokenizer's vocabulary included, for every config it builds (about 4 s for SmolLM2-135M), and
+``from_pretrained`` builds one more unless it is handed the config.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -71,6 +76,29 @@ def check_gguf_source(name_or_path: str, gguf_file: str, field: str) -> None:
             f"{field}={gguf_file!r} is not a file in {name_or_path!r}: give the GGUF file's name inside that "
             "folder (or its absolute path)."
         )
+
+
+# Parsed GGUF configs: (resolved file, its mtime and size, the config's keyword arguments) -> the config.
+_GGUF_CONFIGS: dict[tuple[Any, ...], PreTrainedConfig] = {}
+
+
+def gguf_config(name_or_path: str, gguf_file: str, **kwargs: Any) -> PreTrainedConfig:
+    """``AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, **kwargs)``, parsed once per process for a
+    local file (a changed file is parsed again); each call returns its own copy."""
+    kwargs = {"trust_remote_code": False, **kwargs}  # its default, spelled out: one key for both spellings
+    path = Path(name_or_path).expanduser() / gguf_file
+    if not path.is_file():  # a hub id: nothing to key on
+        return AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, **kwargs)
+    stat = path.stat()
+    key = (
+        str(path.resolve()),
+        stat.st_mtime_ns,
+        stat.st_size,
+        tuple(sorted((k, repr(v)) for k, v in kwargs.items())),
+    )
+    if key not in _GGUF_CONFIGS:
+        _GGUF_CONFIGS[key] = AutoConfig.from_pretrained(name_or_path, gguf_file=gguf_file, **kwargs)
+    return copy.deepcopy(_GGUF_CONFIGS[key])
 
 
 def is_missing_local_path(name_or_path: str) -> bool:
@@ -141,6 +169,9 @@ def load_causal_lm(
         check_gguf_source(name_or_path, gguf_file, gguf_field)
         from_pretrained_kwargs["gguf_file"] = gguf_file
     try:
+        if gguf_file and "config" not in from_pretrained_kwargs:  # else from_pretrained parses it once more
+            trust = {"trust_remote_code": from_pretrained_kwargs.get("trust_remote_code", False)}
+            from_pretrained_kwargs["config"] = gguf_config(name_or_path, gguf_file, **trust)
         model = AutoModelForCausalLM.from_pretrained(name_or_path, **from_pretrained_kwargs)
     except OSError as error:
         source = f"{name_or_path!r} with {gguf_field}={gguf_file!r}" if gguf_file else repr(name_or_path)
@@ -170,8 +201,9 @@ def read_config(
     check_local_source(name_or_path, field)
     if gguf_file:
         check_gguf_source(name_or_path, gguf_file, gguf_field)
-        kwargs["gguf_file"] = gguf_file
     try:
+        if gguf_file:
+            return gguf_config(name_or_path, gguf_file, **kwargs)
         return AutoConfig.from_pretrained(name_or_path, **kwargs)
     except (OSError, ValueError, ImportError):
         return None
