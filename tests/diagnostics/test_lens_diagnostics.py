@@ -597,6 +597,22 @@ def test_progress_advances_by_the_tokens_of_each_chunk():
     assert max(updates) == 4
 
 
+def test_the_progress_bar_says_it_waits_for_the_compilation_until_the_first_chunk(monkeypatch, capsys):
+    from distillens_trainer.diagnostics.report import COMPILING_NOTE
+
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)  # compiled = eager, at once
+    student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
+    profile_models(
+        student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, chunk_size=4, compile=True
+    )
+    states = capsys.readouterr().err.split("\r")
+    noted = [state for state in states if COMPILING_NOTE in state]
+    assert noted and all(" 0/10 " in state for state in noted)  # shown before the first chunk, and only then
+    assert "100%" in states[-1]
+    profile_models(student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, compile=False)
+    assert COMPILING_NOTE not in capsys.readouterr().err
+
+
 def _shrunk_student(workspace: Path, folder: Path, keep: list[int]) -> Path:
     """A student cut from the workspace's 4-block teacher with ``distillens_trainer.models.shrink.shrink_model``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

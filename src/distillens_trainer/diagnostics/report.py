@@ -42,6 +42,22 @@ from .profile import (
 logger = logging.getLogger(__name__)
 
 SCHEMA = "distillens-lens-profile/1"
+# The progress bar's note until the first chunk is done, when the JSD pass is compiled.
+COMPILING_NOTE = "compiling the JSD pass first (once, about 10 s on a CPU)"
+
+
+class _ClearsNoteOnFirstUpdate:
+    """A progress bar whose postfix note is cleared by its first ``update``."""
+
+    def __init__(self, bar: Any) -> None:
+        self.bar = bar
+        self.noted = True
+
+    def update(self, count: int) -> None:
+        if self.noted:
+            self.bar.set_postfix_str("", refresh=False)
+            self.noted = False
+        self.bar.update(count)
 
 
 def finite_or_null(value: Any) -> tuple[Any, int]:
@@ -154,13 +170,15 @@ def profile_models(
         model.eval()
     try:
         with tqdm(total=target, unit="tok", desc="lens profile", disable=not show_progress) as progress:
+            if compile:  # the first chunk waits for the compilation: the bar says why it stands still
+                progress.set_postfix_str(COMPILING_NOTE)
             accumulate_batches(
                 accumulator,
                 student,
                 teacher,
                 _batches(dataset, DataCollatorForCompletionOnly(tokenizer), batch_size, _device_of(student)),
                 max_tokens=target,
-                progress=progress,
+                progress=_ClearsNoteOnFirstUpdate(progress) if compile else progress,
             )
     finally:
         for model, training in zip(models, was_training):
