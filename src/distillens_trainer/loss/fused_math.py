@@ -31,9 +31,9 @@ from .divergences import DIVERGENCES, LOG_PROB_FLOOR, divergence_record
 # add one block and half of one where they apply.
 CHUNK_BLOCKS = 4
 # ``probs_by_division``: exp's argument is floored here. On the CPU, torch.exp of an fp32 argument below about -87
-# (a result below the smallest normal float) takes 40 ns instead of 0.2; lens distributions have a few percent of
-# such entries. e^-72 (5e-32, divided by a sum of at most V) stays a normal float for any vocabulary up to 4e6, and
-# no fp32 sum over a vocabulary can tell it from zero.
+# (a result below the smallest normal float) takes 40 ns instead of 0.2; on real text the lens rows of layer 0 (the
+# embedding output) have 73% of such entries, a middle layer's up to 0.7%. e^-72 (5e-32, divided by a sum of at
+# most V) stays a normal float for any vocabulary up to 4e6, and no fp32 sum over a vocabulary can tell it from zero.
 EXP_ARGUMENT_FLOOR = -72.0
 # the divergences whose gradient does not vanish where the student's log-probability is floored: they need the
 # clamp's mask (a bool [n, V] block)
