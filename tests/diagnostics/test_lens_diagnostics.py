@@ -597,20 +597,39 @@ def test_progress_advances_by_the_tokens_of_each_chunk():
     assert max(updates) == 4
 
 
-def test_the_progress_bar_says_it_waits_for_the_compilation_until_the_first_chunk(monkeypatch, capsys):
+class _RecordingBar:
+    """Progress that records what it was told, in order."""
+
+    def __init__(self, total, description, **kwargs):
+        self.events: list[tuple[str, object]] = [("total", total)]
+        _RecordingBar.made.append(self)
+
+    def update(self, count):
+        self.events.append(("update", count))
+
+    def set_postfix_str(self, text):
+        self.events.append(("note", text))
+
+    def close(self):
+        self.events.append(("close", None))
+
+
+def test_the_progress_says_it_waits_for_the_compilation_until_the_first_chunk(monkeypatch):
+    import distillens_trainer.diagnostics.report as report_module
     from distillens_trainer.diagnostics.report import COMPILING_NOTE
 
     monkeypatch.setattr(torch, "compile", lambda function, **kwargs: function)  # compiled = eager, at once
+    monkeypatch.setattr(report_module, "progress", _RecordingBar)
+    _RecordingBar.made = []
     student, teacher = _peaked_llama(2, seed=1), _peaked_llama(3, seed=2)
-    profile_models(
-        student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, chunk_size=4, compile=True
-    )
-    states = capsys.readouterr().err.split("\r")
-    noted = [state for state in states if COMPILING_NOTE in state]
-    assert noted and all(" 0/10 " in state for state in noted)  # shown before the first chunk, and only then
-    assert "100%" in states[-1]
-    profile_models(student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, compile=False)
-    assert COMPILING_NOTE not in capsys.readouterr().err
+    for compile in (True, False):
+        profile_models(
+            student, teacher, _dataset(2), TOKENIZER, vocab_size=TINY_VOCAB, chunk_size=4, compile=compile
+        )
+    compiled, eager = (bar.events for bar in _RecordingBar.made)
+    assert compiled[:4] == [("total", 10), ("note", COMPILING_NOTE), ("note", ""), ("update", 4)]
+    assert [kind for kind, _ in compiled[4:]] == ["update", "update", "close"]  # 10 tokens: 4 + 4 + 2
+    assert eager == [("total", 10), ("update", 4), ("update", 4), ("update", 2), ("close", None)]
 
 
 def _shrunk_student(workspace: Path, folder: Path, keep: list[int]) -> Path:

@@ -31,6 +31,7 @@ from ..data.collation import DataCollatorForCompletionOnly
 from ..loss.divergences import PAPER_LENS_DIVERGENCE
 from ..loss.layer_map import LayerPair
 from ..loss.lens import LogitLens
+from ..progress import progress
 from .profile import (
     DEFAULT_MEMORY_BUDGET_MIB,
     LensProfileAccumulator,
@@ -55,7 +56,7 @@ class _ClearsNoteOnFirstUpdate:
 
     def update(self, count: int) -> None:
         if self.noted:
-            self.bar.set_postfix_str("", refresh=False)
+            self.bar.set_postfix_str("")
             self.noted = False
         self.bar.update(count)
 
@@ -138,12 +139,11 @@ def profile_models(
         vocab_size: the shared real vocabulary (see :func:`distillens_trainer.teacher.frozen.shared_vocab_size`).
         mapped_pairs: the training's layer map, reported under ``mapped``.
         chunk_size: tokens per chunk; None takes as many as ``memory_budget_mib`` MiB of reused blocks hold.
-        show_progress: a tqdm bar advanced by the tokens of each chunk.
+        show_progress: progress advanced by the tokens of each chunk (:func:`~distillens_trainer.progress.progress`:
+            a bar on a terminal, else a line at least every 30 s with the time left).
         compile: ``torch.compile`` the JSD pass (:class:`LensProfileAccumulator`); None (default) compiles where
             that pays off (:func:`~distillens_trainer.diagnostics.profile.compile_pays_off`).
     """
-    from tqdm.auto import tqdm
-
     if len(dataset) == 0:
         raise ValueError("the dataset has no examples: give a data file with at least one example.")
     student_lens = LogitLens(student, final_norm=lens_final_norm)
@@ -169,17 +169,20 @@ def profile_models(
     for model in models:
         model.eval()
     try:
-        with tqdm(total=target, unit="tok", desc="lens profile", disable=not show_progress) as progress:
-            if compile:  # the first chunk waits for the compilation: the bar says why it stands still
-                progress.set_postfix_str(COMPILING_NOTE)
+        bar = progress(target, "lens profile", unit="tokens", enabled=show_progress)
+        if compile:  # the first chunk waits for the compilation: the bar says why it stands still
+            bar.set_postfix_str(COMPILING_NOTE)
+        try:
             accumulate_batches(
                 accumulator,
                 student,
                 teacher,
                 _batches(dataset, DataCollatorForCompletionOnly(tokenizer), batch_size, _device_of(student)),
                 max_tokens=target,
-                progress=_ClearsNoteOnFirstUpdate(progress) if compile else progress,
+                progress=_ClearsNoteOnFirstUpdate(bar) if compile else bar,
             )
+        finally:
+            bar.close()
     finally:
         for model, training in zip(models, was_training):
             model.train(training)
