@@ -479,7 +479,7 @@ def test_the_reused_block_path_matches_a_float64_reference_for_every_pair_and_di
 
 @pytest.mark.parametrize("keep_every_layer", [True, False])
 def test_the_block_softmax_matches_float64_with_masked_entries_and_dead_rows(keep_every_layer):
-    from distillens_trainer.diagnostics.profile import softmax_statistics_
+    from distillens_trainer.diagnostics.layer_blocks import softmax_statistics_
 
     generator = torch.Generator().manual_seed(5)
     logits = 20 * torch.randn(3, 5, 300, generator=generator, dtype=torch.float64)
@@ -507,7 +507,7 @@ def test_the_block_softmax_matches_float64_with_masked_entries_and_dead_rows(kee
 
 @pytest.mark.parametrize("vocab_size", [7, 64, 300, 4097])
 def test_first_max_index_is_argmax_with_ties_and_a_partial_last_block(vocab_size):
-    from distillens_trainer.diagnostics.profile import first_max_index
+    from distillens_trainer.diagnostics.layer_blocks import first_max_index
 
     generator = torch.Generator().manual_seed(vocab_size)
     values = torch.randint(0, 4, (40, vocab_size), generator=generator).float()  # ties everywhere
@@ -553,7 +553,7 @@ def test_compiling_the_profile_pays_off_from_thirty_billion_pair_elements():
 
 
 def test_the_chunk_size_follows_the_memory_budget():
-    from distillens_trainer.diagnostics.profile import MAX_CHUNK_SIZE, chunk_size_for_budget
+    from distillens_trainer.diagnostics.layer_blocks import MAX_CHUNK_SIZE, chunk_size_for_budget
 
     # SmolLM2: 6 + 30 blocks, every hidden_states index read (7 + 31 layers), V = 49152
     assert chunk_size_for_budget(38 + 2 + 2, 49152, 1024) == 130  # JSD: probabilities, 2 final λ rows, 2 work

@@ -14,7 +14,7 @@ from ..files import overwrite_output_dir_field
 from ..loss.divergences import DIVERGENCE_NAMES, PAPER_LENS_DIVERGENCE, check_divergence_name
 from ..loss.layer_map import LAYER_MAPS, check_layer_map_choice
 from ..loss.spec import check_temperature_and_beta
-from .profile import DEFAULT_MEMORY_BUDGET_MIB
+from .layer_blocks import DEFAULT_MEMORY_BUDGET_MIB
 
 # --torch_compile: its choices and what each means for the profile (None: where it pays off).
 COMPILE_CHOICES: dict[str, bool | None] = {"auto": None, "true": True, "false": False}

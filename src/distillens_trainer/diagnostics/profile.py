@@ -9,18 +9,17 @@ and turned into fp32 log-probabilities over the shared vocabulary once; from tho
 - each model's cross-entropy of the target (response) token under its final layer, i.e. its own output
   distribution over the shared vocabulary (read from the same log-probabilities, at no extra cost).
 
-Work is done per chunk of ``chunk_size`` tokens (by default as many as :data:`DEFAULT_MEMORY_BUDGET_MIB` of
-blocks hold, see :func:`chunk_size_for_budget`), on blocks allocated once and reused for every chunk: per model a
-``[n, chunk_size, V]`` fp32 block of probabilities (``n`` = the layers read; each layer's head product is written
-there and turned into its probabilities in place), one of log-probabilities (every layer where a requested
-divergence's per-pair formula reads them, the KL kinds; else the final layer only), and two ``[chunk_size, V]``
-work blocks. No ``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed
-by each divergence's ``per_pair`` formula in the registry (:mod:`distillens_trainer.loss.divergences`) from
+Work is done per chunk of ``chunk_size`` tokens (by default as many as
+:data:`~.layer_blocks.DEFAULT_MEMORY_BUDGET_MIB` of blocks hold), on blocks allocated once and reused for every
+chunk (what one chunk computes is :mod:`.layer_blocks`): per model a ``[n, chunk_size, V]`` fp32 block of
+probabilities (``n`` = the layers read), one of log-probabilities (every layer where a requested divergence's
+per-pair formula reads them, the KL kinds; else the final layer only), and two ``[chunk_size, V]`` work blocks. No
+``[pairs, chunk, V]`` tensor is ever built. The pair divergences are computed by each divergence's ``per_pair`` formula in the registry (:mod:`distillens_trainer.loss.divergences`) from
 per-layer and per-pair sums over the vocabulary (``Σ p·λ`` per layer once; per pair one row dot such as
 ``Σ t·λ_s``, or the JSD's mixture ``m`` in a work block, so a pair's value does not depend on which other layers
 are read), each per token in fp32 and accumulated in fp64, so they equal the elementwise definitions up to fp32
 rounding (a few 1e-6 nats per token at V = 49152). With ``layer_statistics=False`` only the pair divergences and
-the cross-entropies are summed, from the log-probabilities of just the layers the pairs read and the final ones. Layer indices follow the
+the cross-entropies are summed, from just the layers the pairs read and the final ones. Layer indices follow the
 ``hidden_states`` convention (0 = embedding output, ``L`` = the last block's output, which equals the model's own
 logits through the lens).
 """
@@ -36,41 +35,27 @@ import torch
 from ..loss.compiled import CompiledOrEager
 from ..loss.divergences import (
     PAPER_LENS_DIVERGENCE,
-    LayerPairs,
     check_divergence_name,
     divergence_record,
-    log_probs,
     mixture_entropy_sums,
 )
-from ..loss.fused_math import log_softmax_
 from ..loss.layer_map import LayerPair, proportional_teacher_layer
 from ..loss.lens import LogitLens
 from ..loss.response_tokens import response_mask, select_response
 from ..models.facts import forward_accepts, with_position_ids
+from .layer_blocks import (
+    DEFAULT_MEMORY_BUDGET_MIB,
+    WORK_BLOCKS,
+    ChunkLayers,
+    chunk_size_for_budget,
+    pair_divergence_sums,
+    read_layers,
+)
 
-# The default memory for a chunk's blocks (log-probabilities and probabilities of every layer read, two work
-# blocks): the chunk size follows from it (:func:`chunk_size_for_budget`), between 1 and MAX_CHUNK_SIZE tokens.
-DEFAULT_MEMORY_BUDGET_MIB = 1024
-MAX_CHUNK_SIZE = 256
-WORK_BLOCKS = 2  # [chunk, V] fp32 work blocks besides the per-layer ones
-# A tile of the per-layer softmax (its log-probabilities, probabilities and a work row): small enough for the three
-# to stay in a CPU core's L2 cache (1-2 MiB) across the softmax's passes.
-TILE_BYTES = 512 * 2**10
 # The elements (tokens × layer pairs × V) from which compiling the JSD pass pays for itself: compiling takes 10-12 s
 # here, and saves about a quarter of the eager profile's time (SmolLM2's 7 × 31 layers at V = 49,152: even at about
 # 1,000 tokens, ahead from about 3,000; `distillens lens` defaults to 8,192).
 AUTO_COMPILE_MIN_ELEMENTS = 3 * 10**10
-
-
-def chunk_size_for_budget(
-    block_rows: int, vocab_size: int, budget_mib: float = DEFAULT_MEMORY_BUDGET_MIB
-) -> int:
-    """Tokens per chunk whose fp32 blocks (``block_rows`` rows of ``V`` per token, the work blocks' included) fit
-    in ``budget_mib``; at least 1, at most :data:`MAX_CHUNK_SIZE`. E.g. 6 + 30 blocks (38 layers read) at
-    V = 49152: the JSD's 38 + 2 + 2 rows (probabilities, two final log-probability rows, the work rows) give 130
-    tokens in 1 GiB; a KL's 2·38 + 2 rows give 70."""
-    bytes_per_token = 4 * vocab_size * block_rows
-    return max(1, min(MAX_CHUNK_SIZE, int(budget_mib * 2**20) // bytes_per_token))
 
 
 def compile_pays_off(num_tokens: int, num_pairs: int, vocab_size: int) -> bool:
@@ -90,151 +75,6 @@ def same_depth_pairs(student_num_layers: int, teacher_num_layers: int) -> list[L
         (s, proportional_teacher_layer(s, student_num_layers, teacher_num_layers))
         for s in range(1, student_num_layers + 1)
     ]
-
-
-def layer_log_probs(
-    lens: LogitLens,
-    hidden_states: Sequence[torch.Tensor],
-    vocab_size: int,
-    layers: Sequence[int] | None = None,
-) -> torch.Tensor:
-    """``L + 1`` tensors ``[c, d]`` (one per ``hidden_states`` index) -> ``[n, c, V]`` fp32 log-probs of the
-    ``n`` chosen ``layers`` (default every index, ``n = L + 1``), in that order."""
-    layers = range(len(hidden_states)) if layers is None else layers
-    return torch.stack([log_probs(lens(hidden_states[index], index)[..., :vocab_size]) for index in layers])
-
-
-@dataclass
-class ChunkLayers:
-    """One model's layers on one chunk of ``c`` tokens, in reused blocks: fp32 floored log-probabilities λ and
-    probabilities p (``[n, c, V]``, one row per layer read; λ only the last layer's, ``[1, c, V]``, where no
-    per-pair formula reads it), their per-token ``Σ p·λ`` (``negentropy``) and ``Σ p`` (``mass``), ``[n, c]`` each
-    (the :class:`~distillens_trainer.loss.divergences.LayerStatistics` the divergences' per-pair formulas read),
-    and each token's top-1 entry (``top1``, ``[n, c]``)."""
-
-    log_probs: torch.Tensor
-    probs: torch.Tensor
-    negentropy: torch.Tensor
-    mass: torch.Tensor
-    top1: torch.Tensor
-
-    @property
-    def num_rows(self) -> int:
-        return self.probs.shape[0]
-
-    def final(self) -> ChunkLayers:
-        """A view of the last layer alone (no copy)."""
-        last = slice(-1, None)
-        return ChunkLayers(
-            self.log_probs[last], self.probs[last], self.negentropy[last], self.mass[last], self.top1[last]
-        )
-
-
-def _read_layers(
-    lens: LogitLens,
-    hidden_states: Sequence[torch.Tensor],
-    layers: Sequence[int],
-    vocab_size: int,
-    probs_block: torch.Tensor,
-    log_probs_block: torch.Tensor,
-    work: torch.Tensor,
-) -> ChunkLayers:
-    """Read ``layers`` (``hidden_states`` indices, ``[c, d]`` each) through ``lens`` into the reused blocks, in
-    place: probabilities into ``probs_block`` (``[n, c, V]``), floored log-probabilities (dead rows made uniform,
-    as :func:`~distillens_trainer.loss.divergences.log_probs` does) into ``log_probs_block``, which holds every
-    layer (``[n, c, V]``) or the last one alone (``[1, c, V]``); ``work`` is a ``[2, c, V]`` block.
-
-    The head products come first, back to back (the head's weight stays in the CPU's cache between them), each
-    straight into its row of ``probs_block``; :func:`softmax_statistics_` then turns each row into probabilities in
-    place."""
-    head = lens.linear_head()
-    writes_in_place = head is not None and head.weight.dtype == probs_block.dtype
-    for row, index in enumerate(layers):
-        if writes_in_place:  # the head product straight into the block: no [c, V] copy
-            head.logits_into(lens.to_head_input(hidden_states[index], index), probs_block[row])
-        else:
-            probs_block[row].copy_(lens(hidden_states[index], index)[..., :vocab_size])
-    negentropy, mass, top1 = softmax_statistics_(probs_block, log_probs_block, work)
-    return ChunkLayers(log_probs_block, probs_block, negentropy, mass, top1)
-
-
-def softmax_statistics_(
-    logits: torch.Tensor, log_probs: torch.Tensor, work: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """In place: ``[n, c, V]`` fp32 logits -> their probabilities; their floored log-probabilities (dead rows
-    uniform) into ``log_probs``, which keeps every row (``[n, c, V]``) or the last one alone (``[1, c, V]``); returns
-    the ``Σ p·λ``, ``Σ p`` and top-1 entry of each row and token, ``[n, c]`` each. ``work``: ``[2, c', V]``.
-
-    On tiles of a few tokens (:func:`tile_tokens`) whose rows stay in the CPU's cache across the passes; every
-    value is that of the whole row at once (the passes are per token)."""
-    num_rows, num_tokens, vocab_size = logits.shape
-    negentropy = logits.new_empty(num_rows, num_tokens)
-    mass = logits.new_empty(num_rows, num_tokens)
-    top1 = torch.empty(num_rows, num_tokens, dtype=torch.long, device=logits.device)
-    first_kept = num_rows - log_probs.shape[0]  # the rows before it leave their log-probabilities in work
-    tile = tile_tokens(vocab_size)
-    for row in range(num_rows):
-        top1[row] = first_max_index(logits[row])  # [c]: the largest logit is the largest log-probability
-        for start in range(0, num_tokens, tile):
-            tokens = slice(start, min(start + tile, num_tokens))
-            p = logits[row, tokens]  # [t, V]: logits in, probabilities out
-            log_p = log_probs[row - first_kept, tokens] if row >= first_kept else work[0, : p.shape[0]]
-            log_softmax_(log_p.copy_(p), p, 1.0, probs_by_division=True)
-            torch.sum(torch.mul(p, log_p, out=work[1, : p.shape[0]]), dim=-1, out=negentropy[row, tokens])
-            torch.sum(p, dim=-1, out=mass[row, tokens])
-    return negentropy, mass, top1
-
-
-def first_max_index(values: torch.Tensor, block: int = 64) -> torch.Tensor:
-    """``[t, V]`` -> ``[t]``: the first index of each row's largest value, as ``values.argmax(dim=-1)`` gives it for
-    rows without NaN, from vectorised max-reductions (the CPU's ``argmax`` is ten times slower than ``amax``): the
-    largest value, then the first ``block`` of entries holding it, then the first entry of that block."""
-    num_rows, vocab_size = values.shape
-    num_blocks = vocab_size // block
-    if num_blocks == 0:
-        return values.argmax(dim=-1)
-    row_max = values.amax(dim=-1, keepdim=True)  # [t, 1]
-    blocked = values[:, : num_blocks * block].reshape(num_rows, num_blocks, block)  # [t, nb, B]
-    in_blocks = blocked.amax(dim=-1) == row_max  # [t, nb]: blocks holding the largest value
-    first_block = in_blocks.byte().argmax(dim=-1)  # [t], 0 where none does
-    rows = torch.arange(num_rows, device=values.device)
-    index = first_block * block + blocked[rows, first_block].argmax(dim=-1)
-    if num_blocks * block < vocab_size:  # the tail after the last whole block: where no block holds the max
-        tail = values[:, num_blocks * block :].argmax(dim=-1) + num_blocks * block
-        index = torch.where(in_blocks.any(dim=-1), index, tail)
-    return index
-
-
-def tile_tokens(vocab_size: int) -> int:
-    """Tokens per tile of the per-layer softmax: as many ``V``-wide fp32 rows as :data:`TILE_BYTES` hold, at least
-    one (2 at V = 49152)."""
-    return max(1, TILE_BYTES // (4 * vocab_size))
-
-
-def pair_divergence_sums(
-    divergences: Sequence[str],
-    student: ChunkLayers,
-    teacher: ChunkLayers,
-    student_rows: Sequence[int],
-    teacher_rows: Sequence[int],
-    jsd_beta: float,
-    work: torch.Tensor,
-    mixture_sums: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] | None = None,
-) -> dict[str, torch.Tensor]:
-    """``{name: [P] fp64}``: the sum over the chunk's tokens of D(student row ‖ teacher row) for each pair
-    ``(student_rows[k], teacher_rows[k])``, student first as in training.
-
-    Each divergence's ``per_pair`` formula (:data:`~distillens_trainer.loss.divergences.DIVERGENCES`) gives it per
-    token in fp32, from the chunk's per-layer sums and per-pair row dots (the cross terms shared by the KL kinds
-    computed once); ``work`` is a ``[2, c, V]`` block it may overwrite; ``mixture_sums`` replaces the JSD's eager
-    pass (:class:`~distillens_trainer.loss.divergences.LayerPairs`). The sums are accumulated in fp64.
-    """
-    pairs = LayerPairs(student, teacher, student_rows, teacher_rows, work, mixture_sums)
-    sums: dict[str, torch.Tensor] = {}
-    for name in divergences:
-        per_token = divergence_record(name, "divergences").per_pair(pairs, beta=jsd_beta)  # [c, P]
-        sums[name] = per_token.double().sum(dim=0)  # [c, P] -> [P]
-    return sums
 
 
 @dataclass
@@ -420,7 +260,7 @@ class LensProfileAccumulator:
         chunk = targets.shape[0]
         device = self.student_lens.head.weight.device
         work = self._block("work", WORK_BLOCKS, chunk, device)  # [2, c, V]
-        student = _read_layers(
+        student = read_layers(
             self.student_lens, student_hidden, self._student_layers, self.vocab_size,
             self._block("student_probs", len(self._student_layers), chunk, device),
             self._block("student_log_probs", self._log_prob_rows(self._student_layers), chunk, device),
@@ -431,7 +271,7 @@ class LensProfileAccumulator:
         if teacher_hidden is None:
             teacher = student
         else:
-            teacher = _read_layers(
+            teacher = read_layers(
                 self.teacher_lens, teacher_hidden, self._teacher_layers, self.vocab_size,
                 self._block("teacher_probs", len(self._teacher_layers), chunk, device),
                 self._block("teacher_log_probs", self._log_prob_rows(self._teacher_layers), chunk, device),

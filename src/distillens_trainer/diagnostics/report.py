@@ -32,8 +32,8 @@ from ..loss.divergences import PAPER_LENS_DIVERGENCE
 from ..loss.layer_map import LayerPair
 from ..loss.lens import LogitLens
 from ..progress import progress
+from .layer_blocks import DEFAULT_MEMORY_BUDGET_MIB
 from .profile import (
-    DEFAULT_MEMORY_BUDGET_MIB,
     LensProfileAccumulator,
     accumulate_batches,
     compile_pays_off,

@@ -30,11 +30,6 @@ from .divergences import DIVERGENCES, LOG_PROB_FLOOR, divergence_record
 # ¼-block bool mask of the MASKED_DIVERGENCES; the soft-cap's derivative and a weight-dtype copy of the gradient
 # add one block and half of one where they apply.
 CHUNK_BLOCKS = 4
-# ``probs_by_division``: exp's argument is floored here. On the CPU, torch.exp of an fp32 argument below about -87
-# (a result below the smallest normal float) takes 40 ns instead of 0.2; on real text the lens rows of layer 0 (the
-# embedding output) have 73% of such entries, a middle layer's up to 0.7%. e^-72 (5e-32, divided by a sum of at
-# most V) stays a normal float for any vocabulary up to 4e6, and no fp32 sum over a vocabulary can tell it from zero.
-EXP_ARGUMENT_FLOOR = -72.0
 # the divergences whose gradient does not vanish where the student's log-probability is floored: they need the
 # clamp's mask (a bool [n, V] block)
 MASKED_DIVERGENCES: tuple[str, ...] = tuple(name for name, record in DIVERGENCES.items() if record.masked)
@@ -106,43 +101,34 @@ class ChunkBlocks:
 
 
 # --------------------------------------------------------------------------------------------- in place
-def log_softmax_(
-    logits: torch.Tensor,
-    probs: torch.Tensor,
-    temperature: float,
-    branch_free: bool = False,
-    *,
-    probs_by_division: bool = False,
-) -> torch.Tensor:
-    """In place: ``[n, V]`` logits -> floored log-probs of ``logits / T``; ``probs`` <- their softmax.
-
-    Dead rows (all ``-inf``) are made uniform, as ``divergences.log_probs_and_live_rows`` does; ``branch_free``
-    skips the data-dependent test (for ``torch.compile``). Returns the ``[n]`` live rows. ``probs_by_division``:
-    the probabilities as exp(shifted logits, floored at :data:`EXP_ARGUMENT_FLOOR`) / their sum (one pass fewer,
-    none of exp's slow arguments; within an ulp of the exp of the floored log-probs the training path uses, and
-    at most e^-72 where that is smaller, so the reference's rounding is not kept: the lens profile's choice).
-    """
-    if temperature != 1.0:
-        logits.div_(temperature)
+def shift_by_row_max_(logits: torch.Tensor, branch_free: bool = False) -> torch.Tensor:
+    """In place: ``[n, V]`` logits minus each row's largest, so every row's top is 0; dead rows (all ``-inf``)
+    become all 0 (uniform), as ``divergences.log_probs_and_live_rows`` does. ``branch_free`` skips the
+    data-dependent test (for ``torch.compile``). Returns the ``[n, 1]`` dead rows."""
     row_max = logits.amax(dim=-1, keepdim=True)  # [n, 1]
     dead = torch.isneginf(row_max)
     if branch_free or bool(dead.any()):
         logits.masked_fill_(dead, 0.0)
         row_max.masked_fill_(dead, 0.0)
     logits.sub_(row_max)
-    if probs_by_division:
-        torch.clamp(logits, min=EXP_ARGUMENT_FLOOR, out=probs).exp_()
-    else:
-        torch.exp(logits, out=probs)
-    total = probs.sum(dim=-1, keepdim=True)  # >= 1
-    if probs_by_division:
-        probs.div_(total)
+    return dead
+
+
+def log_softmax_(
+    logits: torch.Tensor, probs: torch.Tensor, temperature: float, branch_free: bool = False
+) -> torch.Tensor:
+    """In place: ``[n, V]`` logits -> floored log-probs of ``logits / T``; ``probs`` <- their softmax.
+
+    Dead rows (all ``-inf``) are made uniform (:func:`shift_by_row_max_`); ``branch_free`` skips the
+    data-dependent test (for ``torch.compile``). Returns the ``[n]`` live rows.
+    """
+    if temperature != 1.0:
+        logits.div_(temperature)
+    dead = shift_by_row_max_(logits, branch_free)
+    total = torch.exp(logits, out=probs).sum(dim=-1, keepdim=True)  # >= 1
     logits.sub_(total.log_()).clamp_min_(LOG_PROB_FLOOR)
-    if probs_by_division:
-        return ~dead.squeeze(-1)
-    torch.exp(
-        logits, out=probs
-    )  # exp of the floored log-probs, as the reference (not a division: same rounding)
+    # exp of the floored log-probs, as the reference (not a division: same rounding)
+    torch.exp(logits, out=probs)
     return ~dead.squeeze(-1)
 
 
