@@ -458,7 +458,7 @@ def _step(tmp_path, student, teacher, batch, chunk, **overrides):
     model.train()
     loss = trainer.compute_loss(model, batch, num_items_in_batch=torch.tensor(17))
     loss.backward()
-    terms = {name: value.item() for name, value in trainer._train_term_totals.items()}
+    terms = {name: value.item() for name, value in trainer._term_logs.train_totals.items()}
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     return loss.detach(), terms, grads, trainer
 

@@ -72,6 +72,7 @@ from .on_policy import (
     window_is_on_policy,
 )
 from .setup import set_up_distillation
+from .term_logs import TermLogs
 
 logger = logging.getLogger(__name__)
 
@@ -191,14 +192,7 @@ class DistillLensTrainer(Trainer):
         if hasattr(self, "_loss_shifts_labels"):
             self._loss_shifts_labels = True
 
-        self._train_term_totals: dict[str, torch.Tensor] = defaultdict(
-            lambda: torch.zeros((), device=self.args.device)
-        )
-        self._train_steps_seen: set[int] = set()
-        self._eval_term_sums: dict[str, torch.Tensor] = defaultdict(
-            lambda: torch.zeros((), device=self.args.device)
-        )
-        self._eval_tokens = torch.zeros((), device=self.args.device)
+        self._term_logs = TermLogs(self.args.device, self.objective_spec.term_weights)
         self._window_stats: dict[str, float] = defaultdict(float)
         # The non-finite guard (nonfinite.py): the first non-finite micro-batch of the current optimizer step, and
         # the steps taken / skipped since the last training log and in this train() call.
@@ -479,7 +473,7 @@ class DistillLensTrainer(Trainer):
             result, model, student_outputs, teacher_signals, inputs.get("attention_mask")
         )
         if not skipped:
-            self._record_terms(result, training=model.training, scale=scale)
+            self._term_logs.record(result, training=model.training, step=self.state.global_step, scale=scale)
         if return_outputs:
             return loss, CausalLMOutputWithPast(loss=loss, logits=student_outputs.logits)
         return loss
@@ -561,50 +555,6 @@ class DistillLensTrainer(Trainer):
         self._step_counts.count_skip()
         logger.warning("nonfinite_policy='skip': skipped %s (no update applied).", line)
 
-    # ----------------------------------------------------------------------------------------- logging
-    def _record_terms(self, result: ObjectiveOutput, *, training: bool, scale: int) -> None:
-        if training:
-            self._train_steps_seen.add(self.state.global_step)
-            for name, value in result.term_sums.items():
-                self._train_term_totals[name] += value * (scale / result.denominator)
-        else:
-            for name, value in result.term_sums.items():
-                self._eval_term_sums[name] += value
-            self._eval_tokens += result.num_tokens
-
-    def _pop_train_terms(self) -> dict[str, float]:
-        """Per-term means over the optimizer steps since the last log, averaged across processes."""
-        if not self._train_term_totals:
-            return {}
-        names = sorted(self._train_term_totals)
-        totals = torch.stack([self._train_term_totals[name] for name in names])
-        totals = self.accelerator.reduce(totals, reduction="mean")
-        num_steps = max(len(self._train_steps_seen), 1)
-        self._train_term_totals.clear()
-        self._train_steps_seen.clear()
-        return {name: value / num_steps for name, value in zip(names, totals.tolist())}
-
-    def _pop_eval_terms(self, prefix: str) -> dict[str, float]:
-        """Per-term means over every response token of the evaluation set, across processes, and ``loss``.
-
-        ``{prefix}_loss`` is the objective over the same tokens, Σ weight · term, so it equals the weighted sum of
-        the logged terms and does not depend on the evaluation batch size (``Trainer`` averages batch means).
-        """
-        if not self._eval_term_sums:
-            return {}
-        names = sorted(self._eval_term_sums)
-        sums = torch.stack([self._eval_term_sums[name] for name in names] + [self._eval_tokens])
-        sums = self.accelerator.reduce(sums, reduction="sum")
-        num_tokens = max(sums[-1].item(), 1.0)
-        self._eval_term_sums.clear()
-        self._eval_tokens.zero_()
-        means = {name: value / num_tokens for name, value in zip(names, sums[:-1].tolist())}
-        weights = self.objective_spec.term_weights
-        means["loss"] = sum(
-            weights[name] * value for name, value in means.items() if weights.get(name, 0) > 0
-        )
-        return {f"{prefix}_{name}": value for name, value in means.items()}
-
     def train(
         self,
         resume_from_checkpoint: str | bool | None = None,
@@ -614,8 +564,7 @@ class DistillLensTrainer(Trainer):
         """``Trainer.train``; ``resume_from_checkpoint=True`` (or ``"true"``) resumes from the newest *complete*
         checkpoint in ``output_dir``, and a named incomplete checkpoint is refused in one line naming the file."""
         resume_from_checkpoint = resolve_resume_from_checkpoint(resume_from_checkpoint, self.args.output_dir)
-        self._train_term_totals.clear()  # terms of an earlier, unlogged tail must not leak into this run
-        self._train_steps_seen.clear()
+        self._term_logs.clear_train()  # terms of an earlier, unlogged tail must not leak into this run
         self._window_stats.clear()
         self._nonfinite_event = None
         self._step_counts = StepCounts()
@@ -635,7 +584,9 @@ class DistillLensTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log: add the terms averaged over the same window as `loss`
-            logs.update(self._pop_train_terms())
+            logs.update(
+                self._term_logs.pop_train(lambda totals: self.accelerator.reduce(totals, reduction="mean"))
+            )
             logs.update(self._pop_window_stats())
         if self.args.nonfinite_policy == "skip":
             self._step_counts.correct_logs(logs)
@@ -651,12 +602,15 @@ class DistillLensTrainer(Trainer):
     ) -> EvalLoopOutput:
         """``Trainer.evaluation_loop``, with the terms' means over every response token and, under
         ``lens_eval_profile``, the per-layer lens metrics."""
-        self._eval_term_sums.clear()
-        self._eval_tokens.zero_()
+        self._term_logs.clear_eval()
         output = super().evaluation_loop(
             dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
         )
-        output.metrics.update(self._pop_eval_terms(metric_key_prefix))
+        output.metrics.update(
+            self._term_logs.pop_eval(
+                metric_key_prefix, lambda sums: self.accelerator.reduce(sums, reduction="sum")
+            )
+        )
         if self.args.lens_eval_profile and self.teacher_model is not None:
             output.metrics.update(self._lens_profile(dataloader, metric_key_prefix))
         return output
