@@ -186,6 +186,13 @@ class Round3Arguments:
     generation_batch_size: int = field(default=16, metadata={"help": "Prompts per generate() call."})
     threads: int | None = field(default=None, metadata={"help": "torch threads (default: the usable cores)."})
     commit_runs: bool = field(default=False, metadata={"help": "git-commit every job record as it lands."})
+    allow_retrained_start: bool = field(
+        default=False,
+        metadata={
+            "help": "Go on when the warm start, trained again in a later session, has other weights than the "
+            "recorded one (another CPU rounds otherwise); every record names the start it trained from."
+        },
+    )
     report_only: bool = field(default=False, metadata={"help": "Only write the report from the records."})
 
     def __post_init__(self) -> None:
@@ -211,6 +218,7 @@ class Round3Arguments:
             "threads",
             "commit_runs",
             "report_only",
+            "allow_retrained_start",
         }
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
 
@@ -262,6 +270,7 @@ class Round3:
         self.teacher: Any = None  # the tuned teacher, fp32 (what the student is cut from)
         self.teacher_bf16: Any = None  # the copy training and evaluation read where autocast is on
         self.init: Any = None
+        self.start_sha256: str | None = None  # the warm start's digest, as this session trained or read it
         self.suite: Suite | None = None
 
     # -- records ------------------------------------------------------------------------------------------------
@@ -292,11 +301,12 @@ class Round3:
         jobs = [("teacher_shipped", "eval_teacher")]
         jobs += [(f"teacher_sft_{candidate_name(c)}", "teacher_sft") for c in args.teacher_grid]
         jobs += [("teacher", "eval_teacher"), ("init", "warm_start")]
-        jobs += [(f"sweep_{m}_lr{lr:g}", "sweep") for m in OFF_POLICY for lr in args.lr_grid]
-        for seed in args.seeds:
-            jobs += [
-                (f"{m}_seed{seed}", "run_sampled" if seed == args.seeds[0] else "run") for m in OFF_POLICY
-            ]
+        # A method's sweep, then its first seed at once: the swept model of the chosen rate is that run, and the
+        # swept models (not committed) are gone in the next session.
+        for m in OFF_POLICY:
+            jobs += [(f"sweep_{m}_lr{lr:g}", "sweep") for lr in args.lr_grid]
+            jobs += [(f"{m}_seed{args.seeds[0]}", "run_sampled")]
+        jobs += [(f"{m}_seed{seed}", "run") for seed in args.seeds[1:] for m in OFF_POLICY]
         jobs += [(f"sweep_kd_onpolicy_lr{lr:g}", "sweep_onpolicy") for lr in args.onpolicy_lr_grid]
         jobs += [(f"{m}_seed{args.seeds[0]}", "run") for m in ON_POLICY]
         return jobs
@@ -326,7 +336,7 @@ class Round3:
             start = time.perf_counter()
             record = getattr(self, f"job_{kind}")(name)
             record |= {"job": name, "kind": kind, "job_time_s": round(time.perf_counter() - start, 1)}
-            record["threads"] = self.threads
+            record |= {"threads": self.threads, "cpu": CPU_MODEL}
             self.save(name, record)
             left = self.pending()
             logger.info(
@@ -408,8 +418,14 @@ class Round3:
                 self.init = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
             else:
                 self.init, _ = self.warm_up()
-            if rec is not None and weights_digest(self.init) != rec["weights_sha256"]:
-                raise ValueError(f"the warm start trained again differs from {self.record_path('init')}.")
+            self.start_sha256 = weights_digest(self.init)
+            if rec is not None and self.start_sha256 != rec["weights_sha256"]:
+                where = f"the warm start trained again ({self.start_sha256[:12]}) differs from {self.record_path('init')} ({rec['weights_sha256'][:12]}, {rec.get('cpu', 'another CPU')})"
+                if not self.args.allow_retrained_start:
+                    raise ValueError(
+                        f"{where}: --allow_retrained_start true goes on from it, each record naming its start."
+                    )
+                logger.warning("%s; going on from it (--allow_retrained_start)", where)
         return self.init
 
     def warm_up(self) -> tuple[Any, Any]:
@@ -569,8 +585,8 @@ class Round3:
 
     def job_warm_start(self, name: str) -> dict[str, Any]:
         student, run = self.warm_up()
-        self.init = student
-        record = {"steps": self.args.warmup_steps, "train_time_s": run.train_time_s, "weights_sha256": weights_digest(student),
+        self.init, self.start_sha256 = student, weights_digest(student)
+        record = {"steps": self.args.warmup_steps, "train_time_s": run.train_time_s, "weights_sha256": self.start_sha256,
                   "kept_layers": evenly_spaced_layers(30, self.args.student_layers), "params": student.num_parameters()}  # fmt: skip
         return record | self.evaluate(student, sampled=False)
 
@@ -587,6 +603,7 @@ class Round3:
             "learning_rate": float(rate),
             "dev_rougeL": self.dev_rouge(model),
             "train": run.summary(),
+            "start_sha256": self.start_sha256,
         }
 
     job_sweep_onpolicy = job_sweep
@@ -608,15 +625,31 @@ class Round3:
         record: dict[str, Any] = {"method": method, "seed": seed_value, "learning_rate": rate}
         if seed_value == self.args.seeds[0] and (swept / "config.json").is_file():
             model = AutoModelForCausalLM.from_pretrained(swept, dtype=torch.float32)
-            record["train"] = self.record(f"sweep_{method}_lr{rate:g}")["train"]
+            sweep = self.record(f"sweep_{method}_lr{rate:g}")
+            record |= {"train": sweep["train"], "start_sha256": sweep.get("start_sha256")}
         else:
             model = copy.deepcopy(self.student_init())
             record["train"] = self.train(model, method, self.args.steps, rate, seed=seed_value).summary()
+            record["start_sha256"] = self.start_sha256
         return record | self.evaluate(
             model, sampled=name.endswith(f"_seed{self.args.seeds[0]}") and method in OFF_POLICY
         )
 
     job_run_sampled = job_run
+
+
+def cpu_model() -> str:
+    """This CPU as /proc/cpuinfo names it (name and model number): what a record's bits may depend on."""
+    try:
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8")
+    except OSError:
+        return "unknown"
+    fields_ = dict(line.split(":", 1) for line in info.split("\n\n")[0].splitlines() if ":" in line)
+    fields_ = {k.strip(): v.strip() for k, v in fields_.items()}
+    return f"{fields_.get('model name', 'unknown')} (model {fields_.get('model', '?')})"
+
+
+CPU_MODEL = cpu_model()
 
 
 def candidate_name(candidate: str) -> str:
@@ -715,6 +748,17 @@ def summarise(study: Round3, table: dict[str, dict[int, dict[str, Any]]]) -> dic
     return {"methods": methods, "paired": paired}
 
 
+def starts_of(study: Round3) -> dict[str, Any]:
+    """The warm start every student trained from: the recorded one, and any other (retrained on another CPU)."""
+    recorded = (study.record("init") or {}).get("weights_sha256")
+    others: dict[str, list[str]] = {}
+    for name, kind in study.jobs():
+        rec = study.record(name)
+        if kind.startswith(("sweep", "run")) and rec and rec.get("start_sha256") not in (None, recorded):
+            others.setdefault(rec["start_sha256"], []).append(name)
+    return {"init_sha256": recorded, "other_starts": others}
+
+
 def settings_of(study: Round3) -> dict[str, Any]:
     args = study.args
     teacher = {candidate_name(c): study.record(f"teacher_sft_{candidate_name(c)}") for c in args.teacher_grid}
@@ -802,6 +846,11 @@ def markdown(report: dict[str, Any]) -> str:
               "Teacher SFT candidates (dev ROUGE-L): " + ", ".join(f"{k}: {(v or {}).get('dev_rougeL', '-')}" for k, v in settings["teacher_sft"]["candidates"].items())
               + f"; chosen {settings['teacher_sft']['chosen']}.",
               f"Learning-rate sweeps (dev ROUGE-L): {settings['lr_sweeps_dev_rougeL']}."]  # fmt: skip
+    for digest, jobs in report["starts"]["other_starts"].items():
+        lines += [
+            "",
+            f"Trained from a retrained warm start ({digest[:12]}, not the recorded one): {', '.join(jobs)}.",
+        ]
     if report["pending"]:
         lines += [
             "",
@@ -856,6 +905,7 @@ def write_report(study: Round3) -> dict[str, Any]:
         "settings": settings_of(study),
         **summarise(study, table),
         "samples": {m: runs[min(runs)]["greedy"]["samples"] for m, runs in table.items()},
+        "starts": starts_of(study),
         "pending": [name for name, _ in pending],
         "eta_min": round(study.eta_minutes(pending), 1),
     }

@@ -1,0 +1,106 @@
+"""``benchmarks/real_model_round3.py``: the job plan, the warm start's identity and the report, without a real model."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import real_model_round3 as round3
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def _study(tmp_path: Path, **overrides) -> round3.Round3:
+    """A round-3 study of the smoke preset over a tiny copy of the five evaluation sets."""
+    data = tmp_path / "data"
+    for file in [*round3.EVAL_SETS.values(), round3.TRAIN_FILE, round3.DEV_FILE]:
+        (data / file).parent.mkdir(parents=True, exist_ok=True)
+        rows = [{"instruction": f"q{i}", "input": "", "output": f"a{i}"} for i in range(6)]
+        (data / file).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    args = round3.Round3Arguments(
+        output_dir=str(tmp_path / "out"), preset="smoke", data_dir=str(data), bf16=False, **overrides
+    )
+    return round3.Round3(args, "test")
+
+
+def _write(study: round3.Round3, name: str, record: dict) -> None:
+    path = study.record_path(name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+
+
+def _tiny_model(seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2
+    )
+    return LlamaForCausalLM(config)
+
+
+def test_each_methods_sweep_is_followed_by_its_first_seed(tmp_path):
+    jobs = [name for name, _ in _study(tmp_path).jobs()]
+    # the swept models live in this session only: the first seed of a method runs right after its sweep
+    for method in round3.OFF_POLICY:
+        sweeps = [jobs.index(f"sweep_{method}_lr{lr:g}") for lr in (1e-4, 2e-4)]
+        assert jobs.index(f"{method}_seed0") == max(sweeps) + 1
+    # the other seeds of the off-policy methods come before the on-policy pair (one seed, last)
+    assert max(jobs.index(f"{m}_seed1") for m in round3.OFF_POLICY) < jobs.index("sweep_kd_onpolicy_lr1e-05")
+    assert jobs[-2:] == ["kd_onpolicy_seed0", "distillens_onpolicy_seed0"]
+    assert len(jobs) == len(set(jobs))
+
+
+def test_the_kinds_of_jobs_sample_only_the_first_seed_of_the_off_policy_methods(tmp_path):
+    kinds = dict(_study(tmp_path).jobs())
+    assert {name for name, kind in kinds.items() if kind == "run_sampled"} == {
+        f"{m}_seed0" for m in round3.OFF_POLICY
+    }
+
+
+def test_allowing_a_retrained_start_leaves_the_settings_fingerprint_unchanged(tmp_path):
+    strict = _study(tmp_path).args.fingerprint()
+    assert _study(tmp_path, allow_retrained_start=True).args.fingerprint() == strict
+
+
+@pytest.mark.parametrize("allowed", [False, True])
+def test_a_warm_start_with_other_weights_than_its_record_stops_unless_allowed(tmp_path, allowed, caplog):
+    study = _study(tmp_path, allow_retrained_start=allowed)
+    _tiny_model(0).save_pretrained(study.root / "warm_start")
+    recorded = round3.weights_digest(_tiny_model(1))
+    _write(study, "init", {"weights_sha256": recorded, "cpu": "another CPU (model 1)"})
+    if not allowed:
+        with pytest.raises(ValueError, match="--allow_retrained_start true"):
+            study.student_init()
+        return
+    with caplog.at_level(logging.WARNING):
+        model = study.student_init()
+    assert study.start_sha256 == round3.weights_digest(model) != recorded
+    assert "differs from" in caplog.text
+
+
+def test_a_warm_start_read_back_with_its_recorded_weights_is_the_start(tmp_path):
+    study = _study(tmp_path)
+    _tiny_model(0).save_pretrained(study.root / "warm_start")
+    digest = round3.weights_digest(_tiny_model(0))
+    _write(study, "init", {"weights_sha256": digest})
+    study.student_init()
+    assert study.start_sha256 == digest
+
+
+def test_the_report_names_the_runs_trained_from_another_start(tmp_path):
+    study = _study(tmp_path)
+    _write(study, "init", {"weights_sha256": "a" * 64})
+    _write(study, "sweep_kd_lr0.0001", {"start_sha256": "a" * 64})
+    _write(study, "kd_seed1", {"start_sha256": "b" * 64})
+    _write(study, "sft_seed1", {"start_sha256": "b" * 64})
+    _write(study, "kd_ce_seed1", {})  # a record from before starts were named
+    assert round3.starts_of(study) == {
+        "init_sha256": "a" * 64,
+        "other_starts": {"b" * 64: ["sft_seed1", "kd_seed1"]},
+    }
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
+def test_the_cpu_model_names_the_processor_and_its_model_number():
+    assert "(model " in round3.CPU_MODEL
