@@ -759,6 +759,19 @@ def starts_of(study: Round3) -> dict[str, Any]:
     return {"init_sha256": recorded, "other_starts": others}
 
 
+def time_spent(study: Round3) -> dict[str, Any]:
+    """Hours the finished jobs took, per kind of job and per thread count (the warm start trained again at the start
+    of a later session is not a job and is not counted)."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for name, kind in study.jobs():
+        rec = study.record(name)
+        if rec and rec.get("job_time_s"):
+            entry = kinds.setdefault(f"{kind} @ {rec.get('threads')} threads", {"jobs": 0, "hours": 0.0})
+            entry["jobs"] += 1
+            entry["hours"] = round(entry["hours"] + rec["job_time_s"] / 3600, 3)
+    return {"per_kind": kinds, "hours": round(sum(k["hours"] for k in kinds.values()), 2)}
+
+
 def settings_of(study: Round3) -> dict[str, Any]:
     args = study.args
     teacher = {candidate_name(c): study.record(f"teacher_sft_{candidate_name(c)}") for c in args.teacher_grid}
@@ -846,6 +859,10 @@ def markdown(report: dict[str, Any]) -> str:
               "Teacher SFT candidates (dev ROUGE-L): " + ", ".join(f"{k}: {(v or {}).get('dev_rougeL', '-')}" for k, v in settings["teacher_sft"]["candidates"].items())
               + f"; chosen {settings['teacher_sft']['chosen']}.",
               f"Learning-rate sweeps (dev ROUGE-L): {settings['lr_sweeps_dev_rougeL']}."]  # fmt: skip
+    spent = ", ".join(
+        f"{k}: {v['jobs']} in {v['hours']:.2f} h" for k, v in report["time"]["per_kind"].items()
+    )
+    lines += ["", f"Time of the finished jobs: {report['time']['hours']:.2f} h ({spent})."]
     for digest, jobs in report["starts"]["other_starts"].items():
         lines += [
             "",
@@ -906,6 +923,7 @@ def write_report(study: Round3) -> dict[str, Any]:
         **summarise(study, table),
         "samples": {m: runs[min(runs)]["greedy"]["samples"] for m, runs in table.items()},
         "starts": starts_of(study),
+        "time": time_spent(study),
         "pending": [name for name, _ in pending],
         "eta_min": round(study.eta_minutes(pending), 1),
     }

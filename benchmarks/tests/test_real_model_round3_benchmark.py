@@ -104,3 +104,17 @@ def test_the_report_names_the_runs_trained_from_another_start(tmp_path):
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
 def test_the_cpu_model_names_the_processor_and_its_model_number():
     assert "(model " in round3.CPU_MODEL
+
+
+def test_the_time_spent_adds_the_finished_jobs_per_kind_and_thread_count(tmp_path):
+    study = _study(tmp_path)
+    _write(study, "teacher_shipped", {"job_time_s": 1800.0, "threads": 1})
+    _write(study, "sweep_kd_lr0.0001", {"job_time_s": 360.0, "threads": 2})
+    _write(study, "sweep_kd_lr0.0002", {"job_time_s": 540.0, "threads": 2})
+    assert round3.time_spent(study) == {
+        "per_kind": {
+            "eval_teacher @ 1 threads": {"jobs": 1, "hours": 0.5},
+            "sweep @ 2 threads": {"jobs": 2, "hours": 0.25},
+        },
+        "hours": 0.75,
+    }
