@@ -320,7 +320,7 @@ class Round3:
         for name, kind in self.jobs():
             rec = self.record(name)
             if rec and rec.get("job_time_s") and rec.get("threads") == self.threads:
-                measured.setdefault(kind, []).append(rec["job_time_s"] / 60)
+                measured.setdefault(kind, []).append(working_seconds(rec) / 60)
         return sum(statistics.fmean(measured[k]) if k in measured else ESTIMATE_MIN[k] for _, k in pending)
 
     @property
@@ -638,6 +638,12 @@ class Round3:
     job_run_sampled = job_run
 
 
+def working_seconds(record: dict[str, Any]) -> float:
+    """A job's wall time less the time its process was stopped (``paused_s``, added by hand to a record whose run
+    was paused with SIGSTOP for a measurement)."""
+    return record["job_time_s"] - record.get("paused_s", 0.0)
+
+
 def cpu_model() -> str:
     """This CPU as /proc/cpuinfo names it (name and model number): what a record's bits may depend on."""
     try:
@@ -768,7 +774,7 @@ def time_spent(study: Round3) -> dict[str, Any]:
         if rec and rec.get("job_time_s"):
             entry = kinds.setdefault(f"{kind} @ {rec.get('threads')} threads", {"jobs": 0, "hours": 0.0})
             entry["jobs"] += 1
-            entry["hours"] = round(entry["hours"] + rec["job_time_s"] / 3600, 3)
+            entry["hours"] = round(entry["hours"] + working_seconds(rec) / 3600, 3)
     return {"per_kind": kinds, "hours": round(sum(k["hours"] for k in kinds.values()), 2)}
 
 

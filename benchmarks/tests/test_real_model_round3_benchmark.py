@@ -118,3 +118,9 @@ def test_the_time_spent_adds_the_finished_jobs_per_kind_and_thread_count(tmp_pat
         },
         "hours": 0.75,
     }
+
+
+def test_a_job_paused_for_a_measurement_counts_its_working_time(tmp_path):
+    study = _study(tmp_path)
+    _write(study, "sweep_kd_lr0.0001", {"job_time_s": 1560.0, "paused_s": 1020.0, "threads": 2})
+    assert round3.time_spent(study)["per_kind"]["sweep @ 2 threads"] == {"jobs": 1, "hours": 0.15}
