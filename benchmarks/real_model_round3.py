@@ -24,8 +24,8 @@ rerun with the same settings skips finished jobs, so the comparison is finished 
 commits each record as it lands. An ETA is printed after every job. ``--report_only true`` writes ``results.json``
 / ``results.md`` / ``rouge_per_set.png`` from the records alone::
 
-    PYTHONPATH=src OMP_NUM_THREADS=1 nohup python benchmarks/real_model_round3.py \\
-        --output_dir benchmarks/results/real_model_round3 --preset cpu --threads 1 --commit_runs true &
+    PYTHONPATH=src OMP_NUM_THREADS=2 nohup python benchmarks/real_model_round3.py \\
+        --output_dir benchmarks/results/real_model_round3 --preset cpu --threads 2 --commit_runs true &
     PYTHONPATH=src python benchmarks/real_model_round3.py --output_dir /tmp/r3_smoke --preset smoke
 """
 
