@@ -8,6 +8,7 @@ from datasets import Dataset
 
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.trainer.on_policy import (
+    WindowStats,
     completion_batch,
     completion_until_eos,
     prompts_of,
@@ -25,6 +26,25 @@ def test_the_window_coin_depends_only_on_seed_and_window_and_lands_on_policy_lmb
     assert draws != [window_is_on_policy(0.3, 8, window) for window in range(4000)]
     assert not any(window_is_on_policy(0.0, 7, window) for window in range(100))
     assert all(window_is_on_policy(1.0, 7, window) for window in range(100))
+
+
+def test_window_stats_log_the_on_policy_share_and_the_mean_completion_length_then_start_again():
+    stats = WindowStats()
+    assert stats.pop() == {}
+    prompts = [torch.tensor([5, 6]), torch.tensor([7])]  # 3 prompt tokens
+    rows = completion_batch(
+        prompts, [torch.tensor([8, 9, EOS_ID]), torch.tensor([EOS_ID])], PAD_ID
+    )  # 4 generated
+    stats.count_window(on_policy=True)
+    stats.count_completions(prompts, [rows], seconds=3.0)
+    stats.count_window(on_policy=False)
+    assert stats.pop() == {
+        "on_policy_fraction": 0.5,
+        "completion_length": 2.0,  # 4 generated tokens over 2 completions
+        "generation_seconds_per_window": 1.5,
+    }
+    stats.count_window(on_policy=False)
+    assert stats.pop() == {"on_policy_fraction": 0.0}
 
 
 @pytest.mark.parametrize("side", ["left", "right"])

@@ -6,14 +6,21 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from transformers import GenerationConfig
 
+from ..config import DistillLensConfig
 from ..distributed.fsdp import is_fsdp_module
-from ..evaluation.generation import build_generation_config, left_pad, only_generation_config
-from ..models.facts import is_partitioned, unwrap_model
+from ..evaluation.generation import (
+    build_generation_config,
+    eos_token_ids,
+    left_pad,
+    only_generation_config,
+)
+from ..models.facts import context_length, is_partitioned, unwrap_model
 
 
 @dataclass(frozen=True)
@@ -51,6 +58,60 @@ class SamplingSettings:
         )
         config.use_cache = True  # the KV cache, stated rather than left to the model's defaults
         return config
+
+
+def sampling_settings(
+    args: DistillLensConfig,
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    has_teacher: bool,
+    train_columns: Sequence[str] = (),
+) -> SamplingSettings:
+    """How a run that generates completions (``lmbda > 0`` or ``seq_kd``) samples them, checked once before
+    training: a teacher for ``seq_kd``, an EOS token, and responses in the data unless every window is on-policy.
+
+    ``train_columns`` are the training dataset's column names (empty when unknown, e.g. an iterable dataset).
+    """
+    if args.seq_kd and not has_teacher:
+        raise ValueError("seq_kd=True samples completions from the teacher: pass teacher_model=... as well.")
+    module = unwrap_model(model)
+    eos_ids = tuple(eos_token_ids(module, tokenizer))
+    if not eos_ids:
+        raise ValueError(
+            "lmbda > 0 (or seq_kd) samples completions that end at the EOS token, but the tokenizer has none: "
+            "set tokenizer.eos_token (and pass the tokenizer as processing_class)."
+        )
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        pad = getattr(getattr(module, "generation_config", None), "pad_token_id", None)
+    if args.lmbda < 1 and not args.seq_kd and train_columns and "labels" not in train_columns:
+        raise ValueError(
+            f"the training data has no labels (prompt-only rows), so the off-policy windows of lmbda={args.lmbda} "
+            "have nothing to train on: set lmbda=1 (every window on-policy) or seq_kd=True."
+        )
+    return SamplingSettings(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.generation_temperature,
+        top_p=args.generation_top_p,
+        top_k=args.generation_top_k,
+        pad_token_id=eos_ids[0] if pad is None else pad,
+        eos_token_ids=eos_ids,
+        batch_size=args.per_device_train_batch_size,
+    )
+
+
+def check_room_for_completions(
+    model: nn.Module, prompts: Sequence[torch.Tensor], max_new_tokens: int
+) -> None:
+    """Refuses prompts ``[P_i]`` whose longest plus ``max_new_tokens`` exceeds the model's context, in one line."""
+    limit = context_length(unwrap_model(model).config)
+    longest = max(len(prompt) for prompt in prompts)
+    if limit is not None and longest + max_new_tokens > limit:
+        raise ValueError(
+            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the student's context of "
+            f"{limit} positions: lower max_new_tokens or max_prompt_length."
+        )
 
 
 @contextlib.contextmanager

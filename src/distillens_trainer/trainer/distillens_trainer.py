@@ -6,7 +6,6 @@ import logging
 import math
 import os
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,6 @@ from ..config import DistillLensConfig
 from ..diagnostics.profile import evaluation_lens_profile
 from ..distributed.fsdp import fsdp_owners, fsdp_version, gather_for_objective, release
 from ..distributed.quiet import hide_deepspeed_cpu_notice
-from ..evaluation.generation import eos_token_ids
 from ..loss.feature_baseline import FeatureProjector
 from ..loss.layer_map import (
     LayerPair,
@@ -33,7 +31,6 @@ from ..loss.objective import DistillLensObjective
 from ..loss.spec import ObjectiveOutput
 from ..loss.teacher_signals import TeacherSignals, TeacherSource
 from ..models.facts import (
-    context_length,
     forward_accepts,
     num_hidden_layers,
     unwrap_model,
@@ -44,7 +41,12 @@ from ..teacher.cached import CachedTeacher, open_cached_teacher
 from ..teacher.frozen import resolve_teacher
 from ..version import __version__
 from .checkpoints import forget_completion, resolve_resume_from_checkpoint
-from .completions import SamplingSettings, sample_completions
+from .completions import (
+    SamplingSettings,
+    check_room_for_completions,
+    sample_completions,
+    sampling_settings,
+)
 from .inputs import (
     refuse_compute_loss_func,
     token_count,
@@ -64,6 +66,7 @@ from .nonfinite import (
     refuse_nonfinite_weights,
 )
 from .on_policy import (
+    WindowStats,
     completion_batch,
     completion_until_eos,
     has_responses,
@@ -193,7 +196,7 @@ class DistillLensTrainer(Trainer):
             self._loss_shifts_labels = True
 
         self._term_logs = TermLogs(self.args.device, self.objective_spec.term_weights)
-        self._window_stats: dict[str, float] = defaultdict(float)
+        self._window_stats = WindowStats()
         # The non-finite guard (nonfinite.py): the first non-finite micro-batch of the current optimizer step, and
         # the steps taken / skipped since the last training log and in this train() call.
         self._nonfinite_event: NonFiniteEvent | None = None
@@ -201,7 +204,13 @@ class DistillLensTrainer(Trainer):
         self.add_callback(NonFiniteGuard(self))
         self.sampling: SamplingSettings | None = None
         if args.generates_completions:
-            self.sampling = self._sampling_settings(args)
+            self.sampling = sampling_settings(
+                args,
+                self.model,
+                tokenizer_of(self.processing_class),
+                has_teacher=self.teacher_model is not None,
+                train_columns=getattr(self.train_dataset, "column_names", None) or (),
+            )
 
     def _check_student_before_loading(self, model: nn.Module, args: DistillLensConfig) -> None:
         """Checks that need only the student, run before the teacher loads: lens depth, finite weights and master
@@ -224,40 +233,6 @@ class DistillLensTrainer(Trainer):
                 )
 
     # ----------------------------------------------------------------------------------------- on-policy windows
-    def _sampling_settings(self, args: DistillLensConfig) -> SamplingSettings:
-        """How completions are sampled, checked once: a teacher for ``seq_kd``, an EOS token, responses in the
-        data unless every window is on-policy."""
-        if args.seq_kd and self.teacher_model is None:
-            raise ValueError(
-                "seq_kd=True samples completions from the teacher: pass teacher_model=... as well."
-            )
-        tokenizer = tokenizer_of(self.processing_class)
-        generation_config = getattr(unwrap_model(self.model), "generation_config", None)
-        eos_ids = tuple(eos_token_ids(unwrap_model(self.model), tokenizer))
-        if not eos_ids:
-            raise ValueError(
-                "lmbda > 0 (or seq_kd) samples completions that end at the EOS token, but the tokenizer has none: "
-                "set tokenizer.eos_token (and pass the tokenizer as processing_class)."
-            )
-        pad = getattr(tokenizer, "pad_token_id", None)
-        if pad is None:
-            pad = getattr(generation_config, "pad_token_id", None)
-        columns = getattr(self.train_dataset, "column_names", None) or []
-        if args.lmbda < 1 and not args.seq_kd and columns and "labels" not in columns:
-            raise ValueError(
-                f"the training data has no labels (prompt-only rows), so the off-policy windows of lmbda={args.lmbda} "
-                "have nothing to train on: set lmbda=1 (every window on-policy) or seq_kd=True."
-            )
-        return SamplingSettings(
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.generation_temperature,
-            top_p=args.generation_top_p,
-            top_k=args.generation_top_k,
-            pad_token_id=eos_ids[0] if pad is None else pad,
-            eos_token_ids=eos_ids,
-            batch_size=args.per_device_train_batch_size,
-        )
-
     def get_batch_samples(
         self, epoch_iterator: Iterator, num_batches: int, device: torch.device
     ) -> tuple[list, torch.Tensor | int | None]:
@@ -268,8 +243,7 @@ class DistillLensTrainer(Trainer):
         if self.sampling is None or not batches:
             return batches, num_items_in_batch
         on_policy = window_is_on_policy(self.args.lmbda, self.args.seed, self.state.global_step)
-        self._window_stats["windows"] += 1
-        self._window_stats["on_policy_windows"] += on_policy
+        self._window_stats.count_window(on_policy)
         if not on_policy and not self.args.seq_kd:
             if not all(has_responses(batch) for batch in batches):
                 raise ValueError(
@@ -281,7 +255,7 @@ class DistillLensTrainer(Trainer):
         generator = self.model if on_policy else self.teacher_model
         prompts = [prompts_of(batch) for batch in batches]
         flat = [prompt for batch_prompts in prompts for prompt in batch_prompts]
-        self._check_room_for_completions(flat)
+        check_room_for_completions(self.model, flat, self.sampling.max_new_tokens)
         eos_ids = self.sampling.eos_token_ids
         completions = iter(
             completion_until_eos(tokens, eos_ids) for tokens in self.generate_completions(generator, flat)
@@ -292,21 +266,8 @@ class DistillLensTrainer(Trainer):
             )
             for batch_prompts in prompts
         ]
-        self._window_stats["generation_seconds"] += time.perf_counter() - started
-        self._window_stats["completions"] += len(flat)
-        self._window_stats["completion_tokens"] += sum(int(b["attention_mask"].sum()) for b in batches) - sum(
-            len(prompt) for prompt in flat
-        )
+        self._window_stats.count_completions(flat, batches, time.perf_counter() - started)
         return batches, self._get_num_items_in_batch(batches, device)
-
-    def _check_room_for_completions(self, prompts: list[torch.Tensor]) -> None:
-        limit = context_length(unwrap_model(self.model).config)
-        longest = max(len(prompt) for prompt in prompts)
-        if limit is not None and longest + self.sampling.max_new_tokens > limit:
-            raise ValueError(
-                f"a prompt of {longest} tokens plus max_new_tokens={self.sampling.max_new_tokens} exceeds the "
-                f"student's context of {limit} positions: lower max_new_tokens or max_prompt_length."
-            )
 
     def generate_completions(self, model: nn.Module, prompts: list[torch.Tensor]) -> list[torch.Tensor]:
         """``model``'s continuation of each prompt ``[P_i]`` (token ids), sampled with :attr:`sampling`. The seam for
@@ -316,18 +277,6 @@ class DistillLensTrainer(Trainer):
         return sample_completions(
             model, prompts, self.sampling, self.args.gradient_checkpointing_kwargs, seed
         )
-
-    def _pop_window_stats(self) -> dict[str, float]:
-        """On-policy share, mean completion length and generation seconds per window since the last log."""
-        stats = self._window_stats
-        if not stats.get("windows"):
-            return {}
-        logs = {"on_policy_fraction": stats["on_policy_windows"] / stats["windows"]}
-        if stats.get("completions"):
-            logs["completion_length"] = stats["completion_tokens"] / stats["completions"]
-            logs["generation_seconds_per_window"] = stats["generation_seconds"] / stats["windows"]
-        stats.clear()
-        return logs
 
     # ----------------------------------------------------------------------------------------- model card
     def create_model_card(
@@ -587,7 +536,7 @@ class DistillLensTrainer(Trainer):
             logs.update(
                 self._term_logs.pop_train(lambda totals: self.accelerator.reduce(totals, reduction="mean"))
             )
-            logs.update(self._pop_window_stats())
+            logs.update(self._window_stats.pop())
         if self.args.nonfinite_policy == "skip":
             self._step_counts.correct_logs(logs)
         super().log(logs, start_time)

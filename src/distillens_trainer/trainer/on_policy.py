@@ -6,13 +6,15 @@ same sequence of decisions. On such a window each row's prompt (its real tokens 
 is completed by the student; the window then trains on prompt + completion, with the prompt and the padding
 masked, so every term is a mean over the generated tokens (GKD, arXiv 2306.13649; MiniLLM).
 
-These helpers are pure tensor functions; the trainer (``DistillLensTrainer.generate_completions``) samples.
+These helpers are pure tensor functions and the window counts logged with each training loss; the trainer
+(``DistillLensTrainer.generate_completions``) samples.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -102,3 +104,43 @@ def completion_batch(
         attention_mask[row, :end] = 1
         labels[row, len(prompt) : end] = completion.to(device)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+@dataclass
+class WindowStats:
+    """Counts of the optimizer windows since the last training log, logged beside the loss: the on-policy share,
+    the mean completion length and the seconds spent generating per window."""
+
+    windows: int = 0
+    on_policy_windows: int = 0
+    completions: int = 0
+    completion_tokens: int = 0
+    generation_seconds: float = 0.0
+
+    def count_window(self, on_policy: bool) -> None:
+        self.windows += 1
+        self.on_policy_windows += int(on_policy)
+
+    def count_completions(
+        self, prompts: Sequence[torch.Tensor], batches: Sequence[Mapping[str, torch.Tensor]], seconds: float
+    ) -> None:
+        """Adds a window's generated rows: ``prompts`` ``[P_i]`` and the ``completion_batch`` rows built from them."""
+        self.completions += len(prompts)
+        real_tokens = sum(int(batch["attention_mask"].sum()) for batch in batches)
+        self.completion_tokens += real_tokens - sum(len(prompt) for prompt in prompts)
+        self.generation_seconds += seconds
+
+    def pop(self) -> dict[str, float]:
+        """The logs since the last call (nothing when no window was counted), and the counts cleared."""
+        if not self.windows:
+            return {}
+        logs = {"on_policy_fraction": self.on_policy_windows / self.windows}
+        if self.completions:
+            logs["completion_length"] = self.completion_tokens / self.completions
+            logs["generation_seconds_per_window"] = self.generation_seconds / self.windows
+        self.clear()
+        return logs
+
+    def clear(self) -> None:
+        self.windows = self.on_policy_windows = self.completions = self.completion_tokens = 0
+        self.generation_seconds = 0.0
