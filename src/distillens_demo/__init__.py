@@ -32,6 +32,10 @@ The demo
    ``distillens.json`` recording the prompt format) to ``output_dir/models/<name>``, ready for
    ``distillens train`` and ``distillens eval``.
 
+One module per stage: :mod:`.arguments` (settings and presets), :mod:`.tasks` and :mod:`.suite` (step 1),
+:mod:`.training` and :mod:`.cache` (steps 2-4, the cached teacher and start), :mod:`.scoring` (step 5),
+:mod:`.run` and :mod:`.plots` (step 6, and the order of the whole run).
+
 A folder an earlier demo wrote (it holds ``.distillens-demo``) is reused: its results, models and generations
 are replaced. Any other non-empty folder is refused unless ``--overwrite_output_dir`` is given.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -142,5 +142,5 @@ class WindowStats:
         return logs
 
     def clear(self) -> None:
-        self.windows = self.on_policy_windows = self.completions = self.completion_tokens = 0
-        self.generation_seconds = 0.0
+        for count in fields(self):
+            setattr(self, count.name, count.default)
