@@ -41,7 +41,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -215,12 +215,18 @@ class Round3Arguments:
             "preset",
             "seeds",
             "generation_batch_size",
-            "threads",
-            "commit_runs",
-            "report_only",
             "allow_retrained_start",
+            *RUN_CONTROL,
         }
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
+
+    def study_settings(self) -> dict[str, Any]:
+        """The settings a report echoes: all but how this one invocation runs (each job records its threads)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in RUN_CONTROL}
+
+
+# how one invocation runs, not what it studies: the report and the fingerprint leave these out
+RUN_CONTROL = frozenset({"threads", "commit_runs", "report_only"})
 
 
 def parse_candidate(candidate: str) -> tuple[float, int]:
@@ -795,7 +801,7 @@ def settings_of(study: Round3) -> dict[str, Any]:
     teacher_choice = None
     if all(teacher.values()):
         teacher_choice = study.teacher_choice()
-    return asdict(args) | {
+    return args.study_settings() | {
         "prompts_per_set": {name: len(rows) for name, rows in study.sets.items()},
         "dev_prompts": len(study.dev),
         "learning_rates": rates,

@@ -124,3 +124,12 @@ def test_a_job_paused_for_a_measurement_counts_its_working_time(tmp_path):
     study = _study(tmp_path)
     _write(study, "sweep_kd_lr0.0001", {"job_time_s": 1560.0, "paused_s": 1020.0, "threads": 2})
     assert round3.time_spent(study)["per_kind"]["sweep @ 2 threads"] == {"jobs": 1, "hours": 0.15}
+
+
+def test_the_reported_settings_leave_out_how_the_report_was_invoked(tmp_path):
+    trained = _study(tmp_path, threads=2, commit_runs=True)
+    reported = _study(tmp_path, threads=1, report_only=True)
+    settings = reported.args.study_settings()
+    assert settings == trained.args.study_settings()
+    assert not round3.RUN_CONTROL & settings.keys()
+    assert settings["lr_grid"] == reported.args.lr_grid and settings["steps"] == reported.args.steps
