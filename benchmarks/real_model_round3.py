@@ -210,15 +210,8 @@ class Round3Arguments:
 
     def fingerprint(self) -> dict[str, Any]:
         """The settings every record of one output_dir must share (seeds may grow)."""
-        ignored = {
-            "output_dir",
-            "preset",
-            "seeds",
-            "generation_batch_size",
-            "allow_retrained_start",
-            *RUN_CONTROL,
-        }
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ignored}
+        ignored = {"output_dir", "preset", "seeds", "generation_batch_size", "allow_retrained_start"}
+        return {name: value for name, value in self.study_settings().items() if name not in ignored}
 
     def study_settings(self) -> dict[str, Any]:
         """The settings a report echoes: all but how this one invocation runs (each job records its threads)."""
