@@ -343,6 +343,7 @@ class Round3:
                 name, record["job_time_s"] / 60, len(left), self.eta_minutes(left),
                 (time.perf_counter() - self.started) / 60,
             )  # fmt: skip
+        self.score_retrained_start()
 
     # -- models -------------------------------------------------------------------------------------------------
     def load_shipped(self) -> Any:
@@ -426,6 +427,29 @@ class Round3:
                     )
                 logger.warning("%s; going on from it (--allow_retrained_start)", where)
         return self.init
+
+    def score_retrained_start(self) -> None:
+        """Score the warm start this session trained again with other weights than ``init``'s (a ``init_<digest>``
+        record, once), where runs trained from it: they can then be read against their own start."""
+        unscored = [
+            d for d in starts_of(self)["other_starts"] if self.record(retrained_start_name(d)) is None
+        ]
+        if not unscored or not self.args.allow_retrained_start:
+            return
+        if self.init is None and not (self.root / "warm_start" / "config.json").is_file():
+            return  # that start is gone with the session that trained it
+        start = time.perf_counter()
+        model = self.student_init()
+        if self.start_sha256 not in unscored:
+            return
+        record = {"weights_sha256": self.start_sha256} | self.evaluate(model, sampled=False)
+        record |= {
+            "job_time_s": round(time.perf_counter() - start, 1),
+            "threads": self.threads,
+            "cpu": CPU_MODEL,
+        }
+        self.save(retrained_start_name(self.start_sha256), record)
+        logger.info("scored the retrained warm start %s", self.start_sha256[:12])
 
     def warm_up(self) -> tuple[Any, Any]:
         kept = evenly_spaced_layers(self.tuned_teacher().config.num_hidden_layers, self.args.student_layers)
@@ -657,6 +681,11 @@ def cpu_model() -> str:
 CPU_MODEL = cpu_model()
 
 
+def retrained_start_name(digest: str) -> str:
+    """The record of a warm start trained again with other weights than ``init``'s: ``init_<first 12 hex digits>``."""
+    return f"init_{digest[:12]}"
+
+
 def candidate_name(candidate: str) -> str:
     rate, steps = parse_candidate(candidate)
     return f"lr{rate:g}_steps{steps}"
@@ -687,11 +716,16 @@ METRIC_KEYS = (*EVAL_SETS, "average")
 
 
 def records_by_method(study: Round3) -> dict[str, dict[int, dict[str, Any]]]:
-    """Finished evaluation records as {method: {seed: record}}; the teacher and init under seed 0."""
+    """Finished evaluation records as {method: {seed: record}}; the teachers, the start and any scored retrained
+    start (``init_<digest>``) under seed 0."""
     table: dict[str, dict[int, dict[str, Any]]] = {}
     for name in ("teacher_shipped", "teacher", "init"):
         if (rec := study.record(name)) is not None:
             table[name] = {study.args.seeds[0]: rec}
+    # a start trained again on another CPU, where it was scored
+    for digest in starts_of(study)["other_starts"]:
+        if (rec := study.record(retrained_start_name(digest))) is not None:
+            table[retrained_start_name(digest)] = {study.args.seeds[0]: rec}
     for method in STUDENTS:
         for seed in study.args.seeds:
             if (rec := study.record(f"{method}_seed{seed}")) is not None:
@@ -871,7 +905,8 @@ def markdown(report: dict[str, Any]) -> str:
     for digest, jobs in report["starts"]["other_starts"].items():
         lines += [
             "",
-            f"Trained from a retrained warm start ({digest[:12]}, not the recorded one): {', '.join(jobs)}.",
+            f"Trained from a retrained warm start ({digest[:12]}, not the recorded one; scored as"
+            f" `{retrained_start_name(digest)}` where it was): {', '.join(jobs)}.",
         ]
     if report["pending"]:
         lines += [

@@ -101,6 +101,37 @@ def test_the_report_names_the_runs_trained_from_another_start(tmp_path):
     }
 
 
+def _score_start_study(tmp_path: Path, *, keep_start: bool) -> round3.Round3:
+    """A study whose ``kd_seed1`` trained from a retrained start (the ``warm_start/`` here, if kept)."""
+    study = _study(tmp_path, allow_retrained_start=True)
+    retrained = _tiny_model(0)
+    if keep_start:
+        retrained.save_pretrained(study.root / "warm_start")
+    _write(study, "init", {"weights_sha256": round3.weights_digest(_tiny_model(1)), "greedy": {}})
+    _write(study, "kd_seed1", {"start_sha256": round3.weights_digest(retrained)})
+    study.evaluate = lambda model, sampled: {"greedy": {"scored": round3.weights_digest(model)}}
+    return study
+
+
+def test_a_retrained_start_that_runs_trained_from_is_scored_once_as_its_own_row(tmp_path):
+    study = _score_start_study(tmp_path, keep_start=True)
+    digest = round3.weights_digest(_tiny_model(0))
+    study.score_retrained_start()
+    name = round3.retrained_start_name(digest)
+    record = study.record(name)
+    assert name == f"init_{digest[:12]}" and study.record_path(name).parent.name == "runs"
+    assert record["weights_sha256"] == digest and record["greedy"] == {"scored": digest}
+    assert list(round3.records_by_method(study)) == ["init", name, "kd"]
+    study.evaluate = lambda model, sampled: pytest.fail("scored twice")
+    study.score_retrained_start()
+
+
+def test_a_retrained_start_gone_with_its_session_is_not_scored(tmp_path):
+    study = _score_start_study(tmp_path, keep_start=False)
+    study.score_retrained_start()
+    assert list(round3.records_by_method(study)) == ["init", "kd"]
+
+
 @pytest.mark.skipif(not Path("/proc/cpuinfo").is_file(), reason="reads /proc/cpuinfo (Linux)")
 def test_the_cpu_model_names_the_processor_and_its_model_number():
     assert "(model " in round3.CPU_MODEL
