@@ -270,6 +270,7 @@ class Round3:
         self.teacher_bf16: Any = None  # the copy training and evaluation read where autocast is on
         self.init: Any = None
         self.start_sha256: str | None = None  # the warm start's digest, as this session trained or read it
+        self.retrain_s = 0.0  # seconds the warm start took to train again inside the current job
         self.suite: Suite | None = None
 
     # -- records ------------------------------------------------------------------------------------------------
@@ -336,6 +337,8 @@ class Round3:
             record = getattr(self, f"job_{kind}")(name)
             record |= {"job": name, "kind": kind, "job_time_s": round(time.perf_counter() - start, 1)}
             record |= {"threads": self.threads, "cpu": CPU_MODEL}
+            if self.retrain_s:
+                record["warm_start_retrain_s"], self.retrain_s = round(self.retrain_s, 1), 0.0
             self.save(name, record)
             left = self.pending()
             logger.info(
@@ -416,8 +419,10 @@ class Round3:
             rec = self.record("init")
             if rec is not None and (folder / "config.json").is_file():
                 self.init = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-            else:
+            else:  # trained again: its time is the session's, not the job's (``warm_start_retrain_s``)
+                began = time.perf_counter()
                 self.init, _ = self.warm_up()
+                self.retrain_s = time.perf_counter() - began
             self.start_sha256 = weights_digest(self.init)
             if rec is not None and self.start_sha256 != rec["weights_sha256"]:
                 where = f"the warm start trained again ({self.start_sha256[:12]}) differs from {self.record_path('init')} ({rec['weights_sha256'][:12]}, {rec.get('cpu', 'another CPU')})"
@@ -663,8 +668,9 @@ class Round3:
 
 def working_seconds(record: dict[str, Any]) -> float:
     """A job's wall time less the time its process was stopped (``paused_s``, added by hand to a record whose run
-    was paused with SIGSTOP for a measurement)."""
-    return record["job_time_s"] - record.get("paused_s", 0.0)
+    was paused with SIGSTOP for a measurement) and less the warm start trained again inside it
+    (``warm_start_retrain_s``)."""
+    return record["job_time_s"] - record.get("paused_s", 0.0) - record.get("warm_start_retrain_s", 0.0)
 
 
 def cpu_model() -> str:

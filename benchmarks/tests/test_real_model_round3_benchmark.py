@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,22 @@ def test_a_job_paused_for_a_measurement_counts_its_working_time(tmp_path):
     study = _study(tmp_path)
     _write(study, "sweep_kd_lr0.0001", {"job_time_s": 1560.0, "paused_s": 1020.0, "threads": 2})
     assert round3.time_spent(study)["per_kind"]["sweep @ 2 threads"] == {"jobs": 1, "hours": 0.15}
+
+
+def test_a_warm_start_trained_again_inside_a_job_is_kept_out_of_that_jobs_working_time(tmp_path, monkeypatch):
+    study = _study(tmp_path)
+    monkeypatch.setattr(study, "jobs", lambda: [("kd_seed1", "run"), ("sft_seed1", "run")])
+
+    def warm_up():  # the 200-step warm-up, in brief
+        time.sleep(0.2)
+        return _tiny_model(0), None
+
+    monkeypatch.setattr(study, "warm_up", warm_up)
+    monkeypatch.setattr(study, "job_run", lambda name: {"start": study.student_init() is not None})
+    study.run()
+    first, second = study.record("kd_seed1"), study.record("sft_seed1")
+    assert first["warm_start_retrain_s"] >= 0.2 and "warm_start_retrain_s" not in second
+    assert round3.working_seconds(first) == pytest.approx(first["job_time_s"] - first["warm_start_retrain_s"])
 
 
 def test_the_reported_settings_leave_out_how_the_report_was_invoked(tmp_path):
