@@ -447,7 +447,9 @@ class Round3:
         model = self.student_init()
         if self.start_sha256 not in unscored:
             return
-        record = {"weights_sha256": self.start_sha256} | self.evaluate(model, sampled=False)
+        # the dev score is what the sweeps trained from this start read against
+        record = {"weights_sha256": self.start_sha256, "dev_rougeL": self.dev_rouge(model)}
+        record |= self.evaluate(model, sampled=False)
         record |= {
             "job_time_s": round(time.perf_counter() - start, 1),
             "threads": self.threads,

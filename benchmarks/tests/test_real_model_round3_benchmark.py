@@ -111,6 +111,7 @@ def _score_start_study(tmp_path: Path, *, keep_start: bool) -> round3.Round3:
     _write(study, "init", {"weights_sha256": round3.weights_digest(_tiny_model(1)), "greedy": {}})
     _write(study, "kd_seed1", {"start_sha256": round3.weights_digest(retrained)})
     study.evaluate = lambda model, sampled: {"greedy": {"scored": round3.weights_digest(model)}}
+    study.dev_rouge = lambda model: 12.5
     return study
 
 
@@ -122,6 +123,7 @@ def test_a_retrained_start_that_runs_trained_from_is_scored_once_as_its_own_row(
     record = study.record(name)
     assert name == f"init_{digest[:12]}" and study.record_path(name).parent.name == "runs"
     assert record["weights_sha256"] == digest and record["greedy"] == {"scored": digest}
+    assert record["dev_rougeL"] == 12.5  # what the sweeps trained from this start read against
     assert list(round3.records_by_method(study)) == ["init", name, "kd"]
     study.evaluate = lambda model, sampled: pytest.fail("scored twice")
     study.score_retrained_start()
