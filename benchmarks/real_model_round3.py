@@ -434,8 +434,8 @@ class Round3:
         return self.init
 
     def score_retrained_start(self) -> None:
-        """Score the warm start this session trained again with other weights than ``init``'s (a ``init_<digest>``
-        record, once), where runs trained from it: they can then be read against their own start."""
+        """Score, once, a warm start trained again with other weights than ``init``'s that runs trained from, as an
+        ``init_<digest>`` record: those runs can then be read against their own start."""
         unscored = [
             d for d in starts_of(self)["other_starts"] if self.record(retrained_start_name(d)) is None
         ]
