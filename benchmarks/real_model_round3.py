@@ -334,11 +334,7 @@ class Round3:
         )
         for name, kind in pending:
             start = time.perf_counter()
-            record = getattr(self, f"job_{kind}")(name)
-            record |= {"job": name, "kind": kind, "job_time_s": round(time.perf_counter() - start, 1)}
-            record |= {"threads": self.threads, "cpu": CPU_MODEL}
-            if self.retrain_s:
-                record["warm_start_retrain_s"], self.retrain_s = round(self.retrain_s, 1), 0.0
+            record = self.stamped(getattr(self, f"job_{kind}")(name), name, kind, start)
             self.save(name, record)
             left = self.pending()
             logger.info(
@@ -347,6 +343,15 @@ class Round3:
                 (time.perf_counter() - self.started) / 60,
             )  # fmt: skip
         self.score_retrained_start()
+
+    def stamped(self, record: dict[str, Any], name: str, kind: str, start: float) -> dict[str, Any]:
+        """``record`` with what every record says of how it ran: job, kind, wall time since ``start``, threads,
+        CPU, and the seconds a warm start trained again inside it took (``warm_start_retrain_s``)."""
+        record |= {"job": name, "kind": kind, "job_time_s": round(time.perf_counter() - start, 1)}
+        record |= {"threads": self.threads, "cpu": CPU_MODEL}
+        if self.retrain_s:
+            record["warm_start_retrain_s"], self.retrain_s = round(self.retrain_s, 1), 0.0
+        return record
 
     # -- models -------------------------------------------------------------------------------------------------
     def load_shipped(self) -> Any:
@@ -450,12 +455,8 @@ class Round3:
         # the dev score is what the sweeps trained from this start read against
         record = {"weights_sha256": self.start_sha256, "dev_rougeL": self.dev_rouge(model)}
         record |= self.evaluate(model, sampled=False)
-        record |= {
-            "job_time_s": round(time.perf_counter() - start, 1),
-            "threads": self.threads,
-            "cpu": CPU_MODEL,
-        }
-        self.save(retrained_start_name(self.start_sha256), record)
+        name = retrained_start_name(self.start_sha256)
+        self.save(name, self.stamped(record, name, "score_start", start))
         logger.info("scored the retrained warm start %s", self.start_sha256[:12])
 
     def warm_up(self) -> tuple[Any, Any]:
