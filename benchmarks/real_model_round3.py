@@ -441,9 +441,7 @@ class Round3:
     def score_retrained_start(self) -> None:
         """Score, once, a warm start trained again with other weights than ``init``'s that runs trained from, as an
         ``init_<digest>`` record: those runs can then be read against their own start."""
-        unscored = [
-            d for d in starts_of(self)["other_starts"] if self.record(retrained_start_name(d)) is None
-        ]
+        unscored = [digest for digest, record in retrained_starts(self).items() if record is None]
         if not unscored or not self.args.allow_retrained_start:
             return
         if self.init is None and not (self.root / "warm_start" / "config.json").is_file():
@@ -731,9 +729,8 @@ def records_by_method(study: Round3) -> dict[str, dict[int, dict[str, Any]]]:
     for name in ("teacher_shipped", "teacher", "init"):
         if (rec := study.record(name)) is not None:
             table[name] = {study.args.seeds[0]: rec}
-    # a start trained again on another CPU, where it was scored
-    for digest in starts_of(study)["other_starts"]:
-        if (rec := study.record(retrained_start_name(digest))) is not None:
+    for digest, rec in retrained_starts(study).items():
+        if rec is not None:
             table[retrained_start_name(digest)] = {study.args.seeds[0]: rec}
     for method in STUDENTS:
         for seed in study.args.seeds:
@@ -807,12 +804,18 @@ def starts_of(study: Round3) -> dict[str, Any]:
     return {"init_sha256": recorded, "other_starts": others}
 
 
+def retrained_starts(study: Round3) -> dict[str, dict[str, Any] | None]:
+    """{digest: its ``init_<digest>`` record, or None while unscored} of every other start runs trained from."""
+    return {digest: study.record(retrained_start_name(digest)) for digest in starts_of(study)["other_starts"]}
+
+
 def time_spent(study: Round3) -> dict[str, Any]:
-    """Hours the finished jobs took, per kind of job and per thread count (the warm start trained again at the start
-    of a later session is not a job and is not counted)."""
+    """Hours the finished jobs and the scored retrained starts took, per kind of job and per thread count (a warm
+    start trained again, at the start of a later session or inside a job, is not counted)."""
     kinds: dict[str, dict[str, Any]] = {}
-    for name, kind in study.jobs():
-        rec = study.record(name)
+    finished = [(study.record(name), kind) for name, kind in study.jobs()]
+    finished += [(rec, "score_start") for rec in retrained_starts(study).values()]
+    for rec, kind in finished:
         if rec and rec.get("job_time_s"):
             entry = kinds.setdefault(f"{kind} @ {rec.get('threads')} threads", {"jobs": 0, "hours": 0.0})
             entry["jobs"] += 1

@@ -160,6 +160,16 @@ def test_a_job_paused_for_a_measurement_counts_its_working_time(tmp_path):
     assert round3.time_spent(study)["per_kind"]["sweep @ 2 threads"] == {"jobs": 1, "hours": 0.15}
 
 
+def test_the_time_spent_counts_the_scoring_of_a_retrained_start(tmp_path):
+    study = _study(tmp_path)
+    _write(study, "init", {"weights_sha256": "a" * 64})
+    _write(study, "kd_seed1", {"start_sha256": "b" * 64, "job_time_s": 720.0, "threads": 2})
+    _write(study, round3.retrained_start_name("b" * 64), {"job_time_s": 360.0, "threads": 2})
+    spent = round3.time_spent(study)
+    assert spent["per_kind"]["score_start @ 2 threads"] == {"jobs": 1, "hours": 0.1}
+    assert spent["hours"] == 0.3
+
+
 def test_a_warm_start_trained_again_inside_a_job_is_kept_out_of_that_jobs_working_time(tmp_path, monkeypatch):
     study = _study(tmp_path)
     monkeypatch.setattr(study, "jobs", lambda: [("kd_seed1", "run"), ("sft_seed1", "run")])
