@@ -57,7 +57,7 @@ from typing import Any
 from transformers import HfArgumentParser
 
 import distillens_demo as demo
-from distillens_demo.training import on_policy_means
+from distillens_demo.models.training import on_policy_means
 from distillens_trainer.files import write_json_atomic, write_text_atomic
 
 logger = logging.getLogger("distillens_trainer.benchmarks.quality")

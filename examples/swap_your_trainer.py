@@ -22,7 +22,7 @@ import datasets
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
-from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.data import (
     DataCollatorForCompletionOnly,

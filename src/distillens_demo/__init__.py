@@ -7,7 +7,7 @@ One command, no downloads::
 
 The demo
 
-1. writes the procedural task suite (:func:`distillens_demo.suite.write_task_suite`) to
+1. writes the procedural task suite (:func:`distillens_demo.data.suite.write_task_suite`) to
    ``<output_dir>/data`` and trains its byte-level BPE tokenizer (``<output_dir>/tokenizer``);
 2. trains a small Llama-style teacher from scratch with plain SFT (cross-entropy only) and caches it, with
    its tokenizer, under ``<cache_dir>/teacher-<hash>`` (default cache: ``.distillens-cache`` in the parent
@@ -21,7 +21,7 @@ The demo
    on the final logits only) and ``distillens`` (reverse KL plus the Jensen-Shannon logit-lens term, the
    paper's defaults);
 5. evaluates the teacher, the initial student and the three students with greedy decoding on the test split
-   (exact match with :func:`distillens_demo.suite.score_answer`, ROUGE-L with
+   (exact match with :func:`distillens_demo.data.suite.score_answer`, ROUGE-L with
    :func:`distillens_trainer.evaluation.rouge_l`) and measures, on the validation split, the Jensen-Shannon
    divergence between every student layer and the teacher layer at the same relative depth, read through
    each model's logit lens;
@@ -32,9 +32,17 @@ The demo
    ``distillens.json`` recording the prompt format) to ``output_dir/models/<name>``, ready for
    ``distillens train`` and ``distillens eval``.
 
-One module per stage: :mod:`.arguments` (settings and presets), :mod:`.tasks` and :mod:`.suite` (step 1),
-:mod:`.training` and :mod:`.cache` (steps 2-4, the cached teacher and start), :mod:`.scoring` (step 5),
-:mod:`.run` and :mod:`.plots` (step 6, and the order of the whole run).
+The tree follows those steps, with dependencies pointing one way, from :mod:`.run` down to :mod:`.data`:
+
+- :mod:`.data` (step 1): the procedural task families (:mod:`.data.tasks`) and the suite's splits, files,
+  exact-match scoring and tokenizer (:mod:`.data.suite`); it reads none of the demo's settings;
+- :mod:`.arguments`: :class:`DemoArguments`, the presets, the methods and the constants;
+- :mod:`.models` (steps 2-4): the suite in memory (:mod:`.models.training_data`), the models and their training
+  (:mod:`.models.training`), the teacher and initial student cached or trained (:mod:`.models.cached`) over the
+  on-disk cache (:mod:`.models.store`);
+- :mod:`.report` (steps 5-6): generation scores and the lens-divergence profile (:mod:`.report.scoring`), the
+  figures (:mod:`.report.plots`);
+- :mod:`.run`: :func:`run_demo`, the order of the whole run, the table and the output files.
 
 A folder an earlier demo wrote (it holds ``.distillens-demo``) is reused: its results, models and generations
 are replaced. Any other non-empty folder is refused unless ``--overwrite_output_dir`` is given.
@@ -57,31 +65,17 @@ This package's public API is deliberately small; it is what ``distillens demo`` 
 
 Everything else (cache keys, plots, the table, the task families) lives in its submodule. Training runs
 in-process with :class:`~distillens_trainer.DistillLensTrainer`, in fp32, on the GPU when one is visible.
-
-The package holds one module per concern, with dependencies pointing one way, from :mod:`.run` down to
-:mod:`.tasks`: :mod:`.tasks` (the procedural task families), :mod:`.suite` (splits, files, exact-match
-scoring and the suite tokenizer), :mod:`.arguments` (the presets, the methods, the constants and
-:class:`DemoArguments`), :mod:`.training` (the suite in memory, the models and their training), :mod:`.cache`
-(the cached teacher and initial student), :mod:`.scoring` (generation scores and the lens-divergence
-profile), :mod:`.plots` (the figures) and :mod:`.run` (:func:`run_demo`, the table and the output files).
 """
 
 from __future__ import annotations
 
 from .arguments import CACHE_DIRNAME, FIGURE_NAMES, INIT_NAME, METHODS, PRESETS, RESULTS_NAME, DemoArguments
-from .cache import TrainingRun
+from .data.suite import default_max_new_tokens
+from .models.cached import get_student_init, get_teacher
+from .models.training import TrainingRun, count_parameters, train_model, train_student
+from .models.training_data import Suite, prepare_suite
+from .report.scoring import evaluate_generation, lens_divergence_profile
 from .run import configure_logging, output_summary, run_demo, set_threads
-from .scoring import evaluate_generation, lens_divergence_profile
-from .suite import default_max_new_tokens
-from .training import (
-    Suite,
-    count_parameters,
-    get_student_init,
-    get_teacher,
-    prepare_suite,
-    train_model,
-    train_student,
-)
 
 __all__ = [
     "CACHE_DIRNAME",

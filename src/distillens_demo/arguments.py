@@ -16,8 +16,8 @@ from distillens_trainer.files import overwrite_output_dir_field
 from distillens_trainer.loss.divergences import check_divergence_name
 from distillens_trainer.loss.layer_map import LayerMapFields, paper_student_layers, resolve_run_layer_map
 
-from .suite import DEFAULT_VOCAB_SIZE
-from .tasks import TASK_FAMILIES, resolve_tasks
+from .data.suite import DEFAULT_VOCAB_SIZE
+from .data.tasks import TASK_FAMILIES, resolve_tasks
 
 PRESETS: dict[str, dict[str, Any]] = {
     # About 4 minutes on 2 CPU cores, teacher included (measured 4 min 07 s); a second run reuses the cached

@@ -33,11 +33,12 @@ from .arguments import (
     SMOKE_NOTE,
     DemoArguments,
 )
-from .cache import TrainingRun, store_model
-from .plots import plot_lens_divergence, plot_per_task, plot_training_curves
-from .scoring import evaluate_generation, lens_divergence_profile
-from .suite import default_max_new_tokens
-from .training import count_parameters, get_student_init, get_teacher, train_student
+from .data.suite import default_max_new_tokens
+from .models.cached import get_student_init, get_teacher
+from .models.store import store_model
+from .models.training import TrainingRun, count_parameters, train_student
+from .report.plots import plot_lens_divergence, plot_per_task, plot_training_curves
+from .report.scoring import evaluate_generation, lens_divergence_profile
 
 logger = logging.getLogger(__name__)
 

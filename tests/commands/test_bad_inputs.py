@@ -12,7 +12,7 @@ import pytest
 import torch
 import transformers
 
-from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.cli import main
 
 from conftest import tiny_llama

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import transformers
 
-from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer import DistillLensTrainer
 from distillens_trainer.cli import main
 from distillens_trainer.files import write_failure_line

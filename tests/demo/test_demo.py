@@ -33,22 +33,21 @@ from distillens_demo.arguments import (
     SMOKE_NOTE,
     TEACHER_INFO_NAME,
 )
-from distillens_demo.cache import teacher_cache_path
-from distillens_demo.run import _reading_notes, check_demo_output_dir
-from distillens_demo.suite import (
+from distillens_demo.data.suite import (
     default_max_new_tokens,
     format_example,
     generate_examples,
     train_suite_tokenizer,
 )
-from distillens_demo.training import (
-    Suite,
+from distillens_demo.models.store import teacher_cache_path
+from distillens_demo.models.training import (
     TrainingProgress,
     explicit_lens_layers,
     method_objective,
     on_policy_means,
-    tokenize_examples,
 )
+from distillens_demo.models.training_data import Suite, tokenize_examples
+from distillens_demo.run import _reading_notes, check_demo_output_dir
 from distillens_trainer import DistillLensConfig, cli
 from distillens_trainer.commands.train import RESOLVED_CONFIG_NAME
 from distillens_trainer.data import DataCollatorForCompletionOnly

@@ -9,8 +9,8 @@ import torch
 
 from distillens_demo import DemoArguments, get_student_init, get_teacher, train_student
 from distillens_demo.arguments import METHOD_DESCRIPTIONS, METHODS
-from distillens_demo.training import get_teacher_signals, method_objective
-from distillens_trainer.teacher.cache import writer
+from distillens_demo.models import training
+from distillens_demo.models.training import get_teacher_signals, method_objective
 
 CACHE_METHODS = ("distillens_hidden", "distillens_topk8", "distillens_topk32", "distillens_topk128")
 
@@ -70,7 +70,7 @@ def test_an_fp32_hidden_cache_trains_the_same_student_as_the_teacher_model(tiny,
     assert all(torch.equal(a, b) for a, b in zip(_params(again), _params(online), strict=True))
 
     # the second use of a cache reuses it: nothing is built
-    monkeypatch.setattr(writer, "write_teacher_cache", pytest.fail)
+    monkeypatch.setattr(training, "write_teacher_cache", pytest.fail)
     cache = METHODS["distillens_hidden"]["teacher_cache"]
     assert str(get_teacher_signals(cache, teacher, initial, suite, args)) == recorded["path"]
 

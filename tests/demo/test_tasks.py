@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import pytest
 
-from distillens_demo.suite import (
+from distillens_demo.data.suite import (
     EOS_TOKEN,
     PAD_TOKEN,
     build_suite_tokenizer,
@@ -22,7 +22,7 @@ from distillens_demo.suite import (
     train_suite_tokenizer,
     write_task_suite,
 )
-from distillens_demo.tasks import TASK_FAMILIES
+from distillens_demo.data.tasks import TASK_FAMILIES
 from distillens_trainer.data import format_alpaca_prompt
 
 FIELDS = {"instruction", "input", "output", "task"}

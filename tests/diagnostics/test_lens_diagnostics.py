@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 
-from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer.cli import main
 from distillens_trainer.diagnostics.figures import figure_pixels
 from distillens_trainer.diagnostics.profile import LensProfileAccumulator

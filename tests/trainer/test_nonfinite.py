@@ -12,7 +12,7 @@ import torch
 from datasets import Dataset
 from transformers import TrainerCallback
 
-from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
 from distillens_trainer import DistillLensConfig, DistillLensTrainer
 from distillens_trainer.cli import main
 from distillens_trainer.loss.heads import LinearHead

@@ -423,7 +423,7 @@ def test_sampling_has_its_own_seeded_stream_per_rank_and_window_and_leaves_the_t
 def test_distillens_train_runs_on_policy_from_the_command_line(tmp_path, capsys):
     import json
 
-    from distillens_demo.suite import format_example, generate_examples, train_suite_tokenizer
+    from distillens_demo.data.suite import format_example, generate_examples, train_suite_tokenizer
     from distillens_trainer.cli import main
 
     examples = generate_examples(24, seed=0)

@@ -7,10 +7,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .arguments import INIT_NAME
+from ..arguments import INIT_NAME
 
 if TYPE_CHECKING:
-    from .cache import TrainingRun
+    from ..models.training import TrainingRun
 
 logger = logging.getLogger(__name__)
 

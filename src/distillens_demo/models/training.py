@@ -1,6 +1,6 @@
-"""The task suite in memory, the demo's small Llama-style models and their training with
-:class:`~distillens_trainer.DistillLensTrainer`, from the teacher model or, for the cache methods, from a teacher
-cache built once in the demo's cache folder."""
+"""The demo's small Llama-style models and their training with :class:`~distillens_trainer.DistillLensTrainer`,
+from the teacher model or, for the cache methods, from a teacher cache built once in the demo's cache folder;
+:class:`TrainingRun` is what a training run reports."""
 
 from __future__ import annotations
 
@@ -10,18 +10,15 @@ import logging
 import statistics
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, TrainerCallback, set_seed
 
 from distillens_trainer.config import DistillLensConfig
 from distillens_trainer.data.collation import DataCollatorForCompletionOnly
-from distillens_trainer.data.tokenization import tokenize_prompt_completion
 from distillens_trainer.loss.layer_map import LayerMapFields, paper_student_layers, resolve_run_layer_map
 from distillens_trainer.models.facts import num_hidden_layers
 from distillens_trainer.models.shrink import recorded_kept_layers
@@ -31,19 +28,9 @@ from distillens_trainer.teacher.cache.writer import teacher_cache_settings, writ
 from distillens_trainer.teacher.frozen import shared_vocab_size
 from distillens_trainer.trainer.distillens_trainer import DistillLensTrainer
 
-from .arguments import CACHE_FORMAT, HEAD_DIM, METHODS, TEACHER_OBJECTIVE, DemoArguments
-from .cache import (
-    TrainingRun,
-    load_cached_model,
-    stable_hash,
-    store_model,
-    suite_key,
-    teacher_cache_path,
-    teacher_key,
-    teacher_signals_key,
-    teacher_signals_path,
-)
-from .suite import build_suite_tokenizer, default_max_new_tokens, prompt_of, read_jsonl, write_task_suite
+from ..arguments import HEAD_DIM, METHODS, DemoArguments
+from .store import suite_key, teacher_cache_path, teacher_signals_key, teacher_signals_path
+from .training_data import Suite
 
 logger = logging.getLogger(__name__)
 
@@ -52,53 +39,33 @@ TEACHER_CACHE_BATCH_SIZE = 64
 TEACHER_CACHE_ROWS_PER_SHARD = 2048
 
 
-@dataclass
-class Suite:
-    """The task suite in memory: raw splits, the tokenizer and the tokenised train/validation sets."""
+@dataclass(frozen=True)
+class TrainingRun:
+    """What one training run of :func:`train_model` reports (the model itself is trained in place).
 
-    splits: dict[str, list[dict[str, str]]]
-    tokenizer: Any = None
-    train_dataset: Any = None
-    eval_dataset: Any = None
+    ``objective`` holds the run's loss fields (weights, divergences, ``lens_num_layers``), ``layer_map`` its
+    (student, teacher) lens pairs, ``log_history`` the Trainer's logs, and ``final_*`` the mean of the last
+    three logged values of each term (None when it was not logged).
+    """
 
-    @cached_property
-    def completion_max_new_tokens(self) -> int:
-        """Most tokens an on-policy method samples per training completion: the longest reference answer of the
-        training split plus 4, as :func:`default_max_new_tokens` gives the test answers (computed once)."""
-        return default_max_new_tokens(self.splits["train"], self.tokenizer)
+    train_time_s: float
+    max_steps: int
+    objective: dict[str, Any]
+    layer_map: list[list[int]]
+    log_history: list[dict[str, Any]]
+    final_loss: float | None = None
+    final_ce_loss: float | None = None
+    final_kd_loss: float | None = None
+    final_lens_loss: float | None = None
+    final_feature_loss: float | None = None
 
+    def as_dict(self) -> dict[str, Any]:
+        """Every field, as JSON-ready values (what a cache entry's info records)."""
+        return asdict(self)
 
-def write_suite(args: DemoArguments, data_dir: Path) -> dict[str, list[dict[str, str]]]:
-    """Write the task suite to ``data_dir`` and read its splits back."""
-    paths = write_task_suite(
-        data_dir,
-        num_train=args.num_train,
-        num_eval=args.num_eval,
-        num_test=args.num_test,
-        seed=args.data_seed,
-        tasks=args.tasks,
-    )
-    return {split: read_jsonl(paths[split]) for split in ("train", "validation", "test")}
-
-
-def tokenize_examples(examples: Sequence[Mapping[str, str]], tokenizer: Any, template: str):
-    """Tokenised ``input_ids``/``attention_mask``/``labels`` rows (prompt masked) as a ``datasets.Dataset``."""
-    raw = datasets.Dataset.from_list(
-        [{"prompt": prompt_of(example, template), "completion": example["output"]} for example in examples]
-    )
-    tokenized, _ = tokenize_prompt_completion(raw, tokenizer, max_length=512, max_prompt_length=256)
-    return tokenized
-
-
-def prepare_suite(args: DemoArguments, data_dir: Path, tokenizer: Any = None) -> Suite:
-    """Write the suite, train the tokenizer unless one is given, and tokenise train and validation."""
-    splits = write_suite(args, data_dir)
-    if tokenizer is None:
-        tokenizer = build_suite_tokenizer(data_dir.parent / "tokenizer", splits["train"], args.vocab_size)
-    suite = Suite(splits=splits, tokenizer=tokenizer)
-    suite.train_dataset = tokenize_examples(splits["train"], tokenizer, args.prompt_template)
-    suite.eval_dataset = tokenize_examples(splits["validation"], tokenizer, args.prompt_template)
-    return suite
+    def summary(self) -> dict[str, Any]:
+        """Every field but the log history (what ``results.json`` records per model)."""
+        return {key: value for key, value in self.as_dict().items() if key != "log_history"}
 
 
 def model_config(tokenizer: Any, num_layers: int, hidden_size: int):
@@ -426,89 +393,3 @@ def get_teacher_signals(
         sum(shard["bytes"] for shard in finished["shards"]) / 1e6,
     )
     return path
-
-
-# --------------------------------------------------------------------------------------------- cached or trained
-def get_teacher(args: DemoArguments, data_dir: Path, work_dir: Path) -> tuple[Any, Suite, dict[str, Any]]:
-    """The SFT teacher and the suite: loaded from the cache when present, else trained and cached.
-
-    Returns ``(teacher, suite, info)``; ``info["cached"]`` says whether the cache was used.
-    """
-    path = teacher_cache_path(args)
-    cached = load_cached_model(path)
-    if cached is not None:
-        teacher, tokenizer, info = cached
-        logger.info("[demo] reusing the cached teacher %s", path)
-        suite = prepare_suite(args, data_dir, tokenizer)
-        tokenizer.save_pretrained(str(data_dir.parent / "tokenizer"))
-        return teacher, suite, {**info, "cached": True, "path": str(path)}
-
-    logger.info("[demo] no cached teacher at %s: training one", path)
-    suite = prepare_suite(args, data_dir)
-    teacher = build_model(suite.tokenizer, args.teacher_layers, args.teacher_hidden_size, args.teacher_seed)
-    run = train_model(
-        teacher,
-        suite,
-        objective=TEACHER_OBJECTIVE,
-        output_dir=work_dir / "teacher",
-        max_steps=args.teacher_max_steps,
-        learning_rate=args.teacher_learning_rate,
-        batch_size=args.batch_size,
-        seed=args.teacher_seed,
-        logging_steps=args.logging_steps,
-        description="the teacher (SFT)",
-    )
-    info = {**run.as_dict(), "key": teacher_key(args)}
-    store_model(path, teacher, suite.tokenizer, info, prompt_template=args.prompt_template)
-    logger.info("[demo] cached the teacher at %s", path)
-    return teacher, suite, {**info, "cached": False, "path": str(path)}
-
-
-def student_init_key(args: DemoArguments, seed: int) -> dict[str, Any]:
-    """Everything the warm-started initial student depends on (the data and tokenizer, not the teacher)."""
-    return {
-        "format": CACHE_FORMAT,
-        "suite": suite_key(args),
-        "layers": args.student_layers,
-        "hidden_size": args.student_hidden_size,
-        "warmup_steps": args.student_warmup_steps,
-        "learning_rate": args.student_warmup_learning_rate,
-        "batch_size": args.batch_size,
-        "seed": seed,
-    }
-
-
-def get_student_init(
-    args: DemoArguments, suite: Suite, work_dir: Path, seed: int | None = None
-) -> tuple[Any, dict[str, Any]]:
-    """The initial student every method starts from: random weights (seeded), then, unless
-    ``student_warmup_steps`` is 0, that many SFT steps; the warmed-up student is cached like the teacher.
-
-    Returns ``(student, info)``; ``info`` holds ``warmup_steps``, ``cached`` and the warm-up's losses.
-    """
-    seed = args.seed if seed is None else seed
-    student = build_model(suite.tokenizer, args.student_layers, args.student_hidden_size, seed)
-    if args.student_warmup_steps == 0:
-        return student, {"warmup_steps": 0, "cached": False, "seed": seed}
-    key = student_init_key(args, seed)
-    path = args.resolved_cache_dir / f"student-init-{stable_hash(key)}"
-    cached = load_cached_model(path)
-    if cached is not None:
-        logger.info("[demo] reusing the cached warmed-up student %s", path)
-        student, _, info = cached
-        return student, {**info, "cached": True, "path": str(path)}
-    run = train_model(
-        student,
-        suite,
-        objective=TEACHER_OBJECTIVE,
-        output_dir=work_dir / f"student-init-{seed}",
-        max_steps=args.student_warmup_steps,
-        learning_rate=args.student_warmup_learning_rate,
-        batch_size=args.batch_size,
-        seed=seed,
-        logging_steps=args.logging_steps,
-        description=f"the initial student (SFT warm-up, seed {seed})",
-    )
-    info = {**run.as_dict(), "key": key, "warmup_steps": args.student_warmup_steps, "seed": seed}
-    store_model(path, student, suite.tokenizer, info, prompt_template=args.prompt_template)
-    return student, {**info, "cached": False, "path": str(path)}

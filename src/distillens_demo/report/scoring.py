@@ -21,8 +21,8 @@ from distillens_trainer.evaluation.metrics import rouge_l
 from distillens_trainer.loss.lens import LogitLens
 from distillens_trainer.teacher.frozen import shared_vocab_size
 
-from .arguments import LENS_EVAL_DIVERGENCE
-from .suite import prompt_of, score_answer
+from ..arguments import LENS_EVAL_DIVERGENCE
+from ..data.suite import prompt_of, score_answer
 
 
 def evaluate_generation(

@@ -172,7 +172,7 @@ def _suite_readme(summary: dict[str, object]) -> str:
     lines = [
         "# DistillLens procedural task suite",
         "",
-        "Synthetic instruction data generated offline by `distillens_demo.suite.write_task_suite`",
+        "Synthetic instruction data generated offline by `distillens_demo.data.suite.write_task_suite`",
         f"(seed {summary['seed']}). Each line of the JSONL files is",
         '`{"instruction": ..., "input": ..., "output": ..., "task": ...}`; no validation or test',
         "(instruction, input) pair appears in the training file.",

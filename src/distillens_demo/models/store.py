@@ -1,7 +1,6 @@
 """The on-disk cache of the demo's SFT teacher and of the warmed-up initial student, one folder per setting
-under ``<cache_dir>``, keyed by a hash of everything the model depends on, and :class:`TrainingRun`, the record of
-a training run that each entry keeps; also the keys of the teacher caches (``teacher-signals-<hash>``) the cache
-methods train from. Training or building a missing entry is :mod:`.training`'s job."""
+under ``<cache_dir>``, keyed by a hash of everything the model depends on; also the keys of the teacher caches
+(``teacher-signals-<hash>``) the cache methods train from. Training a missing entry is :mod:`.cached`'s job."""
 
 from __future__ import annotations
 
@@ -11,7 +10,6 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,38 +21,9 @@ from distillens_trainer.files import give_user_modes, make_staging_dir, write_js
 from distillens_trainer.models.info import write_model_info
 from distillens_trainer.teacher.cache.format import FORMAT_VERSION
 
-from .arguments import CACHE_FORMAT, TEACHER_INFO_NAME, DemoArguments
+from ..arguments import CACHE_FORMAT, TEACHER_INFO_NAME, DemoArguments
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class TrainingRun:
-    """What one training run of :func:`train_model` reports (the model itself is trained in place).
-
-    ``objective`` holds the run's loss fields (weights, divergences, ``lens_num_layers``), ``layer_map`` its
-    (student, teacher) lens pairs, ``log_history`` the Trainer's logs, and ``final_*`` the mean of the last
-    three logged values of each term (None when it was not logged).
-    """
-
-    train_time_s: float
-    max_steps: int
-    objective: dict[str, Any]
-    layer_map: list[list[int]]
-    log_history: list[dict[str, Any]]
-    final_loss: float | None = None
-    final_ce_loss: float | None = None
-    final_kd_loss: float | None = None
-    final_lens_loss: float | None = None
-    final_feature_loss: float | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        """Every field, as JSON-ready values (what a cache entry's info records)."""
-        return asdict(self)
-
-    def summary(self) -> dict[str, Any]:
-        """Every field but the log history (what ``results.json`` records per model)."""
-        return {key: value for key, value in self.as_dict().items() if key != "log_history"}
 
 
 def suite_key(args: DemoArguments) -> dict[str, Any]:
